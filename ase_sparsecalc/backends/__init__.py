@@ -1,0 +1,117 @@
+"""Backends: one module per foundation-model family behind :class:`~.base.Backend`.
+
+:func:`load_backend` turns what a user writes (``"sevennet-0"``, ``"mace-mp-0-medium"``, a file
+path, or nothing) into a loaded backend. Loaded bases are cached per process (keyed by file,
+size and modification time); every call returns an independent copy, so calculators sharing a
+base never share weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..errors import BackendNotInstalledError, BaseModelError, ModelNotFoundError
+from ..torch_setup import resolve_device, resolve_dtype
+from . import foundation_models
+from .base import Backend, ModelOutput, PathSegment, WeightInfo
+
+logger = logging.getLogger(__name__)
+
+_CACHE: dict[tuple, Backend] = {}
+
+__all__ = [
+    "Backend", "ModelOutput", "PathSegment", "WeightInfo", "default_base", "load_backend",
+    "sniff_backend",
+]
+
+
+def default_base() -> str:
+    """The base used when none is given: SevenNet-0 when the sevennet extra is installed."""
+    try:
+        from .sevennet import import_sevenn
+
+        import_sevenn()
+    except BackendNotInstalledError as exc:
+        raise BaseModelError(
+            "no base model given and the default (SevenNet-0) needs the sevennet extra: "
+            "pip install 'ase_sparsecalc[sevennet]', or pass base='mace-mp-0-medium' or a "
+            "MACE model file"
+        ) from exc
+    return foundation_models.DEFAULT_SEVENNET
+
+
+def sniff_backend(path: str | Path) -> str:
+    """``"mace"`` or ``"sevennet"`` for a checkpoint file, from the globals it refers to."""
+    from .safe_load import referenced_globals
+
+    names = referenced_globals(path)
+    if any(n.startswith("mace.") for n in names):
+        return "mace"
+    return "sevennet"
+
+
+def load_backend(
+    base: str | Path | Backend | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float64",
+    backend: str | None = None,
+    head: str | None = None,
+) -> Backend:
+    """Load a base model as a backend that the caller owns.
+
+    Parameters
+    ----------
+    base : str, Path, Backend or None
+        A named foundation model (see :func:`foundation_models.named_models`), a model file,
+        an already-loaded backend (copied), or None for :func:`default_base`.
+    device : str or torch.device
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
+    dtype : {"float32", "float64"}
+    backend : {"mace", "sevennet"}, optional
+        Force the backend of a model file (otherwise sniffed from the file).
+    head : str, optional
+        Output head of a multi-head MACE model.
+    """
+    device_ = resolve_device(device)
+    dtype_ = resolve_dtype(dtype)
+    if isinstance(base, Backend):
+        return base.copy(device_, dtype_)
+    base = default_base() if base is None else base
+    path, model_name, kind = _resolve(base, backend)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, kind, head)
+    if key not in _CACHE:
+        _CACHE[key] = _load(path, model_name, kind, head)
+    return _CACHE[key].copy(device_, dtype_)
+
+
+def _resolve(base: str | Path, backend: str | None) -> tuple[Path, str, str]:
+    path = Path(base)
+    if path.is_file():
+        return path, str(base), backend or sniff_backend(path)
+    named = foundation_models.lookup(str(base))
+    if named is not None:
+        return foundation_models.fetch(named), named.name, named.backend
+    raise ModelNotFoundError(
+        f"{base}: neither a model file nor a known model name "
+        f"(known: {', '.join(foundation_models.named_models())})"
+    )
+
+
+def _load(path: Path, model_name: str, kind: str, head: str | None) -> Backend:
+    cpu = torch.device("cpu")
+    if kind == "mace":
+        from .mace import load_mace_model, mace_backend_from_module
+
+        model = load_mace_model(path)
+        stored = next(model.parameters()).dtype
+        return mace_backend_from_module(model, model_name, cpu, stored, head)
+    if kind == "sevennet":
+        from .sevennet import load_sevennet
+
+        return load_sevennet(path, model_name, cpu, torch.float32)
+    raise BaseModelError(f"unknown backend {kind!r}; choose 'mace' or 'sevennet'")

@@ -1,0 +1,97 @@
+"""Which irrep path each entry of an e3nn weight belongs to.
+
+e3nn stores the weights of ``o3.Linear`` and of tensor products with internal weights as one
+flat vector: the blocks of all instructions (paths) concatenated in instruction order, each of
+``prod(path_shape)`` entries. A radial MLP that feeds a tensor product with external weights
+produces, in its last layer's output columns, the same concatenation. These helpers turn that
+layout into :class:`~ase_sparsecalc.backends.base.PathSegment` ranges.
+"""
+
+from __future__ import annotations
+
+from math import prod
+
+import torch
+from e3nn import o3
+
+from .base import PathSegment, WeightInfo
+
+
+def linear_segments(linear: o3.Linear, element_axis: int | None = None) -> tuple[PathSegment, ...]:
+    """Segments of an ``o3.Linear`` weight; ``element_axis=0`` when the input is a one-hot."""
+    segments, start = [], 0
+    for ins in linear.instructions:
+        if ins.i_in == -1:  # bias-only instruction: lives in .bias, not .weight
+            continue
+        size = prod(ins.path_shape)
+        segments.append(
+            PathSegment(
+                start=start, stop=start + size,
+                l_in=linear.irreps_in[ins.i_in].ir.l, l_out=linear.irreps_out[ins.i_out].ir.l,
+                shape=tuple(ins.path_shape), element_axis=element_axis,
+            )
+        )
+        start += size
+    return tuple(segments)
+
+
+def tensor_product_segments(
+    tp: o3.TensorProduct, element_input: int | None = None
+) -> tuple[PathSegment, ...]:
+    """Segments of a tensor product's weights (internal ones, or a radial MLP's output).
+
+    Parameters
+    ----------
+    tp : e3nn.o3.TensorProduct
+    element_input : {1, 2} or None
+        Which input of the product is a one-hot of the elements (its multiplicity axis of the
+        path shape then indexes elements).
+    """
+    segments, start = [], 0
+    for ins in tp.instructions:
+        if not ins.has_weight:
+            continue
+        size = prod(ins.path_shape)
+        axis = None
+        if element_input is not None and len(ins.path_shape) >= 2:
+            axis = element_input - 1
+        segments.append(
+            PathSegment(
+                start=start, stop=start + size,
+                l_in=tp.irreps_in1[ins.i_in1].ir.l, l_out=tp.irreps_out[ins.i_out].ir.l,
+                shape=tuple(ins.path_shape), element_axis=axis,
+            )
+        )
+        start += size
+    return tuple(segments)
+
+
+def whole_tensor_segment(
+    shape: tuple[int, ...], l_in: int | None = None, l_out: int | None = None,
+    element_axis: int | None = None,
+) -> tuple[PathSegment, ...]:
+    """One segment covering a whole tensor (radial hidden layers, symmetric contractions)."""
+    return (PathSegment(0, prod(shape), l_in, l_out, tuple(shape), element_axis),)
+
+
+def radial_mlp_infos(
+    prefix: str, mlp: torch.nn.Module, tp: o3.TensorProduct, layer: int | None, module: str,
+) -> list[WeightInfo]:
+    """Weight infos of a radial MLP (e3nn ``FullyConnectedNet``) feeding ``tp``'s path weights.
+
+    Hidden layers carry no irrep; the output layer's columns are ``tp``'s path weights, so each
+    column range maps to one path ``l_in -> l_out``.
+    """
+    infos = []
+    layers = [(n, p) for n, p in mlp.named_parameters() if n.endswith("weight")]
+    for k, (pname, param) in enumerate(layers):
+        shape = tuple(param.shape)
+        last = k == len(layers) - 1 and shape[-1] == tp.weight_numel
+        segments = tensor_product_segments(tp) if last else whole_tensor_segment(shape)
+        infos.append(
+            WeightInfo(
+                name=f"{prefix}.{pname}", shape=shape, layer=layer, module=module, kind="radial",
+                coordinate="column" if last else "flat", segments=segments,
+            )
+        )
+    return infos

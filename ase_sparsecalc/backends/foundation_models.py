@@ -1,0 +1,215 @@
+"""Named foundation models: where they come from, where they are cached, their SHA-256.
+
+MACE models are resolved through mace-torch's own URL tables and cache folder
+(``$XDG_CACHE_HOME/mace`` or ``~/.cache/mace``), so a file mace has downloaded is found here
+and vice versa. SevenNet models ship inside the ``sevenn`` wheel.
+
+A downloaded file is checked against its known SHA-256 digest when one is recorded in
+:data:`KNOWN_SHA256`; otherwise the digest seen at first download is pinned in
+``ase_sparsecalc_pins.json`` in the cache folder and every later use is checked against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ChecksumError, ModelNotFoundError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SEVENNET = "sevennet-0"
+
+# (source table, key) in mace.calculators.foundations_models
+_MACE_NAMES: dict[str, tuple[str, str]] = {
+    "mace-mp-0-small": ("mp", "small"),
+    "mace-mp-0-medium": ("mp", "medium"),
+    "mace-mp-0-large": ("mp", "large"),
+    "mace-mp-0b3-medium": ("mp", "medium-0b3"),
+    "mace-mpa-0-medium": ("mp", "medium-mpa-0"),
+    "mace-omat-0-small": ("mp", "small-omat-0"),
+    "mace-omat-0-medium": ("mp", "medium-omat-0"),
+    "mace-matpes-pbe-0": ("mp", "mace-matpes-pbe-0"),
+    "mace-matpes-r2scan-0": ("mp", "mace-matpes-r2scan-0"),
+    "mace-off23-small": ("off", "small"),
+    "mace-off23-medium": ("off", "medium"),
+    "mace-off23-large": ("off", "large"),
+}
+_ALIASES = {
+    "mace-mp-0": "mace-mp-0-medium",
+    "mace-mpa-0": "mace-mpa-0-medium",
+    "mace-omat-0": "mace-omat-0-medium",
+    "mace-off23": "mace-off23-medium",
+    "7net-0": "sevennet-0",
+    "sevennet-0-11jul2024": "sevennet-0",
+    "7net-0-22may2024": "sevennet-0-22may2024",
+    "7net-l3i5": "sevennet-l3i5",
+}
+_SEVENNET_NAMES = {
+    "sevennet-0": "7net-0_11Jul2024",
+    "sevennet-0-22may2024": "7net-0_22May2024",
+    "sevennet-l3i5": "7net-l3i5",
+}
+
+KNOWN_SHA256: dict[str, str] = {
+    # The checkpoints bundled in the sevenn 0.10.4 wheel.
+    "sevennet-0": "7052cb42b7b3be42b40b97fa0d21077a48c54b5548948fc4dcf346629f813c36",
+    "sevennet-0-22may2024": "5d389fafd512e6ae2830d74d0b66ffc49a55d3832653ff8e7bf7f1343013c1d1",
+    "sevennet-l3i5": "a7ff190d41efe5b8317a03d20a468e4036a1a3e64e0b14fdbab64ac3f4bfc09d",
+}
+
+PINS_FILE = "ase_sparsecalc_pins.json"
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A foundation model known by name.
+
+    Attributes
+    ----------
+    name : str
+        Canonical name, e.g. ``"mace-mp-0-medium"``.
+    backend : str
+        ``"mace"`` or ``"sevennet"``.
+    url : str or None
+        Download address (MACE), None for models shipped in a wheel.
+    path : Path
+        Where the file is (or will be cached).
+    """
+
+    name: str
+    backend: str
+    url: str | None
+    path: Path
+
+
+def canonical_name(name: str) -> str:
+    """Lower-case canonical model name with aliases resolved."""
+    key = name.strip().lower().replace("_", "-")
+    return _ALIASES.get(key, key)
+
+
+def named_models() -> list[str]:
+    """All canonical model names this package resolves."""
+    return sorted([*_MACE_NAMES, *_SEVENNET_NAMES])
+
+
+def lookup(name: str) -> NamedModel | None:
+    """The :class:`NamedModel` for ``name``, or None if it is not a known name."""
+    key = canonical_name(name)
+    if key in _SEVENNET_NAMES:
+        return NamedModel(key, "sevennet", None, _sevennet_path(key))
+    if key in _MACE_NAMES:
+        url, path = _mace_url_and_cache(*_MACE_NAMES[key])
+        return NamedModel(key, "mace", url, path)
+    return None
+
+
+def _sevennet_path(key: str) -> Path:
+    from .sevennet import import_sevenn
+
+    import_sevenn()
+    from sevenn.util import pretrained_name_to_path
+
+    return Path(pretrained_name_to_path(_SEVENNET_NAMES[key]))
+
+
+def _mace_url_and_cache(table: str, key: str) -> tuple[str, Path]:
+    from mace.calculators import foundations_models as fm
+    from mace.tools.utils import get_cache_dir
+
+    if table == "mp":
+        url = fm.mace_mp_urls[key]
+        file_name = "".join(c for c in os.path.basename(url) if c.isalnum() or c in "_")
+    else:
+        url = fm.mace_off_urls[key]
+        file_name = os.path.basename(url).split("?")[0]
+    if table == "mp" and key == "medium-mpa-0" and os.path.isfile(fm.local_model_path):
+        return url, Path(fm.local_model_path)
+    return url, Path(get_cache_dir()) / file_name
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(model: NamedModel, timeout: float = 120.0) -> Path:
+    """Make sure ``model``'s file is on disk (downloading it if needed) and checks out.
+
+    Raises
+    ------
+    ModelNotFoundError
+        Not cached and the download failed (for example offline); says where to put the file.
+    ChecksumError
+        The file's SHA-256 differs from the known (or pinned) digest.
+    """
+    if not model.path.is_file():
+        if model.url is None:
+            raise ModelNotFoundError(f"{model.name}: bundled file {model.path} is missing")
+        _download(model, timeout)
+    verify(model)
+    return model.path
+
+
+def _download(model: NamedModel, timeout: float) -> None:
+    model.path.parent.mkdir(parents=True, exist_ok=True)
+    partial = model.path.with_name(model.path.name + ".part")
+    logger.info("downloading %s from %s", model.name, model.url)
+    try:
+        with urllib.request.urlopen(model.url, timeout=timeout) as response, open(partial, "wb") as out:
+            if "text/html" in response.headers.get("Content-Type", ""):
+                raise urllib.error.URLError("server answered with an HTML page, not a model")
+            for block in iter(lambda: response.read(1 << 20), b""):
+                out.write(block)
+        os.replace(partial, model.path)
+    except (OSError, urllib.error.URLError) as exc:
+        partial.unlink(missing_ok=True)
+        raise ModelNotFoundError(
+            f"{model.name}: not in the cache and the download from {model.url} failed ({exc}). "
+            f"Download that file on a machine with internet access and put it at {model.path} "
+            "(or pass the file's path as base=...)"
+        ) from exc
+
+
+def verify(model: NamedModel) -> str:
+    """Check ``model.path`` against the known or pinned SHA-256; pin it if neither exists."""
+    digest = sha256_file(model.path)
+    expected = KNOWN_SHA256.get(model.name)
+    pins_path = model.path.parent / PINS_FILE
+    pins = _read_pins(pins_path)
+    if expected is None:
+        expected = pins.get(model.name)
+    if expected is None:
+        pins[model.name] = digest
+        try:
+            pins_path.write_text(json.dumps(pins, indent=1, sort_keys=True))
+        except OSError:
+            logger.warning("could not write %s", pins_path)
+        logger.warning(
+            "%s: no known SHA-256; pinned %s from %s for later checks", model.name, digest, model.path
+        )
+        return digest
+    if digest != expected:
+        raise ChecksumError(
+            f"{model.path}: SHA-256 {digest} does not match the expected {expected} for "
+            f"{model.name}; the file is corrupt or not the published model. Delete it and retry."
+        )
+    return digest
+
+
+def _read_pins(path: Path) -> dict[str, str]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,182 @@
+"""MACE backend (mace-torch): any MACE model file and the named MACE foundation models."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import BaseModelError
+from ..torch_setup import prepare_torch
+from .base import Backend, ModelOutput, WeightInfo
+from .safe_load import MACE_ALLOWED, load_checkpoint
+
+_LAYER = re.compile(r"^(interactions|products|readouts)\.(\d+)\.(.*)$")
+
+
+def import_mace() -> None:
+    """Import e3nn and mace after the torch set-up they need."""
+    prepare_torch()
+    import mace.modules  # noqa: F401
+
+
+@dataclass
+class MaceBackend(Backend):
+    """A MACE model (``ScaleShiftMACE``, ``MACE`` and relatives) behind the backend interface.
+
+    Attributes
+    ----------
+    head : str
+        The output head used (multi-head models); ``"default"`` for single-head ones.
+    """
+
+    name = "mace"
+    head: str = "default"
+
+    def __post_init__(self) -> None:
+        heads = [str(h) for h in getattr(self.model, "heads", ["default"])]
+        self._head_index = heads.index(self.head) if self.head in heads else 0
+        self._z_to_index = torch.full((119,), -1, dtype=torch.int64)
+        for k, z in enumerate(self.atomic_numbers):
+            self._z_to_index[z] = k
+        super().__post_init__()
+
+    def to(self, device=None, dtype=None) -> MaceBackend:
+        super().to(device, dtype)
+        self._z_to_index = self._z_to_index.to(self.device)
+        return self
+
+    def _model_outputs(self, graph, compute_forces, compute_stress, training, parameters):
+        index = self._z_to_index[graph.numbers]
+        node_attrs = torch.nn.functional.one_hot(index, len(self.atomic_numbers)).to(self.dtype)
+        data = {
+            "positions": graph.positions.detach().clone(),
+            "node_attrs": node_attrs,
+            "edge_index": graph.edge_index,
+            "shifts": graph.edge_shifts(),
+            "unit_shifts": graph.unit_shifts,
+            "cell": graph.cell.reshape(-1, 3),
+            "batch": graph.batch,
+            "ptr": graph.ptr,
+            "head": torch.full((graph.n_graphs,), self._head_index, dtype=torch.int64,
+                               device=self.device),
+        }
+        out = self._call_model(
+            parameters, data, training=training, compute_force=compute_forces,
+            compute_stress=compute_stress,
+        )
+        stress = out.get("stress") if compute_stress else None
+        return ModelOutput(
+            energy=out["energy"],
+            forces=out.get("forces") if compute_forces else None,
+            stress=None if stress is None else stress.reshape(-1, 3, 3),
+        )
+
+    def weight_infos(self) -> list[WeightInfo]:
+        from e3nn import o3
+        from mace.modules.symmetric_contraction import SymmetricContraction
+
+        from .e3nn_paths import linear_segments, radial_mlp_infos, tensor_product_segments
+        from .e3nn_paths import whole_tensor_segment as whole
+
+        infos: list[WeightInfo] = []
+        n_el = len(self.atomic_numbers)
+        for mod_name, module in self.model.named_modules():
+            layer, rest = _layer_of(mod_name)
+            kind = _kind_of(mod_name)
+            if isinstance(module, o3.Linear) and module.weight_numel > 0 and module.internal_weights:
+                is_embedding = mod_name.startswith("node_embedding")
+                infos.append(WeightInfo(
+                    f"{mod_name}.weight", tuple(module.weight.shape), layer, rest, kind, "flat",
+                    linear_segments(module, element_axis=0 if is_embedding else None),
+                    self.atomic_numbers,
+                ))
+            elif isinstance(module, o3.TensorProduct) and module.internal_weights \
+                    and module.weight_numel > 0:
+                in2 = module.irreps_in2
+                element_input = 2 if (len(in2) == 1 and in2[0].mul == n_el and in2[0].ir.l == 0) \
+                    else None
+                infos.append(WeightInfo(
+                    f"{mod_name}.weight", tuple(module.weight.shape), layer, rest, kind, "flat",
+                    tensor_product_segments(module, element_input), self.atomic_numbers,
+                ))
+            elif mod_name.endswith("conv_tp_weights"):
+                parent = self.model.get_submodule(mod_name.rsplit(".", 1)[0])
+                infos.extend(radial_mlp_infos(mod_name, module, parent.conv_tp, layer, rest))
+            elif isinstance(module, SymmetricContraction):
+                for k, contraction in enumerate(module.contractions):
+                    l_out = module.irreps_out[k].ir.l
+                    for pname, param in contraction.named_parameters():
+                        infos.append(WeightInfo(
+                            f"{mod_name}.contractions.{k}.{pname}", tuple(param.shape), layer,
+                            f"{rest}.contractions.{k}.{pname}", "symmetric_contraction", "flat",
+                            whole(tuple(param.shape), None, l_out, element_axis=0),
+                            self.atomic_numbers,
+                        ))
+        return infos
+
+
+def _layer_of(module_name: str) -> tuple[int | None, str]:
+    match = _LAYER.match(module_name + ".")
+    if match is None:
+        return None, module_name
+    return int(match.group(2)), f"{match.group(1)}.{match.group(3).rstrip('.')}"
+
+
+def _kind_of(module_name: str) -> str:
+    if module_name.startswith("node_embedding"):
+        return "embedding"
+    if module_name.startswith("readouts"):
+        return "readout"
+    if "skip_tp" in module_name:
+        return "self_connection"
+    if "conv_tp_weights" in module_name:
+        return "radial"
+    return "linear"
+
+
+def load_mace_model(path: str | Path) -> torch.nn.Module:
+    """Load a MACE model file with ``weights_only=True`` and the MACE allow-list."""
+    import_mace()
+    model = load_checkpoint(path, MACE_ALLOWED)
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "atomic_numbers"):
+        raise BaseModelError(f"{path}: not a MACE model file (got {type(model).__name__})")
+    return model
+
+
+def mace_backend_from_module(
+    model: torch.nn.Module, model_name: str, device: torch.device, dtype: torch.dtype,
+    head: str | None = None,
+) -> MaceBackend:
+    """Wrap an in-memory MACE model (its fingerprint is taken as it is now)."""
+    from .base import state_dict_fingerprint
+
+    heads = [str(h) for h in getattr(model, "heads", ["default"])]
+    if head is None:
+        head = heads[0] if len(heads) == 1 else next((h for h in heads if h.lower() == "default"), None)
+        if head is None:
+            raise BaseModelError(
+                f"{model_name}: multi-head model; choose a head with head=... from {heads}"
+            )
+    elif head not in heads:
+        raise BaseModelError(f"{model_name}: no head {head!r}; available heads: {heads}")
+    return MaceBackend(
+        model=model,
+        model_name=model_name,
+        fingerprint=state_dict_fingerprint(model),
+        cutoff=float(model.r_max),
+        atomic_numbers=tuple(int(z) for z in model.atomic_numbers),
+        device=device,
+        dtype=dtype,
+        head=head,
+    )
+
+
+def load_mace(
+    path: str | Path, model_name: str, device: torch.device, dtype: torch.dtype,
+    head: str | None = None,
+) -> MaceBackend:
+    """Load a MACE model file as a backend on ``device`` in ``dtype``."""
+    return mace_backend_from_module(load_mace_model(path), model_name, device, dtype, head)

@@ -1,0 +1,136 @@
+"""Loading torch checkpoints with ``weights_only=True`` and an explicit allow-list.
+
+``torch.load(weights_only=True)`` refuses every Python global that is not on its allow-list.
+Before loading, :func:`load_checkpoint` lists the globals a file refers to
+(``torch.serialization.get_unsafe_globals_in_checkpoint``, which reads the pickle without
+running it) and refuses the file if any lies outside the allow-list it was given. Only then are
+those globals admitted, for this one load, through ``torch.serialization.safe_globals``.
+
+Allow-lists name module prefixes (``"mace.modules."``) or exact globals
+(``"torch.nn.functional.silu"``). A MACE model file is a pickled ``nn.Module``: its allow-list
+admits mace's and e3nn's module classes and, because MACE stores ``torch.fx`` graph modules,
+torch's own ``reduce_graph_module``, which rebuilds such modules from the Python source saved
+in the file. That source is executed on load, so MACE model files must come from a trusted
+source: named foundation models are checked against SHA-256 digests (see
+:mod:`.foundation_models`). SevenNet checkpoints need numpy arrays only.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import BaseModelError, ModelNotFoundError, UnsafeCheckpointError
+
+MACE_ALLOWED = (
+    "mace.modules.",
+    "mace.tools.scatter.",
+    "e3nn.o3.",
+    "e3nn.nn.",
+    "e3nn.math.",
+    "e3nn.util.",
+    "torch.nn.modules.",
+    "torch.nn.functional.",
+    "torch.nn.parameter.",
+    "torch.nn.utils.",
+    "torch.fx.graph_module.reduce_graph_module",
+    "torch.fx._symbolic_trace.Tracer",
+    "torch.fx.graph.Graph",
+    "collections.OrderedDict",
+    "builtins.set",
+    "builtins.frozenset",
+    "builtins.slice",
+    "numpy.",
+)
+
+SEVENNET_ALLOWED = (
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy.dtypes.",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+)
+
+# Globals whose pickled name differs from where numpy 2 keeps them.
+_RENAMED = {
+    "numpy.core.multiarray._reconstruct": "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray.scalar": "numpy._core.multiarray.scalar",
+}
+
+
+def _is_allowed(name: str, allowed: Iterable[str]) -> bool:
+    return any(name == a or (a.endswith(".") and name.startswith(a)) for a in allowed)
+
+
+# numpy builds dtypes of these classes while unpickling arrays without naming them as globals.
+_NUMPY_DTYPE_CLASSES = tuple(
+    getattr(np.dtypes, n) for n in ("Float16DType", "Float32DType", "Float64DType", "Int8DType",
+                                    "Int16DType", "Int32DType", "Int64DType", "BoolDType")
+    if hasattr(np, "dtypes") and hasattr(np.dtypes, n)
+)
+
+
+def _import_global(name: str) -> Any:
+    module_name, _, attr = name.rpartition(".")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _resolve_global(name: str) -> Any:
+    """The object a pickled global name stands for (numpy 2 keeps some under new names)."""
+    if name in _RENAMED and hasattr(np, "_core"):
+        return (_import_global(_RENAMED[name]), name)
+    return _import_global(name)
+
+
+def referenced_globals(path: str | Path) -> list[str]:
+    """The Python globals a torch checkpoint refers to beyond torch's defaults (nothing is run)."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception as exc:
+        raise BaseModelError(f"{path}: not a readable torch checkpoint ({exc})") from exc
+
+
+def load_checkpoint(path: str | Path, allowed: Iterable[str]) -> Any:
+    """``torch.load(path, weights_only=True)`` admitting only the globals in ``allowed``.
+
+    Raises
+    ------
+    ModelNotFoundError
+        The file does not exist.
+    UnsafeCheckpointError
+        The file refers to a global outside ``allowed`` (nothing from it has been executed).
+    BaseModelError
+        The file is not a readable torch checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path}: model file not found")
+    allowed = tuple(allowed)
+    names = referenced_globals(path)
+    refused = sorted(n for n in names if not _is_allowed(n, allowed))
+    if refused:
+        raise UnsafeCheckpointError(
+            f"{path}: refers to Python objects outside the allow-list: {', '.join(refused)}; "
+            "refusing to load it"
+        )
+    try:
+        safe = [_resolve_global(n) for n in names]
+        if "numpy.dtype" in names:
+            safe.extend(_NUMPY_DTYPE_CLASSES)
+    except (ImportError, AttributeError) as exc:
+        raise BaseModelError(f"{path}: refers to {exc}, which is not installed") from exc
+    try:
+        with torch.serialization.safe_globals(safe):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BaseModelError(f"{path}: cannot load checkpoint ({exc})") from exc

@@ -1,0 +1,186 @@
+"""The ASE calculator: a foundation model plus a sparse delta merged into its weights."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+
+from .backends import Backend, load_backend
+from .delta import SparseDelta
+from .errors import StressUndefinedError
+from .graph import build_graph
+
+logger = logging.getLogger(__name__)
+
+
+def has_3d_cell(atoms: Atoms) -> bool:
+    """True when the structure is periodic in all three directions with a non-zero volume."""
+    return bool(atoms.pbc.all()) and atoms.cell.volume > 1e-8
+
+
+class SparseCalc(Calculator):
+    r"""ASE calculator for a foundation model (MACE or SevenNet) with a sparse delta applied.
+
+    The delta is merged into the weights (:math:`W = W_0 + \Delta`), so a step costs exactly
+    what the base model costs. Energies carry the delta's per-element reference shifts.
+
+    Parameters
+    ----------
+    base : str, Path, Backend or None
+        A named foundation model (``"sevennet-0"``, ``"mace-mp-0-medium"``, ...), a model file,
+        or a loaded backend. None: the base the delta names, else SevenNet-0.
+    delta : str, Path, SparseDelta or None
+        The delta file (or object). None: the bare base model.
+    device : str
+        ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+    default_dtype : {"float64", "float32"}
+        Floating dtype of the model. float64 for relaxations and phonons; float32 is faster.
+    strict : bool
+        Refuse a delta made for another base model (``False``: apply it with a warning).
+    backend : {"mace", "sevennet"}, optional
+        Backend of a model file when it cannot be guessed.
+    head : str, optional
+        Output head of a multi-head MACE model.
+
+    Notes
+    -----
+    ``energy`` and ``free_energy`` are the same (eV); ``forces`` are eV/Å; ``stress`` is in
+    eV/Å³, Voigt order (xx, yy, zz, yz, xz, xy), positive under tension, and only exists for
+    structures periodic in three dimensions. ``energies`` (per atom) is not provided.
+
+    Examples
+    --------
+    >>> from ase.build import bulk                                  # doctest: +SKIP
+    >>> si = bulk("Si", "diamond", a=5.43)                          # doctest: +SKIP
+    >>> si.calc = SparseCalc(delta="si_pbesol.safetensors")         # doctest: +SKIP
+    >>> si.get_potential_energy(), si.get_stress()                  # doctest: +SKIP
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]  # noqa: RUF012
+
+    def __init__(
+        self,
+        base: str | Path | Backend | None = None,
+        delta: str | Path | SparseDelta | None = None,
+        *,
+        device: str = "cpu",
+        default_dtype: str = "float64",
+        strict: bool = True,
+        backend: str | None = None,
+        head: str | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        delta_obj = _as_delta(delta)
+        if base is None and delta_obj is not None and delta_obj.metadata.base_model:
+            base = delta_obj.metadata.base_model
+        self.backend: Backend = load_backend(
+            base, device=device, dtype=default_dtype, backend=backend, head=head
+        )
+        self.delta: SparseDelta | None = None
+        self.set_delta(delta_obj, strict=strict)
+
+    # ------------------------------------------------------------------ deltas
+    def set_delta(self, delta: str | Path | SparseDelta | None, strict: bool = True) -> None:
+        """Switch to another delta (or to the bare base with None) without reloading the base."""
+        new = _as_delta(delta)
+        if self.delta is not None:
+            self.delta.remove(self.backend)
+            self.delta = None
+        if new is not None:
+            new.apply(self.backend, strict=strict)
+            self.delta = new
+        self.reset()
+
+    @property
+    def cutoff(self) -> float:
+        """The model's cutoff radius in Å."""
+        return self.backend.cutoff
+
+    # ------------------------------------------------------------------ ASE contract
+    def calculate(
+        self,
+        atoms: Atoms | None = None,
+        properties: Sequence[str] = ("energy",),
+        system_changes: Sequence[str] = tuple(all_changes),
+    ) -> None:
+        """Fill ``self.results`` with energy, free_energy, forces and (3-D cells) stress."""
+        super().calculate(atoms, properties, system_changes)
+        self.results = self.batch_evaluate([self.atoms], properties)[0]
+
+    def batch_evaluate(
+        self, structures: Sequence[Atoms], properties: Sequence[str] = ("energy", "forces"),
+        batch_size: int | None = None,
+    ) -> list[dict[str, float | np.ndarray]]:
+        """Evaluate many structures in batched model calls (used by phonons and ``eval``).
+
+        Parameters
+        ----------
+        structures : sequence of ase.Atoms
+        properties : sequence of str
+            Stress is computed for every structure with a 3-D cell; asking for it when one has
+            none raises :class:`StressUndefinedError`.
+        batch_size : int, optional
+            Structures per model call (default: all at once).
+
+        Returns
+        -------
+        list of dict
+            Per structure: ``energy``, ``free_energy`` (eV), ``forces`` (n, 3) eV/Å and, for
+            3-D cells, ``stress`` (6,) eV/Å³ in ASE's Voigt order.
+        """
+        structures = list(structures)
+        want_stress = "stress" in properties
+        for k, atoms in enumerate(structures):
+            if want_stress and not has_3d_cell(atoms):
+                raise StressUndefinedError(
+                    f"structure {k} ({atoms.get_chemical_formula()}): stress needs a cell that is "
+                    f"periodic in 3 dimensions (pbc={atoms.pbc.tolist()})"
+                )
+            self.backend.check_elements(atoms.numbers, f"structure {k} ({atoms.get_chemical_formula()})")
+        size = batch_size or max(len(structures), 1)
+        results: list[dict] = []
+        for start in range(0, len(structures), size):
+            results.extend(self._evaluate_chunk(structures[start : start + size]))
+        return results
+
+    def _evaluate_chunk(self, chunk: list[Atoms]) -> list[dict]:
+        backend = self.backend
+        graph = build_graph(chunk, backend.cutoff, backend.device, backend.dtype)
+        stress_mask = [has_3d_cell(a) for a in chunk]
+        compute_stress = any(stress_mask)
+        if compute_stress and not all(stress_mask):
+            # a batch mixing molecules and crystals: split it rather than give molecules a stress
+            crystals = [a for a, m in zip(chunk, stress_mask, strict=True) if m]
+            others = [a for a, m in zip(chunk, stress_mask, strict=True) if not m]
+            by_id = dict(zip(map(id, crystals), self._evaluate_chunk(crystals), strict=True))
+            by_id.update(zip(map(id, others), self._evaluate_chunk(others), strict=True))
+            return [by_id[id(a)] for a in chunk]
+        out = backend.evaluate(graph, compute_forces=True, compute_stress=compute_stress)
+        energy = out.energy.detach().to("cpu", torch.float64).numpy()
+        forces = out.forces.detach().to("cpu", torch.float64).numpy()
+        ptr = graph.ptr.cpu().numpy()
+        results = []
+        for g in range(graph.n_graphs):
+            res: dict[str, float | np.ndarray] = {
+                "energy": float(energy[g]),
+                "free_energy": float(energy[g]),
+                "forces": forces[ptr[g] : ptr[g + 1]].copy(),
+            }
+            if compute_stress:
+                s = out.stress[g].detach().to("cpu", torch.float64).numpy()
+                res["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+            results.append(res)
+        return results
+
+
+def _as_delta(delta: str | Path | SparseDelta | None) -> SparseDelta | None:
+    if delta is None or isinstance(delta, SparseDelta):
+        return delta
+    return SparseDelta.load(delta)

@@ -1,0 +1,66 @@
+"""Torch set-up shared by the whole package: safe-load globals, dtype and device resolution.
+
+e3nn 0.4.4 loads a constants file with ``torch.load(weights_only=True)`` that holds ``slice``
+objects; under torch >= 2.6 that needs ``slice`` on torch's allow-list before e3nn (and hence
+mace or sevenn) is imported. :func:`prepare_torch` does exactly that and nothing more: it never
+turns ``weights_only`` off.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_PREPARED = False
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+
+def prepare_torch() -> None:
+    """Allow-list ``slice`` for ``torch.load(weights_only=True)``; idempotent."""
+    global _PREPARED
+    if not _PREPARED:
+        torch.serialization.add_safe_globals([slice])
+        _PREPARED = True
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Turn ``"float32"``/``"float64"`` (or a torch dtype) into a torch floating dtype.
+
+    Raises
+    ------
+    ValueError
+        For anything other than float32 or float64.
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    try:
+        return DTYPES[str(dtype)]
+    except KeyError:
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The string name (``"float32"``/``"float64"``) of a torch floating dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Turn ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"`` into a torch device.
+
+    ``"auto"`` picks CUDA when available. Asking for CUDA on a machine without it is an error,
+    not a silent fallback.
+    """
+    if isinstance(device, torch.device):
+        resolved = device
+    elif device == "auto":
+        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA device")
+    return resolved
