@@ -115,7 +115,9 @@ class SparseCalc(Calculator):
         self.results = self.batch_evaluate([self.atoms], properties)[0]
 
     def batch_evaluate(
-        self, structures: Sequence[Atoms], properties: Sequence[str] = ("energy", "forces"),
+        self,
+        structures: Sequence[Atoms],
+        properties: Sequence[str] = ("energy", "forces"),
         batch_size: int | None = None,
     ) -> list[dict[str, float | np.ndarray]]:
         """Evaluate many structures in batched model calls (used by phonons and ``eval``).

@@ -53,9 +53,7 @@ class TensorDelta:
     shape: tuple[int, ...]
 
     @classmethod
-    def create(
-        cls, indices: Any, values: Any, shape: tuple[int, ...], name: str = "?"
-    ) -> TensorDelta:
+    def create(cls, indices: Any, values: Any, shape: tuple[int, ...], name: str = "?") -> TensorDelta:
         """Validate and normalise (sort, cast to int64, move to CPU) a tensor delta.
 
         Raises
@@ -72,9 +70,7 @@ class TensorDelta:
         shape = tuple(int(s) for s in shape)
         numel = int(np.prod(shape)) if shape else 1
         if idx.numel() != val.numel():
-            raise DeltaShapeError(
-                f"tensor {name!r}: {idx.numel()} indices but {val.numel()} values"
-            )
+            raise DeltaShapeError(f"tensor {name!r}: {idx.numel()} indices but {val.numel()} values")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
             raise DeltaShapeError(
                 f"tensor {name!r}: index out of range [0, {numel}) for shape {shape} "
@@ -151,9 +147,7 @@ class DeltaMetadata:
     training_data: dict[str, Any] = field(default_factory=dict)
     trainable_numel: int | None = None
     package_version: str = __version__
-    created: str = field(
-        default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-    )
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -202,9 +196,7 @@ class SparseDelta:
     ) -> None:
         self.tensors: dict[str, TensorDelta] = dict(sorted((tensors or {}).items()))
         self.metadata = metadata if metadata is not None else DeltaMetadata()
-        self._applied: weakref.WeakKeyDictionary[Any, _AppliedRecord] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._applied: weakref.WeakKeyDictionary[Any, _AppliedRecord] = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ size
     @property
@@ -320,8 +312,7 @@ class SparseDelta:
         for name, tdelta in self.tensors.items():
             if name not in params:
                 raise DeltaShapeError(
-                    f"delta tensor {name!r} is not a parameter of the model "
-                    f"({type(module).__name__})"
+                    f"delta tensor {name!r} is not a parameter of the model ({type(module).__name__})"
                 )
             if tuple(params[name].shape) != tdelta.shape:
                 raise DeltaShapeError(

@@ -103,15 +103,18 @@ def neighbour_pairs(atoms: Atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray
     if len(atoms) == 0:
         raise StructureError("structure with no atoms")
     i, j, S, d = neighbour_list(
-        "ijSd", positions=positions, cell=cell, pbc=pbc, cutoff=float(cutoff),
-        numbers=numbers, cell_origin=origin,
+        "ijSd",
+        positions=positions,
+        cell=cell,
+        pbc=pbc,
+        cutoff=float(cutoff),
+        numbers=numbers,
+        cell_origin=origin,
     )
     return i, j, S, d
 
 
-def _bounding_cell(
-    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _bounding_cell(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A cell for neighbour-list binning: periodic axes kept, open axes span the atoms."""
     lower = positions.min(axis=0) - _BOX_PADDING
     upper = positions.max(axis=0) + _BOX_PADDING
@@ -165,8 +168,7 @@ def build_graph(
             e = int(np.argmin(d))
             where = names[k] if names is not None else f"structure {k}"
             raise AtomsTooCloseError(
-                f"{where}: atoms {i[e]} and {j[e]} are {d[e]:.3g} Å apart "
-                f"(minimum {MIN_DISTANCE} Å)"
+                f"{where}: atoms {i[e]} and {j[e]} are {d[e]:.3g} Å apart (minimum {MIN_DISTANCE} Å)"
             )
         offset = ptr[-1]
         positions.append(atoms.positions)

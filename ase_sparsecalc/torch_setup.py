@@ -8,6 +8,10 @@ turns ``weights_only`` off.
 
 from __future__ import annotations
 
+import importlib
+import os
+from types import ModuleType
+
 import torch
 
 _PREPARED = False
@@ -24,6 +28,27 @@ def prepare_torch() -> None:
     if not _PREPARED:
         torch.serialization.add_safe_globals([slice])
         _PREPARED = True
+
+
+_NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+def import_keeping_weights_only(module_name: str) -> ModuleType:
+    """Import ``module_name`` (mace or a submodule) without letting it turn weights_only off.
+
+    mace-torch sets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` when imported, which makes every later
+    ``torch.load`` in the process unpickle arbitrary objects. This import restores the variable
+    to what it was before, so the process keeps torch's safe default.
+    """
+    prepare_torch()
+    before = os.environ.get(_NO_WEIGHTS_ONLY)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        if before is None:
+            os.environ.pop(_NO_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_NO_WEIGHTS_ONLY] = before
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -23,7 +23,12 @@ logger = logging.getLogger(__name__)
 _CACHE: dict[tuple, Backend] = {}
 
 __all__ = [
-    "Backend", "ModelOutput", "PathSegment", "WeightInfo", "default_base", "load_backend",
+    "Backend",
+    "ModelOutput",
+    "PathSegment",
+    "WeightInfo",
+    "default_base",
+    "load_backend",
     "sniff_backend",
 ]
 

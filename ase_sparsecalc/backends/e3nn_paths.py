@@ -26,9 +26,12 @@ def linear_segments(linear: o3.Linear, element_axis: int | None = None) -> tuple
         size = prod(ins.path_shape)
         segments.append(
             PathSegment(
-                start=start, stop=start + size,
-                l_in=linear.irreps_in[ins.i_in].ir.l, l_out=linear.irreps_out[ins.i_out].ir.l,
-                shape=tuple(ins.path_shape), element_axis=element_axis,
+                start=start,
+                stop=start + size,
+                l_in=linear.irreps_in[ins.i_in].ir.l,
+                l_out=linear.irreps_out[ins.i_out].ir.l,
+                shape=tuple(ins.path_shape),
+                element_axis=element_axis,
             )
         )
         start += size
@@ -57,9 +60,12 @@ def tensor_product_segments(
             axis = element_input - 1
         segments.append(
             PathSegment(
-                start=start, stop=start + size,
-                l_in=tp.irreps_in1[ins.i_in1].ir.l, l_out=tp.irreps_out[ins.i_out].ir.l,
-                shape=tuple(ins.path_shape), element_axis=axis,
+                start=start,
+                stop=start + size,
+                l_in=tp.irreps_in1[ins.i_in1].ir.l,
+                l_out=tp.irreps_out[ins.i_out].ir.l,
+                shape=tuple(ins.path_shape),
+                element_axis=axis,
             )
         )
         start += size
@@ -67,7 +73,9 @@ def tensor_product_segments(
 
 
 def whole_tensor_segment(
-    shape: tuple[int, ...], l_in: int | None = None, l_out: int | None = None,
+    shape: tuple[int, ...],
+    l_in: int | None = None,
+    l_out: int | None = None,
     element_axis: int | None = None,
 ) -> tuple[PathSegment, ...]:
     """One segment covering a whole tensor (radial hidden layers, symmetric contractions)."""
@@ -75,7 +83,11 @@ def whole_tensor_segment(
 
 
 def radial_mlp_infos(
-    prefix: str, mlp: torch.nn.Module, tp: o3.TensorProduct, layer: int | None, module: str,
+    prefix: str,
+    mlp: torch.nn.Module,
+    tp: o3.TensorProduct,
+    layer: int | None,
+    module: str,
 ) -> list[WeightInfo]:
     """Weight infos of a radial MLP (e3nn ``FullyConnectedNet``) feeding ``tp``'s path weights.
 
@@ -90,8 +102,13 @@ def radial_mlp_infos(
         segments = tensor_product_segments(tp) if last else whole_tensor_segment(shape)
         infos.append(
             WeightInfo(
-                name=f"{prefix}.{pname}", shape=shape, layer=layer, module=module, kind="radial",
-                coordinate="column" if last else "flat", segments=segments,
+                name=f"{prefix}.{pname}",
+                shape=shape,
+                layer=layer,
+                module=module,
+                kind="radial",
+                coordinate="column" if last else "flat",
+                segments=segments,
             )
         )
     return infos

@@ -121,8 +121,10 @@ def _sevennet_path(key: str) -> Path:
 
 
 def _mace_url_and_cache(table: str, key: str) -> tuple[str, Path]:
-    from mace.calculators import foundations_models as fm
-    from mace.tools.utils import get_cache_dir
+    from ..torch_setup import import_keeping_weights_only
+
+    fm = import_keeping_weights_only("mace.calculators.foundations_models")
+    get_cache_dir = import_keeping_weights_only("mace.tools.utils").get_cache_dir
 
     if table == "mp":
         url = fm.mace_mp_urls[key]

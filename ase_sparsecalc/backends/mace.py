@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BaseModelError
-from ..torch_setup import prepare_torch
+from ..torch_setup import import_keeping_weights_only
 from .base import Backend, ModelOutput, WeightInfo
 from .safe_load import MACE_ALLOWED, load_checkpoint
 
@@ -18,8 +18,7 @@ _LAYER = re.compile(r"^(interactions|products|readouts)\.(\d+)\.(.*)$")
 
 def import_mace() -> None:
     """Import e3nn and mace after the torch set-up they need."""
-    prepare_torch()
-    import mace.modules  # noqa: F401
+    import_keeping_weights_only("mace.modules")
 
 
 @dataclass
@@ -60,11 +59,13 @@ class MaceBackend(Backend):
             "cell": graph.cell.reshape(-1, 3),
             "batch": graph.batch,
             "ptr": graph.ptr,
-            "head": torch.full((graph.n_graphs,), self._head_index, dtype=torch.int64,
-                               device=self.device),
+            "head": torch.full((graph.n_graphs,), self._head_index, dtype=torch.int64, device=self.device),
         }
         out = self._call_model(
-            parameters, data, training=training, compute_force=compute_forces,
+            parameters,
+            data,
+            training=training,
+            compute_force=compute_forces,
             compute_stress=compute_stress,
         )
         stress = out.get("stress") if compute_stress else None
@@ -88,20 +89,33 @@ class MaceBackend(Backend):
             kind = _kind_of(mod_name)
             if isinstance(module, o3.Linear) and module.weight_numel > 0 and module.internal_weights:
                 is_embedding = mod_name.startswith("node_embedding")
-                infos.append(WeightInfo(
-                    f"{mod_name}.weight", tuple(module.weight.shape), layer, rest, kind, "flat",
-                    linear_segments(module, element_axis=0 if is_embedding else None),
-                    self.atomic_numbers,
-                ))
-            elif isinstance(module, o3.TensorProduct) and module.internal_weights \
-                    and module.weight_numel > 0:
+                infos.append(
+                    WeightInfo(
+                        f"{mod_name}.weight",
+                        tuple(module.weight.shape),
+                        layer,
+                        rest,
+                        kind,
+                        "flat",
+                        linear_segments(module, element_axis=0 if is_embedding else None),
+                        self.atomic_numbers,
+                    )
+                )
+            elif isinstance(module, o3.TensorProduct) and module.internal_weights and module.weight_numel > 0:
                 in2 = module.irreps_in2
-                element_input = 2 if (len(in2) == 1 and in2[0].mul == n_el and in2[0].ir.l == 0) \
-                    else None
-                infos.append(WeightInfo(
-                    f"{mod_name}.weight", tuple(module.weight.shape), layer, rest, kind, "flat",
-                    tensor_product_segments(module, element_input), self.atomic_numbers,
-                ))
+                element_input = 2 if (len(in2) == 1 and in2[0].mul == n_el and in2[0].ir.l == 0) else None
+                infos.append(
+                    WeightInfo(
+                        f"{mod_name}.weight",
+                        tuple(module.weight.shape),
+                        layer,
+                        rest,
+                        kind,
+                        "flat",
+                        tensor_product_segments(module, element_input),
+                        self.atomic_numbers,
+                    )
+                )
             elif mod_name.endswith("conv_tp_weights"):
                 parent = self.model.get_submodule(mod_name.rsplit(".", 1)[0])
                 infos.extend(radial_mlp_infos(mod_name, module, parent.conv_tp, layer, rest))
@@ -109,12 +123,18 @@ class MaceBackend(Backend):
                 for k, contraction in enumerate(module.contractions):
                     l_out = module.irreps_out[k].ir.l
                     for pname, param in contraction.named_parameters():
-                        infos.append(WeightInfo(
-                            f"{mod_name}.contractions.{k}.{pname}", tuple(param.shape), layer,
-                            f"{rest}.contractions.{k}.{pname}", "symmetric_contraction", "flat",
-                            whole(tuple(param.shape), None, l_out, element_axis=0),
-                            self.atomic_numbers,
-                        ))
+                        infos.append(
+                            WeightInfo(
+                                f"{mod_name}.contractions.{k}.{pname}",
+                                tuple(param.shape),
+                                layer,
+                                f"{rest}.contractions.{k}.{pname}",
+                                "symmetric_contraction",
+                                "flat",
+                                whole(tuple(param.shape), None, l_out, element_axis=0),
+                                self.atomic_numbers,
+                            )
+                        )
         return infos
 
 
@@ -147,7 +167,10 @@ def load_mace_model(path: str | Path) -> torch.nn.Module:
 
 
 def mace_backend_from_module(
-    model: torch.nn.Module, model_name: str, device: torch.device, dtype: torch.dtype,
+    model: torch.nn.Module,
+    model_name: str,
+    device: torch.device,
+    dtype: torch.dtype,
     head: str | None = None,
 ) -> MaceBackend:
     """Wrap an in-memory MACE model (its fingerprint is taken as it is now)."""
@@ -157,9 +180,7 @@ def mace_backend_from_module(
     if head is None:
         head = heads[0] if len(heads) == 1 else next((h for h in heads if h.lower() == "default"), None)
         if head is None:
-            raise BaseModelError(
-                f"{model_name}: multi-head model; choose a head with head=... from {heads}"
-            )
+            raise BaseModelError(f"{model_name}: multi-head model; choose a head with head=... from {heads}")
     elif head not in heads:
         raise BaseModelError(f"{model_name}: no head {head!r}; available heads: {heads}")
     return MaceBackend(
@@ -175,7 +196,10 @@ def mace_backend_from_module(
 
 
 def load_mace(
-    path: str | Path, model_name: str, device: torch.device, dtype: torch.dtype,
+    path: str | Path,
+    model_name: str,
+    device: torch.device,
+    dtype: torch.dtype,
     head: str | None = None,
 ) -> MaceBackend:
     """Load a MACE model file as a backend on ``device`` in ``dtype``."""

@@ -71,8 +71,17 @@ def _is_allowed(name: str, allowed: Iterable[str]) -> bool:
 
 # numpy builds dtypes of these classes while unpickling arrays without naming them as globals.
 _NUMPY_DTYPE_CLASSES = tuple(
-    getattr(np.dtypes, n) for n in ("Float16DType", "Float32DType", "Float64DType", "Int8DType",
-                                    "Int16DType", "Int32DType", "Int64DType", "BoolDType")
+    getattr(np.dtypes, n)
+    for n in (
+        "Float16DType",
+        "Float32DType",
+        "Float64DType",
+        "Int8DType",
+        "Int16DType",
+        "Int32DType",
+        "Int64DType",
+        "BoolDType",
+    )
     if hasattr(np, "dtypes") and hasattr(np.dtypes, n)
 )
 

@@ -72,12 +72,18 @@ class SevenNetBackend(Backend):
                 full = f"{mod_name}.{sub_name}" if sub_name else mod_name
                 if isinstance(sub, o3.Linear) and sub.weight_numel > 0 and sub.internal_weights:
                     is_embedding = mod_name == "onehot_to_feature_x"
-                    infos.append(WeightInfo(
-                        f"{full}.weight", tuple(sub.weight.shape), layer, rest,
-                        _kind_of(mod_name), "flat",
-                        linear_segments(sub, element_axis=0 if is_embedding else None),
-                        self._element_order(),
-                    ))
+                    infos.append(
+                        WeightInfo(
+                            f"{full}.weight",
+                            tuple(sub.weight.shape),
+                            layer,
+                            rest,
+                            _kind_of(mod_name),
+                            "flat",
+                            linear_segments(sub, element_axis=0 if is_embedding else None),
+                            self._element_order(),
+                        )
+                    )
                 elif sub_name == "weight_nn":
                     infos.extend(radial_mlp_infos(full, sub, module.convolution, layer, rest))
         return infos
@@ -93,8 +99,8 @@ def _voigt_to_matrix(voigt: torch.Tensor) -> torch.Tensor:
     """(G, 6) ASE Voigt (xx yy zz yz xz xy) -> (G, 3, 3)."""
     xx, yy, zz, yz, xz, xy = voigt.unbind(-1)
     return torch.stack(
-        [torch.stack([xx, xy, xz], -1), torch.stack([xy, yy, yz], -1),
-         torch.stack([xz, yz, zz], -1)], -2,
+        [torch.stack([xx, xy, xz], -1), torch.stack([xy, yy, yz], -1), torch.stack([xz, yz, zz], -1)],
+        -2,
     )
 
 

@@ -1,0 +1,91 @@
+"""The ``sparsecalc`` command line: thin wrappers that call the library.
+
+Each subcommand lives in its own module of this package and provides ``add_parser(subparsers)``
+(which registers the subcommand and sets ``func``) . Errors raised on purpose by the library
+(:class:`~ase_sparsecalc.errors.SparseCalcError`) are printed in one line, without a
+traceback, and the command exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from .._version import __version__
+from ..errors import SparseCalcError
+
+SUBCOMMANDS = ("finetune", "eval", "md", "relax", "phonons", "inspect")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every available subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="sparsecalc",
+        description="Calibrate foundation potentials to your DFT with sparse deltas, and use them.",
+    )
+    parser.add_argument("--version", action="version", version=f"ase_sparsecalc {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}_cmd")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}_cmd":
+                raise
+            continue
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sparsecalc`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except SparseCalcError as exc:
+        print(f"sparsecalc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sparsecalc {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose base, delta, device and dtype, shared by all subcommands."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--base", help="named foundation model or model file (default: the delta's base)")
+    group.add_argument("--delta", help="delta file (.safetensors); omit for the bare base model")
+    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    group.add_argument(
+        "--dtype", default="float64", choices=["float32", "float64"], help="model dtype (default: float64)"
+    )
+    group.add_argument("--head", help="output head of a multi-head MACE model")
+    group.add_argument("--no-strict", action="store_true", help="apply a delta made for another base")
+
+
+def make_calculator(args: argparse.Namespace):
+    """A :class:`~ase_sparsecalc.SparseCalc` from the options of :func:`add_model_arguments`."""
+    from ..calculator import SparseCalc
+
+    return SparseCalc(
+        base=args.base,
+        delta=args.delta,
+        device=args.device,
+        default_dtype=args.dtype,
+        head=args.head,
+        strict=not args.no_strict,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Helpers for tests, examples and benchmarks: small real MACE models and random deltas.
+
+Nothing here downloads anything: :func:`build_mace_model` constructs a genuine
+``mace.modules.ScaleShiftMACE`` (random weights, the same architecture family as MACE-MP-0),
+which is how the test suite exercises the MACE backend offline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backends.base import Backend
+from .delta import DeltaMetadata, SparseDelta, TensorDelta
+from .torch_setup import import_keeping_weights_only
+
+
+def build_mace_model(
+    atomic_numbers: Sequence[int] = (1, 6, 8, 14, 29),
+    *,
+    hidden_irreps: str = "8x0e+8x1o+8x2e",
+    max_ell: int = 3,
+    correlation: int = 3,
+    num_interactions: int = 2,
+    r_max: float = 5.0,
+    atomic_energies: Sequence[float] | None = None,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """A small ``ScaleShiftMACE`` with random weights (float64).
+
+    Parameters
+    ----------
+    atomic_numbers : sequence of int
+        Elements the model knows.
+    hidden_irreps : str
+        Node-feature irreps; ``"8x0e+8x1o+8x2e"`` keeps s, p and d channels.
+    max_ell : int
+        Highest spherical harmonic of the edge attributes (3 gives f channels).
+    atomic_energies : sequence of float, optional
+        Isolated-atom energies E0 in eV, one per element (default: -1 eV each).
+    seed : int
+        Seed of the weight initialisation.
+    """
+    modules = import_keeping_weights_only("mace.modules")
+    from e3nn import o3
+
+    torch.manual_seed(seed)
+    energies = np.asarray(atomic_energies if atomic_energies is not None else [-1.0] * len(atomic_numbers))
+    block = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = modules.ScaleShiftMACE(
+            r_max=r_max,
+            num_bessel=8,
+            num_polynomial_cutoff=5,
+            max_ell=max_ell,
+            interaction_cls=block,
+            interaction_cls_first=block,
+            num_interactions=num_interactions,
+            num_elements=len(atomic_numbers),
+            hidden_irreps=o3.Irreps(hidden_irreps),
+            MLP_irreps=o3.Irreps("16x0e"),
+            atomic_energies=energies,
+            avg_num_neighbors=10.0,
+            atomic_numbers=list(atomic_numbers),
+            correlation=correlation,
+            gate=torch.nn.functional.silu,
+            atomic_inter_scale=1.0,
+            atomic_inter_shift=0.0,
+        )
+    finally:
+        torch.set_default_dtype(previous)
+    return model
+
+
+def save_mace_model(path: str | Path, **kwargs) -> Path:
+    """Build a model with :func:`build_mace_model` and save it the way MACE does (``torch.save``)."""
+    path = Path(path)
+    torch.save(build_mace_model(**kwargs), path)
+    return path
+
+
+def random_sparse_delta(
+    backend: Backend,
+    density: float = 0.02,
+    relative_scale: float = 0.2,
+    seed: int = 0,
+    include_readouts: bool = False,
+    energy_shifts: dict[str, float] | None = None,
+) -> SparseDelta:
+    """A random sparse delta over the backend's path weights, bound to its fingerprint.
+
+    Each chosen entry changes by ``relative_scale`` times the tensor's RMS value (times a
+    standard normal), so the delta visibly changes predictions.
+    """
+    rng = np.random.default_rng(seed)
+    params = dict(backend.model.named_parameters())
+    tensors, total = {}, 0
+    for info in backend.weight_infos():
+        if info.is_readout and not include_readouts:
+            continue
+        total += info.numel
+        n = max(1, round(density * info.numel))
+        idx = rng.choice(info.numel, size=n, replace=False)
+        rms = float(params[info.name].detach().double().pow(2).mean().sqrt()) or 1.0
+        values = rng.standard_normal(n) * relative_scale * rms
+        tensors[info.name] = TensorDelta.create(
+            idx, torch.tensor(values, dtype=torch.float32), info.shape, info.name
+        )
+    meta = DeltaMetadata(
+        method="random",
+        hyperparameters={"density": density, "seed": seed},
+        energy_shifts=dict(energy_shifts or {}),
+        trainable_numel=total,
+    )
+    backend.fill_metadata(meta)
+    return SparseDelta(tensors, meta)
+
+
+def random_rotation(seed: int = 0) -> np.ndarray:
+    """A random proper rotation matrix (3, 3)."""
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.random(random_state=seed).as_matrix()

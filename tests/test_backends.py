@@ -1,0 +1,110 @@
+"""Backends: loading, safety of checkpoint loading, named models, path-weight metadata."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ase_sparsecalc import load_backend
+from ase_sparsecalc.backends import foundation_models
+from ase_sparsecalc.errors import ChecksumError, ModelNotFoundError, UnsafeCheckpointError
+
+
+def test_loading_mace_keeps_weights_only_on(mace_model_path):
+    load_backend(mace_model_path)
+    assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ
+
+
+def test_weight_infos_cover_all_parameters(backend64):
+    params = dict(backend64.model.named_parameters())
+    infos = backend64.weight_infos()
+    names = [i.name for i in infos]
+    assert len(names) == len(set(names))
+    assert set(names) <= set(params)
+    covered = sum(i.numel for i in infos)
+    assert covered / sum(p.numel() for p in params.values()) > 0.99
+    for info in infos:
+        assert tuple(params[info.name].shape) == info.shape
+        if info.coordinate == "flat":
+            assert info.segments[-1].stop == info.numel, info.name
+        else:
+            assert info.segments[-1].stop == info.shape[-1], info.name
+
+
+def test_weight_infos_name_paths_and_elements(backend64):
+    infos = {i.name: i for i in backend64.weight_infos()}
+    kinds = {i.kind for i in infos.values()}
+    assert {"embedding", "linear", "radial", "readout"} <= kinds
+    embedding = next(i for i in infos.values() if i.kind == "embedding")
+    described = embedding.describe(np.arange(embedding.numel))
+    assert set(described["Z"]) >= {1, 6, 8, 14}
+    ls = set()
+    for info in infos.values():
+        ls |= set(info.describe(np.arange(info.numel))["l_out"].tolist())
+    assert {0, 1, 2} <= ls
+
+
+def test_malicious_pickle_refused_without_running(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.model"
+    torch.save({"model": Exploit()}, path)
+    with pytest.raises(UnsafeCheckpointError, match="system"):
+        load_backend(path, backend="mace")
+    assert not marker.exists()
+
+
+def test_missing_file_and_unknown_name(tmp_path):
+    with pytest.raises(ModelNotFoundError):
+        load_backend(tmp_path / "missing.model")
+    with pytest.raises(ModelNotFoundError, match="known model name"):
+        load_backend("mace-mp-7-gigantic")
+
+
+def test_named_mace_model_offline_says_where_to_put_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    named = foundation_models.lookup("mace-mp-0-medium")
+    assert named.backend == "mace" and named.url.startswith("https://")
+    assert named.path.parent == tmp_path / "mace"
+    offline = foundation_models.NamedModel(named.name, "mace", "http://127.0.0.1:9/x.model", named.path)
+    with pytest.raises(ModelNotFoundError, match=str(named.path)):
+        foundation_models.fetch(offline, timeout=2)
+    assert not named.path.exists() and not list(tmp_path.glob("mace/*.part"))
+
+
+def test_named_model_checksum_is_enforced(tmp_path, monkeypatch, mace_model_path):
+    cached = tmp_path / "model.model"
+    cached.write_bytes(open(mace_model_path, "rb").read())
+    named = foundation_models.NamedModel("mace-mp-0-medium", "mace", "https://example.invalid", cached)
+    monkeypatch.setitem(foundation_models.KNOWN_SHA256, "mace-mp-0-medium", "0" * 64)
+    with pytest.raises(ChecksumError, match="does not match"):
+        foundation_models.fetch(named)
+    monkeypatch.delitem(foundation_models.KNOWN_SHA256, "mace-mp-0-medium")
+    assert foundation_models.fetch(named) == cached  # first use pins the digest
+    cached.write_bytes(cached.read_bytes() + b"tampered")
+    with pytest.raises(ChecksumError):
+        foundation_models.fetch(named)
+
+
+def test_bundled_sevennet_checksum():
+    pytest.importorskip("sevenn")
+    named = foundation_models.lookup("7net-0")
+    assert named.name == "sevennet-0"
+    assert foundation_models.verify(named) == foundation_models.KNOWN_SHA256["sevennet-0"]
+
+
+def test_backends_are_independent_copies(mace_model_path):
+    a = load_backend(mace_model_path)
+    b = load_backend(mace_model_path)
+    name, param = next(iter(a.model.named_parameters()))
+    with torch.no_grad():
+        param.add_(1.0)
+    assert not torch.equal(param, dict(b.model.named_parameters())[name])
+    assert a.fingerprint == b.fingerprint

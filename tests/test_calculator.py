@@ -1,0 +1,176 @@
+"""SparseCalc physics contract, run against every backend with a random sparse delta applied."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase import Atoms
+
+from ase_sparsecalc import SparseCalc
+from ase_sparsecalc.errors import (
+    AtomsTooCloseError,
+    DeltaMismatchError,
+    StressUndefinedError,
+    UnknownElementError,
+)
+from ase_sparsecalc.testing import random_rotation, random_sparse_delta
+
+
+@pytest.fixture
+def calc(base_for, backend_kind) -> SparseCalc:
+    """float64 calculator with a random non-zero sparse delta applied."""
+    calc = SparseCalc(base_for(backend_kind), default_dtype="float64")
+    calc.set_delta(random_sparse_delta(calc.backend, density=0.03, relative_scale=0.3, seed=7))
+    return calc
+
+
+def _evaluate(calc, atoms):
+    atoms = atoms.copy()
+    atoms.calc = calc
+    out = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces()}
+    if atoms.pbc.all():
+        out["stress"] = atoms.get_stress(voigt=False)
+    return out
+
+
+@pytest.mark.parametrize("structure", ["ethanol", "silicon"])
+def test_rotation_and_translation_equivariance(calc, structure, request):
+    atoms = request.getfixturevalue(structure)
+    ref = _evaluate(calc, atoms)
+    R = random_rotation(seed=11)
+    moved = atoms.copy()
+    moved.positions = atoms.positions @ R.T + np.array([0.3, -1.2, 2.5])
+    if atoms.pbc.all():
+        moved.set_cell(atoms.cell.array @ R.T, scale_atoms=False)
+    out = _evaluate(calc, moved)
+    scale_e = max(1.0, abs(ref["energy"]))
+    assert out["energy"] == pytest.approx(ref["energy"], abs=1e-5 * scale_e)
+    f_scale = max(1.0, np.abs(ref["forces"]).max())
+    np.testing.assert_allclose(out["forces"], ref["forces"] @ R.T, atol=1e-5 * f_scale)
+    if "stress" in ref:
+        s_scale = max(1e-3, np.abs(ref["stress"]).max())
+        np.testing.assert_allclose(out["stress"], R @ ref["stress"] @ R.T, atol=1e-5 * s_scale)
+
+
+def test_delta_changes_predictions(calc, silicon):
+    with_delta = _evaluate(calc, silicon)
+    calc.set_delta(None)
+    bare = _evaluate(calc, silicon)
+    assert abs(with_delta["energy"] - bare["energy"]) > 1e-4
+    assert np.abs(with_delta["forces"] - bare["forces"]).max() > 1e-4
+
+
+@pytest.mark.parametrize("structure", ["ethanol", "silicon"])
+def test_forces_are_minus_energy_gradient(calc, structure, request):
+    atoms = request.getfixturevalue(structure).copy()
+    atoms.calc = calc
+    forces = atoms.get_forces()
+    rng = np.random.default_rng(0)
+    h = 1e-4
+    for _ in range(4):
+        direction = rng.standard_normal(atoms.positions.shape)
+        direction /= np.linalg.norm(direction)
+        energies = []
+        for sign in (1, -1):
+            displaced = atoms.copy()
+            displaced.positions += sign * h * direction
+            displaced.calc = calc
+            energies.append(displaced.get_potential_energy())
+        numeric = -(energies[0] - energies[1]) / (2 * h)
+        analytic = float(np.sum(forces * direction))
+        assert numeric == pytest.approx(analytic, abs=1e-5 + 1e-5 * abs(analytic))
+
+
+def test_stress_is_finite_strain_derivative(calc, silicon):
+    atoms = silicon.copy()
+    atoms.calc = calc
+    stress = atoms.get_stress(voigt=False)
+    volume = atoms.get_volume()
+    h = 1e-5
+    for i, j in [(0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (0, 2)]:
+        energies = []
+        for sign in (1, -1):
+            strain = np.zeros((3, 3))
+            strain[i, j] += sign * h / (1 if i == j else 2)
+            strain[j, i] = strain[i, j]
+            deformed = atoms.copy()
+            deformed.set_cell(atoms.cell.array @ (np.eye(3) + strain), scale_atoms=True)
+            deformed.calc = calc
+            energies.append(deformed.get_potential_energy())
+        numeric = (energies[0] - energies[1]) / (2 * h * volume)
+        assert numeric == pytest.approx(stress[i, j], abs=1e-6 + 1e-4 * abs(stress[i, j])), (i, j)
+
+
+def test_results_for_molecule_and_crystal(calc, ethanol, silicon):
+    ethanol.calc = calc
+    assert np.isfinite(ethanol.get_potential_energy())
+    assert ethanol.get_forces().shape == (9, 3)
+    assert ethanol.get_potential_energy() == ethanol.get_potential_energy(force_consistent=True)
+    with pytest.raises(StressUndefinedError, match="periodic"):
+        ethanol.get_stress()
+    silicon.calc = calc
+    assert silicon.get_stress().shape == (6,)
+    assert np.abs(silicon.get_forces().sum(axis=0)).max() < 1e-8  # Newton's third law
+
+
+def test_batch_evaluate_matches_single_calls(calc, ethanol, silicon):
+    batch = calc.batch_evaluate([ethanol, silicon, ethanol], properties=["energy", "forces"])
+    for atoms, res in zip([ethanol, silicon, ethanol], batch, strict=True):
+        single = _evaluate(calc, atoms)
+        assert res["energy"] == pytest.approx(single["energy"], abs=1e-8)
+        np.testing.assert_allclose(res["forces"], single["forces"], atol=1e-8)
+    assert "stress" in batch[1] and "stress" not in batch[0]
+
+
+def test_set_delta_switches_without_state_leaks(base_for, backend_kind, silicon):
+    calc = SparseCalc(base_for(backend_kind))
+    bare = _evaluate(calc, silicon)
+    delta_a = random_sparse_delta(calc.backend, density=0.02, seed=1, energy_shifts={"Si": 0.5})
+    delta_b = random_sparse_delta(calc.backend, density=0.02, seed=2)
+    calc.set_delta(delta_a)
+    with_a = _evaluate(calc, silicon)
+    calc.set_delta(delta_b)
+    with_b = _evaluate(calc, silicon)
+    fresh_b = _evaluate(SparseCalc(base_for(backend_kind), delta=delta_b), silicon)
+    assert with_b["energy"] == pytest.approx(fresh_b["energy"], abs=1e-10)
+    calc.set_delta(None)
+    again = _evaluate(calc, silicon)
+    assert again["energy"] == bare["energy"]
+    np.testing.assert_array_equal(again["forces"], bare["forces"])
+    assert with_a["energy"] != pytest.approx(bare["energy"], abs=1e-3)
+
+
+def test_delta_file_names_its_base(base_for, backend_kind, silicon, tmp_path):
+    calc = SparseCalc(base_for(backend_kind))
+    delta = random_sparse_delta(calc.backend, density=0.02, seed=3)
+    path = delta.save(tmp_path / "d.safetensors")
+    from_file = SparseCalc(delta=path)
+    explicit = SparseCalc(base_for(backend_kind), delta=delta)
+    assert _evaluate(from_file, silicon)["energy"] == pytest.approx(
+        _evaluate(explicit, silicon)["energy"], abs=1e-10
+    )
+
+
+def test_foreign_delta_refused(mace_model_path, other_mace_model_path):
+    other = SparseCalc(other_mace_model_path)
+    delta = random_sparse_delta(other.backend, density=0.01)
+    with pytest.raises(DeltaMismatchError) as info:
+        SparseCalc(mace_model_path, delta=delta)
+    assert "other_mace.model" in str(info.value) and "small_mace.model" in str(info.value)
+    with pytest.warns(UserWarning):
+        SparseCalc(mace_model_path, delta=delta, strict=False)
+
+
+def test_unknown_element_and_close_atoms(calc):
+    if calc.backend.name == "mace":
+        with pytest.raises(UnknownElementError, match="Fe"):
+            calc.batch_evaluate([Atoms("Fe2", positions=[[0, 0, 0], [0, 0, 2.0]])])
+    with pytest.raises(AtomsTooCloseError, match="0.05"):
+        calc.batch_evaluate([Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.05]])])
+
+
+def test_float32_runs_close_to_float64(base_for, backend_kind, silicon):
+    e64 = _evaluate(SparseCalc(base_for(backend_kind), default_dtype="float64"), silicon)
+    e32 = _evaluate(SparseCalc(base_for(backend_kind), default_dtype="float32"), silicon)
+    assert e32["energy"] == pytest.approx(e64["energy"], abs=1e-3 * max(1, abs(e64["energy"])))
+    np.testing.assert_allclose(e32["forces"], e64["forces"], atol=1e-3)
