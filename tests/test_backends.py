@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,7 +82,7 @@ def test_named_mace_model_offline_says_where_to_put_it(tmp_path, monkeypatch):
 
 def test_named_model_checksum_is_enforced(tmp_path, monkeypatch, mace_model_path):
     cached = tmp_path / "model.model"
-    cached.write_bytes(open(mace_model_path, "rb").read())
+    cached.write_bytes(Path(mace_model_path).read_bytes())
     named = foundation_models.NamedModel("mace-mp-0-medium", "mace", "https://example.invalid", cached)
     monkeypatch.setitem(foundation_models.KNOWN_SHA256, "mace-mp-0-medium", "0" * 64)
     with pytest.raises(ChecksumError, match="does not match"):

@@ -165,7 +165,7 @@ def test_unknown_element_and_close_atoms(calc):
     if calc.backend.name == "mace":
         with pytest.raises(UnknownElementError, match="Fe"):
             calc.batch_evaluate([Atoms("Fe2", positions=[[0, 0, 0], [0, 0, 2.0]])])
-    with pytest.raises(AtomsTooCloseError, match="0.05"):
+    with pytest.raises(AtomsTooCloseError, match=r"0\.05"):
         calc.batch_evaluate([Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.05]])])
 
 
