@@ -1,0 +1,321 @@
+"""Fine-tune a sparse delta on DFT data: ``finetune(base, train, valid=None, **options)``.
+
+Steps: read and validate the frames; fit per-element energy shifts (the ``shift`` baseline);
+train the delta with the chosen method; re-fit the shifts; save the delta (and, when asked, a
+report with errors before/after and plots). See :class:`FinetuneConfig` for every option.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from ..backends import Backend, WeightInfo, load_backend
+from ..backends.base import PathSegment
+from ..delta import DeltaMetadata, SparseDelta
+from ..graph import build_graph
+from .batches import make_batches, predict
+from .config import FinetuneConfig
+from .data import (
+    Frame,
+    check_duplicates,
+    dataset_summary,
+    read_frames,
+    read_isolated_atom_energies,
+    split_frames,
+)
+from .methods import METHODS, MethodOptions
+from .metrics import error_metrics
+from .reference import fit_energy_shifts, shifted_energies
+from .trainer import CHECKPOINT_NAME, Trainer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "read_frames"]
+
+FrameSource = str | Path | Atoms | Sequence[str | Path | Atoms] | Sequence[Frame]
+
+
+class FinetuneResult:
+    """What :func:`finetune_with_report` returns: the delta, the report dict and file paths."""
+
+    def __init__(self, delta: SparseDelta, report: dict, paths: dict[str, Path]) -> None:
+        self.delta, self.report, self.paths = delta, report, paths
+
+
+def finetune(
+    base: str | Path | Backend | None, train: FrameSource, valid: FrameSource | None = None, **options
+) -> SparseDelta:
+    """Fit a sparse delta (plus per-element energy shifts) of ``base`` to DFT frames.
+
+    Parameters
+    ----------
+    base : str, Path, Backend or None
+        Named foundation model, model file, or loaded backend (None: SevenNet-0).
+    train : path(s), Atoms or Frames
+        Training frames; files in any ASE-readable format, ``"file@slice"`` allowed.
+    valid : same, optional
+        Validation frames (default: ``valid_fraction`` of ``train`` held out).
+    **options
+        :class:`FinetuneConfig` fields (``method``, ``density``, ``epochs``, ``lr``, ...) and
+        ``output`` (delta path), ``report_dir``, ``checkpoint_dir``, ``resume``, ``progress``,
+        ``isolated_atoms``, ``energy_key``, ``forces_key``, ``stress_key``.
+
+    Returns
+    -------
+    SparseDelta
+        Also saved to ``output`` when given.
+    """
+    return finetune_with_report(base, train, valid, **options).delta
+
+
+def finetune_with_report(
+    base: str | Path | Backend | None,
+    train: FrameSource,
+    valid: FrameSource | None = None,
+    *,
+    output: str | Path | None = None,
+    report_dir: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = False,
+    isolated_atoms: str | Path | dict | None = None,
+    energy_key: str | None = None,
+    forces_key: str | None = None,
+    stress_key: str | None = None,
+    config: FinetuneConfig | None = None,
+    **options,
+) -> FinetuneResult:
+    """:func:`finetune`, also returning the report (and writing it when ``report_dir`` is set)."""
+    config = config or FinetuneConfig(**options)
+    started = time.monotonic()
+    torch.manual_seed(config.seed)
+    keys = {"energy_key": energy_key, "forces_key": forces_key, "stress_key": stress_key}
+    backend = load_backend(base, device=config.device, dtype=config.dtype)
+    train_frames = _frames(train, keys)
+    valid_frames = _frames(valid, keys) if valid is not None else None
+    if valid_frames is None:
+        train_frames, valid_frames = split_frames(train_frames, config.valid_fraction, config.seed)
+    check_duplicates(train_frames + valid_frames)
+
+    train_batches = make_batches(train_frames, backend, config.batch_size, seed=config.seed)
+    valid_batches = make_batches(valid_frames, backend, config.batch_size) if valid_frames else []
+    base_train = predict(backend, train_batches)
+    base_valid = predict(backend, valid_batches)
+    prior = _isolated_atom_prior(backend, isolated_atoms) if isolated_atoms is not None else None
+    shifts = fit_energy_shifts(train_frames, _energies(base_train, len(train_frames)), prior)
+    backend.add_energy_shifts(shifts)
+    before = {
+        "train": error_metrics(train_frames, _with_shifts(base_train, train_frames, shifts)),
+        "valid": error_metrics(valid_frames, _with_shifts(base_valid, valid_frames, shifts))
+        if valid_frames
+        else {},
+    }
+
+    history, state_info, tensors, trainable = [], {}, {}, 0
+    if config.method != "shift":
+        infos = trainable_infos(backend, config)
+        trainable = sum(i.numel for i in infos)
+        method = _make_method(backend, infos, config)
+        data_id = dataset_summary(train_frames)["sha256"] + dataset_summary(valid_frames)["sha256"]
+        trainer = Trainer(
+            backend,
+            method,
+            train_batches,
+            valid_batches,
+            config,
+            checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+            fingerprint=_run_fingerprint(backend, config, data_id),
+        )
+        if resume and checkpoint_dir and (Path(checkpoint_dir) / CHECKPOINT_NAME).is_file():
+            trainer.load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_NAME)
+        state = trainer.train(progress=progress)
+        tensors = method.export()
+        history = state.history
+        state_info = {
+            "epochs_run": state.epoch,
+            "best_epoch": state.best_epoch,
+            "stop_reason": state.stop_reason,
+        }
+
+    delta = SparseDelta(
+        tensors, _metadata(backend, config, shifts, train_frames, valid_frames, train, trainable)
+    )
+    backend.set_energy_shifts_by_number({})
+    delta.apply(backend)
+    if config.refit_shifts and config.method != "shift":
+        _refit_shifts(backend, delta, train_frames, train_batches)
+    after_train, after_valid = predict(backend, train_batches), predict(backend, valid_batches)
+    after = {
+        "train": error_metrics(train_frames, after_train),
+        "valid": error_metrics(valid_frames, after_valid) if valid_frames else {},
+    }
+    delta.remove(backend)
+
+    report = {
+        "base": backend.model_name,
+        "backend": backend.name,
+        "method": config.method,
+        "density": delta.density,
+        "nnz": delta.nnz,
+        "trainable_weights": trainable,
+        "energy_shifts_eV": delta.metadata.energy_shifts,
+        "before": before,
+        "after": after,
+        "training": state_info,
+        "wall_time_s": time.monotonic() - started,
+        "config": config.to_dict(),
+        "data": delta.metadata.training_data,
+        "history": history,
+    }
+    paths: dict[str, Path] = {}
+    if output is not None:
+        paths["delta"] = delta.save(output)
+    if report_dir is not None:
+        paths.update(
+            _write_report_files(
+                report,
+                report_dir,
+                delta,
+                backend,
+                valid_frames or train_frames,
+                base_valid if valid_frames else base_train,
+                shifts,
+                after_valid if valid_frames else after_train,
+            )
+        )
+    return FinetuneResult(delta, report, paths)
+
+
+def _frames(source: FrameSource, keys: dict) -> list[Frame]:
+    if isinstance(source, Sequence) and source and all(isinstance(f, Frame) for f in source):
+        return list(source)
+    return read_frames(source, **keys)
+
+
+def _energies(predictions: dict, n: int) -> np.ndarray:
+    return np.array([predictions[k]["energy"] for k in range(n)])
+
+
+def _with_shifts(predictions: dict, frames: list[Frame], shifts: dict[str, float]) -> dict:
+    energies = shifted_energies(frames, _energies(predictions, len(frames)), shifts)
+    return {k: {**predictions[k], "energy": energies[k]} for k in range(len(frames))}
+
+
+def trainable_infos(backend: Backend, config: FinetuneConfig) -> list[WeightInfo]:
+    """The tensors a method may change: path weights (readouts optional); every parameter for ``full``."""
+    infos = [i for i in backend.weight_infos() if config.train_readouts or not i.is_readout]
+    if config.method != "full":
+        return infos
+    infos = backend.weight_infos()
+    covered = {i.name for i in infos}
+    for name, param in backend.model.named_parameters():
+        if name not in covered and param.is_floating_point() and param.numel():
+            shape = tuple(param.shape)
+            infos.append(
+                WeightInfo(
+                    name,
+                    shape,
+                    None,
+                    name,
+                    "other",
+                    "flat",
+                    (PathSegment(0, param.numel(), None, None, shape),),
+                )
+            )
+    return infos
+
+
+def _make_method(backend: Backend, infos: list[WeightInfo], config: FinetuneConfig):
+    options = MethodOptions(
+        density=config.density,
+        penalty=config.penalty,
+        warmup_fraction=config.warmup_fraction,
+        prune_end_fraction=config.prune_end_fraction,
+        rank=config.rank,
+    )
+    params = dict(backend.model.named_parameters())
+    method = METHODS[config.method](infos, {i.name: params[i.name] for i in infos}, options)
+    return method.to(backend.device)
+
+
+def _run_fingerprint(backend: Backend, config: FinetuneConfig, data_id: str) -> str:
+    text = "|".join([backend.fingerprint, data_id, repr(sorted(config.to_dict().items()))])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _isolated_atom_prior(backend: Backend, isolated_atoms) -> dict[str, float]:
+    """Isolated-atom DFT energy minus the model's isolated-atom energy, per element."""
+    dft = read_isolated_atom_energies(isolated_atoms)
+    atoms = [Atoms(symbol) for symbol in dft]
+    for a in atoms:
+        a.center(vacuum=10.0)
+    graph = build_graph(atoms, backend.cutoff, backend.device, backend.dtype)
+    model = backend.evaluate(graph, compute_forces=False).energy.detach().double().cpu().numpy()
+    return {symbol: dft[symbol] - float(e) for symbol, e in zip(dft, model, strict=True)}
+
+
+def _refit_shifts(backend: Backend, delta: SparseDelta, frames: list[Frame], batches) -> None:
+    """Least-squares correction of the shifts on top of the calibrated model (in place)."""
+    current = backend.energy_shifts_by_number()
+    predictions = predict(backend, batches)
+    correction = fit_energy_shifts(frames, _energies(predictions, len(frames)))
+    delta.remove(backend)
+    for symbol, value in correction.items():
+        delta.metadata.energy_shifts[symbol] = delta.metadata.energy_shifts.get(symbol, 0.0) + value
+    delta.apply(backend)
+    logger.debug("shifts refitted: %s -> %s", current, backend.energy_shifts_by_number())
+
+
+def _metadata(backend, config, shifts, train_frames, valid_frames, train_source, trainable) -> DeltaMetadata:
+    files = [
+        str(s)
+        for s in (
+            [train_source]
+            if isinstance(train_source, (str, Path))
+            else [s for s in train_source if isinstance(s, (str, Path))]
+        )
+    ]
+    summary = dataset_summary(train_frames, files)
+    summary["valid_frames"] = len(valid_frames)
+    meta = DeltaMetadata(
+        dtype=config.dtype,
+        energy_shifts=dict(shifts),
+        method=config.method,
+        hyperparameters=config.to_dict(),
+        training_data=summary,
+        trainable_numel=trainable or None,
+    )
+    return backend.fill_metadata(meta)
+
+
+def _write_report_files(
+    report, directory, delta, backend, frames, base_pred, shifts, after_pred
+) -> dict[str, Path]:
+    from .report import plot_learning_curves, plot_parity, plot_sparsity, tensor_density_rows, write_report
+
+    directory = Path(directory)
+    paths = {"report": write_report(report, directory)}
+    before = _with_shifts(base_pred, frames, shifts)
+    paths["parity"] = plot_parity(
+        frames,
+        before,
+        after_pred,
+        directory / "parity.png",
+        title=f"{report['method']} delta on {report['base']}",
+    )
+    if report["history"]:
+        paths["learning_curves"] = plot_learning_curves(report["history"], directory / "learning_curves.png")
+    if delta.tensors:
+        rows = tensor_density_rows(delta, trainable_infos(backend, FinetuneConfig(**report["config"])))
+        paths["sparsity"] = plot_sparsity(
+            rows, directory / "sparsity.png", title=f"density {100 * delta.density:.2f} %"
+        )
+    return paths

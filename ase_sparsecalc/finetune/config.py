@@ -1,0 +1,112 @@
+"""Options of a fine-tune, validated in one place and recorded in the delta's metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .methods import METHODS
+
+ALL_METHODS = (*METHODS, "shift")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything that decides a fine-tune's result.
+
+    Attributes
+    ----------
+    method : str
+        ``"sparse"`` (default), ``"l1"``, ``"gmp"``, ``"full"``, ``"elora"`` or ``"shift"``.
+    density : float or None
+        Target fraction of changed weights in the trainable set (sparse, l1, gmp). None with
+        ``sparse`` means: let ``penalty`` decide.
+    penalty : float
+        l1 strength on the relative delta (sparse without density, l1).
+    epochs : int
+        Passes over the training frames.
+    batch_size : int
+        Structures per optimizer step.
+    lr : float
+        AdamW learning rate of the (relative) delta parameters.
+    weight_decay : float
+        AdamW weight decay of the delta parameters (pulls them to zero).
+    energy_weight, forces_weight, stress_weight : float
+        Loss weights; the loss is ``w_E mean((ΔE/N)²) + w_F mean(ΔF²) + w_S mean(Δσ²)`` in eV,
+        eV/Å and eV/Å³ (or the Huber version of each term).
+    huber_delta : float or None
+        Use a Huber loss with this transition (in the units of each term) instead of squares.
+    valid_fraction : float
+        Fraction of the training frames held out for validation when no validation set is given.
+    patience : int or None
+        Early stopping: epochs without validation improvement (after the density target is
+        reached) before stopping. None: never stop early.
+    train_readouts : bool
+        Let the delta touch readout weights too.
+    rank : int
+        Rank per path block for ``elora``.
+    warmup_fraction, prune_end_fraction : float
+        Density schedule of sparse and gmp (fractions of training).
+    seed : int
+        Seeds the split, batching and initialisation; same seed, same result.
+    dtype, device : str
+        Where and in which precision to train.
+    max_time : float or None
+        Wall-clock limit in seconds; training stops cleanly (and checkpoints) when reached.
+    refit_shifts : bool
+        Re-fit the per-element energy shifts after training.
+    """
+
+    method: str = "sparse"
+    density: float | None = 0.03
+    penalty: float = 0.0
+    epochs: int = 100
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    energy_weight: float = 100.0
+    forces_weight: float = 1.0
+    stress_weight: float = 100.0
+    huber_delta: float | None = None
+    valid_fraction: float = 0.1
+    patience: int | None = None
+    train_readouts: bool = False
+    rank: int = 4
+    warmup_fraction: float = 0.05
+    prune_end_fraction: float = 0.6
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_time: float | None = None
+    refit_shifts: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in ALL_METHODS:
+            raise ValueError(f"method must be one of {', '.join(ALL_METHODS)}; got {self.method!r}")
+        if self.density is not None and not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {self.density}")
+        if self.method in ("l1", "gmp") and self.density is None:
+            raise ValueError(f"method {self.method!r} needs a target density")
+        if self.method == "sparse" and self.density is None and self.penalty <= 0:
+            raise ValueError("method 'sparse' needs a target density or a positive penalty")
+        for name in ("epochs", "batch_size", "rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_fraction <= self.prune_end_fraction <= 1:
+            raise ValueError("need 0 <= warmup_fraction <= prune_end_fraction <= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of all options."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
+        """Inverse of :meth:`to_dict` (unknown keys go to ``extra``)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs.setdefault("extra", {}).update({k: v for k, v in data.items() if k not in known})
+        return cls(**kwargs)

@@ -1,0 +1,254 @@
+"""DFT frames in: any file ASE reads, validated before any training starts.
+
+Labels come from each frame's calculator (the SinglePointCalculator that ASE's readers attach:
+extxyz, .traj, vasprun.xml, OUTCAR, espresso-out, GPAW text output, ...) or from named
+``atoms.info`` / ``atoms.arrays`` keys. The energy label is the free energy when the file has one
+(the quantity whose derivatives the DFT forces are, with electronic smearing), else the energy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+from ase.data import chemical_symbols
+
+from ..errors import (
+    DataFileError,
+    DuplicateFrameError,
+    EmptyDatasetError,
+    MissingLabelError,
+    NonFiniteLabelError,
+)
+
+
+@dataclass
+class Frame:
+    """One labelled structure.
+
+    Attributes
+    ----------
+    atoms : ase.Atoms
+        Structure (no calculator attached).
+    energy : float
+        Total (free) energy, eV.
+    forces : (n_atoms, 3) array, eV/Å, or None
+    stress : (3, 3) array, eV/Å³ (ASE sign: positive under tension), or None
+    source : str
+        ``"file:index"``, used in error messages.
+    """
+
+    atoms: Atoms
+    energy: float
+    forces: np.ndarray | None
+    stress: np.ndarray | None
+    source: str
+
+    @property
+    def n_atoms(self) -> int:
+        """Number of atoms."""
+        return len(self.atoms)
+
+
+def split_path_index(spec: str | Path, index: str | int = ":") -> tuple[Path, str | int]:
+    """Split ``"file.xyz@0:100"`` into the path and an ASE index (``index`` when no ``@``)."""
+    text = str(spec)
+    if "@" in text and not Path(text).exists():
+        path, _, idx = text.rpartition("@")
+        return Path(path), idx
+    return Path(text), index
+
+
+def read_frames(
+    sources: str | Path | Atoms | Sequence[str | Path | Atoms],
+    index: str | int = ":",
+    energy_key: str | None = None,
+    forces_key: str | None = None,
+    stress_key: str | None = None,
+    require_forces: bool = True,
+) -> list[Frame]:
+    """Read labelled frames from files (any ASE format) or from ``Atoms`` objects.
+
+    Parameters
+    ----------
+    sources : path, Atoms, or a sequence of them
+        Files may carry an ASE index slice: ``"train.xyz@0:200"``.
+    index : str or int
+        Default index for files without ``@`` (``":"``: every frame).
+    energy_key, forces_key, stress_key : str, optional
+        Read labels from these ``atoms.info``/``atoms.arrays`` keys (or calculator results of
+        that name) instead of the calculator's energy/forces/stress.
+    require_forces : bool
+        Refuse frames without forces.
+
+    Raises
+    ------
+    DataFileError, EmptyDatasetError, MissingLabelError, NonFiniteLabelError
+        With the file and frame named.
+    """
+    if isinstance(sources, (str, Path, Atoms)):
+        sources = [sources]
+    frames: list[Frame] = []
+    for spec in sources:
+        for atoms, where in _read_structures(spec, index):
+            frames.append(frame_from_atoms(atoms, where, energy_key, forces_key, stress_key, require_forces))
+    if not frames:
+        raise EmptyDatasetError(f"{', '.join(map(str, sources))}: no frames to read")
+    return frames
+
+
+def _read_structures(spec: str | Path | Atoms, index: str | int) -> Iterable[tuple[Atoms, str]]:
+    if isinstance(spec, Atoms):
+        yield spec, spec.info.get("source", "structure")
+        return
+    import ase.io
+
+    path, idx = split_path_index(spec, index)
+    if not path.is_file():
+        raise DataFileError(f"{path}: file not found")
+    try:
+        images = ase.io.read(str(path), index=idx)
+    except Exception as exc:
+        raise DataFileError(f"{path}: ASE cannot read this file ({type(exc).__name__}: {exc})") from exc
+    if isinstance(images, Atoms):
+        images = [images]
+    if len(images) == 0:
+        raise EmptyDatasetError(f"{path}: no frames (index {idx!r})")
+    start = _slice_start(idx)
+    for k, atoms in enumerate(images):
+        yield atoms, f"{path}:frame {start + k if start is not None else k}"
+
+
+def _slice_start(idx: str | int) -> int | None:
+    if isinstance(idx, int):
+        return idx
+    head = str(idx).split(":")[0]
+    try:
+        return int(head) if head else 0
+    except ValueError:
+        return None
+
+
+def frame_from_atoms(
+    atoms: Atoms,
+    where: str,
+    energy_key: str | None = None,
+    forces_key: str | None = None,
+    stress_key: str | None = None,
+    require_forces: bool = True,
+) -> Frame:
+    """Turn one labelled ``Atoms`` into a :class:`Frame` (labels validated)."""
+    results = dict(atoms.calc.results) if atoms.calc is not None else {}
+    energy = _label(atoms, results, energy_key, ("free_energy", "energy"), where, "energy")
+    forces = _label(atoms, results, forces_key, ("forces",), where, "forces", required=require_forces)
+    stress = _label(atoms, results, stress_key, ("stress",), where, "stress", required=False)
+    if energy is None:
+        raise MissingLabelError(f"{where}: no energy (looked for {energy_key or 'free_energy/energy'})")
+    energy = float(np.asarray(energy).reshape(-1)[0])
+    if forces is not None:
+        forces = np.asarray(forces, dtype=np.float64).reshape(len(atoms), 3)
+    if stress is not None:
+        stress = _stress_matrix(np.asarray(stress, dtype=np.float64), where)
+        if not (atoms.pbc.all() and atoms.cell.volume > 1e-8):
+            stress = None  # a stress without a 3-D cell has no meaning; ignore it
+    for name, value in (("energy", energy), ("forces", forces), ("stress", stress)):
+        if value is not None and not np.all(np.isfinite(value)):
+            raise NonFiniteLabelError(f"{where}: {name} contains NaN or inf")
+    clean = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    return Frame(clean, energy, forces, stress, where)
+
+
+def _label(atoms, results, key, defaults, where, what, required=True):
+    names = (key,) if key else defaults
+    for name in names:
+        if name in results and results[name] is not None:
+            return results[name]
+        if name in atoms.info:
+            return atoms.info[name]
+        if name in atoms.arrays:
+            return atoms.arrays[name]
+    if required and what != "energy":
+        raise MissingLabelError(f"{where}: no {what} (looked for {', '.join(names)})")
+    return None
+
+
+def _stress_matrix(stress: np.ndarray, where: str) -> np.ndarray:
+    if stress.shape == (3, 3):
+        return stress
+    if stress.size == 6:
+        xx, yy, zz, yz, xz, xy = stress.reshape(6)
+        return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+    if stress.size == 9:
+        return stress.reshape(3, 3)
+    raise MissingLabelError(f"{where}: stress has shape {stress.shape}; expected 6 (Voigt) or 3x3")
+
+
+def frame_hash(frame: Frame, decimals: int = 6) -> str:
+    """SHA-256 of a frame's structure (numbers, positions, cell, pbc rounded to 1e-6 Å)."""
+    digest = hashlib.sha256()
+    digest.update(frame.atoms.numbers.astype(np.int64).tobytes())
+    digest.update(np.round(frame.atoms.positions, decimals).tobytes())
+    digest.update(np.round(frame.atoms.cell.array, decimals).tobytes())
+    digest.update(frame.atoms.pbc.astype(np.int8).tobytes())
+    return digest.hexdigest()
+
+
+def check_duplicates(frames: Sequence[Frame]) -> None:
+    """Raise :class:`DuplicateFrameError` if two frames hold the same structure."""
+    seen: dict[str, str] = {}
+    for frame in frames:
+        key = frame_hash(frame)
+        if key in seen:
+            raise DuplicateFrameError(f"{frame.source}: same structure as {seen[key]}")
+        seen[key] = frame.source
+
+
+def dataset_summary(frames: Sequence[Frame], files: Sequence[str] = ()) -> dict:
+    """A JSON-ready summary: frame and atom counts, elements, labels present, SHA-256 of all."""
+    digest = hashlib.sha256()
+    for frame in frames:
+        digest.update(frame_hash(frame).encode())
+        digest.update(np.float64(frame.energy).tobytes())
+        if frame.forces is not None:
+            digest.update(np.round(frame.forces, 8).tobytes())
+    elements = sorted({int(z) for f in frames for z in f.atoms.numbers})
+    return {
+        "frames": len(frames),
+        "atoms": int(sum(f.n_atoms for f in frames)),
+        "elements": [chemical_symbols[z] for z in elements],
+        "with_stress": int(sum(f.stress is not None for f in frames)),
+        "periodic": int(sum(bool(f.atoms.pbc.any()) for f in frames)),
+        "sha256": digest.hexdigest(),
+        "files": [str(f) for f in files],
+    }
+
+
+def split_frames(
+    frames: Sequence[Frame], valid_fraction: float, seed: int
+) -> tuple[list[Frame], list[Frame]]:
+    """Random train/validation split (at least one validation frame when the fraction is > 0)."""
+    if not 0.0 <= valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+    n_valid = round(valid_fraction * len(frames))
+    if valid_fraction > 0 and len(frames) > 1:
+        n_valid = max(1, n_valid)
+    order = np.random.default_rng(seed).permutation(len(frames))
+    valid = [frames[i] for i in sorted(order[:n_valid])]
+    train = [frames[i] for i in sorted(order[n_valid:])]
+    return train, valid
+
+
+def read_isolated_atom_energies(source: str | Path | dict) -> dict[str, float]:
+    """Isolated-atom DFT energies (eV) by element, from a dict or a file of single-atom frames."""
+    if isinstance(source, dict):
+        return {str(k): float(v) for k, v in source.items()}
+    out = {}
+    for frame in read_frames(source, require_forces=False):
+        if frame.n_atoms != 1:
+            raise DataFileError(f"{frame.source}: isolated-atom file holds a {frame.n_atoms}-atom frame")
+        out[frame.atoms.get_chemical_symbols()[0]] = frame.energy
+    return out

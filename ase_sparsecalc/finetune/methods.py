@@ -1,0 +1,387 @@
+r"""How a delta is parametrised while it trains.
+
+Every method holds trainable tensors that produce, for each chosen model tensor :math:`W_0`,
+a delta :math:`\Delta` of the same shape; the model runs with :math:`W_0 + \Delta` (through
+``torch.func.functional_call``: the base weights are never modified). All deltas are measured
+in units of their tensor's RMS value :math:`c = \mathrm{rms}(W_0)`, so one learning rate suits
+tensors of any scale.
+
+``sparse`` (default): soft-threshold reparameterisation (STR) of the delta,
+
+.. math:: \Delta = c\,\mathrm{sign}(u)\,\max(|u| - \tau e^{s}, 0)
+
+with a learned log-threshold :math:`s` per tensor. With a target density, the global factor
+:math:`\tau` is set before every step so that exactly the scheduled fraction of entries is
+non-zero (dense for a short warm-up, then a cubic decay to the target): the per-tensor
+thresholds learn *where* the budget goes, the schedule sets *how much*. Entries below threshold
+still receive the gradient of the loss (straight-through), so the support keeps changing while
+training and an entry that becomes useful re-enters. Without a target density, an l1 penalty on
+:math:`\Delta/c` and the learned thresholds decide the sparsity.
+
+Baselines in the same code path: ``l1`` (dense delta with an l1 pull, one-shot magnitude pruning
+to the target density, survivors retrained), ``gmp`` (gradual magnitude pruning of the delta),
+``full`` (every parameter, dense), ``elora`` (low-rank update of every irrep-path block, merged
+into a dense delta on export).
+
+Only per-path weights change, so the calibrated model is exactly as equivariant as the base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+from typing import ClassVar
+
+import torch
+
+from ..backends.base import WeightInfo
+from ..delta import TensorDelta
+
+
+@dataclass
+class MethodOptions:
+    """Options shared by the delta methods.
+
+    Attributes
+    ----------
+    density : float or None
+        Target fraction of non-zero entries of the trainable set (sparse, l1, gmp).
+    penalty : float
+        Strength of the l1 pull on :math:`\\Delta/c` (mean over entries).
+    warmup_fraction, prune_end_fraction : float
+        Density schedule: dense until ``warmup_fraction`` of training, cubic decay to
+        ``density`` at ``prune_end_fraction``, constant after.
+    init_threshold : float
+        Initial relative threshold of ``sparse`` without a target density.
+    rank : int
+        Rank of each path block's update (``elora``).
+    straight_through : bool
+        Let entries below threshold receive gradients (``sparse``).
+    """
+
+    density: float | None = 0.03
+    penalty: float = 0.0
+    warmup_fraction: float = 0.05
+    prune_end_fraction: float = 0.6
+    init_threshold: float = 1e-3
+    rank: int = 4
+    straight_through: bool = True
+
+
+def density_schedule(progress: float, target: float, start: float, end: float) -> float:
+    """Cubic density schedule: 1 before ``start``, ``target`` after ``end`` (progress in [0, 1])."""
+    if progress <= start:
+        return 1.0
+    if progress >= end or end <= start:
+        return target
+    remaining = 1.0 - (progress - start) / (end - start)
+    return target + (1.0 - target) * remaining**3
+
+
+class DeltaMethod(torch.nn.Module):
+    """Base class: trainable parameters that produce a delta for each chosen tensor.
+
+    Parameters
+    ----------
+    infos : list of WeightInfo
+        The model tensors the method may change.
+    base : dict of str to Tensor
+        Their current values :math:`W_0` (kept by reference, never modified).
+    options : MethodOptions
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, infos: list[WeightInfo], base: dict[str, torch.Tensor], options: MethodOptions):
+        super().__init__()
+        self.infos = infos
+        self.names = [i.name for i in infos]
+        self.options = options
+        self._base = {n: base[n].detach() for n in self.names}
+        ref = self._base[self.names[0]]
+        self.register_buffer("scales", torch.stack([_rms(self._base[n]) for n in self.names]).to(ref))
+
+    @property
+    def trainable_numel(self) -> int:
+        """Number of model weights the method may change."""
+        return sum(i.numel for i in self.infos)
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """Current delta of every chosen tensor (same shape and dtype as the tensor)."""
+        raise NotImplementedError
+
+    def effective_parameters(self) -> dict[str, torch.Tensor]:
+        """``W0 + Δ`` for every chosen tensor, for ``functional_call``."""
+        return {n: self._base[n] + d for n, d in self.deltas().items()}
+
+    def penalty(self) -> torch.Tensor:
+        """Regularisation added to the loss (zero by default)."""
+        return torch.zeros((), dtype=self.scales.dtype, device=self.scales.device)
+
+    def update_schedule(self, progress: float) -> None:
+        """Called before every training step with the fraction of training done."""
+
+    def finalize(self) -> None:
+        """Called once after training, before export (e.g. to settle the final density)."""
+
+    @torch.no_grad()
+    def export(self) -> dict[str, TensorDelta]:
+        """The exact non-zero entries of the current deltas."""
+        out = {}
+        for name, delta in self.deltas().items():
+            flat = delta.detach().reshape(-1)
+            idx = torch.nonzero(flat).reshape(-1)
+            if idx.numel():
+                out[name] = TensorDelta.create(idx.cpu(), flat[idx].cpu(), tuple(delta.shape), name)
+        return out
+
+    @torch.no_grad()
+    def density(self) -> float:
+        """Fraction of non-zero delta entries over the trainable set."""
+        nnz = sum(int((d != 0).sum()) for d in self.deltas().values())
+        return nnz / max(self.trainable_numel, 1)
+
+    def parameter_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """Optimizer parameter groups (AdamW)."""
+        return [
+            {
+                "params": [p for p in self.parameters() if p.requires_grad],
+                "lr": lr,
+                "weight_decay": weight_decay,
+            }
+        ]
+
+
+def _rms(t: torch.Tensor) -> torch.Tensor:
+    value = t.detach().double().pow(2).mean().sqrt()
+    return value if value > 0 else torch.ones((), dtype=torch.float64)
+
+
+def _zeros_like_base(base: dict[str, torch.Tensor], names: list[str]) -> torch.nn.ParameterList:
+    return torch.nn.ParameterList([torch.nn.Parameter(torch.zeros_like(base[n])) for n in names])
+
+
+class SoftThresholdDelta(DeltaMethod):
+    """``sparse``: soft-threshold reparameterisation with learned per-tensor thresholds."""
+
+    name = "sparse"
+
+    def __init__(self, infos, base, options):
+        super().__init__(infos, base, options)
+        self.u = _zeros_like_base(self._base, self.names)
+        init = 0.0 if options.density is not None else float(torch.tensor(options.init_threshold).log())
+        self.log_threshold = torch.nn.Parameter(torch.full((len(self.names),), init).to(self.scales))
+        self.register_buffer("tau", torch.tensor(0.0 if options.density is not None else 1.0).to(self.scales))
+
+    def deltas(self):
+        out = {}
+        thresholds = self.tau * self.log_threshold.exp()
+        for k, (name, u) in enumerate(zip(self.names, self.u, strict=True)):
+            t = thresholds[k]
+            magnitude = u.abs()
+            soft = torch.sign(u) * torch.relu(magnitude - t)
+            if self.options.straight_through and self.training:
+                soft = soft + (magnitude <= t) * (u - u.detach())
+            out[name] = self.scales[k] * soft
+        return out
+
+    @torch.no_grad()
+    def update_schedule(self, progress):
+        opts = self.options
+        if opts.density is None:
+            return
+        target = density_schedule(progress, opts.density, opts.warmup_fraction, opts.prune_end_fraction)
+        self.tau.fill_(self._tau_for_density(target))
+
+    @torch.no_grad()
+    def _tau_for_density(self, target: float) -> float:
+        if target >= 1.0:
+            return 0.0
+        ratios = torch.cat(
+            [(u.abs() / s.exp()).reshape(-1) for u, s in zip(self.u, self.log_threshold, strict=True)]
+        )
+        keep = round(target * ratios.numel())
+        if keep <= 0:
+            return float(ratios.max()) + 1.0
+        # tau = the keep-th largest ratio's lower neighbour: exactly `keep` entries lie above it
+        return float(torch.kthvalue(ratios, ratios.numel() - keep).values)
+
+    def finalize(self):
+        if self.options.density is not None:
+            self.update_schedule(1.0)
+
+    def penalty(self):
+        if self.options.penalty <= 0:
+            return super().penalty()
+        total = sum(
+            torch.relu(u.abs() - self.tau * s.exp()).sum()
+            for u, s in zip(self.u, self.log_threshold, strict=True)
+        )
+        return self.options.penalty * total / self.trainable_numel
+
+    def parameter_groups(self, lr, weight_decay):
+        return [
+            {"params": list(self.u), "lr": lr, "weight_decay": weight_decay},
+            {"params": [self.log_threshold], "lr": lr, "weight_decay": 0.0},
+        ]
+
+
+class L1PrunedDelta(DeltaMethod):
+    """``l1``: dense delta with an l1 pull, one-shot magnitude pruning, survivors retrained."""
+
+    name = "l1"
+    prune_at = 0.7
+
+    def __init__(self, infos, base, options):
+        super().__init__(infos, base, options)
+        self.u = _zeros_like_base(self._base, self.names)
+        self.masks: list[torch.Tensor] | None = None
+
+    def get_extra_state(self):
+        return {"masks": self.masks}
+
+    def set_extra_state(self, state):
+        self.masks = state["masks"]
+
+    def deltas(self):
+        out = {}
+        for k, (name, u) in enumerate(zip(self.names, self.u, strict=True)):
+            value = u if self.masks is None else u * self.masks[k]
+            out[name] = self.scales[k] * value
+        return out
+
+    def penalty(self):
+        if self.options.penalty <= 0:
+            return super().penalty()
+        return self.options.penalty * sum(u.abs().sum() for u in self.u) / self.trainable_numel
+
+    @torch.no_grad()
+    def update_schedule(self, progress):
+        if self.masks is None and self.options.density is not None and progress >= self.prune_at:
+            self.masks = _magnitude_masks(list(self.u), self.options.density)
+
+    def finalize(self):
+        self.update_schedule(1.0)
+
+
+class MagnitudePrunedDelta(DeltaMethod):
+    """``gmp``: gradual magnitude pruning of the delta on the cubic density schedule."""
+
+    name = "gmp"
+
+    def __init__(self, infos, base, options):
+        super().__init__(infos, base, options)
+        self.u = _zeros_like_base(self._base, self.names)
+        self.masks: list[torch.Tensor] = [torch.ones_like(u, dtype=torch.bool) for u in self.u]
+
+    def get_extra_state(self):
+        return {"masks": self.masks}
+
+    def set_extra_state(self, state):
+        self.masks = state["masks"]
+
+    def deltas(self):
+        return {
+            n: self.scales[k] * u * m
+            for k, (n, u, m) in enumerate(zip(self.names, self.u, self.masks, strict=True))
+        }
+
+    @torch.no_grad()
+    def update_schedule(self, progress):
+        opts = self.options
+        target = density_schedule(
+            progress, opts.density or 1.0, opts.warmup_fraction, opts.prune_end_fraction
+        )
+        if target < 1.0:
+            masked = [u * m for u, m in zip(self.u, self.masks, strict=True)]
+            self.masks = [
+                m & new for m, new in zip(self.masks, _magnitude_masks(masked, target), strict=True)
+            ]
+            for u, m in zip(self.u, self.masks, strict=True):
+                u.mul_(m)
+
+    def finalize(self):
+        self.update_schedule(1.0)
+
+
+def _magnitude_masks(tensors: list[torch.Tensor], density: float) -> list[torch.Tensor]:
+    values = torch.cat([t.detach().abs().reshape(-1) for t in tensors])
+    keep = max(1, round(density * values.numel()))
+    cut = torch.kthvalue(values, values.numel() - keep).values if keep < values.numel() else -1.0
+    return [t.detach().abs() > cut for t in tensors]
+
+
+class DenseDelta(DeltaMethod):
+    """``full``: every parameter of the model, dense."""
+
+    name = "full"
+
+    def __init__(self, infos, base, options):
+        super().__init__(infos, base, options)
+        self.u = _zeros_like_base(self._base, self.names)
+
+    def deltas(self):
+        return {n: self.scales[k] * u for k, (n, u) in enumerate(zip(self.names, self.u, strict=True))}
+
+
+class LowRankPathDelta(DeltaMethod):
+    """``elora``: a rank-r update ``A @ B`` of every irrep-path block, merged on export."""
+
+    name = "elora"
+
+    def __init__(self, infos, base, options):
+        super().__init__(infos, base, options)
+        generator = torch.Generator().manual_seed(0)
+        self.factors = torch.nn.ParameterList()
+        self.layout: list[list[tuple[int, int, int]]] = []  # per tensor: (rows, cols, rank) per block
+        for info in infos:
+            blocks = []
+            for rows, cols in _path_blocks(info):
+                rank = min(options.rank, rows, cols) if rows > 1 else 0
+                if rank:
+                    a = torch.randn(rows, rank, generator=generator) / rows**0.5
+                    self.factors.append(torch.nn.Parameter(a.to(self.scales)))
+                    self.factors.append(torch.nn.Parameter(torch.zeros(rank, cols).to(self.scales)))
+                else:
+                    self.factors.append(torch.nn.Parameter(torch.zeros(rows * cols).to(self.scales)))
+                blocks.append((rows, cols, rank))
+            self.layout.append(blocks)
+
+    def deltas(self):
+        out, f = {}, 0
+        for k, (info, blocks) in enumerate(zip(self.infos, self.layout, strict=True)):
+            parts = []
+            for rows, cols, rank in blocks:
+                if rank:
+                    block = self.factors[f] @ self.factors[f + 1]
+                    f += 2
+                else:
+                    block = self.factors[f].reshape(rows, cols)
+                    f += 1
+                parts.append(block)
+            if info.coordinate == "column":
+                delta = torch.cat(parts, dim=1).reshape(info.shape)
+            else:
+                delta = torch.cat([p.reshape(-1) for p in parts]).reshape(info.shape)
+            out[info.name] = self.scales[k] * delta
+        return out
+
+
+def _path_blocks(info: WeightInfo) -> list[tuple[int, int]]:
+    """(rows, cols) of each path block as a matrix."""
+    if info.coordinate == "column":
+        rows = prod(info.shape[:-1])
+        return [(rows, seg.stop - seg.start) for seg in info.segments]
+    blocks = []
+    for seg in info.segments:
+        shape = seg.shape if prod(seg.shape) == seg.stop - seg.start else (seg.stop - seg.start,)
+        rows = prod(shape[:-1]) if len(shape) > 1 else 1
+        blocks.append((rows, shape[-1]))
+    return blocks
+
+
+METHODS: dict[str, type[DeltaMethod]] = {
+    cls.name: cls
+    for cls in (SoftThresholdDelta, L1PrunedDelta, MagnitudePrunedDelta, DenseDelta, LowRankPathDelta)
+}
+"""Trainable delta methods by name; ``shift`` (energy shifts only) needs no training."""

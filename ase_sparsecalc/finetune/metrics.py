@@ -1,0 +1,71 @@
+"""Error metrics of predictions against DFT labels, in the units people quote."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from ase.units import GPa
+
+from .data import Frame
+
+
+def error_metrics(frames: Sequence[Frame], predictions: Mapping[int, Mapping[str, np.ndarray]]) -> dict:
+    """MAE and RMSE of energies, forces and stresses.
+
+    Parameters
+    ----------
+    frames : sequence of Frame
+    predictions : mapping frame index -> {"energy": eV, "forces": (n, 3) eV/Å, "stress": (3, 3) eV/Å³}
+
+    Returns
+    -------
+    dict
+        ``energy_mae``/``energy_rmse`` in meV/atom, ``forces_mae``/``forces_rmse`` in meV/Å
+        (over Cartesian components), ``stress_mae``/``stress_rmse`` in GPa (where labelled),
+        ``forces_mae_by_element`` in meV/Å, and the counts used.
+    """
+    e_err, f_err, s_err, f_elem = [], [], [], []
+    for k, frame in enumerate(frames):
+        pred = predictions[k]
+        e_err.append((pred["energy"] - frame.energy) / frame.n_atoms)
+        if frame.forces is not None:
+            f_err.append(pred["forces"] - frame.forces)
+            f_elem.append(frame.atoms.numbers)
+        if frame.stress is not None and "stress" in pred:
+            s_err.append((pred["stress"] - frame.stress).reshape(-1))
+    out: dict = {"frames": len(frames)}
+    out.update(_mae_rmse("energy", np.asarray(e_err), 1000.0))
+    if f_err:
+        forces = np.concatenate(f_err)
+        out.update(_mae_rmse("forces", forces, 1000.0))
+        numbers = np.concatenate(f_elem)
+        from ase.data import chemical_symbols
+
+        out["forces_mae_by_element"] = {
+            chemical_symbols[z]: float(1000.0 * np.abs(forces[numbers == z]).mean())
+            for z in np.unique(numbers)
+        }
+    if s_err:
+        out.update(_mae_rmse("stress", np.concatenate(s_err), 1.0 / GPa))
+        out["stress_frames"] = len(s_err)
+    return out
+
+
+def _mae_rmse(name: str, errors: np.ndarray, scale: float) -> dict[str, float]:
+    if errors.size == 0:
+        return {}
+    return {
+        f"{name}_mae": float(scale * np.abs(errors).mean()),
+        f"{name}_rmse": float(scale * np.sqrt(np.mean(errors**2))),
+    }
+
+
+METRIC_UNITS = {
+    "energy_mae": "meV/atom",
+    "energy_rmse": "meV/atom",
+    "forces_mae": "meV/Å",
+    "forces_rmse": "meV/Å",
+    "stress_mae": "GPa",
+    "stress_rmse": "GPa",
+}

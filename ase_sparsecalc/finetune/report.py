@@ -1,0 +1,116 @@
+"""The fine-tuning report: report.json plus parity, learning-curve and sparsity plots."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..delta_io import atomic_write_bytes, atomic_write_text
+from .data import Frame
+
+REPORT_NAME = "report.json"
+
+
+def write_report(report: dict, directory: str | Path) -> Path:
+    """Write ``report.json`` into ``directory`` atomically; returns its path."""
+    path = Path(directory) / REPORT_NAME
+    return atomic_write_text(path, json.dumps(report, indent=2, sort_keys=False, default=_jsonable))
+
+
+def _jsonable(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _save_figure(fig, path: Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_parity(
+    frames: Sequence[Frame],
+    before: Mapping[int, Mapping[str, np.ndarray]],
+    after: Mapping[int, Mapping[str, np.ndarray]],
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """Parity plots (energy per atom, force components) of DFT vs model, before and after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    ref_e = np.array([f.energy / f.n_atoms for f in frames])
+    ref_f = np.concatenate([f.forces.reshape(-1) for f in frames if f.forces is not None] or [np.zeros(0)])
+    for label, preds, style in (("base + shifts", before, "x"), ("calibrated", after, "o")):
+        e = np.array([preds[k]["energy"] / f.n_atoms for k, f in enumerate(frames)])
+        forces = [preds[k]["forces"].reshape(-1) for k, f in enumerate(frames) if f.forces is not None]
+        axes[0].plot(ref_e, e, style, ms=3, alpha=0.6, label=label)
+        if forces:
+            axes[1].plot(ref_f, np.concatenate(forces), style, ms=2, alpha=0.4, label=label)
+    for ax, name in zip(axes, ("energy / atom (eV)", "force component (eV/Å)"), strict=True):
+        lims = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
+        ax.plot(lims, lims, "k-", lw=0.8)
+        ax.set_xlabel(f"DFT {name}")
+        ax.set_ylabel(f"model {name}")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return _save_figure(fig, Path(path))
+
+
+def plot_learning_curves(history: Sequence[Mapping], path: str | Path) -> Path:
+    """Training and validation loss and delta density against epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_density) = plt.subplots(1, 2, figsize=(9, 3.8))
+    ax_loss.semilogy(epochs, [h["train_loss"] for h in history], label="train")
+    ax_loss.semilogy(epochs, [h["valid_loss"] for h in history], label="validation")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_density.plot(epochs, [100 * h["density"] for h in history])
+    ax_density.set_xlabel("epoch")
+    ax_density.set_ylabel("changed weights (%)")
+    return _save_figure(fig, Path(path))
+
+
+def tensor_density_rows(delta, infos) -> list[dict]:
+    """Per trainable tensor: name, non-zeros, size and density of ``delta`` (list of dicts)."""
+    rows = []
+    for info in infos:
+        nnz = delta.tensors[info.name].nnz if info.name in delta.tensors else 0
+        rows.append({"name": info.name, "nnz": nnz, "numel": info.numel, "density": nnz / info.numel})
+    return rows
+
+
+def plot_sparsity(rows: Sequence[Mapping], path: str | Path, title: str = "") -> Path:
+    """Bar chart of the delta's density per tensor, grouped by layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, max(3.0, 0.18 * len(rows))))
+    names = [r["name"] for r in rows]
+    ax.barh(range(len(rows)), [100 * r["density"] for r in rows], color="tab:blue")
+    ax.set_yticks(range(len(rows)), names, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("changed weights in tensor (%)")
+    ax.set_title(title)
+    return _save_figure(fig, Path(path))

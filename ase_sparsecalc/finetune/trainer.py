@@ -1,0 +1,258 @@
+"""The training loop: AdamW on a delta method, cosine schedule, early stopping, checkpoints.
+
+Graphs are built once (:mod:`.batches`) and stay on the device; a step is one batched model
+call through ``torch.func.functional_call`` with ``W0 + Δ``, one backward pass and one
+optimizer step. Checkpoints hold everything needed to continue bit-for-bit (method and
+optimizer state, schedule, history, best state) and are written atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..backends.base import Backend
+from ..delta_io import atomic_write_bytes
+from ..errors import SparseCalcError
+from .batches import LabelledBatch, LossWeights, batch_loss
+from .config import FinetuneConfig
+from .methods import DeltaMethod
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class CheckpointError(SparseCalcError):
+    """A checkpoint cannot be used to resume this fine-tune."""
+
+
+@dataclass
+class TrainingState:
+    """Progress of a fine-tune (saved in checkpoints).
+
+    Attributes
+    ----------
+    epoch : int
+        Epochs completed.
+    step : int
+        Optimizer steps taken.
+    history : list of dict
+        Per epoch: train loss, validation loss, density, learning rate, wall time.
+    best_loss : float
+        Lowest validation loss among epochs eligible for early stopping.
+    best_epoch : int
+    stop_reason : str
+        "" while running; "epochs", "early_stopping" or "max_time" at the end.
+    """
+
+    epoch: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_loss: float = math.inf
+    best_epoch: int = -1
+    stop_reason: str = ""
+
+
+class Trainer:
+    """Fits a :class:`DeltaMethod` to labelled batches.
+
+    Parameters
+    ----------
+    backend : Backend
+        The base model (its weights are never modified; energy shifts already set).
+    method : DeltaMethod
+    train, valid : sequence of LabelledBatch
+    config : FinetuneConfig
+    checkpoint_dir : Path, optional
+        Where checkpoints go (every epoch); None: no checkpoints.
+    fingerprint : str
+        Identifies base model and data; a checkpoint made for other inputs is refused.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        method: DeltaMethod,
+        train: Sequence[LabelledBatch],
+        valid: Sequence[LabelledBatch],
+        config: FinetuneConfig,
+        checkpoint_dir: Path | None = None,
+        fingerprint: str = "",
+    ) -> None:
+        self.backend, self.method, self.config = backend, method, config
+        self.train_batches, self.valid_batches = list(train), list(valid)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.fingerprint = fingerprint
+        self.weights = LossWeights(
+            config.energy_weight, config.forces_weight, config.stress_weight, config.huber_delta
+        )
+        self.total_steps = config.epochs * len(self.train_batches)
+        self.optimizer = torch.optim.AdamW(method.parameter_groups(config.lr, config.weight_decay))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.state = TrainingState()
+        self._best_method_state: dict | None = None
+
+    # ------------------------------------------------------------------ schedule
+    def _lr_factor(self, step: int) -> float:
+        warmup = max(1, int(0.02 * self.total_steps))
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.total_steps - warmup)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    def _eligible_for_best(self, epoch: int) -> bool:
+        """Early stopping only compares epochs after the density target is reached."""
+        if self.method.name in ("sparse", "gmp") and self.config.density is not None:
+            return epoch / self.config.epochs >= self.config.prune_end_fraction
+        if self.method.name == "l1":
+            return epoch / self.config.epochs >= self.method.prune_at
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def train(self, progress: bool = True) -> TrainingState:
+        """Run (or continue) training until epochs, early stopping or ``max_time``."""
+        start = time.monotonic()
+        bar = _progress_bar(self.config.epochs, self.state.epoch, progress)
+        while self.state.epoch < self.config.epochs:
+            epoch = self.state.epoch
+            train_loss, timed_out = self._train_epoch(epoch, start)
+            valid_loss = self.validation_loss()
+            self._record(epoch, train_loss, valid_loss, time.monotonic() - start)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{train_loss:.3g}", valid=f"{valid_loss:.3g}", density=f"{self.method.density():.3g}"
+            )
+            if timed_out:
+                self.state.stop_reason = "max_time"
+            elif self._patience_exhausted():
+                self.state.stop_reason = "early_stopping"
+            self.save_checkpoint()
+            if self.state.stop_reason:
+                break
+        bar.close()
+        self.state.stop_reason = self.state.stop_reason or "epochs"
+        self._restore_best()
+        self.method.finalize()
+        self.method.eval()
+        return self.state
+
+    def _train_epoch(self, epoch: int, start: float) -> tuple[float, bool]:
+        self.method.train()
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.train_batches), generator=generator).tolist()
+        losses = []
+        for k in order:
+            batch = self.train_batches[k]
+            self.method.update_schedule(self.state.step / max(1, self.total_steps))
+            out = self.backend.evaluate(
+                batch.graph,
+                compute_forces=True,
+                compute_stress=batch.has_stress,
+                training=True,
+                parameters=self.method.effective_parameters(),
+            )
+            loss = batch_loss(out, batch, self.weights) + self.method.penalty()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.state.step += 1
+            losses.append(float(loss.detach()))
+            if self.config.max_time is not None and time.monotonic() - start > self.config.max_time:
+                return float(np.mean(losses)), True
+        return float(np.mean(losses)), False
+
+    def validation_loss(self) -> float:
+        """Mean loss over the validation batches (training batches when there are none)."""
+        batches = self.valid_batches or self.train_batches
+        self.method.eval()
+        with torch.no_grad():
+            params = self.method.effective_parameters()
+        total, count = 0.0, 0
+        for batch in batches:
+            out = self.backend.evaluate(
+                batch.graph, compute_forces=True, compute_stress=batch.has_stress, parameters=params
+            )
+            n = batch.graph.n_graphs
+            total += float(batch_loss(out, batch, self.weights).detach()) * n
+            count += n
+        return total / max(count, 1)
+
+    def _record(self, epoch: int, train_loss: float, valid_loss: float, wall: float) -> None:
+        self.state.epoch = epoch + 1
+        self.state.history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                "valid_loss": valid_loss,
+                "density": self.method.density(),
+                "lr": self.scheduler.get_last_lr()[0],
+                "wall_time": wall,
+            }
+        )
+        if self._eligible_for_best(epoch + 1) and valid_loss < self.state.best_loss:
+            self.state.best_loss, self.state.best_epoch = valid_loss, epoch + 1
+            self._best_method_state = copy.deepcopy(self.method.state_dict())
+
+    def _patience_exhausted(self) -> bool:
+        patience = self.config.patience
+        if patience is None or self.state.best_epoch < 0:
+            return False
+        return self.state.epoch - self.state.best_epoch >= patience
+
+    def _restore_best(self) -> None:
+        if self._best_method_state is not None and self.state.best_epoch != self.state.epoch:
+            logger.info("restoring the best epoch (%d) by validation loss", self.state.best_epoch)
+            self.method.load_state_dict(self._best_method_state)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path | None:
+        """Write the full training state to ``checkpoint_dir/checkpoint.pt`` atomically."""
+        if self.checkpoint_dir is None:
+            return None
+        payload = {
+            "fingerprint": self.fingerprint,
+            "config": self.config.to_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "state": {**self.state.__dict__},
+            "best_method": self._best_method_state,
+        }
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        return atomic_write_bytes(self.checkpoint_dir / CHECKPOINT_NAME, buffer.getvalue())
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Continue from a checkpoint made by :meth:`save_checkpoint` for the same inputs."""
+        try:
+            payload = torch.load(path, map_location=self.backend.device, weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from exc
+        if payload.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(
+                f"{path}: checkpoint belongs to another base model, data set or options; "
+                "start without --resume or use another output folder"
+            )
+        self.method.load_state_dict(payload["method"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.state = TrainingState(**payload["state"])
+        self.state.stop_reason = ""
+        self._best_method_state = payload["best_method"]
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="fine-tuning", unit="epoch")
