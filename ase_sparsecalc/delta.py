@@ -364,11 +364,14 @@ class SparseDelta:
             base.fill_metadata(meta)
         return cls({}, meta)
 
-    def pattern(self, backend: Backend | None = None, by: str = "tensor"):
-        """Where the delta concentrates; see :func:`ase_sparsecalc.analysis.delta_pattern`."""
+    def pattern(self, backend: Backend | None = None, by: str = "tensor", **options):
+        """Where the delta concentrates; see :func:`ase_sparsecalc.analysis.delta_pattern`.
+
+        ``options`` (``trainable``, ``as_frame``) are passed on to it.
+        """
         from .analysis import delta_pattern
 
-        return delta_pattern(self, backend=backend, by=by)
+        return delta_pattern(self, backend=backend, by=by, **options)
 
 
 def check_fingerprint(delta: SparseDelta, fingerprint: str, model_name: str, strict: bool) -> None:
