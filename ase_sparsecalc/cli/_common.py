@@ -1,0 +1,68 @@
+"""Argument helpers shared by the simulation subcommands (md, relax, phonons)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..structure_io import read_structure
+
+
+def add_structure_arguments(parser: argparse.ArgumentParser) -> None:
+    """The positional STRUCTURE file and ``--index`` (which frame of a multi-frame file)."""
+    parser.add_argument(
+        "structure", metavar="STRUCTURE", help="structure file (any format ase.io.read reads)"
+    )
+    parser.add_argument(
+        "--index", type=int, default=-1, help="frame of a multi-frame file (default: -1, the last)"
+    )
+
+
+def load_structure(args: argparse.Namespace):
+    """The structure named on the command line (raises DataFileError naming the file)."""
+    return read_structure(args.structure, index=args.index)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a float >= 0."""
+    value = float(text) if _is_number(text) else None
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def describe_model(calc) -> str:
+    """One line naming the base model, the delta and the dtype."""
+    delta = calc.delta
+    what = "no delta (bare base model)" if delta is None else f"delta with {delta.nnz} changed weights"
+    dtype = str(calc.backend.dtype).replace("torch.", "")
+    return f"model: {calc.backend.model_name}, {what}, {dtype} on {calc.backend.device}"

@@ -1,0 +1,126 @@
+"""``sparsecalc phonons``: phonon bands, DOS and thermal properties through phonopy."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import add_model_arguments, make_calculator
+from ._common import add_structure_arguments, describe_model, load_structure, positive_float, positive_int
+
+PRIMITIVE_CHOICES = ("auto", "none", "P", "F", "I", "A", "C", "R")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``sparsecalc phonons``."""
+    parser = subparsers.add_parser(
+        "phonons",
+        help="phonon band structure, DOS and thermal properties (phonopy)",
+        description=(
+            "Finite-displacement phonons with phonopy. All displaced supercells are evaluated in "
+            "batched model calls. Writes phonopy.yaml, FORCE_CONSTANTS, band.yaml, total_dos.dat, "
+            "thermal_properties.yaml and PNG plots into the output folder, and reports imaginary "
+            "modes. Relax the structure (sparsecalc relax --cell) first."
+        ),
+    )
+    add_structure_arguments(parser)
+    add_model_arguments(parser)
+    ph = parser.add_argument_group("phonons")
+    ph.add_argument(
+        "--supercell", type=positive_int, nargs=3, default=[3, 3, 3], metavar="N", help="(default: 3 3 3)"
+    )
+    ph.add_argument(
+        "--mesh", type=positive_int, nargs=3, default=[20, 20, 20], metavar="N", help="DOS q-mesh"
+    )
+    ph.add_argument(
+        "--displacement",
+        type=positive_float,
+        default=0.01,
+        metavar="A",
+        help="displacement, Å (default: 0.01)",
+    )
+    ph.add_argument(
+        "--primitive",
+        choices=PRIMITIVE_CHOICES,
+        default="auto",
+        help="primitive cell (none: input is primitive)",
+    )
+    ph.add_argument("--batch-size", type=positive_int, metavar="N", help="supercells per model call")
+    ph.add_argument("--no-symmetrize", action="store_true", help="keep the raw force constants")
+    ph.add_argument(
+        "--tmax", type=positive_float, default=1000.0, metavar="K", help="thermal properties up to"
+    )
+    ph.add_argument(
+        "--threshold", type=float, default=-0.05, metavar="THZ", help="imaginary below this (default: -0.05)"
+    )
+    out = parser.add_argument_group("output")
+    out.add_argument("-o", "--output-dir", default="phonons", help="output folder (default: phonons)")
+    out.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from ..workflows.phonons import phonons, summarize_phonons
+
+    atoms = load_structure(args)
+    calc = make_calculator(args)
+    print(f"{args.structure}: {atoms.get_chemical_formula()} ({len(atoms)} atoms)")
+    print(describe_model(calc))
+    start = time.perf_counter()
+    phonon = phonons(
+        atoms,
+        calc,
+        supercell=args.supercell,
+        displacement=args.displacement,
+        mesh=args.mesh,
+        primitive=None if args.primitive == "none" else args.primitive,
+        output_dir=args.output_dir,
+        batch_size=args.batch_size,
+        symmetrize=not args.no_symmetrize,
+        temperatures=(0.0, args.tmax, 10.0),
+        plot=not args.no_plot,
+    )
+    summary = summarize_phonons(phonon, temperature_K=min(300.0, args.tmax), threshold_THz=args.threshold)
+    for line in summary_lines(summary, time.perf_counter() - start):
+        print(line)
+    print(
+        f"  wrote phonopy.yaml, FORCE_CONSTANTS, band.yaml, total_dos.dat, thermal_properties.yaml"
+        f"{'' if args.no_plot else ', phonons.png, thermal_properties.png'} to {args.output_dir}/"
+    )
+    return 0
+
+
+def summary_lines(summary, wall_s: float) -> list[str]:
+    """A few lines describing a :class:`~ase_sparsecalc.workflows.PhononSummary`."""
+    from ..workflows.phonons import THZ_TO_CM1, THZ_TO_MEV
+
+    lines = [
+        f"phonons: {summary.n_primitive_atoms}-atom primitive cell, {summary.n_displacements} displaced "
+        f"supercells of {summary.n_supercell_atoms} atoms ({wall_s:.1f} s)",
+        "  frequencies at the special points (THz):",
+    ]
+    for label, freqs in summary.special_points.items():
+        lines.append(f"    {label:>3}: " + " ".join(f"{f:7.3f}" for f in freqs))
+    top = summary.max_frequency
+    lines.append(
+        f"  highest frequency: {top:.3f} THz = {top * THZ_TO_CM1:.1f} cm^-1 = {top * THZ_TO_MEV:.2f} meV"
+    )
+    if summary.imaginary:
+        worst = summary.imaginary[0]
+        lines.append(
+            f"  IMAGINARY modes: {len(summary.imaginary)} (q-point, branch) pairs below the threshold; "
+            f"lowest {worst.frequency:.3f} THz ({worst.frequency_cm1:.1f} cm^-1) at q="
+            + "("
+            + ", ".join(f"{x:.3f}" for x in worst.qpoint)
+            + f"), branch {worst.band_index}"
+        )
+    else:
+        lines.append(f"  no imaginary modes (lowest frequency {summary.min_frequency:+.4f} THz)")
+    lines.append(
+        f"  at {summary.temperature:.0f} K per mole of primitive cells: "
+        f"F = {summary.free_energy:.3f} kJ/mol, S = {summary.entropy:.3f} J/(K mol), "
+        f"Cv = {summary.heat_capacity:.3f} J/(K mol)"
+    )
+    return lines

@@ -1,0 +1,126 @@
+"""Reading and writing single structures, with errors that name the file.
+
+:func:`read_structure` wraps :func:`ase.io.read` so that a missing or unreadable file raises
+:class:`~ase_sparsecalc.errors.DataFileError` with the file name, never a bare ``OSError`` or a
+parser traceback. :func:`write_structure` writes through a temporary file and a rename, so a
+reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+
+from ase import Atoms
+from ase.io.formats import UnknownFileTypeError, filetype, ioformats
+
+from .errors import DataFileError, StructureError
+
+
+def read_structure(path: str | Path, index: int = -1) -> Atoms:
+    """Read one structure from any file :func:`ase.io.read` understands.
+
+    Parameters
+    ----------
+    path : str or Path
+        Structure or trajectory file (extxyz, cif, POSCAR, .traj, ...).
+    index : int
+        Which frame of a multi-frame file (default: the last one).
+
+    Returns
+    -------
+    ase.Atoms
+        The structure, with its calculator (if any) detached.
+
+    Raises
+    ------
+    DataFileError
+        The file does not exist, is not a structure file ASE can parse, or has no frame
+        ``index``.
+    """
+    from ase.io import read
+
+    path = Path(path)
+    if not path.exists():
+        raise DataFileError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataFileError(f"{path}: is a folder, expected a structure file")
+    try:
+        atoms = read(path, index=index)
+    except IndexError as exc:
+        raise DataFileError(f"{path}: has no frame {index} ({exc}); choose another --index") from exc
+    except StopIteration as exc:
+        if index not in (0, -1):
+            raise DataFileError(f"{path}: has no frame {index}; choose another --index") from exc
+        raise DataFileError(f"{path}: holds no structure (empty file?)") from exc
+    except UnknownFileTypeError as exc:
+        raise DataFileError(
+            f"{path}: not a structure file that ASE can read ({exc}); "
+            "use a format ase.io.read knows (extxyz, cif, POSCAR, .traj, ...)"
+        ) from exc
+    except Exception as exc:  # ASE's parsers raise anything from ValueError to KeyError
+        raise DataFileError(f"{path}: cannot be read as a structure ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(atoms, Atoms):
+        raise DataFileError(f"{path}: index {index} gave {type(atoms).__name__}, expected one structure")
+    if len(atoms) == 0:
+        raise StructureError(f"{path} (frame {index}): the structure has no atoms")
+    atoms.calc = None
+    return atoms
+
+
+def output_format(path: str | Path) -> str:
+    """The ASE format name that a file name implies, checked to be writable.
+
+    Raises
+    ------
+    DataFileError
+        The extension is unknown to ASE or ASE cannot write that format.
+    """
+    path = Path(path)
+    try:
+        fmt = filetype(path, read=False)
+        io = ioformats[fmt]
+    except (UnknownFileTypeError, KeyError) as exc:
+        raise DataFileError(
+            f"{path}: unknown structure format; use an extension ASE writes, e.g. .extxyz, .traj, .cif"
+        ) from exc
+    if not io.can_write:
+        raise DataFileError(f"{path}: ASE cannot write the {fmt!r} format; use .extxyz or .traj")
+    return fmt
+
+
+def write_structure(path: str | Path, images: Atoms | Sequence[Atoms], format: str | None = None) -> Path:
+    """Write one structure (or several) atomically: into a temporary file, then rename.
+
+    Parameters
+    ----------
+    path : str or Path
+        Target file; its extension chooses the format unless ``format`` is given.
+    images : ase.Atoms or sequence of ase.Atoms
+        What to write. Calculator results attached to the atoms are written where the format
+        has room for them (extxyz, traj).
+    format : str, optional
+        ASE format name.
+
+    Returns
+    -------
+    Path
+        The path written.
+    """
+    from ase.io import write
+
+    path = Path(path)
+    fmt = format or output_format(path)
+    if not isinstance(images, Atoms) and len(images) > 1 and ioformats[fmt].single:
+        raise DataFileError(f"{path}: the {fmt!r} format holds one structure, got {len(images)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+    try:
+        write(tmp, images, format=fmt)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

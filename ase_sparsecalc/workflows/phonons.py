@@ -1,0 +1,445 @@
+"""Harmonic phonons with phonopy (finite displacements), forces from one batched model call.
+
+:func:`phonons` returns the :class:`phonopy.Phonopy` object with force constants, the band
+structure along phonopy's automatic path (seekpath), the DOS on a Γ-centred mesh and the
+thermal properties already computed. The helpers below read results off it:
+
+* :func:`frequencies_at` -- frequencies (THz) at given q-points;
+* :func:`special_point_frequencies` -- frequencies at the labelled points of the band path;
+* :func:`imaginary_modes` -- modes below a small negative frequency, with their q-point;
+* :func:`summarize_phonons` -- all of that plus thermal properties at one temperature.
+
+Frequencies are in THz (phonopy's unit for eV, Å and amu); :data:`THZ_TO_CM1` and
+:data:`THZ_TO_MEV` convert. Thermal properties are phonopy's: free energy in kJ/mol, entropy
+and heat capacity in J/(K mol), per mole of primitive cells.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms, units
+from ase.calculators.calculator import Calculator
+
+from ..calculator import has_3d_cell
+from ..errors import StructureError
+
+logger = logging.getLogger(__name__)
+
+THZ_TO_CM1 = 1e12 / (units._c * 100.0)
+"""Wavenumber (cm⁻¹) of 1 THz."""
+THZ_TO_MEV = units._hplanck * 1e12 / units._e * 1e3
+"""Energy (meV) of a 1 THz quantum."""
+
+IMAGINARY_THRESHOLD_THZ = -0.05
+"""Frequencies below this (THz) count as imaginary; phonopy prints imaginary ones as negative."""
+
+
+@dataclass(frozen=True)
+class ImaginaryMode:
+    """One mode with an imaginary frequency.
+
+    Attributes
+    ----------
+    qpoint : (3,) tuple of float
+        q in reduced coordinates of the primitive cell's reciprocal lattice.
+    band_index : int
+        Branch index (0 = lowest).
+    frequency : float
+        THz; negative: phonopy's convention for an imaginary frequency.
+    source : str
+        ``"mesh"`` or ``"band"`` (the band path).
+    """
+
+    qpoint: tuple[float, float, float]
+    band_index: int
+    frequency: float
+    source: str
+
+    @property
+    def frequency_cm1(self) -> float:
+        """The frequency in cm⁻¹ (negative when imaginary)."""
+        return self.frequency * THZ_TO_CM1
+
+
+@dataclass
+class PhononSummary:
+    """A compact description of a phonon calculation.
+
+    Attributes
+    ----------
+    n_primitive_atoms, n_supercell_atoms, n_displacements : int
+    special_points : dict of str -> (n_bands,) array
+        Frequencies (THz) at the labelled points of the band path, e.g. ``"Γ"``, ``"X"``.
+    min_frequency, max_frequency : float
+        Lowest and highest frequency over the mesh and the band path, THz.
+    imaginary : list of ImaginaryMode
+    temperature : float
+        K, the temperature of the thermal properties below.
+    free_energy : float
+        Harmonic Helmholtz free energy, kJ/mol (NaN if not computed).
+    entropy, heat_capacity : float
+        J/(K mol) (NaN if not computed).
+    """
+
+    n_primitive_atoms: int
+    n_supercell_atoms: int
+    n_displacements: int
+    special_points: dict[str, np.ndarray]
+    min_frequency: float
+    max_frequency: float
+    imaginary: list[ImaginaryMode]
+    temperature: float
+    free_energy: float
+    entropy: float
+    heat_capacity: float
+
+    @property
+    def dynamically_stable(self) -> bool:
+        return not self.imaginary
+
+
+def phonons(
+    atoms: Atoms,
+    calc: Calculator,
+    supercell: int | Sequence[int] | Sequence[Sequence[int]] = (3, 3, 3),
+    displacement: float = 0.01,
+    mesh: Sequence[int] = (20, 20, 20),
+    primitive: str | Sequence[Sequence[float]] | None = "auto",
+    output_dir: str | Path | None = None,
+    *,
+    batch_size: int | None = None,
+    symmetrize: bool = True,
+    subtract_residual_forces: bool = True,
+    band_npoints: int = 101,
+    temperatures: tuple[float, float, float] = (0.0, 1000.0, 10.0),
+    symprec: float = 1e-5,
+    plot: bool = True,
+):
+    """Phonons of ``atoms`` by finite displacements in a supercell.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        Unit cell, periodic in 3 dimensions; relax it first (positions and cell).
+    calc : ase Calculator
+        A :class:`~ase_sparsecalc.SparseCalc` (its ``batch_evaluate`` evaluates all displaced
+        supercells in batched model calls) or any ASE calculator (one call per supercell).
+    supercell : int, 3 ints, or (3, 3) ints
+        Supercell of ``atoms``, as a multiple or a matrix. It should be larger than twice the
+        range of the force constants; for Si with SevenNet-0, 3x3x3 primitive cells is enough.
+    displacement : float
+        Atomic displacement, Å.
+    mesh : 3 ints
+        Γ-centred q-mesh for the DOS and thermal properties.
+    primitive : "auto", None, phonopy centring letter or (3, 3) matrix
+        Primitive cell in terms of ``atoms``' cell. ``"auto"`` lets phonopy find it; None means
+        ``atoms`` is primitive.
+    output_dir : str or Path, optional
+        Write ``phonopy.yaml``, ``FORCE_CONSTANTS``, ``band.yaml``, ``total_dos.dat``,
+        ``thermal_properties.yaml`` and (``plot=True``) ``phonons.png`` and
+        ``thermal_properties.png`` there; see :func:`write_phonon_files`.
+    batch_size : int, optional
+        Supercells per model call (default: all at once); lower it to bound memory.
+    symmetrize : bool
+        Symmetrise the force constants (translational invariance and index permutation).
+    subtract_residual_forces : bool
+        Evaluate the undisplaced supercell too and subtract its forces from every displaced one,
+        which removes the error of a structure that is not exactly at its minimum.
+    band_npoints : int
+        q-points per segment of the band path.
+    temperatures : (t_min, t_max, t_step)
+        Temperature grid of the thermal properties, K.
+    symprec : float
+        Symmetry tolerance, Å.
+    plot : bool
+        Write the PNG plots (with ``output_dir``).
+
+    Returns
+    -------
+    phonopy.Phonopy
+        With ``force_constants``, ``band_structure``, ``mesh``, ``total_dos`` and
+        ``thermal_properties`` filled.
+    """
+    from phonopy import Phonopy
+
+    if not has_3d_cell(atoms):
+        raise StructureError(
+            f"{atoms.get_chemical_formula()}: phonons need a cell periodic in 3 dimensions "
+            f"(pbc={atoms.pbc.tolist()})"
+        )
+    if not 0 < displacement < 0.2:
+        raise ValueError(f"displacement must be in (0, 0.2) Å, got {displacement}")
+    with warnings.catch_warnings():
+        # phonopy warns that "auto" is its new default; here it is the documented choice
+        warnings.filterwarnings("ignore", message=r".*primitive_matrix defaulted to 'auto'.*")
+        phonon = Phonopy(
+            to_phonopy_atoms(atoms),
+            supercell_matrix=_supercell_matrix(supercell),
+            primitive_matrix=primitive,
+            symprec=symprec,
+            log_level=0,
+        )
+    phonon.generate_displacements(distance=displacement)
+    displaced = [to_ase_atoms(s) for s in phonon.supercells_with_displacements]
+    structures = [*displaced, to_ase_atoms(phonon.supercell)] if subtract_residual_forces else displaced
+    logger.info("phonons: %d displaced supercells of %d atoms", len(displaced), len(phonon.supercell))
+    results = evaluate_forces(calc, structures, batch_size)
+    forces = np.array([r["forces"] for r in results[: len(displaced)]])
+    if subtract_residual_forces:
+        residual = results[-1]["forces"]
+        logger.info("largest residual force in the perfect supercell: %.2e eV/Å", np.abs(residual).max())
+        forces = forces - residual[None]
+    phonon.forces = forces
+    phonon.supercell_energies = np.array([r["energy"] for r in results[: len(displaced)]])
+    phonon.produce_force_constants()
+    if symmetrize:
+        phonon.symmetrize_force_constants()
+
+    run_band_structure(phonon, band_npoints)
+    phonon.run_mesh(list(mesh), is_gamma_center=True)
+    phonon.run_total_dos()
+    t_min, t_max, t_step = temperatures
+    # the three zero-frequency acoustic modes at Γ carry no vibrational free energy
+    phonon.run_thermal_properties(t_min=t_min, t_max=t_max, t_step=t_step, exclude_gamma_acoustic=True)
+    if output_dir is not None:
+        write_phonon_files(phonon, output_dir, plot=plot)
+    return phonon
+
+
+# ---------------------------------------------------------------------------- conversions
+def to_phonopy_atoms(atoms: Atoms):
+    """ASE ``Atoms`` -> ``PhonopyAtoms`` (symbols, cell, fractional positions and masses)."""
+    from phonopy.structure.atoms import PhonopyAtoms
+
+    return PhonopyAtoms(
+        symbols=atoms.get_chemical_symbols(),
+        cell=atoms.cell.array,
+        scaled_positions=atoms.get_scaled_positions(wrap=False),
+        masses=atoms.get_masses(),
+    )
+
+
+def to_ase_atoms(cell) -> Atoms:
+    """``PhonopyAtoms`` -> periodic ASE ``Atoms``."""
+    return Atoms(
+        symbols=cell.symbols,
+        cell=cell.cell,
+        scaled_positions=cell.scaled_positions,
+        masses=cell.masses,
+        pbc=True,
+    )
+
+
+def evaluate_forces(calc: Calculator, structures: list[Atoms], batch_size: int | None) -> list[dict]:
+    """Energies and forces of many structures: batched with SparseCalc, one by one otherwise."""
+    if hasattr(calc, "batch_evaluate"):
+        return calc.batch_evaluate(structures, ("energy", "forces"), batch_size=batch_size)
+    results = []
+    for atoms in structures:
+        atoms = atoms.copy()
+        atoms.calc = calc
+        results.append({"energy": float(atoms.get_potential_energy()), "forces": atoms.get_forces()})
+    return results
+
+
+def _supercell_matrix(supercell) -> np.ndarray:
+    arr = np.asarray(supercell, dtype=int)
+    if arr.ndim == 0:
+        arr = np.full(3, int(arr))
+    if arr.shape == (3,):
+        arr = np.diag(arr)
+    if arr.shape != (3, 3) or abs(round(np.linalg.det(arr))) < 1:
+        raise ValueError(f"supercell must be an int, 3 ints or a non-singular 3x3 matrix; got {supercell!r}")
+    return arr
+
+
+# ---------------------------------------------------------------------------- band path
+def run_band_structure(phonon, npoints: int = 101) -> None:
+    """Band structure along phonopy's automatic path (needs seekpath).
+
+    Without seekpath, falls back to ASE's special-point path for the primitive cell
+    (:meth:`ase.cell.Cell.bandpath`) and logs a warning.
+    """
+    try:
+        import seekpath  # noqa: F401
+    except ImportError:
+        logger.warning("seekpath is not installed; using ASE's band path (pip install seekpath)")
+        _run_ase_band_path(phonon, npoints)
+        return
+    phonon.auto_band_structure(npoints=npoints)
+
+
+def _run_ase_band_path(phonon, npoints: int) -> None:
+    from ase.cell import Cell
+    from ase.dft.kpoints import parse_path_string
+    from phonopy.phonon.band_structure import get_band_qpoints_and_path_connections
+
+    bandpath = Cell(phonon.primitive.cell).bandpath(npoints=0)
+    groups = parse_path_string(bandpath.path)
+    paths = [[bandpath.special_points[name] for name in group] for group in groups]
+    labels = ["$\\Gamma$" if name == "G" else f"$\\mathrm{{{name}}}$" for g in groups for name in g]
+    qpoints, connections = get_band_qpoints_and_path_connections(paths, npoints=npoints)
+    phonon.run_band_structure(qpoints, path_connections=connections, labels=labels)
+
+
+def band_segments(phonon) -> list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]]:
+    """The band path as ``(start label, end label, distances, qpoints, frequencies)`` per segment.
+
+    Labels are plain text (``"Γ"``, ``"X"``); frequencies are (npoints, n_bands) THz.
+    """
+    bs = phonon.band_structure
+    names = [plain_label(lab) for lab in bs.labels]
+    it = iter(names)
+    start = next(it)
+    out = []
+    for i, (dist, qpts, freqs) in enumerate(zip(bs.distances, bs.qpoints, bs.frequencies, strict=True)):
+        end = next(it)
+        out.append((start, end, np.asarray(dist), np.asarray(qpts), np.asarray(freqs)))
+        if i + 1 < len(bs.distances):
+            start = end if bs.path_connections[i] else next(it)
+    return out
+
+
+def plain_label(label: str) -> str:
+    """``"$\\Gamma$"`` -> ``"Γ"``, ``"$\\mathrm{X}$"`` -> ``"X"``."""
+    text = label.replace("$", "").replace("\\mathrm{", "").replace("}", "")
+    return {"\\Gamma": "Γ", "GAMMA": "Γ", "G": "Γ", "\\Sigma": "Σ"}.get(text, text)
+
+
+# ---------------------------------------------------------------------------- reading results
+def frequencies_at(phonon, qpoints: Sequence[Sequence[float]]) -> np.ndarray:
+    """Frequencies (THz) at q-points in reduced coordinates of the primitive reciprocal lattice.
+
+    Returns
+    -------
+    (n_q, n_bands) array, sorted ascending per q-point; imaginary ones are negative.
+    """
+    return np.array(phonon.run_qpoints(np.atleast_2d(qpoints)).frequencies)
+
+
+def special_point_frequencies(phonon) -> dict[str, np.ndarray]:
+    """Frequencies (THz) at each labelled point of the band path (first occurrence)."""
+    out: dict[str, np.ndarray] = {}
+    for start, end, _, _, freqs in band_segments(phonon):
+        out.setdefault(start, freqs[0])
+        out.setdefault(end, freqs[-1])
+    return out
+
+
+def imaginary_modes(phonon, threshold_THz: float = IMAGINARY_THRESHOLD_THZ) -> list[ImaginaryMode]:
+    """Modes with frequency below ``threshold_THz`` on the mesh and along the band path.
+
+    Returns
+    -------
+    list of ImaginaryMode
+        Sorted from the most negative frequency; one entry per (q-point, branch).
+    """
+    found: dict[tuple, ImaginaryMode] = {}
+    sources = []
+    if phonon.mesh is not None:
+        sources.append(("mesh", phonon.mesh.qpoints, phonon.mesh.frequencies))
+    if phonon.band_structure is not None:
+        for _, _, _, qpts, freqs in band_segments(phonon):
+            sources.append(("band", qpts, freqs))
+    for source, qpts, freqs in sources:
+        for iq, ib in zip(*np.nonzero(np.asarray(freqs) < threshold_THz), strict=True):
+            q = tuple(round(float(x), 6) for x in qpts[iq])
+            key = (q, int(ib))
+            if key not in found:
+                found[key] = ImaginaryMode(q, int(ib), float(freqs[iq][ib]), source)
+    return sorted(found.values(), key=lambda m: m.frequency)
+
+
+def summarize_phonons(
+    phonon, temperature_K: float = 300.0, threshold_THz: float = IMAGINARY_THRESHOLD_THZ
+) -> PhononSummary:
+    """Collect the numbers a report needs from a finished :func:`phonons` run."""
+    all_freqs = []
+    if phonon.mesh is not None:
+        all_freqs.append(np.ravel(phonon.mesh.frequencies))
+    if phonon.band_structure is not None:
+        all_freqs.extend(np.ravel(f) for f in phonon.band_structure.frequencies)
+    freqs = np.concatenate(all_freqs) if all_freqs else np.array([np.nan])
+    thermal = [np.nan, np.nan, np.nan]
+    tp = phonon.thermal_properties
+    if tp is not None:
+        temps = np.asarray(tp.temperatures)
+        k = int(np.argmin(np.abs(temps - temperature_K)))
+        if abs(temps[k] - temperature_K) < 1e-6:
+            thermal = [float(tp.free_energy[k]), float(tp.entropy[k]), float(tp.heat_capacity[k])]
+        else:
+            thermal = [
+                float(np.interp(temperature_K, temps, getattr(tp, name)))
+                for name in ("free_energy", "entropy", "heat_capacity")
+            ]
+    return PhononSummary(
+        n_primitive_atoms=len(phonon.primitive),
+        n_supercell_atoms=len(phonon.supercell),
+        n_displacements=len(phonon.supercells_with_displacements),
+        special_points=special_point_frequencies(phonon) if phonon.band_structure is not None else {},
+        min_frequency=float(np.nanmin(freqs)),
+        max_frequency=float(np.nanmax(freqs)),
+        imaginary=imaginary_modes(phonon, threshold_THz),
+        temperature=temperature_K,
+        free_energy=thermal[0],
+        entropy=thermal[1],
+        heat_capacity=thermal[2],
+    )
+
+
+# ---------------------------------------------------------------------------- files
+def write_phonon_files(phonon, output_dir: str | Path, plot: bool = True) -> dict[str, Path]:
+    """Write phonopy's files (and plots) into ``output_dir``, each one complete or not at all.
+
+    Everything is written into a temporary folder inside ``output_dir`` with phonopy's own
+    writers, then each file is renamed into place.
+
+    Returns
+    -------
+    dict of str -> Path
+        ``phonopy_yaml``, ``force_constants``, ``band_yaml``, ``total_dos``, ``thermal_yaml`` and,
+        with ``plot``, ``bands_png`` and ``thermal_png``.
+    """
+    from phonopy.file_IO import write_FORCE_CONSTANTS
+
+    from .plotting import plot_bands_and_dos, plot_thermal_properties
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".phonons.", dir=out))
+    names = {
+        "phonopy_yaml": "phonopy.yaml",
+        "force_constants": "FORCE_CONSTANTS",
+        "band_yaml": "band.yaml",
+        "total_dos": "total_dos.dat",
+        "thermal_yaml": "thermal_properties.yaml",
+    }
+    try:
+        phonon.save(tmp / names["phonopy_yaml"], settings={"force_constants": True})
+        write_FORCE_CONSTANTS(
+            phonon.force_constants, filename=tmp / names["force_constants"], p2s_map=phonon.primitive.p2s_map
+        )
+        phonon.write_yaml_band_structure(filename=tmp / names["band_yaml"])
+        phonon.write_total_dos(filename=tmp / names["total_dos"])
+        phonon.write_yaml_thermal_properties(filename=tmp / names["thermal_yaml"])
+        if plot:
+            names["bands_png"] = "phonons.png"
+            names["thermal_png"] = "thermal_properties.png"
+            plot_bands_and_dos(phonon, tmp / names["bands_png"])
+            plot_thermal_properties(phonon, tmp / names["thermal_png"])
+        written = {}
+        for key, name in names.items():
+            os.replace(tmp / name, out / name)
+            written[key] = out / name
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return written

@@ -1,0 +1,168 @@
+"""Geometry optimisation of positions and, optionally, the cell (FrechetCellFilter)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms, units
+from ase.calculators.calculator import Calculator
+
+from ..calculator import has_3d_cell
+from ..errors import StructureError
+from ._output import streamed_frames, streamed_text
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("FIRE", "BFGS", "LBFGS")
+
+
+@dataclass
+class RelaxResult:
+    """The relaxed structure and what it looks like.
+
+    Attributes
+    ----------
+    atoms : ase.Atoms
+        Relaxed structure, calculator attached.
+    converged : bool
+        True when the largest force (and, with ``cell=True``, the largest stress component
+        times the volume per atom; see :class:`ase.filters.FrechetCellFilter`) fell below
+        ``fmax`` within ``steps``.
+    steps : int
+        Optimiser steps taken.
+    energy : float
+        Final energy, eV.
+    max_force : float
+        Largest atomic force norm, eV/Å.
+    stress : (6,) array or None
+        Final stress, eV/Å³, ASE's Voigt order (xx, yy, zz, yz, xz, xy), positive under tension;
+        None without a 3-D cell.
+    initial_energy : float
+        Energy of the starting structure, eV.
+    wall_time_s : float
+    """
+
+    atoms: Atoms
+    converged: bool
+    steps: int
+    energy: float
+    max_force: float
+    stress: np.ndarray | None
+    initial_energy: float
+    wall_time_s: float
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def energy_per_atom(self) -> float:
+        """Final energy per atom, eV/atom."""
+        return self.energy / len(self.atoms)
+
+    @property
+    def stress_gpa(self) -> np.ndarray | None:
+        """Final stress in GPa (Voigt order, positive under tension)."""
+        return None if self.stress is None else self.stress / units.GPa
+
+    @property
+    def pressure_gpa(self) -> float | None:
+        """Pressure :math:`-\\mathrm{tr}(\\sigma)/3`, GPa."""
+        return None if self.stress is None else -float(np.mean(self.stress[:3])) / units.GPa
+
+    @property
+    def cellpar(self) -> np.ndarray:
+        """Lattice parameters a, b, c (Å) and α, β, γ (degrees)."""
+        return self.atoms.cell.cellpar()
+
+    @property
+    def volume(self) -> float:
+        """Cell volume, Å³ (0 without a cell)."""
+        return float(abs(self.atoms.cell.volume))
+
+
+def relax(
+    atoms: Atoms,
+    calc: Calculator,
+    fmax: float = 0.01,
+    cell: bool = False,
+    optimizer: str = "FIRE",
+    steps: int = 1000,
+    *,
+    trajectory: str | Path | None = None,
+    logfile: str | Path | None = None,
+    pressure_GPa: float = 0.0,
+    hydrostatic: bool = False,
+) -> RelaxResult:
+    """Relax a copy of ``atoms``: positions, and with ``cell=True`` also the cell.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        Starting structure (not modified).
+    calc : ase Calculator
+        Usually a :class:`~ase_sparsecalc.SparseCalc` (float64 recommended).
+    fmax : float
+        Convergence threshold, eV/Å, on every atomic force and, with ``cell=True``, on the
+        stress expressed as a force (``FrechetCellFilter`` scales it by the volume per atom).
+    cell : bool
+        Also relax the cell, through :class:`ase.filters.FrechetCellFilter`.
+    optimizer : {"FIRE", "BFGS", "LBFGS"}
+    steps : int
+        Largest number of optimiser steps.
+    trajectory : str or Path, optional
+        Every step's structure (``.traj`` or ``.extxyz``), with energy, forces and stress.
+    logfile : str or Path, optional
+        The optimiser's text log.
+    pressure_GPa : float
+        External pressure for the cell relaxation, GPa.
+    hydrostatic : bool
+        Keep the cell shape and change the volume only.
+
+    Returns
+    -------
+    RelaxResult
+    """
+    from ase import optimize
+    from ase.filters import FrechetCellFilter
+
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
+    if not fmax > 0:
+        raise ValueError(f"fmax must be positive (eV/Å), got {fmax}")
+    if cell and not has_3d_cell(atoms):
+        raise StructureError(
+            f"{atoms.get_chemical_formula()}: cell relaxation needs a cell periodic in 3 dimensions "
+            f"(pbc={atoms.pbc.tolist()}); relax without cell=True"
+        )
+    atoms = atoms.copy()
+    atoms.calc = calc
+    initial_energy = float(atoms.get_potential_energy())
+    target = (
+        FrechetCellFilter(atoms, scalar_pressure=pressure_GPa * units.GPa, hydrostatic_strain=hydrostatic)
+        if cell
+        else atoms
+    )
+    start = time.perf_counter()
+    with streamed_frames(trajectory) as frames, streamed_text(logfile) as log:
+        opt = getattr(optimize, optimizer)(target, logfile=log)
+        if frames is not None:
+            opt.attach(lambda: frames.write(atoms), interval=1)
+        converged = bool(opt.run(fmax=fmax, steps=steps))
+    wall = time.perf_counter() - start
+    if not converged:
+        logger.warning("relaxation did not reach fmax=%g eV/Å in %d steps", fmax, steps)
+    files = {k: Path(v) for k, v in (("trajectory", trajectory), ("log", logfile)) if v is not None}
+    forces = atoms.get_forces()
+    return RelaxResult(
+        atoms=atoms,
+        converged=converged,
+        steps=int(opt.get_number_of_steps()),
+        energy=float(atoms.get_potential_energy()),
+        max_force=float(np.linalg.norm(forces, axis=1).max()),
+        stress=atoms.get_stress() if has_3d_cell(atoms) else None,
+        initial_energy=initial_energy,
+        wall_time_s=wall,
+        files=files,
+    )
