@@ -432,3 +432,21 @@ def test_cli_refuses_delta_without_base(tmp_path, capsys):
     path = SparseDelta({}, DeltaMetadata()).save(tmp_path / "empty.safetensors")
     assert main(["inspect", str(path)]) == 2
     assert "names no base model" in capsys.readouterr().err
+
+
+def test_trainable_set_follows_the_delta_record(backends):
+    backend = backends["mace"]
+    params = dict(backend.model.named_parameters())
+    readout = sum(p.numel() for n, p in params.items() if n.startswith("readouts"))
+    everything = sum(p.numel() for p in params.values())
+    name = "interactions.0.linear.weight"
+    tensors = {name: TensorDelta.create([1, 2], torch.tensor([0.1, 0.2]), tuple(params[name].shape))}
+
+    def total(**meta):
+        delta = SparseDelta(tensors, backend.fill_metadata(DeltaMetadata(**meta)))
+        return sum(r["total"] for r in delta_pattern(delta, backend, by="kind"))
+
+    assert total() == everything - readout
+    assert total(hyperparameters={"train_readouts": True}) == everything
+    assert total(method="full") == everything
+    assert total(hyperparameters={"trainable_tensors": [name]}) == params[name].numel()

@@ -23,6 +23,8 @@ TITLES = {
     "path": "By path l_in->l_out (n/a->l: symmetric contraction)",
     "element": "By element (shared = not element-specific)",
 }
+HEADER_HYPERPARAMETERS = ("density", "penalty", "rank", "epochs", "lr", "train_readouts", "seed")
+"""Hyperparameters shown in the header (all of them are in the --json output)."""
 PLOT_TABLES = ("layer,l", "layer,element", "layer,kind")
 
 
@@ -149,7 +151,8 @@ def _pct(value: float | None) -> str:
 
 
 def _header(path: str, s: dict[str, Any]) -> list[str]:
-    hyper = ", ".join(f"{k}={v}" for k, v in s["hyperparameters"].items())
+    params = s["hyperparameters"]
+    hyper = ", ".join(f"{k}={params[k]}" for k in HEADER_HYPERPARAMETERS if params.get(k) is not None)
     shifts = s["energy_shifts_meV"]
     shift_text = ", ".join(f"{k} {v:+.1f}" for k, v in shifts.items()) + " meV/atom" if shifts else "none"
     lines = [
@@ -197,7 +200,7 @@ def _pattern_table(grouping: str, rows: list[dict[str, Any]], max_rows: int) -> 
             f"{r['total']:,}",
             _pct(r["density"]),
             _num(r["mean_abs_delta"], ".3e"),
-            _num(r["rel_mean_abs_delta"], ".3f"),
+            _num(r["rel_mean_abs_delta"], ".3e"),
         ]
         for r in shown
     ]
