@@ -91,8 +91,9 @@ def delta_entries(
     list of dict or pandas.DataFrame
         One row per changed weight: ``tensor``, ``index`` (flat), ``layer`` (None for the
         embedding and SevenNet's readout), ``module``, ``kind``, ``l_in``, ``l_out``, ``Z``
-        (-1 where undefined or shared), ``element`` (symbol or None), ``radial`` (bool),
-        ``delta`` and ``base`` (weight before the change; dimensionless).
+        (-1 where undefined or shared; -2 in tensors without weight info, whose module and
+        kind are ``"other"``), ``element`` (symbol or None), ``radial`` (bool), ``delta`` and
+        ``base`` (weight before the change; dimensionless).
     """
     layout = build_layout(delta, backend, trainable="all")
     rows = []
