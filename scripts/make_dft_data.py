@@ -139,6 +139,9 @@ class SystemSpec:
         Number of ``shear`` frames.
     n_shear_rattle
         Number of ``shear_rattle`` frames.
+    md_per_temperature
+        Number of MD snapshots used per temperature (the first ones in the
+        geometry file).
     """
 
     name: str
@@ -155,6 +158,7 @@ class SystemSpec:
     strain_rattle: tuple[tuple[float, float], ...]
     n_shear: int
     n_shear_rattle: int
+    md_per_temperature: int
 
 
 SYSTEMS = {
@@ -182,6 +186,7 @@ SYSTEMS = {
         ),
         n_shear=6,
         n_shear_rattle=10,
+        md_per_temperature=10,
     ),
     "cu": SystemSpec(
         name="cu",
@@ -193,11 +198,12 @@ SYSTEMS = {
         kpts=(6, 6, 6),
         gamma=True,
         width=0.1,
-        rattle_stdevs=(0.03, 0.05, 0.07, 0.1),
+        rattle_stdevs=(0.03, 0.06, 0.1),
         rattle_repeats=2,
         strain_rattle=((-0.03, 0.05), (-0.015, 0.05), (0.015, 0.05), (0.03, 0.05)),
-        n_shear=4,
-        n_shear_rattle=6,
+        n_shear=3,
+        n_shear_rattle=5,
+        md_per_temperature=5,
     ),
 }
 
@@ -528,11 +534,16 @@ def md_structures(spec: SystemSpec, a0: float, md_file: Path) -> list[Atoms]:
     Returns
     -------
     list of Atoms
-        Snapshots tagged ``md_<T>K``.
+        The first ``spec.md_per_temperature`` snapshots of each temperature,
+        tagged ``md_<T>K``.
     """
     frames = []
+    used: dict[float, int] = {}
     for snap in read(md_file, ":"):
         if snap.info["system"] != spec.name:
+            continue
+        used[snap.info["temperature_K"]] = used.get(snap.info["temperature_K"], 0) + 1
+        if used[snap.info["temperature_K"]] > spec.md_per_temperature:
             continue
         atoms = Atoms(snap.get_chemical_symbols(), positions=snap.positions, cell=snap.cell, pbc=True)
         atoms.set_cell(snap.cell.array * a0 / snap.info["md_lattice_constant"], scale_atoms=True)
