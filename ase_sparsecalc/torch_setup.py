@@ -41,6 +41,7 @@ def import_keeping_weights_only(module_name: str) -> ModuleType:
     to what it was before, so the process keeps torch's safe default.
     """
     prepare_torch()
+    importlib.import_module("e3nn.o3")  # loads e3nn's constants before mace can relax torch.load
     before = os.environ.get(_NO_WEIGHTS_ONLY)
     try:
         return importlib.import_module(module_name)

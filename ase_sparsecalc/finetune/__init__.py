@@ -91,6 +91,7 @@ def finetune_with_report(
     forces_key: str | None = None,
     stress_key: str | None = None,
     config: FinetuneConfig | None = None,
+    callbacks: Sequence = (),
     **options,
 ) -> FinetuneResult:
     """:func:`finetune`, also returning the report (and writing it when ``report_dir`` is set)."""
@@ -109,7 +110,10 @@ def finetune_with_report(
     valid_batches = make_batches(valid_frames, backend, config.batch_size) if valid_frames else []
     base_train = predict(backend, train_batches)
     base_valid = predict(backend, valid_batches)
-    prior = _isolated_atom_prior(backend, isolated_atoms) if isolated_atoms is not None else None
+    prior = None
+    if isolated_atoms is not None:
+        present = {s for f in train_frames for s in f.atoms.get_chemical_symbols()}
+        prior = _isolated_atom_prior(backend, isolated_atoms, present)
     shifts = fit_energy_shifts(train_frames, _energies(base_train, len(train_frames)), prior)
     backend.add_energy_shifts(shifts)
     before = {
@@ -133,6 +137,7 @@ def finetune_with_report(
             config,
             checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
             fingerprint=_run_fingerprint(backend, config, data_id),
+            callbacks=callbacks,
         )
         if resume and checkpoint_dir and (Path(checkpoint_dir) / CHECKPOINT_NAME).is_file():
             trainer.load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_NAME)
@@ -247,13 +252,14 @@ def _make_method(backend: Backend, infos: list[WeightInfo], config: FinetuneConf
 
 
 def _run_fingerprint(backend: Backend, config: FinetuneConfig, data_id: str) -> str:
-    text = "|".join([backend.fingerprint, data_id, repr(sorted(config.to_dict().items()))])
+    relevant = {k: v for k, v in config.to_dict().items() if k not in ("max_time", "extra")}
+    text = "|".join([backend.fingerprint, data_id, repr(sorted(relevant.items()))])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _isolated_atom_prior(backend: Backend, isolated_atoms) -> dict[str, float]:
-    """Isolated-atom DFT energy minus the model's isolated-atom energy, per element."""
-    dft = read_isolated_atom_energies(isolated_atoms)
+def _isolated_atom_prior(backend: Backend, isolated_atoms, elements: set[str]) -> dict[str, float]:
+    """Isolated-atom DFT energy minus the model's isolated-atom energy, per element present."""
+    dft = {s: e for s, e in read_isolated_atom_energies(isolated_atoms).items() if s in elements}
     atoms = [Atoms(symbol) for symbol in dft]
     for a in atoms:
         a.center(vacuum=10.0)

@@ -77,6 +77,8 @@ class Trainer:
         Where checkpoints go (every epoch); None: no checkpoints.
     fingerprint : str
         Identifies base model and data; a checkpoint made for other inputs is refused.
+    callbacks : sequence of callables
+        Each is called as ``callback(trainer)`` after every completed (and checkpointed) epoch.
     """
 
     def __init__(
@@ -88,11 +90,13 @@ class Trainer:
         config: FinetuneConfig,
         checkpoint_dir: Path | None = None,
         fingerprint: str = "",
+        callbacks: Sequence = (),
     ) -> None:
         self.backend, self.method, self.config = backend, method, config
         self.train_batches, self.valid_batches = list(train), list(valid)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.fingerprint = fingerprint
+        self.callbacks = list(callbacks)
         self.weights = LossWeights(
             config.energy_weight, config.forces_weight, config.stress_weight, config.huber_delta
         )
@@ -126,17 +130,22 @@ class Trainer:
         while self.state.epoch < self.config.epochs:
             epoch = self.state.epoch
             train_loss, timed_out = self._train_epoch(epoch, start)
+            if timed_out:
+                # the partial epoch is not checkpointed: resuming repeats it from the last
+                # complete epoch, which gives the same result as an uninterrupted run
+                self.state.stop_reason = "max_time"
+                break
             valid_loss = self.validation_loss()
             self._record(epoch, train_loss, valid_loss, time.monotonic() - start)
             bar.update(1)
             bar.set_postfix(
                 loss=f"{train_loss:.3g}", valid=f"{valid_loss:.3g}", density=f"{self.method.density():.3g}"
             )
-            if timed_out:
-                self.state.stop_reason = "max_time"
-            elif self._patience_exhausted():
+            if self._patience_exhausted():
                 self.state.stop_reason = "early_stopping"
             self.save_checkpoint()
+            for callback in self.callbacks:
+                callback(self)
             if self.state.stop_reason:
                 break
         bar.close()

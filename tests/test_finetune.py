@@ -1,0 +1,187 @@
+"""Fine-tuning: short real fine-tunes on bundled DFT frames (small MACE model and SevenNet-0)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ase_sparsecalc import SparseCalc, SparseDelta, load_backend
+from ase_sparsecalc.finetune import (
+    FinetuneConfig,
+    finetune,
+    finetune_with_report,
+    read_frames,
+    trainable_infos,
+)
+from ase_sparsecalc.finetune.batches import make_batches, predict
+from ase_sparsecalc.finetune.methods import METHODS, MethodOptions
+from ase_sparsecalc.finetune.trainer import Trainer
+from ase_sparsecalc.testing import random_rotation
+
+DATA = Path(__file__).parents[1] / "examples" / "data"
+ETHANOL = str(DATA / "ethanol_train.xyz")
+FAST = {"epochs": 6, "batch_size": 4, "lr": 1e-2, "dtype": "float64", "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def frames(mace_model_path):
+    """Real ethanol geometries labelled by a "teacher": the small MACE model plus a known sparse
+    delta. A delta of the same kind can fit these labels, so a short fine-tune must succeed."""
+    from ase_sparsecalc.finetune.data import Frame
+    from ase_sparsecalc.testing import random_sparse_delta
+
+    teacher = SparseCalc(mace_model_path)
+    teacher.set_delta(random_sparse_delta(teacher.backend, density=0.05, relative_scale=0.5, seed=11))
+    dft = read_frames(ETHANOL + "@:16")
+    results = teacher.batch_evaluate([f.atoms for f in dft])
+    return [
+        Frame(f.atoms, r["energy"], r["forces"], None, f.source) for f, r in zip(dft, results, strict=True)
+    ]
+
+
+@pytest.fixture(scope="module")
+def dft_frames():
+    """Real DFT-labelled ethanol frames (PBE/def2-SVP)."""
+    return read_frames(ETHANOL + "@:16")
+
+
+def test_sparse_finetune_lowers_loss_and_hits_density(mace_model_path, frames, tmp_path):
+    result = finetune_with_report(
+        mace_model_path,
+        frames[:12],
+        frames[12:],
+        density=0.05,
+        output=tmp_path / "d.safetensors",
+        report_dir=tmp_path / "report",
+        **FAST,
+    )
+    history = result.report["history"]
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    before, after = result.report["before"]["train"], result.report["after"]["train"]
+    assert after["forces_mae"] < before["forces_mae"]
+    delta = SparseDelta.load(tmp_path / "d.safetensors")
+    assert delta.density == pytest.approx(0.05, rel=0.02)
+    assert delta.metadata.method == "sparse" and delta.metadata.training_data["frames"] == 12
+    assert set(delta.metadata.energy_shifts) == {"H", "C", "O"}
+    for name in ("report.json", "parity.png", "learning_curves.png", "sparsity.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+
+
+def test_saved_delta_reproduces_trained_model_exactly(mace_model_path, frames):
+    backend = load_backend(mace_model_path, dtype="float64")
+    config = FinetuneConfig(density=0.05, **FAST)
+    infos = trainable_infos(backend, config)
+    params = dict(backend.model.named_parameters())
+    method = METHODS["sparse"](infos, {i.name: params[i.name] for i in infos}, MethodOptions(density=0.05))
+    batches = make_batches(frames[:8], backend, 4, seed=0)
+    Trainer(backend, method, batches, [], config).train(progress=False)
+    trained = predict(backend, batches, method.effective_parameters)
+    delta = SparseDelta(method.export())
+    delta.apply(backend)
+    merged = predict(backend, batches)
+    for k in trained:
+        assert merged[k]["energy"] == trained[k]["energy"]
+        np.testing.assert_array_equal(merged[k]["forces"], trained[k]["forces"])
+
+
+def test_finetuned_model_stays_equivariant(mace_model_path, frames, silicon):
+    delta = finetune(mace_model_path, frames[:8], frames[8:10], density=0.05, **FAST)
+    calc = SparseCalc(mace_model_path, delta=delta)
+    atoms = frames[10].atoms.copy()
+    atoms.calc = calc
+    energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+    R = random_rotation(5)
+    atoms.positions = atoms.positions @ R.T
+    assert atoms.get_potential_energy() == pytest.approx(energy, abs=1e-8)
+    np.testing.assert_allclose(atoms.get_forces(), forces @ R.T, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["l1", "gmp", "full", "elora"])
+def test_baseline_methods_train_and_export(method, mace_model_path, frames):
+    result = finetune_with_report(
+        mace_model_path, frames[:8], frames[8:10], method=method, density=0.05, penalty=1e-3, rank=2, **FAST
+    )
+    delta, report = result.delta, result.report
+    assert report["after"]["train"]["forces_mae"] < report["before"]["train"]["forces_mae"]
+    if method in ("l1", "gmp"):
+        assert delta.density == pytest.approx(0.05, rel=0.05)
+    if method == "full":
+        assert any(name.startswith("readouts") for name in delta.tensors)
+    if method == "elora":
+        assert delta.density > 0.5  # low-rank updates merge into dense path blocks
+
+
+def test_shift_only_baseline(mace_model_path, dft_frames):
+    frames = dft_frames
+    result = finetune_with_report(mace_model_path, frames[:12], frames[12:], method="shift", dtype="float64")
+    assert not result.delta.tensors and result.delta.nnz == 0
+    before, after = result.report["before"]["valid"], result.report["after"]["valid"]
+    assert after["forces_mae"] == pytest.approx(before["forces_mae"])
+    assert after["energy_mae"] < 50.0  # meV/atom: the shifts alone remove the reference offset
+
+
+def test_isolated_atoms_give_physical_shifts(mace_model_path, dft_frames):
+    frames = dft_frames
+    delta = finetune(
+        mace_model_path,
+        frames[:12],
+        frames[12:],
+        method="shift",
+        dtype="float64",
+        isolated_atoms=str(DATA / "ethanol_isolated_atoms.xyz"),
+    )
+    iso = {
+        f.atoms.get_chemical_symbols()[0]: f.energy
+        for f in read_frames(str(DATA / "ethanol_isolated_atoms.xyz"), require_forces=False)
+    }
+    # One stoichiometry (C2H6O) fixes only 2 dC + 6 dH + dO; the rest comes from the isolated-atom
+    # prior: DFT minus model energy of each isolated atom.
+    from ase import Atoms
+
+    calc = SparseCalc(mace_model_path)
+    model_iso = {s: calc.batch_evaluate([Atoms(s)])[0]["energy"] for s in ("H", "C", "O")}
+    prior = {s: iso[s] - model_iso[s] for s in model_iso}
+    counts = {"C": 2, "H": 6, "O": 1}
+    ratios = [(delta.energy_shifts[s] - prior[s]) / counts[s] for s in counts]
+    assert ratios == pytest.approx([ratios[0]] * 3, rel=1e-6)
+
+
+def test_resume_gives_the_same_delta(mace_model_path, frames, tmp_path):
+    options = {**FAST, "epochs": 4, "density": 0.05}
+    reference = finetune(mace_model_path, frames[:8], frames[8:10], **options)
+
+    # an interrupted run: killed right after its second epoch's checkpoint
+    def kill_after_two_epochs(trainer):
+        if trainer.state.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(
+            mace_model_path,
+            frames[:8],
+            frames[8:10],
+            checkpoint_dir=tmp_path,
+            callbacks=[kill_after_two_epochs],
+            **options,
+        )
+    assert (tmp_path / "checkpoint.pt").is_file()
+    resumed = finetune(
+        mace_model_path, frames[:8], frames[8:10], checkpoint_dir=tmp_path, resume=True, **options
+    )
+    assert list(resumed.tensors) == list(reference.tensors)
+    for name, t in reference.tensors.items():
+        assert torch.equal(resumed.tensors[name].indices, t.indices)
+        assert torch.equal(resumed.tensors[name].values, t.values)
+
+
+def test_sevennet_short_finetune_on_real_dft(dft_frames):
+    pytest.importorskip("sevenn")
+    result = finetune_with_report(
+        "sevennet-0", dft_frames[:8], dft_frames[8:10], density=0.01, epochs=3, batch_size=4, lr=5e-3, seed=0
+    )
+    assert result.report["backend"] == "sevennet"
+    assert result.report["after"]["train"]["forces_mae"] < result.report["before"]["train"]["forces_mae"]
+    assert result.delta.density == pytest.approx(0.01, rel=0.05)
