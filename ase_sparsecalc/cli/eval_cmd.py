@@ -1,0 +1,61 @@
+"""``sparsecalc eval``: errors of a (calibrated) model on labelled DFT frames."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from . import add_model_arguments, make_calculator
+
+
+def add_parser(subparsers) -> None:
+    """Register ``eval``."""
+    p = subparsers.add_parser(
+        "eval",
+        help="errors of base (+ delta) on labelled frames",
+        description="Energy, force and stress errors of a model on DFT frames (any ASE format; "
+        "'file@slice' selects frames). Structures are evaluated in batches.",
+    )
+    p.add_argument("data", nargs="+", metavar="FILE", help="labelled data file(s)")
+    add_model_arguments(p)
+    p.add_argument("--batch-size", type=int, default=16, help="structures per model call (default: 16)")
+    p.add_argument("--energy-key", help="info key (or calculator result) holding energies")
+    p.add_argument("--forces-key", help="arrays key (or calculator result) holding forces")
+    p.add_argument("--stress-key", help="info key (or calculator result) holding stresses")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate and print the metrics."""
+    from ase.stress import voigt_6_to_full_3x3_stress
+
+    from ..finetune.data import read_frames
+    from ..finetune.metrics import METRIC_UNITS, error_metrics
+
+    frames = read_frames(
+        args.data,
+        energy_key=args.energy_key,
+        forces_key=args.forces_key,
+        stress_key=args.stress_key,
+        require_forces=False,
+    )
+    calc = make_calculator(args)
+    properties = ["energy", "forces"] + (["stress"] if all(f.stress is not None for f in frames) else [])
+    results = calc.batch_evaluate([f.atoms for f in frames], properties, batch_size=args.batch_size)
+    predictions = {}
+    for k, res in enumerate(results):
+        predictions[k] = {"energy": res["energy"], "forces": res["forces"]}
+        if "stress" in res:
+            predictions[k]["stress"] = voigt_6_to_full_3x3_stress(res["stress"])
+    metrics = error_metrics(frames, predictions)
+    metrics["base"] = calc.backend.model_name
+    metrics["delta"] = args.delta
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    print(f"{len(frames)} frames, base {metrics['base']}, delta {args.delta or '(none)'}")
+    for key, unit in METRIC_UNITS.items():
+        if key in metrics:
+            print(f"  {key:14s}{metrics[key]:12.3f}  {unit}")
+    return 0

@@ -1,0 +1,145 @@
+"""``sparsecalc finetune``: fit a delta to DFT frames and write it with its report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..finetune.config import ALL_METHODS, FinetuneConfig
+
+
+def add_parser(subparsers) -> None:
+    """Register ``finetune``."""
+    p = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a sparse delta on DFT data",
+        description="Fit a sparse delta (and per-element energy shifts) of a foundation model to DFT "
+        "frames in any format ASE reads (extxyz, .traj, vasprun.xml, OUTCAR, espresso-out, GPAW "
+        "text output, ...). Files may carry an index slice: train.xyz@0:200.",
+    )
+    p.add_argument("train", nargs="+", metavar="FILE", help="training data file(s)")
+    p.add_argument("-o", "--output", required=True, help="delta file to write (.safetensors)")
+    p.add_argument("--base", help="named foundation model or model file (default: SevenNet-0)")
+    p.add_argument(
+        "--valid", nargs="+", metavar="FILE", help="validation data (default: hold out --valid-fraction)"
+    )
+    p.add_argument("--report-dir", help="report folder (default: <output stem>_report beside the delta)")
+    p.add_argument("--checkpoint-dir", help="checkpoint folder (default: <output stem>_checkpoint)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint folder")
+    p.add_argument("--isolated-atoms", help="file of isolated-atom DFT energies (single-atom frames)")
+    p.add_argument("--energy-key", help="info key (or calculator result) holding energies")
+    p.add_argument("--forces-key", help="arrays key (or calculator result) holding forces")
+    p.add_argument("--stress-key", help="info key (or calculator result) holding stresses")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    defaults = FinetuneConfig()
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default=defaults.method, choices=ALL_METHODS, help="default: %(default)s")
+    g.add_argument(
+        "--density",
+        type=_density,
+        default=defaults.density,
+        help="target fraction of changed weights, or 'none' to use --penalty (default: %(default)s)",
+    )
+    g.add_argument(
+        "--penalty", type=float, default=defaults.penalty, help="l1 strength on the relative delta"
+    )
+    g.add_argument("--rank", type=int, default=defaults.rank, help="rank per path block (elora)")
+    g.add_argument("--train-readouts", action="store_true", help="let the delta change readout weights")
+    t = p.add_argument_group("training")
+    for name in ("epochs", "batch_size", "seed"):
+        t.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=int,
+            default=getattr(defaults, name),
+            help="default: %(default)s",
+        )
+    for name in ("lr", "weight_decay", "energy_weight", "forces_weight", "stress_weight", "valid_fraction"):
+        t.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=float,
+            default=getattr(defaults, name),
+            help="default: %(default)s",
+        )
+    t.add_argument("--huber", type=float, dest="huber_delta", help="Huber loss with this transition")
+    t.add_argument("--patience", type=int, help="early stopping patience in epochs")
+    t.add_argument("--max-time", type=float, help="wall-clock limit in seconds")
+    t.add_argument("--dtype", default=defaults.dtype, choices=["float32", "float64"])
+    t.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto")
+    p.set_defaults(func=run)
+
+
+def _density(text: str) -> float | None:
+    if text.lower() in ("none", "off"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"density must be a number or 'none', got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the fine-tune and print a before/after summary."""
+    from ..finetune import finetune_with_report
+
+    output = Path(args.output)
+    stem = output.name.removesuffix(".safetensors")
+    config = FinetuneConfig(
+        method=args.method,
+        density=args.density,
+        penalty=args.penalty,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        energy_weight=args.energy_weight,
+        forces_weight=args.forces_weight,
+        stress_weight=args.stress_weight,
+        huber_delta=args.huber_delta,
+        valid_fraction=args.valid_fraction,
+        patience=args.patience,
+        train_readouts=args.train_readouts,
+        rank=args.rank,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device,
+        max_time=args.max_time,
+    )
+    result = finetune_with_report(
+        args.base,
+        args.train,
+        args.valid,
+        config=config,
+        output=output,
+        report_dir=args.report_dir or output.with_name(f"{stem}_report"),
+        checkpoint_dir=args.checkpoint_dir or output.with_name(f"{stem}_checkpoint"),
+        resume=args.resume,
+        progress=not args.no_progress,
+        isolated_atoms=args.isolated_atoms,
+        energy_key=args.energy_key,
+        forces_key=args.forces_key,
+        stress_key=args.stress_key,
+    )
+    print(format_summary(result.report, result.paths))
+    return 0
+
+
+def format_summary(report: dict, paths: dict) -> str:
+    """Human-readable before/after table of a fine-tuning report."""
+    split = "valid" if report["after"].get("valid") else "train"
+    lines = [
+        f"{report['method']} delta on {report['base']}: {report['nnz']} weights changed "
+        f"({100 * report['density']:.2f} % of {report['trainable_weights']})",
+        f"errors on the {split} frames        base+shift    calibrated",
+    ]
+    for key, label in (
+        ("energy_mae", "energy MAE (meV/atom)"),
+        ("forces_mae", "force MAE (meV/Å)"),
+        ("stress_mae", "stress MAE (GPa)"),
+    ):
+        before, after = report["before"][split].get(key), report["after"][split].get(key)
+        if before is not None and after is not None:
+            lines.append(f"  {label:30s}{before:12.3f}{after:14.3f}")
+    lines.append(
+        f"wall time {report['wall_time_s']:.1f} s; " + ", ".join(f"{k}: {v}" for k, v in paths.items())
+    )
+    return "\n".join(lines)
