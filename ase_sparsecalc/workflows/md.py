@@ -27,7 +27,7 @@ import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 from ase.md.md import MolecularDynamics
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+from ase.md.velocitydistribution import Stationary
 
 from ..calculator import has_3d_cell
 from ._output import streamed_frames, streamed_text
@@ -257,8 +257,12 @@ def initialise_velocities(atoms: Atoms, temperature_K: float, rng: np.random.Gen
     if temperature_K <= 0:
         atoms.set_momenta(np.zeros((len(atoms), 3)))
         return
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
-    Stationary(atoms)
+    from ase.md import velocitydistribution as vd
+
+    # thermalize_momenta is the ASE >= 3.29 name of MaxwellBoltzmannDistribution
+    thermalize = getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution
+    thermalize(atoms, temperature_K=temperature_K, rng=rng)
+    Stationary(atoms, preserve_temperature=False)
     current = 2.0 * atoms.get_kinetic_energy() / (ndof * units.kB)
     if current > 0:
         atoms.set_momenta(atoms.get_momenta() * np.sqrt(temperature_K / current))

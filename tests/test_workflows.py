@@ -1,0 +1,326 @@
+"""MD, relaxation and phonon workflows, from Python and from the command line.
+
+Reference results come from the backends' own ASE calculators (SevenNetCalculator,
+MACECalculator) driven through ASE and phonopy directly, never from this package's code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+from ase.io import read
+
+from ase_sparsecalc import SparseCalc
+from ase_sparsecalc.cli import main
+from ase_sparsecalc.errors import DataFileError
+from ase_sparsecalc.structure_io import read_structure
+from ase_sparsecalc.testing import random_sparse_delta
+from ase_sparsecalc.workflows import frequencies_at, imaginary_modes, phonons, relax, run_md
+
+MACE_ENV_WARNING = "ignore:Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD:UserWarning"
+
+SI_A = 5.43  # Å, experimental lattice constant; a starting point, not a reference value
+Q_GAMMA_X_L = [[0.0, 0.0, 0.0], [0.5, 0.0, 0.5], [0.5, 0.5, 0.5]]  # reduced, fcc primitive cell
+
+
+@pytest.fixture(scope="module")
+def sevennet64() -> SparseCalc:
+    pytest.importorskip("sevenn")
+    return SparseCalc("sevennet-0", default_dtype="float64")
+
+
+@pytest.fixture
+def strained_si() -> Atoms:
+    """Primitive Si with a sheared, stretched cell and rattled atoms."""
+    atoms = bulk("Si", "diamond", a=SI_A)
+    strain = np.array([[0.02, 0.01, 0.0], [0.0, -0.01, 0.01], [0.0, 0.0, 0.015]])
+    atoms.set_cell(atoms.cell.array @ (np.eye(3) + strain), scale_atoms=True)
+    atoms.rattle(0.03, seed=1)
+    return atoms
+
+
+def _primitive_si() -> Atoms:
+    return bulk("Si", "diamond", a=SI_A)
+
+
+def _mace_calculator(path: str, monkeypatch):
+    # MACECalculator unpickles its model with weights_only off, through this variable that mace
+    # sets on import and ase_sparsecalc removes again; give it back for this test only.
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    from mace.calculators import MACECalculator
+
+    return MACECalculator(model_paths=path, device="cpu", default_dtype="float64")
+
+
+def _sevennet_calculator():
+    from ase_sparsecalc.torch_setup import prepare_torch
+
+    prepare_torch()
+    from sevenn.calculator import SevenNetCalculator
+
+    return SevenNetCalculator("7net-0", device="cpu")
+
+
+def _phonopy_reference(atoms: Atoms, calc, supercell: int) -> np.ndarray:
+    """Force constants from phonopy's own API with forces from an ASE calculator, one by one."""
+    from phonopy import Phonopy
+    from phonopy.structure.atoms import PhonopyAtoms
+
+    unit = PhonopyAtoms(
+        symbols=atoms.get_chemical_symbols(),
+        cell=atoms.cell.array,
+        scaled_positions=atoms.get_scaled_positions(),
+    )
+    ph = Phonopy(unit, supercell_matrix=np.eye(3, dtype=int) * supercell, primitive_matrix="auto")
+    ph.generate_displacements(distance=0.01)
+    forces = []
+    for cell in ph.supercells_with_displacements:
+        sc = Atoms(cell.symbols, cell=cell.cell, scaled_positions=cell.scaled_positions, pbc=True)
+        sc.calc = calc
+        forces.append(sc.get_forces())
+    ph.forces = np.array(forces)
+    ph.produce_force_constants()
+    return ph
+
+
+# ---------------------------------------------------------------------------------------- MD
+@pytest.mark.parametrize("kind", ["sevennet", "mace"])
+def test_nve_conserves_energy_with_delta(kind, base_for):
+    """Velocity Verlet at 1 fs on 8-atom Si at 600 K, with a random delta merged in: the total
+    energy must stay flat. Bound: 0.5 meV/atom (k_B T / 100 at 600 K) over 100 fs, and
+    fluctuations far below the kinetic energy."""
+    calc = SparseCalc(base_for(kind), default_dtype="float64")
+    atoms = bulk("Si", "diamond", a=SI_A, cubic=True)
+    atoms.calc = calc
+    bare_energy = atoms.get_potential_energy()
+    calc.set_delta(random_sparse_delta(calc.backend, density=0.02, relative_scale=0.1, seed=1))
+    assert abs(atoms.get_potential_energy() - bare_energy) > 1e-3  # the delta really acts
+
+    result = run_md(atoms, calc, "nve", temperature_K=600, timestep_fs=1.0, steps=100, seed=5, progress=False)
+
+    n = len(atoms)
+    assert result.time_fs[-1] == pytest.approx(100.0)
+    assert result.temperature[0] == pytest.approx(600.0, rel=1e-9)
+    np.testing.assert_allclose(result.conserved_energy, result.total_energy)
+    deviation = np.abs(result.total_energy - result.total_energy[0]).max() / n
+    assert abs(result.drift_per_atom) < 5e-4
+    assert deviation < 5e-4
+    # energy moves between kinetic and potential, and the sum varies 50x less than the kinetic part
+    assert np.std(result.kinetic_energy) > 50 * np.std(result.total_energy)
+    assert np.std(result.total_energy) < 0.01 * np.mean(result.kinetic_energy)
+    # zero total momentum throughout
+    assert np.abs(result.atoms.get_momenta().sum(axis=0)).max() < 1e-8
+
+
+def test_md_velocities_are_seeded(sevennet64):
+    atoms = _primitive_si()
+    a = run_md(atoms, sevennet64, "nvt", temperature_K=300, steps=3, seed=11, progress=False)
+    b = run_md(atoms, sevennet64, "nvt", temperature_K=300, steps=3, seed=11, progress=False)
+    c = run_md(atoms, sevennet64, "nvt", temperature_K=300, steps=3, seed=12, progress=False)
+    np.testing.assert_array_equal(a.atoms.positions, b.atoms.positions)
+    assert np.abs(a.atoms.positions - c.atoms.positions).max() > 1e-6
+
+
+def test_md_rejects_unknown_ensemble(sevennet64):
+    with pytest.raises(ValueError, match="ensemble must be one of"):
+        run_md(_primitive_si(), sevennet64, "nph", steps=1, progress=False)
+
+
+# ------------------------------------------------------------------------------------ relax
+def test_relax_lattice_matches_sevennetcalculator(strained_si):
+    """float32 (SevenNetCalculator runs float32 only): same relaxed cell to 1e-3 Å."""
+    pytest.importorskip("sevenn")
+    ours = relax(strained_si, SparseCalc("sevennet-0", default_dtype="float32"), fmax=1e-3, cell=True,
+                 optimizer="BFGS", steps=200)  # fmt: skip
+    ref = relax(strained_si, _sevennet_calculator(), fmax=1e-3, cell=True, optimizer="BFGS", steps=200)
+    assert ours.converged and ref.converged
+    np.testing.assert_allclose(ours.cellpar[:3], ref.cellpar[:3], atol=1e-3)
+    np.testing.assert_allclose(ours.cellpar[3:], ref.cellpar[3:], atol=0.05)
+    assert ours.energy == pytest.approx(ref.energy, abs=1e-4)
+    # the relaxation did work: the strain is gone and diamond Si is fcc again
+    assert np.ptp(ours.cellpar[:3]) < 2e-3 < np.ptp(strained_si.cell.cellpar()[:3])
+    np.testing.assert_allclose(ours.cellpar[3:], 60.0, atol=0.05)
+    assert ours.energy < ours.initial_energy
+    assert ours.max_force < 1e-3
+    assert np.abs(ours.stress_gpa).max() < 0.05
+    assert ours.volume == pytest.approx(ours.atoms.get_volume())
+
+
+@pytest.mark.filterwarnings(MACE_ENV_WARNING)
+def test_relax_matches_macecalculator_float64(mace_model_path, strained_si, monkeypatch):
+    ours = relax(strained_si, SparseCalc(mace_model_path, default_dtype="float64"), fmax=1e-3, cell=True,
+                 optimizer="BFGS", steps=200)  # fmt: skip
+    ref = relax(strained_si, _mace_calculator(mace_model_path, monkeypatch), fmax=1e-3, cell=True,
+                optimizer="BFGS", steps=200)  # fmt: skip
+    assert ours.converged and ref.converged
+    np.testing.assert_allclose(ours.cellpar, ref.cellpar, atol=1e-5)
+    np.testing.assert_allclose(ours.atoms.positions, ref.atoms.positions, atol=1e-5)
+    assert ours.energy == pytest.approx(ref.energy, abs=1e-6)
+
+
+def test_relax_writes_trajectory_and_log(sevennet64, strained_si, tmp_path):
+    traj, log = tmp_path / "opt.traj", tmp_path / "opt.log"
+    result = relax(strained_si, sevennet64, fmax=0.05, optimizer="FIRE", trajectory=traj, logfile=log)
+    frames = read(traj, index=":")
+    assert len(frames) == result.steps + 1
+    assert frames[-1].get_potential_energy() == pytest.approx(result.energy)
+    assert "FIRE" in log.read_text()
+    assert not list(tmp_path.glob(".*part"))
+
+
+# ---------------------------------------------------------------------------------- phonons
+@pytest.mark.filterwarnings(MACE_ENV_WARNING)
+def test_phonons_match_phonopy_with_macecalculator(mace_model_path, monkeypatch):
+    """Empty delta, float64: our batched phonons equal phonopy driven by MACECalculator."""
+    atoms = _primitive_si()
+    ours = phonons(atoms, SparseCalc(mace_model_path, default_dtype="float64"), supercell=2, mesh=(4, 4, 4),
+                   symmetrize=False, subtract_residual_forces=False, band_npoints=11)  # fmt: skip
+    ref = _phonopy_reference(atoms, _mace_calculator(mace_model_path, monkeypatch), supercell=2)
+    np.testing.assert_allclose(ours.force_constants, ref.force_constants, atol=1e-7)
+    np.testing.assert_allclose(
+        frequencies_at(ours, Q_GAMMA_X_L), ref.run_qpoints(Q_GAMMA_X_L).frequencies, atol=1e-5
+    )
+
+
+def test_phonons_match_phonopy_with_sevennetcalculator():
+    """Empty delta, float32 (SevenNetCalculator's precision): frequencies agree to 0.01 THz."""
+    pytest.importorskip("sevenn")
+    atoms = _primitive_si()
+    ours = phonons(atoms, SparseCalc("sevennet-0", default_dtype="float32"), supercell=2, mesh=(4, 4, 4),
+                   symmetrize=False, subtract_residual_forces=False, band_npoints=11)  # fmt: skip
+    ref = _phonopy_reference(atoms, _sevennet_calculator(), supercell=2)
+    np.testing.assert_allclose(frequencies_at(ours, Q_GAMMA_X_L), ref.run_qpoints(Q_GAMMA_X_L).frequencies,
+                               atol=0.01)  # fmt: skip
+
+
+def test_phonons_acoustic_sum_rule_and_delta_effect(sevennet64):
+    atoms = _primitive_si()
+    raw = phonons(atoms, sevennet64, supercell=2, mesh=(4, 4, 4), symmetrize=False, band_npoints=11)
+    sym = phonons(atoms, sevennet64, supercell=2, mesh=(4, 4, 4), band_npoints=11)
+    gamma_raw = frequencies_at(raw, [[0, 0, 0]])[0]
+    gamma_sym = frequencies_at(sym, [[0, 0, 0]])[0]
+    assert np.abs(gamma_raw[:3]).max() < 0.1
+    assert np.abs(gamma_sym[:3]).max() < 0.05
+    assert gamma_sym[3] > 10.0  # the optical mode of Si is 15.5 THz in experiment
+    assert not imaginary_modes(sym)
+
+    try:
+        sevennet64.set_delta(
+            random_sparse_delta(sevennet64.backend, density=0.02, relative_scale=0.1, seed=3)
+        )
+        changed = phonons(atoms, sevennet64, supercell=2, mesh=(4, 4, 4), band_npoints=11)
+    finally:
+        sevennet64.set_delta(None)
+    shift = np.abs(frequencies_at(changed, Q_GAMMA_X_L) - frequencies_at(sym, Q_GAMMA_X_L))
+    assert shift.max() > 0.05  # THz
+
+
+def test_imaginary_modes_are_reported_with_their_qpoint(mace_model_path):
+    """The small random MACE model holds diamond Si together badly: modes go imaginary."""
+    ph = phonons(_primitive_si(), SparseCalc(mace_model_path, default_dtype="float64"), supercell=2,
+                 mesh=(4, 4, 4), band_npoints=11)  # fmt: skip
+    modes = imaginary_modes(ph)
+    assert modes
+    lowest = modes[0]
+    assert lowest.frequency < -0.05
+    assert lowest.frequency == min(m.frequency for m in modes)
+    recomputed = frequencies_at(ph, [lowest.qpoint])[0]
+    assert recomputed[lowest.band_index] == pytest.approx(lowest.frequency, abs=1e-6)
+    assert all(m.frequency < -0.05 for m in modes)
+
+
+def test_phonons_write_files(sevennet64, tmp_path):
+    import yaml
+
+    ph = phonons(
+        _primitive_si(), sevennet64, supercell=2, mesh=(4, 4, 4), band_npoints=11, output_dir=tmp_path
+    )
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {"phonopy.yaml", "FORCE_CONSTANTS", "band.yaml", "total_dos.dat",
+                     "thermal_properties.yaml", "phonons.png", "thermal_properties.png"}  # fmt: skip
+    from phonopy import load
+    from phonopy.file_IO import parse_FORCE_CONSTANTS
+
+    reloaded = load(tmp_path / "phonopy.yaml", produce_fc=False, is_compact_fc=False)
+    np.testing.assert_allclose(reloaded.force_constants, ph.force_constants, atol=1e-8)
+    np.testing.assert_allclose(
+        parse_FORCE_CONSTANTS(tmp_path / "FORCE_CONSTANTS"), ph.force_constants, atol=1e-6
+    )
+    thermal = yaml.safe_load((tmp_path / "thermal_properties.yaml").read_text())
+    assert thermal["thermal_properties"][-1]["temperature"] == pytest.approx(1000.0)
+    assert (tmp_path / "phonons.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# -------------------------------------------------------------------------------------- CLI
+@pytest.fixture
+def si_files(tmp_path):
+    prim = tmp_path / "si.cif"
+    _primitive_si().write(prim)
+    conv = tmp_path / "si8.extxyz"
+    bulk("Si", "diamond", a=SI_A, cubic=True).write(conv)
+    return prim, conv
+
+
+def test_cli_md(si_files, tmp_path, capsys):
+    _, conv = si_files
+    traj, log = tmp_path / "md.traj", tmp_path / "md.log"
+    args = ["--ensemble", "nvt", "--temperature", "400", "--timestep", "1", "--steps", "4", "--seed", "1"]
+    args += ["--traj", str(traj), "--traj-interval", "2", "--log", str(log), "--dtype", "float32"]
+    rc = main(["md", str(conv), *args, "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "NVT MD with Langevin: 4 steps" in out
+    assert len(read(traj, index=":")) == 3
+    table = np.loadtxt(log)
+    assert table.shape == (5, 8)
+    np.testing.assert_allclose(table[:, 0], [0, 1, 2, 3, 4])
+    assert table[0, 5] == pytest.approx(400.0, abs=0.01)
+    np.testing.assert_allclose(table[:, 3], table[:, 1] + table[:, 2], atol=2e-6)
+
+
+def test_cli_relax(si_files, tmp_path, capsys):
+    prim, _ = si_files
+    out_file = tmp_path / "relaxed.extxyz"
+    rc = main(["relax", str(prim), "--cell", "--fmax", "0.01", "--optimizer", "BFGS", "-o", str(out_file)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "converged after" in out and "a=" in out and "GPa" in out
+    relaxed = read(out_file)
+    assert np.abs(relaxed.get_forces()).max() < 0.01
+    assert relaxed.cell.cellpar()[0] != pytest.approx(SI_A / np.sqrt(2), abs=1e-3)
+
+
+def test_cli_phonons(si_files, tmp_path, capsys):
+    prim, _ = si_files
+    out_dir = tmp_path / "ph"
+    args = ["--supercell", "1", "1", "1", "--mesh", "4", "4", "4", "-o", str(out_dir), "--no-plot"]
+    rc = main(["phonons", str(prim), *args])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "Γ:" in out and "X:" in out
+    assert (out_dir / "phonopy.yaml").exists() and (out_dir / "FORCE_CONSTANTS").exists()
+    assert not (out_dir / "phonons.png").exists()
+
+
+@pytest.mark.parametrize("command", ["md", "relax", "phonons"])
+def test_cli_missing_structure(command, tmp_path, capsys):
+    missing = tmp_path / "no_such.extxyz"
+    rc = main([command, str(missing)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1
+    assert str(missing) in err and "Traceback" not in err
+
+
+def test_read_structure_errors(tmp_path):
+    bad = tmp_path / "bad.xyz"
+    bad.write_text("not an xyz file\n")
+    with pytest.raises(DataFileError, match=r"bad\.xyz"):
+        read_structure(bad)
+    good = tmp_path / "si.cif"
+    _primitive_si().write(good)
+    with pytest.raises(DataFileError, match="no frame 3"):
+        read_structure(good, index=3)
+    assert len(read_structure(good)) == 2
