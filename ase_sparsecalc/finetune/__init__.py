@@ -216,7 +216,10 @@ def _with_shifts(predictions: dict, frames: list[Frame], shifts: dict[str, float
 
 def trainable_infos(backend: Backend, config: FinetuneConfig) -> list[WeightInfo]:
     """The tensors a method may change: path weights (readouts optional); every parameter for ``full``."""
-    infos = [i for i in backend.weight_infos() if config.train_readouts or not i.is_readout]
+    infos = [
+        i for i in backend.weight_infos()
+        if (config.train_readouts or not i.is_readout) and i.kind not in config.exclude_kinds
+    ]
     if config.method != "full":
         return infos
     infos = backend.weight_infos()
@@ -245,6 +248,8 @@ def _make_method(backend: Backend, infos: list[WeightInfo], config: FinetuneConf
         warmup_fraction=config.warmup_fraction,
         prune_end_fraction=config.prune_end_fraction,
         rank=config.rank,
+        straight_through=config.straight_through,
+        learn_thresholds=config.learn_thresholds,
     )
     params = dict(backend.model.named_parameters())
     method = METHODS[config.method](infos, {i.name: params[i.name] for i in infos}, options)

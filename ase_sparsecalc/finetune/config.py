@@ -56,6 +56,12 @@ class FinetuneConfig:
         Wall-clock limit in seconds; training stops cleanly (and checkpoints) when reached.
     refit_shifts : bool
         Re-fit the per-element energy shifts after training.
+    straight_through : bool
+        ``sparse``: entries below threshold still receive gradients, so the support can change.
+    learn_thresholds : bool
+        ``sparse``: learn a threshold per tensor (otherwise one global threshold).
+    exclude_kinds : tuple of str
+        Weight kinds the delta may not touch (``"radial"``, ``"embedding"``, ...).
     """
 
     method: str = "sparse"
@@ -80,6 +86,9 @@ class FinetuneConfig:
     device: str = "cpu"
     max_time: float | None = None
     refit_shifts: bool = True
+    straight_through: bool = True
+    learn_thresholds: bool = True
+    exclude_kinds: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -96,6 +105,7 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        self.exclude_kinds = tuple(self.exclude_kinds)
         if not 0 <= self.warmup_fraction <= self.prune_end_fraction <= 1:
             raise ValueError("need 0 <= warmup_fraction <= prune_end_fraction <= 1")
 

@@ -57,6 +57,8 @@ class MethodOptions:
         Rank of each path block's update (``elora``).
     straight_through : bool
         Let entries below threshold receive gradients (``sparse``).
+    learn_thresholds : bool
+        Learn one threshold per tensor (``sparse``); otherwise all share the global one.
     """
 
     density: float | None = 0.03
@@ -66,6 +68,7 @@ class MethodOptions:
     init_threshold: float = 1e-3
     rank: int = 4
     straight_through: bool = True
+    learn_thresholds: bool = True
 
 
 def density_schedule(progress: float, target: float, start: float, end: float) -> float:
@@ -170,7 +173,9 @@ class SoftThresholdDelta(DeltaMethod):
         super().__init__(infos, base, options)
         self.u = _zeros_like_base(self._base, self.names)
         init = 0.0 if options.density is not None else float(torch.tensor(options.init_threshold).log())
-        self.log_threshold = torch.nn.Parameter(torch.full((len(self.names),), init).to(self.scales))
+        self.log_threshold = torch.nn.Parameter(
+            torch.full((len(self.names),), init).to(self.scales), requires_grad=options.learn_thresholds
+        )
         self.register_buffer("tau", torch.tensor(0.0 if options.density is not None else 1.0).to(self.scales))
 
     def deltas(self):
@@ -220,10 +225,10 @@ class SoftThresholdDelta(DeltaMethod):
         return self.options.penalty * total / self.trainable_numel
 
     def parameter_groups(self, lr, weight_decay):
-        return [
-            {"params": list(self.u), "lr": lr, "weight_decay": weight_decay},
-            {"params": [self.log_threshold], "lr": lr, "weight_decay": 0.0},
-        ]
+        groups = [{"params": list(self.u), "lr": lr, "weight_decay": weight_decay}]
+        if self.options.learn_thresholds:
+            groups.append({"params": [self.log_threshold], "lr": lr, "weight_decay": 0.0})
+        return groups
 
 
 class L1PrunedDelta(DeltaMethod):

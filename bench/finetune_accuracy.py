@@ -1,0 +1,223 @@
+"""Accuracy of delta methods side by side, on held-out DFT frames, same base, one run.
+
+Datasets
+--------
+ethanol   ../shared/data/ethanol: train on N frames of train.xyz, test on test_MD.xyz
+3bpa      ../shared/data/3bpa/train_300K.xyz: 100 frames held out for testing, train on N others
+si, cu    examples/data/{si,cu}_pbesol.extxyz (GPAW PBEsol), the files' own train/test split
+
+Examples
+--------
+python bench/finetune_accuracy.py --dataset ethanol --train-sizes 50 200 1000 \\
+    --methods shift sparse l1 gmp full elora --epochs 300 --device cuda
+python bench/finetune_accuracy.py --dataset si --methods shift sparse full --epochs 100
+python bench/finetune_accuracy.py --dataset ethanol --train-sizes 50 --ablation --epochs 60
+
+Results go to bench/results/finetune_<dataset>.json (deltas under bench/results/deltas/) and to a
+section of docs/benchmarks.md, with the command and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import ase.io
+import numpy as np
+from ase.stress import voigt_6_to_full_3x3_stress
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _markdown import machine_description, markdown_table, update_section
+
+from ase_sparsecalc import SparseCalc
+from ase_sparsecalc.finetune import finetune_with_report, read_frames
+from ase_sparsecalc.finetune.metrics import error_metrics
+
+ROOT = Path(__file__).parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+RESULTS = Path(__file__).parent / "results"
+
+ABLATION = {
+    "sparse (default)": {},
+    "no straight-through": {"straight_through": False},
+    "one global threshold": {"learn_thresholds": False},
+    "no radial MLP": {"exclude_kinds": ["radial"]},
+    "with readouts": {"train_readouts": True},
+    "lr x0.2": {"lr_scale": 0.2},
+    "gmp (magnitude pruning)": {"method": "gmp"},
+    "l1 + one-shot pruning": {"method": "l1", "penalty": 1e-3},
+}
+
+
+def load_dataset(name: str, n_train: int | None, seed: int):
+    """(train frames, test frames, isolated-atom file or None) of a named dataset."""
+    rng = np.random.default_rng(seed)
+    if name == "ethanol":
+        _require(SHARED / "ethanol")
+        pool = read_frames(str(SHARED / "ethanol" / "train.xyz"))
+        test = read_frames(str(SHARED / "ethanol" / "test_MD.xyz"))
+        train = [pool[i] for i in sorted(rng.permutation(len(pool))[:n_train])]
+        return train, test, str(SHARED / "ethanol" / "isolated_atoms.xyz")
+    if name == "3bpa":
+        _require(SHARED / "3bpa")
+        pool = read_frames(str(SHARED / "3bpa" / "train_300K.xyz"))
+        order = rng.permutation(len(pool))
+        test = [pool[i] for i in sorted(order[:100])]
+        train = [pool[i] for i in sorted(order[100 : 100 + (n_train or len(pool))])]
+        return train, test, str(SHARED / "3bpa" / "iso_atoms.xyz")
+    images = ase.io.read(ROOT / "examples" / "data" / f"{name}_pbesol.extxyz", ":")
+    train = read_frames([a for a in images if a.info.get("split") == "train"])
+    test = read_frames([a for a in images if a.info.get("split") == "test"])
+    if n_train:
+        train = [train[i] for i in sorted(rng.permutation(len(train))[:n_train])]
+    return train, test, None
+
+
+def _require(path: Path) -> None:
+    if not path.is_dir():
+        raise SystemExit(f"{path} not found: this benchmark reads the shared DFT data sets")
+
+
+def test_metrics(base: str, delta, frames, dtype: str, device: str) -> dict:
+    """Errors of base + delta on the test frames (batched evaluation)."""
+    calc = SparseCalc(base, delta=delta, default_dtype=dtype, device=device)
+    with_stress = all(f.stress is not None for f in frames)
+    props = ["energy", "forces"] + (["stress"] if with_stress else [])
+    results = calc.batch_evaluate([f.atoms for f in frames], props, batch_size=64)
+    predictions = {}
+    for k, r in enumerate(results):
+        predictions[k] = {"energy": r["energy"], "forces": r["forces"]}
+        if "stress" in r:
+            predictions[k]["stress"] = voigt_6_to_full_3x3_stress(r["stress"])
+    return error_metrics(frames, predictions)
+
+
+def run_one(args, dataset, n_train, label, options) -> dict:
+    train, test, isolated = load_dataset(dataset, n_train, args.seed)
+    options = dict(options)
+    lr = args.lr * options.pop("lr_scale", 1.0)
+    default_method = label if label in ("shift", "sparse", "l1", "gmp", "full", "elora") else "sparse"
+    method = options.pop("method", default_method)
+    start = time.monotonic()
+    delta_path = RESULTS / "deltas" / f"{dataset}_{len(train)}_{label.replace(' ', '_')}.safetensors"
+    result = finetune_with_report(
+        args.base,
+        train,
+        method=method,
+        density=args.density,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=lr,
+        penalty=options.pop("penalty", args.penalty),
+        dtype=args.dtype,
+        device=args.device,
+        seed=args.seed,
+        valid_fraction=0.1,
+        isolated_atoms=isolated,
+        output=delta_path,
+        stress_weight=args.stress_weight,
+        patience=args.patience,
+        progress=args.progress,
+        max_time=args.max_time,
+        **options,
+    )
+    metrics = test_metrics(args.base, result.delta, test, "float64", args.device)
+    row = {
+        "dataset": dataset,
+        "n_train": len(train),
+        "n_test": len(test),
+        "method": label,
+        "density": result.delta.density,
+        "nnz": result.delta.nnz,
+        "epochs": result.report["training"].get("epochs_run", 0),
+        "wall_time_s": time.monotonic() - start,
+        "test": metrics,
+        "delta": str(delta_path.relative_to(ROOT)),
+        "valid": result.report["after"]["valid"],
+    }
+    print(json.dumps({k: v for k, v in row.items() if k != "valid"}, default=float), flush=True)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    header = ["N train", "method", "density", "E MAE (meV/atom)", "F MAE (meV/Å)"]
+    header += ["F / full", "F / zero-shot"]
+    has_stress = any("stress_mae" in r["test"] for r in rows)
+    if has_stress:
+        header.insert(5, "σ MAE (GPa)")
+    header += ["epochs", "time (s)"]
+    body = []
+    for r in rows:
+        same = [x for x in rows if x["n_train"] == r["n_train"]]
+        full = next((x["test"]["forces_mae"] for x in same if x["method"] == "full"), None)
+        zero = next((x["test"]["forces_mae"] for x in same if x["method"] == "shift"), None)
+        f = r["test"]["forces_mae"]
+        line = [
+            r["n_train"],
+            r["method"],
+            f"{100 * r['density']:.2f} %",
+            r["test"]["energy_mae"],
+            f,
+            f / full if full else "–",
+            f / zero if zero else "–",
+        ]
+        if has_stress:
+            line.insert(5, r["test"].get("stress_mae", "–"))
+        line += [r["epochs"], r["wall_time_s"]]
+        body.append(line)
+    return markdown_table(header, body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True, choices=["ethanol", "3bpa", "si", "cu"])
+    parser.add_argument("--train-sizes", type=int, nargs="+", default=[0], help="0: all training frames")
+    parser.add_argument("--methods", nargs="+", default=["shift", "sparse", "l1", "gmp", "full", "elora"])
+    parser.add_argument("--ablation", action="store_true", help="sparse-method ablation instead of --methods")
+    parser.add_argument("--base", default="sevennet-0")
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--density", type=float, default=0.03)
+    parser.add_argument("--penalty", type=float, default=0.0)
+    parser.add_argument("--stress-weight", type=float, default=1000.0)
+    parser.add_argument("--patience", type=int)
+    parser.add_argument("--max-time", type=float, help="per fine-tune wall-clock limit (s)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--section", help="docs/benchmarks.md section name (default from dataset)")
+    args = parser.parse_args()
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    runs = ABLATION.items() if args.ablation else [(m, {}) for m in args.methods]
+    rows = [
+        run_one(args, args.dataset, n or None, label, options)
+        for n in args.train_sizes
+        for label, options in runs
+    ]
+    name = args.section or f"finetune-{args.dataset}{'-ablation' if args.ablation else ''}"
+    out = RESULTS / f"{name}.json"
+    out.write_text(
+        json.dumps(
+            {"command": " ".join(sys.argv), "machine": machine_description(), "rows": rows},
+            indent=1,
+            default=float,
+        )
+    )
+    body = (
+        f"### {args.dataset}{' — ablation of the sparse method' if args.ablation else ''}\n\n"
+        f"Command: `python {' '.join(sys.argv)}`  \nMachine: {machine_description()}; "
+        f"{time.strftime('%Y-%m-%d')}. Base: {args.base}; test frames: {rows[0]['n_test']}; "
+        f"target density {args.density}.\n\n{table(rows)}\n"
+    )
+    update_section(name, body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
