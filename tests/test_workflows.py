@@ -6,6 +6,8 @@ MACECalculator) driven through ASE and phonopy directly, never from this package
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 from ase import Atoms
@@ -17,7 +19,14 @@ from ase_sparsecalc.cli import main
 from ase_sparsecalc.errors import DataFileError
 from ase_sparsecalc.structure_io import read_structure
 from ase_sparsecalc.testing import random_sparse_delta
-from ase_sparsecalc.workflows import frequencies_at, imaginary_modes, phonons, relax, run_md
+from ase_sparsecalc.workflows import (
+    frequencies_at,
+    imaginary_modes,
+    phonons,
+    relax,
+    run_md,
+    special_point_frequencies,
+)
 
 MACE_ENV_WARNING = "ignore:Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD:UserWarning"
 
@@ -229,6 +238,17 @@ def test_imaginary_modes_are_reported_with_their_qpoint(mace_model_path):
     recomputed = frequencies_at(ph, [lowest.qpoint])[0]
     assert recomputed[lowest.band_index] == pytest.approx(lowest.frequency, abs=1e-6)
     assert all(m.frequency < -0.05 for m in modes)
+
+
+def test_band_path_without_seekpath(sevennet64, monkeypatch):
+    """Without seekpath the band path comes from ASE; it must still pass through Γ and X."""
+    monkeypatch.setitem(sys.modules, "seekpath", None)  # makes "import seekpath" fail
+    ph = phonons(_primitive_si(), sevennet64, supercell=1, mesh=(4, 4, 4), band_npoints=5)
+    points = special_point_frequencies(ph)
+    assert {"Γ", "X", "L"} <= set(points)
+    np.testing.assert_allclose(points["Γ"][:3], 0.0, atol=0.05)
+    freqs_x = frequencies_at(ph, [[0.5, 0.0, 0.5]])[0]
+    np.testing.assert_allclose(np.sort(points["X"]), freqs_x, atol=1e-6)
 
 
 def test_phonons_write_files(sevennet64, tmp_path):
