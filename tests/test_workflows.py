@@ -240,6 +240,13 @@ def test_imaginary_modes_are_reported_with_their_qpoint(mace_model_path):
     assert all(m.frequency < -0.05 for m in modes)
 
 
+def test_phonons_primitive_choice(sevennet64):
+    conventional = bulk("Si", "diamond", a=SI_A, cubic=True)
+    kwargs = {"supercell": 1, "mesh": (2, 2, 2), "band_npoints": 3}
+    assert len(phonons(conventional, sevennet64, primitive="auto", **kwargs).primitive) == 2
+    assert len(phonons(conventional, sevennet64, primitive=None, **kwargs).primitive) == 8
+
+
 def test_band_path_without_seekpath(sevennet64, monkeypatch):
     """Without seekpath the band path comes from ASE; it must still pass through Γ and X."""
     monkeypatch.setitem(sys.modules, "seekpath", None)  # makes "import seekpath" fail

@@ -184,7 +184,7 @@ def phonons(
         phonon = Phonopy(
             to_phonopy_atoms(atoms),
             supercell_matrix=_supercell_matrix(supercell),
-            primitive_matrix=primitive,
+            primitive_matrix="P" if primitive is None else primitive,  # phonopy 4 reads None as auto
             symprec=symprec,
             log_level=0,
         )
