@@ -119,6 +119,7 @@ class SparseCalc(Calculator):
         structures: Sequence[Atoms],
         properties: Sequence[str] = ("energy", "forces"),
         batch_size: int | None = None,
+        names: Sequence[str] | None = None,
     ) -> list[dict[str, float | np.ndarray]]:
         """Evaluate many structures in batched model calls (used by phonons and ``eval``).
 
@@ -130,6 +131,9 @@ class SparseCalc(Calculator):
             none raises :class:`StressUndefinedError`.
         batch_size : int, optional
             Structures per model call (default: all at once).
+        names : sequence of str, optional
+            How error messages name each structure (e.g. ``"train.xyz:frame 7"``); default
+            ``"structure k (formula)"``.
 
         Returns
         -------
@@ -138,32 +142,41 @@ class SparseCalc(Calculator):
             3-D cells, ``stress`` (6,) eV/Å³ in ASE's Voigt order.
         """
         structures = list(structures)
+        if names is None:
+            names = [f"structure {k} ({a.get_chemical_formula()})" for k, a in enumerate(structures)]
+        names = list(names)
+        if len(names) != len(structures):
+            raise ValueError(f"{len(names)} names for {len(structures)} structures")
         want_stress = "stress" in properties
-        for k, atoms in enumerate(structures):
+        for atoms, name in zip(structures, names, strict=True):
             if want_stress and not has_3d_cell(atoms):
                 raise StressUndefinedError(
-                    f"structure {k} ({atoms.get_chemical_formula()}): stress needs a cell that is "
-                    f"periodic in 3 dimensions (pbc={atoms.pbc.tolist()})"
+                    f"{name}: stress needs a cell that is periodic in 3 dimensions with a non-zero "
+                    f"volume (pbc={atoms.pbc.tolist()})"
                 )
-            self.backend.check_elements(atoms.numbers, f"structure {k} ({atoms.get_chemical_formula()})")
+            self.backend.check_elements(atoms.numbers, name)
         size = batch_size or max(len(structures), 1)
         results: list[dict] = []
         for start in range(0, len(structures), size):
-            results.extend(self._evaluate_chunk(structures[start : start + size]))
+            results.extend(
+                self._evaluate_chunk(structures[start : start + size], names[start : start + size])
+            )
         return results
 
-    def _evaluate_chunk(self, chunk: list[Atoms]) -> list[dict]:
+    def _evaluate_chunk(self, chunk: list[Atoms], names: list[str]) -> list[dict]:
         backend = self.backend
-        graph = build_graph(chunk, backend.cutoff, backend.device, backend.dtype)
+        graph = build_graph(chunk, backend.cutoff, backend.device, backend.dtype, names=names)
         stress_mask = [has_3d_cell(a) for a in chunk]
         compute_stress = any(stress_mask)
         if compute_stress and not all(stress_mask):
             # a batch mixing molecules and crystals: split it rather than give molecules a stress
-            crystals = [a for a, m in zip(chunk, stress_mask, strict=True) if m]
-            others = [a for a, m in zip(chunk, stress_mask, strict=True) if not m]
-            by_id = dict(zip(map(id, crystals), self._evaluate_chunk(crystals), strict=True))
-            by_id.update(zip(map(id, others), self._evaluate_chunk(others), strict=True))
-            return [by_id[id(a)] for a in chunk]
+            crystals = [k for k, m in enumerate(stress_mask) if m]
+            others = [k for k, m in enumerate(stress_mask) if not m]
+            by_index: dict[int, dict] = {}
+            for group in (crystals, others):
+                evaluated = self._evaluate_chunk([chunk[k] for k in group], [names[k] for k in group])
+                by_index.update(zip(group, evaluated, strict=True))
+            return [by_index[k] for k in range(len(chunk))]
         out = backend.evaluate(graph, compute_forces=True, compute_stress=compute_stress)
         energy = out.energy.detach().to("cpu", torch.float64).numpy()
         forces = out.forces.detach().to("cpu", torch.float64).numpy()

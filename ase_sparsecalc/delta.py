@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ._version import __version__
-from .errors import DeltaMismatchError, DeltaShapeError, DeltaValueError
+from .errors import DeltaError, DeltaFormatError, DeltaMismatchError, DeltaShapeError, DeltaValueError
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -196,6 +196,8 @@ class SparseDelta:
     ) -> None:
         self.tensors: dict[str, TensorDelta] = dict(sorted((tensors or {}).items()))
         self.metadata = metadata if metadata is not None else DeltaMetadata()
+        self.source: str | None = None
+        """The file the delta was read from (named in error messages), None if built in memory."""
         self._applied: weakref.WeakKeyDictionary[Any, _AppliedRecord] = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ size
@@ -262,11 +264,17 @@ class SparseDelta:
 
         backend = target if isinstance(target, Backend) else None
         module = backend.model if backend is not None else target
-        if module in self._applied:
-            raise DeltaShapeError("this delta is already applied to that model; remove it first")
-        if backend is not None:
-            backend.check_delta_compatible(self, strict=strict)
-        params = self._matching_parameters(module)
+        try:
+            if module in self._applied:
+                raise DeltaShapeError("this delta is already applied to that model; remove it first")
+            if backend is not None:
+                backend.check_delta_compatible(self, strict=strict)
+                check_energy_shifts(self.metadata.energy_shifts)
+            params = self._matching_parameters(module)
+        except DeltaError as exc:
+            if self.source is None:
+                raise
+            raise type(exc)(f"{self.source}: {exc}") from exc
         originals: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name, tdelta in self.tensors.items():
@@ -372,6 +380,33 @@ class SparseDelta:
         from .analysis import delta_pattern
 
         return delta_pattern(self, backend=backend, by=by, **options)
+
+
+def check_energy_shifts(shifts: Any) -> None:
+    """Refuse per-element energy shifts that are not ``{chemical symbol: finite float}``.
+
+    Raises
+    ------
+    DeltaFormatError
+        Not a mapping, a key that is not a chemical symbol, or a value that is not a number.
+    DeltaValueError
+        A NaN or infinite shift.
+    """
+    from ase.data import atomic_numbers
+
+    if not isinstance(shifts, Mapping):
+        raise DeltaFormatError(
+            f"energy_shifts must map chemical symbols to eV/atom, got {type(shifts).__name__}"
+        )
+    for symbol, value in shifts.items():
+        if symbol not in atomic_numbers or symbol == "X":
+            raise DeltaFormatError(f"energy_shifts: {symbol!r} is not a chemical symbol")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            raise DeltaFormatError(
+                f"energy_shifts[{symbol!r}] must be a number (eV/atom), got {type(value).__name__}"
+            )
+        if not np.isfinite(value):
+            raise DeltaValueError(f"energy_shifts[{symbol!r}] is {value}; shifts must be finite")
 
 
 def check_fingerprint(delta: SparseDelta, fingerprint: str, model_name: str, strict: bool) -> None:

@@ -16,13 +16,14 @@ a half-written delta.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import warnings
 from pathlib import Path
 
-from .delta import FORMAT_VERSION, DeltaMetadata, SparseDelta, TensorDelta
-from .errors import DeltaError, DeltaFileError, DeltaFormatError
+from .delta import FORMAT_VERSION, DeltaMetadata, SparseDelta, TensorDelta, check_energy_shifts
+from .errors import DeltaError, DeltaFileError, DeltaFormatError, OutputFileError
 
 FORMAT_NAME = "ase_sparsecalc.delta"
 METADATA_KEY = "ase_sparsecalc"
@@ -32,19 +33,87 @@ DELTA_SUFFIX = ".safetensors"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
+
+    The data are flushed to disk before the rename, and the rename is flushed after it, so
+    ``path`` holds either its previous content or all of ``data``, even if the process is killed
+    or the machine loses power in between. A kill can leave a ``.NAME.*.tmp`` file behind; it
+    is never read.
+
+    Raises
+    ------
+    OutputFileError
+        The folder cannot be created or written (the message names the file).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputFileError(f"{path}: cannot write here ({exc.strerror or exc})") from exc
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), _new_file_mode(path))
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputFileError(f"{path}: writing failed ({exc.strerror or exc})") from exc
         raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def _new_file_mode(path: Path) -> int:
+    """The permissions ``open(path, "w")`` would give: the old file's, else 0o666 minus the umask.
+
+    (``tempfile.mkstemp`` creates files readable by their owner only.)
+    """
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a rename to disk (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail early (before hours of work) if ``path`` could not be written atomically later.
+
+    Creates the folder if needed and a temporary file in it, which is removed again.
+
+    Raises
+    ------
+    OutputFileError
+        Naming the file and the reason.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputFileError(f"{path}: is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputFileError(f"{path}: cannot write here ({exc.strerror or exc})") from exc
+    os.close(fd)
+    Path(tmp).unlink(missing_ok=True)
     return path
 
 
@@ -61,11 +130,17 @@ def save_delta(delta: SparseDelta, path: str | Path) -> Path:
     Path
         The path written.
     """
+    import torch
     from safetensors.torch import save
 
     tensors = {}
     for name, tdelta in delta.tensors.items():
-        tensors[name + INDICES_SUFFIX] = tdelta.indices.contiguous()
+        if tdelta.values.dtype not in (torch.float32, torch.float64):
+            raise DeltaFormatError(
+                f"{path}: tensor {name!r} has {tdelta.values.dtype} values; cast them to float32 or "
+                "float64 before saving"
+            )
+        tensors[name + INDICES_SUFFIX] = tdelta.indices.to(torch.int64).contiguous()
         tensors[name + VALUES_SUFFIX] = tdelta.values.contiguous()
     header = delta.metadata.to_dict()
     header["format"] = FORMAT_NAME
@@ -92,6 +167,8 @@ def load_delta(path: str | Path) -> SparseDelta:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise DeltaFileError(f"{path}: is a folder, not a delta file")
     if not path.is_file():
         raise DeltaFileError(f"{path}: delta file not found")
     try:
@@ -111,7 +188,9 @@ def load_delta(path: str | Path) -> SparseDelta:
     metadata, unknown = DeltaMetadata.from_dict(header)
     if unknown:
         warnings.warn(f"{path}: unknown metadata keys kept as extra: {unknown}", stacklevel=2)
-    return SparseDelta(_tensor_deltas(path, tensors, shapes), metadata)
+    delta = SparseDelta(_tensor_deltas(path, tensors, shapes), metadata)
+    delta.source = str(path)
+    return delta
 
 
 def _parse_header(path: Path, raw_meta: dict[str, str]) -> dict:
@@ -131,10 +210,57 @@ def _parse_header(path: Path, raw_meta: dict[str, str]) -> dict:
         )
     if not isinstance(header.get("tensor_shapes"), dict):
         raise DeltaFormatError(f"{path}: metadata lacks 'tensor_shapes'")
+    for name, shape in header["tensor_shapes"].items():
+        _check_shape(path, name, shape)
+    _check_field_types(path, header)
     return header
 
 
+# metadata fields and the JSON types they must have (None allowed where listed)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "backend": (str,),
+    "base_model": (str,),
+    "base_fingerprint": (str,),
+    "dtype": (str,),
+    "method": (str,),
+    "package_version": (str,),
+    "created": (str,),
+    "hyperparameters": (dict,),
+    "training_data": (dict,),
+    "trainable_numel": (int, type(None)),
+}
+
+
+def _check_field_types(path: Path, header: dict) -> None:
+    for key, types in _FIELD_TYPES.items():
+        if key in header and (isinstance(header[key], bool) or not isinstance(header[key], types)):
+            allowed = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise DeltaFormatError(
+                f"{path}: metadata field {key!r} must be {allowed}, got {type(header[key]).__name__}"
+            )
+    if (header.get("trainable_numel") or 0) < 0:
+        raise DeltaFormatError(f"{path}: metadata field 'trainable_numel' is negative")
+    try:
+        check_energy_shifts(header.get("energy_shifts", {}))
+    except DeltaError as exc:
+        raise type(exc)(f"{path}: {exc}") from exc
+
+
+def _check_shape(path: Path, name: str, shape) -> None:
+    """A tensor shape must be a list of non-negative ints whose product fits in int64."""
+    if not isinstance(shape, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    ):
+        raise DeltaFormatError(
+            f"{path}: tensor {name!r} has shape {shape!r}; expected a list of non-negative integers"
+        )
+    if math.prod(shape) >= 2**63:
+        raise DeltaFormatError(f"{path}: tensor {name!r} has shape {shape}, too large to index")
+
+
 def _tensor_deltas(path: Path, tensors: dict, shapes: dict) -> dict[str, TensorDelta]:
+    import torch
+
     names = {key.rsplit("::", 1)[0] for key in tensors}
     if names != set(shapes):
         raise DeltaFormatError(
@@ -146,6 +272,14 @@ def _tensor_deltas(path: Path, tensors: dict, shapes: dict) -> dict[str, TensorD
             indices, values = tensors[name + INDICES_SUFFIX], tensors[name + VALUES_SUFFIX]
         except KeyError as exc:
             raise DeltaFormatError(f"{path}: tensor {name!r} lacks {exc.args[0]!r}") from exc
+        if indices.dtype != torch.int64:
+            raise DeltaFormatError(
+                f"{path}: tensor {name!r} has {indices.dtype} indices; delta files store int64"
+            )
+        if values.dtype not in (torch.float32, torch.float64):
+            raise DeltaFormatError(
+                f"{path}: tensor {name!r} has {values.dtype} values; delta files store float32 or float64"
+            )
         try:
             out[name] = TensorDelta.create(indices, values, tuple(shapes[name]), name)
         except DeltaError as exc:

@@ -7,6 +7,9 @@ package raises on purpose; the command line prints such errors in one line and e
 Hierarchy::
 
     SparseCalcError
+    ├── ConfigError                an option has a value that is not allowed (device, dtype, ...)
+    ├── OutputFileError            an output file (delta, report, checkpoint) cannot be written
+    ├── CheckpointError            a training checkpoint cannot be used to resume
     ├── DeltaError                 a delta file or in-memory delta is unusable
     │   ├── DeltaFileError         missing, unreadable, truncated or not a safetensors file
     │   ├── DeltaFormatError       unknown format version or malformed metadata
@@ -37,6 +40,18 @@ from ase.calculators.calculator import PropertyNotImplementedError
 
 class SparseCalcError(Exception):
     """Base class of all errors raised on purpose by ase_sparsecalc."""
+
+
+class ConfigError(SparseCalcError, ValueError):
+    """An option has a value that is not allowed (unknown device, dtype, method, ...)."""
+
+
+class OutputFileError(SparseCalcError, OSError):
+    """An output file cannot be written (folder missing and not creatable, no permission, disk full)."""
+
+
+class CheckpointError(SparseCalcError):
+    """A training checkpoint cannot be used to resume (unreadable, or made for other inputs)."""
 
 
 class DeltaError(SparseCalcError):

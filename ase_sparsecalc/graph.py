@@ -93,6 +93,7 @@ def neighbour_pairs(atoms: Atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray
     S : (E, 3) int, cell-image offsets
     d : (E,) float, distances in Å
     """
+    check_structure(atoms)
     pbc = np.asarray(atoms.pbc, dtype=bool)
     positions = np.asarray(atoms.positions, dtype=np.float64)
     numbers = np.asarray(atoms.numbers, dtype=np.int32)
@@ -100,8 +101,6 @@ def neighbour_pairs(atoms: Atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray
     origin = None
     if not pbc.all():
         cell, origin = _bounding_cell(positions, cell, pbc)
-    if len(atoms) == 0:
-        raise StructureError("structure with no atoms")
     i, j, S, d = neighbour_list(
         "ijSd",
         positions=positions,
@@ -112,6 +111,33 @@ def neighbour_pairs(atoms: Atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray
         cell_origin=origin,
     )
     return i, j, S, d
+
+
+def check_structure(atoms: Atoms, where: str = "structure") -> None:
+    """Refuse structures no model can evaluate: no atoms, non-finite coordinates, flat cells.
+
+    Raises
+    ------
+    StructureError
+        Naming ``where`` and the problem.
+    """
+    if len(atoms) == 0:
+        raise StructureError(f"{where}: the structure has no atoms")
+    if not np.all(np.isfinite(atoms.positions)):
+        bad = int(np.flatnonzero(~np.isfinite(atoms.positions).all(axis=1))[0])
+        raise StructureError(f"{where}: atom {bad} has a NaN or infinite position")
+    cell = np.asarray(atoms.cell.array, dtype=np.float64)
+    if not np.all(np.isfinite(cell)):
+        raise StructureError(f"{where}: the cell holds NaN or infinite entries")
+    periodic = np.flatnonzero(atoms.pbc)
+    if periodic.size:
+        vectors = cell[periodic]
+        # the periodic lattice vectors must be linearly independent (a non-zero volume)
+        if np.linalg.matrix_rank(vectors, tol=1e-8) < periodic.size:
+            raise StructureError(
+                f"{where}: periodic along {['xyz'[k] for k in periodic]} but the cell vectors "
+                f"{vectors.tolist()} are zero or linearly dependent; set a cell or pbc=False"
+            )
 
 
 def _bounding_cell(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -160,13 +186,16 @@ def build_graph(
     ------
     AtomsTooCloseError
         Two atoms closer than :data:`MIN_DISTANCE`.
+    StructureError
+        No atoms, non-finite positions or cell, or a periodic axis without a cell vector.
     """
     positions, numbers, batch, edges, shifts, cells, pbcs, ptr = [], [], [], [], [], [], [], [0]
     for k, atoms in enumerate(structures):
+        where = names[k] if names is not None else f"structure {k}"
+        check_structure(atoms, where)
         i, j, S, d = neighbour_pairs(atoms, cutoff)
         if d.size and d.min() < MIN_DISTANCE:
             e = int(np.argmin(d))
-            where = names[k] if names is not None else f"structure {k}"
             raise AtomsTooCloseError(
                 f"{where}: atoms {i[e]} and {j[e]} are {d[e]:.3g} Å apart (minimum {MIN_DISTANCE} Å)"
             )

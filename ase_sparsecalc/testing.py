@@ -78,10 +78,17 @@ def build_mace_model(
 
 
 def save_mace_model(path: str | Path, **kwargs) -> Path:
-    """Build a model with :func:`build_mace_model` and save it the way MACE does (``torch.save``)."""
-    path = Path(path)
-    torch.save(build_mace_model(**kwargs), path)
-    return path
+    """Build a model with :func:`build_mace_model` and save it the way MACE does (``torch.save``).
+
+    The file is written atomically (temporary file, then rename).
+    """
+    import io
+
+    from .delta_io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    torch.save(build_mace_model(**kwargs), buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def random_sparse_delta(

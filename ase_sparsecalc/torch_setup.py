@@ -14,6 +14,8 @@ from types import ModuleType
 
 import torch
 
+from .errors import ConfigError
+
 _PREPARED = False
 
 DTYPES: dict[str, torch.dtype] = {
@@ -57,17 +59,17 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
     Raises
     ------
-    ValueError
-        For anything other than float32 or float64.
+    ConfigError
+        (a ValueError) for anything other than float32 or float64.
     """
     if isinstance(dtype, torch.dtype):
         if dtype in DTYPES.values():
             return dtype
-        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+        raise ConfigError(f"dtype must be float32 or float64, got {dtype}")
     try:
         return DTYPES[str(dtype)]
     except KeyError:
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}") from None
+        raise ConfigError(f"dtype must be 'float32' or 'float64', got {dtype!r}") from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -80,13 +82,27 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
     ``"auto"`` picks CUDA when available. Asking for CUDA on a machine without it is an error,
     not a silent fallback.
+
+    Raises
+    ------
+    ConfigError
+        (a ValueError) for an unknown device string, or CUDA on a machine without it.
     """
     if isinstance(device, torch.device):
         resolved = device
     elif device == "auto":
         resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        resolved = torch.device(device)
+        try:
+            resolved = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(
+                f"device {device!r} is not a torch device; use cpu, cuda, cuda:N or auto"
+            ) from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA device")
+        raise ConfigError(f"device {str(device)!r} asked for, but torch sees no CUDA device")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {str(device)!r} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)"
+        )
     return resolved

@@ -216,6 +216,7 @@ class Backend(ABC):
         self.dtype = dtype or self.dtype
         self.model.to(device=self.device, dtype=self.dtype)
         self._device_shift_table = self._shift_table.to(self.device, self.dtype)
+        self._device_known = self._known.to(self.device)
         return self
 
     def copy(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Backend:
@@ -260,6 +261,7 @@ class Backend(ABC):
             Replacement tensors for some parameters (by state-dict name), used through
             ``torch.func.functional_call`` during fine-tuning; the module is not modified.
         """
+        self._check_graph_elements(graph)
         if self.model.training != training:
             self.model.train(training)
         out = self._model_outputs(graph, compute_forces, compute_stress, training, parameters)
@@ -291,13 +293,35 @@ class Backend(ABC):
     def check_elements(self, numbers: np.ndarray, where: str = "structure") -> None:
         """Raise :class:`UnknownElementError` if ``numbers`` holds an element the model lacks."""
         numbers = np.asarray(numbers)
-        unknown = sorted({int(z) for z in np.unique(numbers) if not self._known[int(z)]})
+        unknown = sorted(
+            {
+                int(z)
+                for z in np.unique(numbers)
+                if not (0 <= int(z) < N_ELEMENTS_TABLE and self._known[int(z)])
+            }
+        )
         if unknown:
-            symbols = ", ".join(chemical_symbols[z] for z in unknown)
+            symbols = ", ".join(
+                chemical_symbols[z] if 0 <= z < N_ELEMENTS_TABLE else f"Z={z}" for z in unknown
+            )
             raise UnknownElementError(
                 f"{where}: element(s) {symbols} unknown to base model {self.model_name!r} "
                 f"(it knows {len(self.atomic_numbers)} elements)"
             )
+
+    def _check_graph_elements(self, graph: AtomicGraph) -> None:
+        """Every public evaluation path refuses unknown elements with :class:`UnknownElementError`.
+
+        (A MACE model would otherwise fail deep inside torch's one-hot encoding, and a
+        SevenNet model would index out of its type map.)
+        """
+        numbers = graph.numbers
+        if numbers.numel() == 0:
+            return
+        in_table = (numbers >= 0) & (numbers < N_ELEMENTS_TABLE)
+        known = self._device_known[numbers.clamp(0, N_ELEMENTS_TABLE - 1)] & in_table
+        if not bool(known.all()):
+            self.check_elements(numbers.detach().cpu().numpy(), "batch passed to evaluate()")
 
     # ------------------------------------------------------------------ energy shifts
     def energy_shifts_by_number(self) -> dict[int, float]:
@@ -313,6 +337,9 @@ class Backend(ABC):
 
     def add_energy_shifts(self, shifts_by_symbol: dict[str, float]) -> None:
         """Add per-element shifts (eV/atom, keyed by chemical symbol) to the current ones."""
+        from ..delta import check_energy_shifts
+
+        check_energy_shifts(shifts_by_symbol)
         current = self.energy_shifts_by_number()
         for symbol, value in shifts_by_symbol.items():
             z = symbol_to_number[symbol]

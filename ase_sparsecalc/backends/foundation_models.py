@@ -15,11 +15,13 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..delta_io import atomic_write_text
 from ..errors import ChecksumError, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,43 @@ KNOWN_SHA256: dict[str, str] = {
     "sevennet-0": "7052cb42b7b3be42b40b97fa0d21077a48c54b5548948fc4dcf346629f813c36",
     "sevennet-0-22may2024": "5d389fafd512e6ae2830d74d0b66ffc49a55d3832653ff8e7bf7f1343013c1d1",
     "sevennet-l3i5": "a7ff190d41efe5b8317a03d20a468e4036a1a3e64e0b14fdbab64ac3f4bfc09d",
+    # MACE files. GitHub publishes no digests for these release assets; each value below is
+    # the digest another project records for the same file (its URL is the one mace-torch
+    # 0.3.16 downloads), with the place it is recorded. Where several projects record a
+    # digest, they agree.
+    #
+    # github.com/ACEsuit/mace-mp/releases/download/mace_mp_0/2023-12-10-mace-128-L0_energy_epoch-249.model
+    # (32,581,838 bytes): ACEsuit/mace, tests/golden/foundation_artifacts.py ("mp_small"), commit 2cae9e2f.
+    "mace-mp-0-small": "2ddb079cee0e131eaaf6912ba581b394551ead283e95c99cfe78c605d10b5736",
+    # github.com/ACEsuit/mace-mp/releases/download/mace_mp_0/MACE_MPtrj_2022.9.model
+    # (133,803,220 bytes): exopoiesis/mlip-vs-dft-iron-sulfides, mlip/environments/README.md,
+    # commit 485e66a2.
+    "mace-mp-0-large": "f80e992b65ab8f88fdf26964511357c022e92704e4d9bcd086652635a8495b32",
+    # github.com/ACEsuit/mace-mp/releases/download/mace_mpa_0/mace-mpa-0-medium.model
+    # (79,462,305 bytes; also the copy tracked in the mace git repository): ACEsuit/mace,
+    # tests/golden/foundation_artifacts.py ("mpa0_medium"), commit 2cae9e2f; and
+    # bonan-group/symmetrix-xl, benchmarks/foundation_model_support_manifest.json, commit 72f1f33e.
+    "mace-mpa-0-medium": "75428afe3a1d7d8062e19bcaabd5c433623cabf308242ec9fb493e38604fb638",
+    # github.com/ACEsuit/mace-mp/releases/download/mace_mp_0b3/mace-mp-0b3-medium.model
+    # (79,472,952 bytes): bonan-group/symmetrix-xl, same manifest.
+    "mace-mp-0b3-medium": "2f2be696351ac9e94fbe01cdfb6f017679acdbd2db7645209ef55fec9826b012",
+    # github.com/ACEsuit/mace-mp/releases/download/mace_omat_0/mace-omat-0-{small,medium}.model:
+    # bonan-group/symmetrix-xl, same manifest.
+    "mace-omat-0-small": "0abfde07862cf1e93b8b4d03cb702f29ce9c344ff2fc4de2ec0d7166d6c113a5",
+    "mace-omat-0-medium": "d4b14be9afa294eebdbe31a0280b26a0fa29715771e978cbfd3ca24e0d90307a",
+    # github.com/ACEsuit/mace-foundations/releases/download/mace_matpes_0/
+    # MACE-matpes-{pbe,r2scan}-omat-ft.model: bonan-group/symmetrix-xl, same manifest.
+    "mace-matpes-pbe-0": "e618ad582b84239905b9c3b77ce6e9ce111b0ecd1533223a1a6aac7a696b8aa0",
+    "mace-matpes-r2scan-0": "8f147ecffa1d06a696e5648b13b81abda9c96fda9d0fb3faba3cd3fb27d9bba9",
+    # raw.githubusercontent.com/ACEsuit/mace-off/main/mace_off23/MACE-OFF23_{small,medium,large}.model
+    # (main and tag v0.2 hold the same blobs): deepmodeling/deepmd-gnn, deepmd_gnn/mace_off_cli.py,
+    # commit 6d8a90fc, and bonan-group/symmetrix-xl, same manifest; "small" also ACEsuit/mace,
+    # tests/golden/foundation_artifacts.py ("off_small").
+    "mace-off23-small": "165cce4cfec5a34b9c64d4ebf95de15d71106bb584b7291c8470f0749977c46f",
+    "mace-off23-medium": "4842c52ad210d6e1f84d6cf1ffa70fae25a7e0d755ed55cf223f43913f587db7",
+    "mace-off23-large": "a29e397dbf3e7a24ac50a9b0dfc919bd5a62efa346f5895a6237b0950c1d76f4",
+    # No digest for mace-mp-0-medium (2023-12-03-mace-128-L1_epoch-199.model) could be traced to
+    # a named source; it, like any model not listed here, is pinned on first use.
 }
 
 PINS_FILE = "ase_sparsecalc_pins.json"
@@ -149,6 +188,10 @@ def sha256_file(path: Path) -> str:
 def fetch(model: NamedModel, timeout: float = 120.0) -> Path:
     """Make sure ``model``'s file is on disk (downloading it if needed) and checks out.
 
+    A download goes to a temporary file next to the cache entry and is checked against the
+    known digest before it is renamed into place, so a corrupt or substituted download never
+    enters the cache.
+
     Raises
     ------
     ModelNotFoundError
@@ -165,23 +208,40 @@ def fetch(model: NamedModel, timeout: float = 120.0) -> Path:
 
 
 def _download(model: NamedModel, timeout: float) -> None:
-    model.path.parent.mkdir(parents=True, exist_ok=True)
-    partial = model.path.with_name(model.path.name + ".part")
     logger.info("downloading %s from %s", model.name, model.url)
+    partial: Path | None = None
     try:
-        with urllib.request.urlopen(model.url, timeout=timeout) as response, open(partial, "wb") as out:
+        model.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{model.path.name}.", suffix=".part", dir=model.path.parent)
+        partial = Path(name)
+        with urllib.request.urlopen(model.url, timeout=timeout) as response, os.fdopen(fd, "wb") as out:
             if "text/html" in response.headers.get("Content-Type", ""):
                 raise urllib.error.URLError("server answered with an HTML page, not a model")
             for block in iter(lambda: response.read(1 << 20), b""):
                 out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        expected = KNOWN_SHA256.get(model.name)
+        if expected is not None:
+            _compare(partial, sha256_file(partial), expected, model.name, f"download from {model.url}")
         os.replace(partial, model.path)
     except (OSError, urllib.error.URLError) as exc:
-        partial.unlink(missing_ok=True)
         raise ModelNotFoundError(
             f"{model.name}: not in the cache and the download from {model.url} failed ({exc}). "
             f"Download that file on a machine with internet access and put it at {model.path} "
             "(or pass the file's path as base=...)"
         ) from exc
+    finally:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+
+
+def _compare(path: Path, digest: str, expected: str, name: str, what: str) -> None:
+    if digest != expected:
+        raise ChecksumError(
+            f"{path}: SHA-256 {digest} of the {what} does not match the expected {expected} for "
+            f"{name}; the file is corrupt or not the published model. Delete it and retry."
+        )
 
 
 def verify(model: NamedModel) -> str:
@@ -195,18 +255,14 @@ def verify(model: NamedModel) -> str:
     if expected is None:
         pins[model.name] = digest
         try:
-            pins_path.write_text(json.dumps(pins, indent=1, sort_keys=True))
+            atomic_write_text(pins_path, json.dumps(pins, indent=1, sort_keys=True))
         except OSError:
             logger.warning("could not write %s", pins_path)
         logger.warning(
             "%s: no known SHA-256; pinned %s from %s for later checks", model.name, digest, model.path
         )
         return digest
-    if digest != expected:
-        raise ChecksumError(
-            f"{model.path}: SHA-256 {digest} does not match the expected {expected} for "
-            f"{model.name}; the file is corrupt or not the published model. Delete it and retry."
-        )
+    _compare(model.path, digest, expected, model.name, "cached file")
     return digest
 
 

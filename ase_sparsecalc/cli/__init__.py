@@ -1,9 +1,10 @@
 """The ``sparsecalc`` command line: thin wrappers that call the library.
 
 Each subcommand lives in its own module of this package and provides ``add_parser(subparsers)``
-(which registers the subcommand and sets ``func``) . Errors raised on purpose by the library
-(:class:`~ase_sparsecalc.errors.SparseCalcError`) are printed in one line, without a
-traceback, and the command exits with status 2.
+(which registers the subcommand and sets ``func``). Errors raised on purpose by the library
+(:class:`~ase_sparsecalc.errors.SparseCalcError`) and unreadable or unwritable files are printed
+in one line, without a traceback, and the command exits with status 2; any other exception is a
+bug, reported in one line with exit status 1 (``--verbose`` shows its traceback).
 """
 
 from __future__ import annotations
@@ -53,11 +54,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except SparseCalcError as exc:
-        print(f"sparsecalc {args.command}: error: {exc}", file=sys.stderr)
+        _error_line(args.command, f"error: {exc}")
+        return 2
+    except OSError as exc:  # a file the library hands to another package (ASE, phonopy)
+        _error_line(args.command, f"error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print(f"sparsecalc {args.command}: interrupted", file=sys.stderr)
+        _error_line(args.command, "interrupted")
         return 130
+    except Exception as exc:
+        if args.verbose:
+            raise
+        _error_line(
+            args.command,
+            f"internal error: {type(exc).__name__}: {exc} (please report it; rerun with "
+            "--verbose for the traceback)",
+        )
+        return 1
+
+
+def _error_line(command: str, message: str) -> None:
+    """Print ``sparsecalc COMMAND: MESSAGE`` on stderr as a single line."""
+    print(f"sparsecalc {command}: {' '.join(message.split())}", file=sys.stderr)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

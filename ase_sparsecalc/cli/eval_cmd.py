@@ -6,6 +6,7 @@ import argparse
 import json
 
 from . import add_model_arguments, make_calculator
+from ._common import positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -18,7 +19,9 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("data", nargs="+", metavar="FILE", help="labelled data file(s)")
     add_model_arguments(p)
-    p.add_argument("--batch-size", type=int, default=16, help="structures per model call (default: 16)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=16, help="structures per model call (default: 16)"
+    )
     p.add_argument("--energy-key", help="info key (or calculator result) holding energies")
     p.add_argument("--forces-key", help="arrays key (or calculator result) holding forces")
     p.add_argument("--stress-key", help="info key (or calculator result) holding stresses")
@@ -42,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
     )
     calc = make_calculator(args)
     properties = ["energy", "forces"] + (["stress"] if all(f.stress is not None for f in frames) else [])
-    results = calc.batch_evaluate([f.atoms for f in frames], properties, batch_size=args.batch_size)
+    results = calc.batch_evaluate(
+        [f.atoms for f in frames], properties, batch_size=args.batch_size, names=[f.source for f in frames]
+    )
     predictions = {}
     for k, res in enumerate(results):
         predictions[k] = {"energy": res["energy"], "forces": res["forces"]}

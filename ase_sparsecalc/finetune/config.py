@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import ConfigError
 from .methods import METHODS
 
 ALL_METHODS = (*METHODS, "shift")
@@ -62,6 +63,9 @@ class FinetuneConfig:
         ``sparse``: learn a threshold per tensor (otherwise one global threshold).
     exclude_kinds : tuple of str
         Weight kinds the delta may not touch (``"radial"``, ``"embedding"``, ...).
+    optimizer : str
+        ``"adamw"`` or ``"tensorwise_adam"`` (one second moment per tensor, see
+        :class:`~ase_sparsecalc.finetune.optim.TensorwiseAdam`).
     """
 
     method: str = "sparse"
@@ -89,25 +93,34 @@ class FinetuneConfig:
     straight_through: bool = True
     learn_thresholds: bool = True
     exclude_kinds: tuple[str, ...] = ()
+    optimizer: str = "adamw"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Check every option; raises :class:`~ase_sparsecalc.errors.ConfigError` (a ValueError)."""
         if self.method not in ALL_METHODS:
-            raise ValueError(f"method must be one of {', '.join(ALL_METHODS)}; got {self.method!r}")
+            raise ConfigError(f"method must be one of {', '.join(ALL_METHODS)}; got {self.method!r}")
         if self.density is not None and not 0.0 < self.density <= 1.0:
-            raise ValueError(f"density must be in (0, 1], got {self.density}")
+            raise ConfigError(f"density must be in (0, 1], got {self.density}")
         if self.method in ("l1", "gmp") and self.density is None:
-            raise ValueError(f"method {self.method!r} needs a target density")
+            raise ConfigError(f"method {self.method!r} needs a target density")
         if self.method == "sparse" and self.density is None and self.penalty <= 0:
-            raise ValueError("method 'sparse' needs a target density or a positive penalty")
+            raise ConfigError("method 'sparse' needs a target density or a positive penalty")
         for name in ("epochs", "batch_size", "rank"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise ConfigError(f"lr must be positive, got {self.lr}")
         self.exclude_kinds = tuple(self.exclude_kinds)
+        if self.optimizer not in ("adamw", "tensorwise_adam"):
+            raise ConfigError(f"optimizer must be 'adamw' or 'tensorwise_adam', got {self.optimizer!r}")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ConfigError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
+        for name in ("energy_weight", "forces_weight", "stress_weight", "weight_decay", "penalty"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_fraction <= self.prune_end_fraction <= 1:
-            raise ValueError("need 0 <= warmup_fraction <= prune_end_fraction <= 1")
+            raise ConfigError("need 0 <= warmup_fraction <= prune_end_fraction <= 1")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of all options."""

@@ -18,11 +18,13 @@ from ase import Atoms
 from ase.data import chemical_symbols
 
 from ..errors import (
+    ConfigError,
     DataFileError,
     DuplicateFrameError,
     EmptyDatasetError,
     MissingLabelError,
     NonFiniteLabelError,
+    StructureError,
 )
 
 
@@ -108,11 +110,19 @@ def _read_structures(spec: str | Path | Atoms, index: str | int) -> Iterable[tup
     import ase.io
 
     path, idx = split_path_index(spec, index)
+    if path.is_dir():
+        raise DataFileError(f"{path}: is a folder, expected a trajectory file")
     if not path.is_file():
         raise DataFileError(f"{path}: file not found")
     try:
+        if path.stat().st_size == 0:
+            raise EmptyDatasetError(f"{path}: the file is empty (no frames)")
         images = ase.io.read(str(path), index=idx)
-    except Exception as exc:
+    except EmptyDatasetError:
+        raise
+    except (IndexError, StopIteration) as exc:
+        raise DataFileError(f"{path}: has no frame {idx!r}; check the index after '@'") from exc
+    except Exception as exc:  # ASE's parsers raise anything from ValueError to KeyError
         raise DataFileError(f"{path}: ASE cannot read this file ({type(exc).__name__}: {exc})") from exc
     if isinstance(images, Atoms):
         images = [images]
@@ -142,17 +152,28 @@ def frame_from_atoms(
     require_forces: bool = True,
 ) -> Frame:
     """Turn one labelled ``Atoms`` into a :class:`Frame` (labels validated)."""
+    if len(atoms) == 0:
+        raise StructureError(f"{where}: the frame has no atoms")
     results = dict(atoms.calc.results) if atoms.calc is not None else {}
     energy = _label(atoms, results, energy_key, ("free_energy", "energy"), where, "energy")
-    forces = _label(atoms, results, forces_key, ("forces",), where, "forces", required=require_forces)
-    stress = _label(atoms, results, stress_key, ("stress",), where, "stress", required=False)
     if energy is None:
         raise MissingLabelError(f"{where}: no energy (looked for {energy_key or 'free_energy/energy'})")
-    energy = float(np.asarray(energy).reshape(-1)[0])
+    forces = _label(atoms, results, forces_key, ("forces",), where, "forces", required=require_forces)
+    stress = _label(atoms, results, stress_key, ("stress",), where, "stress", required=False)
+    energy_array = _as_float_array(energy, where, "energy")
+    if energy_array.size != 1:
+        raise MissingLabelError(f"{where}: energy has {energy_array.size} values; expected one number")
+    energy = float(energy_array.reshape(-1)[0])
     if forces is not None:
-        forces = np.asarray(forces, dtype=np.float64).reshape(len(atoms), 3)
+        forces = _as_float_array(forces, where, "forces")
+        if forces.size != 3 * len(atoms):
+            raise MissingLabelError(
+                f"{where}: forces have shape {forces.shape} for {len(atoms)} atoms; expected "
+                f"({len(atoms)}, 3)"
+            )
+        forces = forces.reshape(len(atoms), 3)
     if stress is not None:
-        stress = _stress_matrix(np.asarray(stress, dtype=np.float64), where)
+        stress = _stress_matrix(_as_float_array(stress, where, "stress"), where)
         if not (atoms.pbc.all() and atoms.cell.volume > 1e-8):
             stress = None  # a stress without a 3-D cell has no meaning; ignore it
     for name, value in (("energy", energy), ("forces", forces), ("stress", stress)):
@@ -160,6 +181,14 @@ def frame_from_atoms(
             raise NonFiniteLabelError(f"{where}: {name} contains NaN or inf")
     clean = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
     return Frame(clean, energy, forces, stress, where)
+
+
+def _as_float_array(value, where: str, what: str) -> np.ndarray:
+    """A label as a float64 array; a label that is not numeric is reported, not raised raw."""
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise MissingLabelError(f"{where}: {what} label {value!r:.60} is not numeric") from exc
 
 
 def _label(atoms, results, key, defaults, where, what, required=True):
@@ -232,7 +261,7 @@ def split_frames(
 ) -> tuple[list[Frame], list[Frame]]:
     """Random train/validation split (at least one validation frame when the fraction is > 0)."""
     if not 0.0 <= valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+        raise ConfigError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
     n_valid = round(valid_fraction * len(frames))
     if valid_fraction > 0 and len(frames) > 1:
         n_valid = max(1, n_valid)

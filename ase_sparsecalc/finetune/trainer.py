@@ -22,7 +22,7 @@ import torch
 
 from ..backends.base import Backend
 from ..delta_io import atomic_write_bytes
-from ..errors import SparseCalcError
+from ..errors import CheckpointError
 from .batches import LabelledBatch, LossWeights, batch_loss
 from .config import FinetuneConfig
 from .methods import DeltaMethod
@@ -31,9 +31,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
-
-class CheckpointError(SparseCalcError):
-    """A checkpoint cannot be used to resume this fine-tune."""
+__all__ = ["CHECKPOINT_NAME", "CheckpointError", "Trainer", "TrainingState"]
 
 
 @dataclass
@@ -101,7 +99,7 @@ class Trainer:
             config.energy_weight, config.forces_weight, config.stress_weight, config.huber_delta
         )
         self.total_steps = config.epochs * len(self.train_batches)
-        self.optimizer = torch.optim.AdamW(method.parameter_groups(config.lr, config.weight_decay))
+        self.optimizer = make_optimizer(config.optimizer, method.parameter_groups(config.lr, config.weight_decay))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.state = TrainingState()
         self._best_method_state: dict | None = None
@@ -247,18 +245,35 @@ class Trainer:
         try:
             payload = torch.load(path, map_location=self.backend.device, weights_only=True)
         except Exception as exc:
-            raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from exc
-        if payload.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(
+                f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc}); delete it to start afresh"
+            ) from exc
+        if not isinstance(payload, dict) or payload.get("fingerprint") != self.fingerprint:
             raise CheckpointError(
                 f"{path}: checkpoint belongs to another base model, data set or options; "
                 "start without --resume or use another output folder"
             )
-        self.method.load_state_dict(payload["method"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.scheduler.load_state_dict(payload["scheduler"])
-        self.state = TrainingState(**payload["state"])
+        try:
+            self.method.load_state_dict(payload["method"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            self.scheduler.load_state_dict(payload["scheduler"])
+            self.state = TrainingState(**payload["state"])
+            self._best_method_state = payload["best_method"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{path}: checkpoint is incomplete or from another version ({type(exc).__name__}: "
+                f"{exc}); delete it to start afresh"
+            ) from exc
         self.state.stop_reason = ""
-        self._best_method_state = payload["best_method"]
+
+
+def make_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
+    """``"adamw"`` (per-entry second moments) or ``"tensorwise_adam"`` (one per tensor)."""
+    from .optim import TensorwiseAdam
+
+    if name == "adamw":
+        return torch.optim.AdamW(groups)
+    return TensorwiseAdam(groups)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

@@ -1,7 +1,8 @@
-"""PNG plots of phonon results (matplotlib's object API, no global pyplot state)."""
+"""PNG plots of phonon results (matplotlib's object API, no global pyplot state), written atomically."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,15 @@ def _figure(width: float, height: float):
     fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def _save_png(fig, path: str | Path) -> Path:
+    """Render ``fig`` to PNG in memory and write it atomically (temporary file, then rename)."""
+    from ..delta_io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_bands_and_dos(phonon, path: str | Path, title: str | None = None) -> Path:
@@ -53,8 +63,7 @@ def plot_bands_and_dos(phonon, path: str | Path, title: str | None = None) -> Pa
     ax_dos.set_xlim(left=0)
     ax_dos.set_xticks([])
     ax_dos.set_xlabel("DOS")
-    fig.savefig(path, format="png")
-    return Path(path)
+    return _save_png(fig, path)
 
 
 def plot_thermal_properties(phonon, path: str | Path, title: str | None = None) -> Path:
@@ -74,5 +83,4 @@ def plot_thermal_properties(phonon, path: str | Path, title: str | None = None) 
     ax.legend(frameon=False)
     if title:
         ax.set_title(title)
-    fig.savefig(path, format="png")
-    return Path(path)
+    return _save_png(fig, path)

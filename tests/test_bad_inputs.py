@@ -1,0 +1,415 @@
+"""Bad inputs: every defect raises its own error class, naming the file (and frame) and the problem.
+
+Delta files, structures handed to the calculator or straight to a backend, DFT training data
+and options. The command line's handling of the same inputs is in ``test_cli_errors.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.data import chemical_symbols
+from ase.io import write
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ase_sparsecalc import SparseCalc, SparseDelta, load_backend
+from ase_sparsecalc.delta_io import METADATA_KEY
+from ase_sparsecalc.errors import (
+    AtomsTooCloseError,
+    CheckpointError,
+    ConfigError,
+    DataFileError,
+    DeltaFileError,
+    DeltaFormatError,
+    DeltaMismatchError,
+    DeltaShapeError,
+    DeltaValueError,
+    DuplicateFrameError,
+    EmptyDatasetError,
+    MissingLabelError,
+    NonFiniteLabelError,
+    OutputFileError,
+    StressUndefinedError,
+    StructureError,
+    UnknownElementError,
+)
+from ase_sparsecalc.finetune import FinetuneConfig, finetune, read_frames
+from ase_sparsecalc.finetune.data import frame_from_atoms
+from ase_sparsecalc.graph import build_graph
+from ase_sparsecalc.testing import random_sparse_delta
+
+FAST = {"epochs": 1, "batch_size": 4, "dtype": "float64", "seed": 0, "valid_fraction": 0.0}
+
+
+# ---------------------------------------------------------------------------- helpers
+def labelled(atoms: Atoms, energy: float = -10.0, forces: np.ndarray | None = None) -> Atoms:
+    """A copy of ``atoms`` carrying DFT-like labels the way ASE's readers attach them."""
+    atoms = atoms.copy()
+    if forces is None:
+        forces = np.random.default_rng(len(atoms)).normal(scale=0.1, size=(len(atoms), 3))
+    atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+    return atoms
+
+
+def water_frames(n: int) -> list[Atoms]:
+    """``n`` distinct rattled water molecules with labels."""
+    frames = []
+    for k in range(n):
+        atoms = molecule("H2O")
+        atoms.rattle(0.02, seed=k)
+        frames.append(labelled(atoms, energy=-14.0 - 0.01 * k))
+    return frames
+
+
+@pytest.fixture(scope="module")
+def backend(mace_model_path):
+    return load_backend(mace_model_path, dtype="float64")
+
+
+@pytest.fixture(scope="module")
+def delta_bytes(mace_model_path, tmp_path_factory) -> bytes:
+    backend = load_backend(mace_model_path, dtype="float64")
+    delta = random_sparse_delta(backend, density=0.01, energy_shifts={"H": 0.1})
+    return delta.save(tmp_path_factory.mktemp("delta") / "good.safetensors").read_bytes()
+
+
+def _edited(delta_bytes: bytes, path: Path, edit) -> Path:
+    """Write ``delta_bytes`` to ``path`` after ``edit(metadata, tensors, first_name)``."""
+    path.write_bytes(delta_bytes)
+    with safe_open(str(path), "pt") as handle:
+        meta = json.loads(handle.metadata()[METADATA_KEY])
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    first = sorted(meta["tensor_shapes"])[0]
+    edit(meta, tensors, first)
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+    return path
+
+
+def _set(key, value):
+    def edit(meta, tensors, name):
+        meta[key] = value
+
+    return edit
+
+
+def _values(fill):
+    def edit(meta, tensors, name):
+        tensors[name + "::values"][0] = fill
+
+    return edit
+
+
+def _index_past_end(meta, tensors, name):
+    tensors[name + "::indices"][-1] = int(np.prod(meta["tensor_shapes"][name]))
+
+
+def _float_indices(meta, tensors, name):
+    tensors[name + "::indices"] = tensors[name + "::indices"].double()
+
+
+def _shape_not_a_list(meta, tensors, name):
+    meta["tensor_shapes"][name] = 12
+
+
+def _extra_axis(meta, tensors, name):
+    meta["tensor_shapes"][name] = [1, *meta["tensor_shapes"][name]]
+
+
+def _unknown_tensor(meta, tensors, name):
+    meta["tensor_shapes"]["no_such.weight"] = [4]
+    tensors["no_such.weight::indices"] = torch.tensor([1])
+    tensors["no_such.weight::values"] = torch.tensor([0.5])
+
+
+# ---------------------------------------------------------------------------- delta files
+@pytest.mark.parametrize(
+    ("edit", "error", "problem"),
+    [
+        (_set("format_version", 2), DeltaFormatError, "version 2"),
+        (_values(float("nan")), DeltaValueError, "NaN or inf"),
+        (_values(float("-inf")), DeltaValueError, "NaN or inf"),
+        (_index_past_end, DeltaShapeError, "out of range"),
+        (_float_indices, DeltaFormatError, "int64"),
+        (_shape_not_a_list, DeltaFormatError, "non-negative integers"),
+        (_set("energy_shifts", {"H": float("nan")}), DeltaValueError, "energy_shifts"),
+        (_set("energy_shifts", {"Xy": 0.1}), DeltaFormatError, "not a chemical symbol"),
+        (_set("energy_shifts", "0.1 eV"), DeltaFormatError, "energy_shifts"),
+        (_set("trainable_numel", "many"), DeltaFormatError, "trainable_numel"),
+        (_set("base_model", 7), DeltaFormatError, "base_model"),
+    ],
+    ids=lambda p: getattr(p, "__name__", None) if callable(p) else None,
+)
+def test_defective_delta_file_is_refused_on_load(delta_bytes, tmp_path, edit, error, problem):
+    path = _edited(delta_bytes, tmp_path / "bad.safetensors", edit)
+    with pytest.raises(error, match=problem) as info:
+        SparseDelta.load(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "problem"),
+    [
+        (_set("base_fingerprint", "0" * 64), DeltaMismatchError, "fingerprint"),
+        (_set("backend", "sevennet"), DeltaMismatchError, "'sevennet' model"),
+        (_extra_axis, DeltaShapeError, "shape"),
+        (_unknown_tensor, DeltaShapeError, "no_such.weight"),
+    ],
+    ids=["other_base", "other_backend", "shape_mismatch", "unknown_tensor"],
+)
+def test_delta_that_does_not_fit_the_base_names_its_file(
+    delta_bytes, mace_model_path, tmp_path, edit, error, problem
+):
+    path = _edited(delta_bytes, tmp_path / "misfit.safetensors", edit)
+    delta = SparseDelta.load(path)
+    with pytest.raises(error, match=problem) as info:
+        SparseCalc(mace_model_path, delta=path)
+    assert str(path) in str(info.value)
+    backend = load_backend(mace_model_path)
+    before = {k: v.clone() for k, v in backend.model.state_dict().items()}
+    with pytest.raises(error):
+        delta.apply(backend)
+    # a refused delta changes nothing
+    assert all(torch.equal(v, before[k]) for k, v in backend.model.state_dict().items())
+    assert backend.energy_shifts_by_number() == {} and not backend.applied_deltas
+
+
+@pytest.mark.parametrize(
+    "cut", [0, 7, 8, 40, -1], ids=["empty", "in_length", "after_length", "in_header", "last_byte"]
+)
+def test_truncated_delta_file(delta_bytes, tmp_path, cut):
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(delta_bytes[:cut])
+    with pytest.raises(DeltaFileError, match="truncated or corrupt") as info:
+        SparseDelta.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_folder_and_random_bytes_as_delta(tmp_path):
+    with pytest.raises(DeltaFileError, match="is a folder"):
+        SparseDelta.load(tmp_path)
+    path = tmp_path / "noise.safetensors"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(DeltaFileError, match=r"noise\.safetensors"):
+        SparseDelta.load(path)
+
+
+def test_in_memory_delta_with_bad_shift_leaves_model_untouched(backend):
+    delta = random_sparse_delta(backend, density=0.01, energy_shifts={"H": float("inf")})
+    before = {k: v.clone() for k, v in backend.model.state_dict().items()}
+    with pytest.raises(DeltaValueError, match="finite"):
+        delta.apply(backend)
+    assert all(torch.equal(v, before[k]) for k, v in backend.model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------- structures
+def test_backend_evaluate_refuses_unknown_elements(base_for, backend_kind):
+    backend = load_backend(base_for(backend_kind), dtype="float64")
+    z = next(z for z in range(1, 119) if z not in backend.atomic_numbers)
+    atoms = Atoms(numbers=[z, 1], positions=[[0, 0, 0], [0, 0, 1.5]])
+    graph = build_graph([atoms], backend.cutoff, backend.device, backend.dtype)
+    with pytest.raises(UnknownElementError, match=rf"\b{chemical_symbols[z]}\b"):
+        backend.evaluate(graph)
+    with pytest.raises(UnknownElementError):
+        backend.evaluate(graph, training=True, compute_stress=False)
+
+
+def test_calculator_names_the_structure_it_refuses(mace_model_path):
+    calc = SparseCalc(mace_model_path)
+    fe = Atoms("Fe2", positions=[[0, 0, 0], [0, 0, 2.0]])
+    with pytest.raises(UnknownElementError, match=r"run\.xyz:frame 3: element\(s\) Fe"):
+        calc.batch_evaluate([molecule("H2O"), fe], names=["run.xyz:frame 2", "run.xyz:frame 3"])
+    close = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.04]])
+    with pytest.raises(AtomsTooCloseError, match=r"run\.xyz:frame 9: atoms 0 and 1 are 0\.04 Å"):
+        calc.batch_evaluate([close], names=["run.xyz:frame 9"])
+
+
+@pytest.mark.parametrize(
+    ("atoms", "problem"),
+    [
+        (Atoms(), "no atoms"),
+        (Atoms("H2", positions=[[0, 0, 0], [0, 0, np.nan]]), "atom 1 has a NaN or infinite position"),
+        (Atoms("H2", positions=[[0, 0, 0], [np.inf, 0, 0]]), "atom 1 has a NaN or infinite position"),
+        (Atoms("Si2", positions=[[0, 0, 0], [1.3, 1.3, 1.3]], pbc=True), "linearly dependent"),
+        (
+            Atoms(
+                "Si2",
+                positions=[[0, 0, 0], [1.3, 1.3, 1.3]],
+                cell=[[5, 0, 0], [5, 0, 0], [0, 0, 5]],
+                pbc=True,
+            ),
+            "linearly dependent",
+        ),
+    ],
+    ids=["empty", "nan_position", "inf_position", "periodic_without_cell", "flat_cell"],
+)
+def test_structures_no_model_can_evaluate(mace_model_path, atoms, problem):
+    calc = SparseCalc(mace_model_path)
+    with pytest.raises(StructureError, match=problem):
+        calc.batch_evaluate([atoms])
+    atoms = atoms.copy()
+    atoms.calc = calc
+    with pytest.raises(StructureError, match=r"structure 0"):
+        atoms.get_potential_energy()
+
+
+def test_stress_of_a_slab_is_refused(mace_model_path):
+    slab = bulk("Si", "diamond", a=5.43, cubic=True)
+    slab.pbc = [True, True, False]
+    with pytest.raises(StressUndefinedError, match=r"slab\.xyz:frame 0: stress needs a cell"):
+        SparseCalc(mace_model_path).batch_evaluate([slab], ["energy", "stress"], names=["slab.xyz:frame 0"])
+
+
+# ---------------------------------------------------------------------------- training data
+def test_frame_without_energy_or_forces(tmp_path):
+    no_forces = molecule("H2O")
+    no_forces.calc = SinglePointCalculator(no_forces, energy=-14.0)
+    path = tmp_path / "labels.extxyz"
+    write(path, [*water_frames(2), no_forces])
+    with pytest.raises(MissingLabelError, match=r"labels\.extxyz:frame 2: no forces"):
+        read_frames(path)
+    write(path, [*water_frames(1), molecule("H2O")])
+    with pytest.raises(MissingLabelError, match=r"labels\.extxyz:frame 1: no energy"):
+        read_frames(path)
+
+
+def test_nan_forces_name_file_and_frame(tmp_path):
+    frames = water_frames(3)
+    forces = frames[1].get_forces().copy()
+    forces[2, 1] = np.nan
+    frames[1] = labelled(frames[1], forces=forces)
+    path = tmp_path / "nan.extxyz"
+    write(path, frames)
+    with pytest.raises(NonFiniteLabelError, match=r"nan\.extxyz:frame 1: forces contains NaN"):
+        read_frames(path)
+    # an index slice keeps the frame numbers of the file
+    with pytest.raises(NonFiniteLabelError, match=r"nan\.extxyz:frame 1:"):
+        read_frames(f"{path}@1:")
+
+
+def test_malformed_labels(tmp_path):
+    atoms = molecule("H2O")
+    atoms.info["energy"] = "converged"
+    atoms.arrays["forces"] = np.zeros((3, 3))
+    with pytest.raises(MissingLabelError, match=r"w\.xyz:frame 0: energy label .* not numeric"):
+        frame_from_atoms(atoms, "w.xyz:frame 0")
+    atoms.info["energy"] = -14.0
+    atoms.info["forces"] = [0.1, 0.2]
+    with pytest.raises(MissingLabelError, match=r"forces have shape \(2,\) for 3 atoms"):
+        frame_from_atoms(atoms, "w.xyz:frame 0", forces_key="forces")
+    with pytest.raises(StructureError, match=r"w\.xyz:frame 4: the frame has no atoms"):
+        frame_from_atoms(labelled(Atoms()), "w.xyz:frame 4")
+
+
+def test_empty_and_unreadable_trajectories(tmp_path):
+    empty = tmp_path / "empty.extxyz"
+    empty.write_bytes(b"")
+    with pytest.raises(EmptyDatasetError, match=r"empty\.extxyz: the file is empty"):
+        read_frames(empty)
+    data = tmp_path / "three.extxyz"
+    write(data, water_frames(3))
+    with pytest.raises(EmptyDatasetError, match=r"three\.extxyz: no frames"):
+        read_frames(f"{data}@5:")
+    with pytest.raises(DataFileError, match=r"three\.extxyz: has no frame '7'"):
+        read_frames(f"{data}@7")
+    with pytest.raises(DataFileError, match=r"missing\.extxyz: file not found"):
+        read_frames(tmp_path / "missing.extxyz")
+    with pytest.raises(DataFileError, match="is a folder"):
+        read_frames(tmp_path)
+    garbage = tmp_path / "garbage.extxyz"
+    garbage.write_text("this is not\na structure file\n")
+    with pytest.raises(DataFileError, match=r"garbage\.extxyz: ASE cannot read this file"):
+        read_frames(garbage)
+
+
+def test_finetune_names_file_and_frame_of_unknown_element(mace_model_path, tmp_path):
+    iron = labelled(bulk("Fe", "bcc", a=2.87, cubic=True))
+    path = tmp_path / "with_iron.extxyz"
+    water = water_frames(4)
+    write(path, [*water[:3], iron, water[3]])
+    with pytest.raises(UnknownElementError, match=r"with_iron\.extxyz:frame 3: element\(s\) Fe unknown"):
+        finetune(mace_model_path, str(path), **FAST)
+
+
+def test_finetune_names_file_and_frame_of_atoms_too_close(mace_model_path, tmp_path):
+    frames = water_frames(4)
+    crushed = molecule("H2O")
+    crushed.positions[2] = crushed.positions[0] + [0.0, 0.0, 0.06]
+    frames[2] = labelled(crushed)
+    path = tmp_path / "crushed.extxyz"
+    write(path, frames)
+    with pytest.raises(AtomsTooCloseError, match=r"crushed\.extxyz:frame 2: atoms 0 and 2 are 0\.06 Å"):
+        finetune(mace_model_path, str(path), **FAST)
+
+
+def test_duplicate_frames_are_named(mace_model_path, tmp_path):
+    frames = water_frames(4)
+    path = tmp_path / "dup.extxyz"
+    write(path, [*frames, frames[1]])
+    with pytest.raises(
+        DuplicateFrameError, match=r"dup\.extxyz:frame 4: same structure as .*dup\.extxyz:frame 1"
+    ):
+        finetune(mace_model_path, str(path), **FAST)
+
+
+def test_unusable_checkpoint_on_resume(mace_model_path, tmp_path):
+    path = tmp_path / "train.extxyz"
+    write(path, water_frames(4))
+    checkpoints = tmp_path / "ckpt"
+    checkpoints.mkdir()
+    (checkpoints / "checkpoint.pt").write_bytes(b"PK\x03\x04 half a zip file")
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt: cannot read checkpoint"):
+        finetune(mace_model_path, str(path), checkpoint_dir=checkpoints, resume=True, **FAST)
+    torch.save({"fingerprint": "another run"}, checkpoints / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="another base model, data set or options"):
+        finetune(mace_model_path, str(path), checkpoint_dir=checkpoints, resume=True, **FAST)
+
+
+def test_checkpoint_error_still_importable_from_trainer():
+    from ase_sparsecalc.finetune.trainer import CheckpointError as FromTrainer
+
+    assert FromTrainer is CheckpointError
+
+
+# ---------------------------------------------------------------------------- options and outputs
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"density": 2.0}, "density must be in"),
+        ({"epochs": 0}, "epochs must be at least 1"),
+        ({"valid_fraction": 1.0}, "valid_fraction"),
+        ({"forces_weight": -1.0}, "forces_weight"),
+        ({"method": "magic"}, "method must be one of"),
+    ],
+)
+def test_bad_finetune_options(options, problem):
+    with pytest.raises(ConfigError, match=problem):
+        FinetuneConfig(**options)
+    with pytest.raises(ValueError):  # still a ValueError for callers that catch that
+        FinetuneConfig(**options)
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [({"device": "gpu"}, "not a torch device"), ({"default_dtype": "float16"}, "float32")],
+)
+def test_bad_calculator_options(mace_model_path, options, problem):
+    with pytest.raises(ConfigError, match=problem):
+        SparseCalc(mace_model_path, **options)
+
+
+def test_unwritable_output_names_the_file(backend, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    target = blocker / "delta.safetensors"
+    with pytest.raises(OutputFileError, match=r"a_file/delta\.safetensors: cannot write here"):
+        random_sparse_delta(backend, density=0.01).save(target)
+    with pytest.raises(OSError):  # still an OSError for callers that catch that
+        random_sparse_delta(backend, density=0.01).save(target)

@@ -1,0 +1,233 @@
+"""The command line on bad input: one line on stderr naming the file and the problem, no traceback.
+
+Each case runs ``sparsecalc`` in-process through :func:`ase_sparsecalc.cli.main`; one runs it as
+a real ``python -m ase_sparsecalc`` subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk, molecule
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import write
+
+from ase_sparsecalc import load_backend
+from ase_sparsecalc.cli import main
+from ase_sparsecalc.testing import random_sparse_delta
+
+
+def _labelled(atoms: Atoms, seed: int) -> Atoms:
+    atoms = atoms.copy()
+    forces = np.random.default_rng(seed).normal(scale=0.1, size=(len(atoms), 3))
+    atoms.calc = SinglePointCalculator(atoms, energy=-14.0 - 0.01 * seed, forces=forces)
+    return atoms
+
+
+def _water(n: int, start: int = 0) -> list[Atoms]:
+    frames = []
+    for k in range(start, start + n):
+        atoms = molecule("H2O")
+        atoms.rattle(0.02, seed=k)
+        frames.append(_labelled(atoms, k))
+    return frames
+
+
+@pytest.fixture(scope="module")
+def files(mace_model_path, tmp_path_factory) -> dict[str, str]:
+    """Good and bad input files, all in one folder, keyed by name with ``.`` replaced by ``_``."""
+    folder = tmp_path_factory.mktemp("cli_inputs")
+    write(folder / "good.extxyz", _water(4))
+    iron = _labelled(bulk("Fe", "bcc", a=2.87, cubic=True), 9)
+    write(folder / "iron.extxyz", [*_water(2), iron])
+    water = _water(3)
+    write(folder / "dup.extxyz", [*water, water[0]])
+    crushed = molecule("H2O")
+    crushed.positions[1] = crushed.positions[0] + [0.05, 0.0, 0.0]
+    write(folder / "crushed.extxyz", [*_water(2), _labelled(crushed, 7)])
+    nan = _water(2)
+    nan[1].calc.results["forces"][0, 0] = np.nan
+    write(folder / "nan.extxyz", nan)
+    (folder / "empty.extxyz").write_bytes(b"")
+    (folder / "garbage.extxyz").write_text("Lorem ipsum\ndolor sit amet\n")
+    backend = load_backend(mace_model_path)
+    delta = random_sparse_delta(backend, density=0.01)
+    data = delta.save(folder / "good.safetensors").read_bytes()
+    (folder / "truncated.safetensors").write_bytes(data[: len(data) // 3])
+    other = load_backend(mace_model_path)
+    other.fingerprint = "f" * 64  # a delta made for another base model
+    random_sparse_delta(other, density=0.01).save(folder / "foreign.safetensors")
+    (folder / "blocker").write_text("a file where a folder is expected")
+    write(folder / "molecule.xyz", molecule("H2O"))
+    named = {p.name.replace(".", "_"): str(p) for p in folder.iterdir()}
+    return {"dir": str(folder), "model": mace_model_path, **named}
+
+
+CASES = {
+    # name: (argv with {placeholders}, fragments the error line must contain)
+    "eval_missing_file": (
+        ["eval", "{dir}/absent.extxyz", "--base", "{model}"],
+        ["absent.extxyz", "not found"],
+    ),
+    "eval_garbage_file": (
+        ["eval", "{garbage_extxyz}", "--base", "{model}"],
+        ["garbage.extxyz", "cannot read"],
+    ),
+    "eval_empty_file": (["eval", "{empty_extxyz}", "--base", "{model}"], ["empty.extxyz", "empty"]),
+    "eval_nan_forces": (["eval", "{nan_extxyz}", "--base", "{model}"], ["nan.extxyz:frame 1", "NaN"]),
+    "eval_unknown_element": (["eval", "{iron_extxyz}", "--base", "{model}"], ["iron.extxyz:frame 2", "Fe"]),
+    "eval_atoms_too_close": (
+        ["eval", "{crushed_extxyz}", "--base", "{model}"],
+        ["crushed.extxyz:frame 2", "Å apart"],
+    ),
+    "eval_truncated_delta": (
+        ["eval", "{good_extxyz}", "--base", "{model}", "--delta", "{truncated_safetensors}"],
+        ["truncated.safetensors", "truncated or corrupt"],
+    ),
+    "eval_foreign_delta": (
+        ["eval", "{good_extxyz}", "--base", "{model}", "--delta", "{foreign_safetensors}"],
+        ["foreign.safetensors", "fingerprint"],
+    ),
+    "eval_bad_device": (["eval", "{good_extxyz}", "--base", "{model}", "--device", "gpu"], ["gpu", "device"]),
+    "eval_model_is_not_a_model": (
+        ["eval", "{good_extxyz}", "--base", "{good_extxyz}"],
+        ["good.extxyz", "checkpoint"],
+    ),
+    "finetune_unknown_element": (
+        [
+            "finetune",
+            "{iron_extxyz}",
+            "-o",
+            "{dir}/out1.safetensors",
+            "--base",
+            "{model}",
+            "--epochs",
+            "1",
+            "--no-progress",
+        ],
+        ["iron.extxyz:frame 2", "Fe", "unknown"],
+    ),
+    "finetune_duplicates": (
+        [
+            "finetune",
+            "{dup_extxyz}",
+            "-o",
+            "{dir}/out2.safetensors",
+            "--base",
+            "{model}",
+            "--epochs",
+            "1",
+            "--no-progress",
+        ],
+        ["dup.extxyz:frame 3", "same structure", "dup.extxyz:frame 0"],
+    ),
+    "finetune_atoms_too_close": (
+        [
+            "finetune",
+            "{crushed_extxyz}",
+            "-o",
+            "{dir}/out3.safetensors",
+            "--base",
+            "{model}",
+            "--epochs",
+            "1",
+            "--no-progress",
+        ],
+        ["crushed.extxyz:frame 2", "0.05 Å apart"],
+    ),
+    "finetune_unwritable_output": (
+        [
+            "finetune",
+            "{good_extxyz}",
+            "-o",
+            "{blocker}/out.safetensors",
+            "--base",
+            "{model}",
+            "--no-progress",
+        ],
+        ["blocker/out.safetensors", "cannot write"],
+    ),
+    "finetune_bad_option": (
+        [
+            "finetune",
+            "{good_extxyz}",
+            "-o",
+            "{dir}/out4.safetensors",
+            "--base",
+            "{model}",
+            "--density",
+            "1.5",
+        ],
+        ["density", "(0, 1]"],
+    ),
+    "md_missing_structure": (["md", "{dir}/absent.cif", "--base", "{model}"], ["absent.cif", "no such file"]),
+    "md_npt_without_cell": (
+        ["md", "{molecule_xyz}", "--base", "{model}", "--ensemble", "npt", "--steps", "2", "--no-progress"],
+        ["H2O", "NPT needs a cell"],
+    ),
+    "inspect_truncated_delta": (
+        ["inspect", "{truncated_safetensors}", "--base", "{model}"],
+        ["truncated.safetensors"],
+    ),
+}
+
+
+def _argv(template: list[str], files: dict[str, str]) -> list[str]:
+    return [part.format(**files) for part in template]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_gives_one_error_line(case, files, capsys):
+    template, fragments = CASES[case]
+    command = template[0]
+    status = main(_argv(template, files))
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert status == 2, captured.err
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"sparsecalc {command}: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_nothing_is_written_when_finetune_refuses_its_input(files):
+    for name in ("out1", "out2", "out3"):
+        assert not Path(files["dir"], f"{name}.safetensors").exists()
+    assert not list(Path(files["dir"]).glob(".*.tmp"))
+
+
+def test_real_process_prints_no_traceback(files):
+    """``python -m ase_sparsecalc`` as a user runs it: exit status 2, one line, no traceback."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = _argv(CASES["eval_truncated_delta"][0], files)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ase_sparsecalc", *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("sparsecalc eval:")]
+    assert len(errors) == 1 and "truncated.safetensors" in errors[0], proc.stderr
+    assert proc.stdout == ""
+
+
+def test_unexpected_exception_is_one_line_unless_verbose(files, capsys, monkeypatch):
+    """A bug (an exception the library did not raise on purpose) still gives one line; -v shows it."""
+    from ase_sparsecalc.cli import eval_cmd
+
+    def broken(args):
+        raise KeyError("internal state")
+
+    monkeypatch.setattr(eval_cmd, "run", broken)
+    argv = ["eval", files["good_extxyz"], "--base", files["model"]]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "internal error: KeyError" in err[0] and "--verbose" in err[0]
+    with pytest.raises(KeyError):
+        main(["-v", *argv])

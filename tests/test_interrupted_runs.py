@@ -1,0 +1,118 @@
+"""Interrupted runs: nothing half-written, and a killed fine-tune resumes to the same delta.
+
+The fine-tune is a real ``python -m ase_sparsecalc finetune`` process on a few ethanol frames
+with the small MACE test model, killed with SIGKILL as soon as its first checkpoint exists.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ase.io import read, write
+
+from ase_sparsecalc import SparseDelta
+from ase_sparsecalc.cli import main
+from ase_sparsecalc.delta_io import atomic_write_bytes
+from ase_sparsecalc.errors import OutputFileError
+
+DATA = Path(__file__).parents[1] / "examples" / "data" / "ethanol_train.xyz"
+EPOCHS = 5
+OPTIONS = [
+    "--epochs", str(EPOCHS), "--batch-size", "3", "--lr", "0.01", "--density", "0.05",
+    "--dtype", "float64", "--seed", "3", "--valid-fraction", "0", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture
+def one_thread():
+    """Same thread count in this process and in the child, so float reductions agree bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _finetune_argv(train: Path, output: Path, model: str) -> list[str]:
+    return ["finetune", str(train), "-o", str(output), "--base", model, *OPTIONS]
+
+
+def test_killed_finetune_resumes_to_the_uninterrupted_delta(mace_model_path, tmp_path, one_thread):
+    train = tmp_path / "ethanol6.extxyz"
+    write(train, read(DATA, ":6"))
+    killed_out = tmp_path / "killed" / "delta.safetensors"
+    checkpoint = killed_out.with_name("delta_checkpoint") / "checkpoint.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ase_sparsecalc", *_finetune_argv(train, killed_out, mace_model_path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not checkpoint.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not killed_out.exists(), "the run finished before it was killed; the test proves nothing"
+
+    # the checkpoint the killed process left is complete and loadable
+    state = torch.load(checkpoint, weights_only=True)
+    assert 1 <= state["state"]["epoch"] < EPOCHS
+    assert not any(p.suffix == ".safetensors" for p in killed_out.parent.iterdir())
+
+    assert main([*_finetune_argv(train, killed_out, mace_model_path), "--resume"]) == 0
+    reference_out = tmp_path / "reference" / "delta.safetensors"
+    assert main(_finetune_argv(train, reference_out, mace_model_path)) == 0
+
+    resumed, reference = SparseDelta.load(killed_out), SparseDelta.load(reference_out)
+    assert reference.nnz > 0
+    assert list(resumed.tensors) == list(reference.tensors)
+    for name, tensor in reference.tensors.items():
+        assert torch.equal(resumed.tensors[name].indices, tensor.indices), name
+        assert torch.equal(resumed.tensors[name].values, tensor.values), name
+    assert resumed.metadata.energy_shifts == reference.metadata.energy_shifts
+    resumed_state = torch.load(checkpoint, weights_only=True)["state"]
+    assert resumed_state["epoch"] == EPOCHS and len(resumed_state["history"]) == EPOCHS
+
+
+def test_atomic_write_keeps_old_content_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "report.json"
+    atomic_write_bytes(path, b"old, complete")
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OutputFileError, match=r"report\.json: writing failed"):
+        atomic_write_bytes(path, b"new" * 100_000)
+    monkeypatch.undo()
+    assert path.read_bytes() == b"old, complete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"], "temporary file left behind"
+
+
+def test_atomic_write_gives_ordinary_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        fresh = atomic_write_bytes(tmp_path / "new.safetensors", b"x")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
+        kept = tmp_path / "shared.json"
+        kept.write_bytes(b"{}")
+        kept.chmod(0o640)
+        atomic_write_bytes(kept, b"[]")
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o640
+    finally:
+        os.umask(umask)
