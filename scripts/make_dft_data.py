@@ -194,7 +194,7 @@ SYSTEMS = {
         structure="fcc",
         a_exp=3.615,
         basis=(0,),
-        pw_cutoff=450.0,
+        pw_cutoff=400.0,
         kpts=(6, 6, 6),
         gamma=True,
         width=0.1,
@@ -202,8 +202,8 @@ SYSTEMS = {
         rattle_repeats=2,
         strain_rattle=((-0.03, 0.05), (-0.015, 0.05), (0.015, 0.05), (0.03, 0.05)),
         n_shear=3,
-        n_shear_rattle=5,
-        md_per_temperature=5,
+        n_shear_rattle=4,
+        md_per_temperature=4,
     ),
 }
 
