@@ -17,25 +17,27 @@ from e3nn import o3
 from .base import PathSegment, WeightInfo
 
 
-def linear_segments(linear: o3.Linear, element_axis: int | None = None) -> tuple[PathSegment, ...]:
-    """Segments of an ``o3.Linear`` weight; ``element_axis=0`` when the input is a one-hot."""
+def _consecutive_segments(
+    paths: list[tuple[tuple[int, ...], int, int, int | None]],
+) -> tuple[PathSegment, ...]:
+    """Lay blocks of the given (path_shape, l_in, l_out, element_axis) end to end."""
     segments, start = [], 0
-    for ins in linear.instructions:
-        if ins.i_in == -1:  # bias-only instruction: lives in .bias, not .weight
-            continue
-        size = prod(ins.path_shape)
-        segments.append(
-            PathSegment(
-                start=start,
-                stop=start + size,
-                l_in=linear.irreps_in[ins.i_in].ir.l,
-                l_out=linear.irreps_out[ins.i_out].ir.l,
-                shape=tuple(ins.path_shape),
-                element_axis=element_axis,
-            )
-        )
+    for shape, l_in, l_out, axis in paths:
+        size = prod(shape)
+        segments.append(PathSegment(start, start + size, l_in, l_out, tuple(shape), axis))
         start += size
     return tuple(segments)
+
+
+def linear_segments(linear: o3.Linear, element_axis: int | None = None) -> tuple[PathSegment, ...]:
+    """Segments of an ``o3.Linear`` weight; ``element_axis=0`` when the input is a one-hot."""
+    return _consecutive_segments(
+        [
+            (ins.path_shape, linear.irreps_in[ins.i_in].ir.l, linear.irreps_out[ins.i_out].ir.l, element_axis)
+            for ins in linear.instructions
+            if ins.i_in != -1  # bias-only instructions live in .bias, not .weight
+        ]
+    )
 
 
 def tensor_product_segments(
@@ -50,26 +52,18 @@ def tensor_product_segments(
         Which input of the product is a one-hot of the elements (its multiplicity axis of the
         path shape then indexes elements).
     """
-    segments, start = [], 0
-    for ins in tp.instructions:
-        if not ins.has_weight:
-            continue
-        size = prod(ins.path_shape)
-        axis = None
-        if element_input is not None and len(ins.path_shape) >= 2:
-            axis = element_input - 1
-        segments.append(
-            PathSegment(
-                start=start,
-                stop=start + size,
-                l_in=tp.irreps_in1[ins.i_in1].ir.l,
-                l_out=tp.irreps_out[ins.i_out].ir.l,
-                shape=tuple(ins.path_shape),
-                element_axis=axis,
+    return _consecutive_segments(
+        [
+            (
+                ins.path_shape,
+                tp.irreps_in1[ins.i_in1].ir.l,
+                tp.irreps_out[ins.i_out].ir.l,
+                element_input - 1 if element_input is not None and len(ins.path_shape) >= 2 else None,
             )
-        )
-        start += size
-    return tuple(segments)
+            for ins in tp.instructions
+            if ins.has_weight
+        ]
+    )
 
 
 def whole_tensor_segment(
