@@ -65,19 +65,32 @@ def main() -> None:
     common = {"valid_fraction": 0.15, "seed": 0, "dtype": "float32"}
     shift = finetune_with_report("sevennet-0", train, method="shift", **common)
     sparse = finetune_with_report(
-        "sevennet-0", train, method="sparse", density=0.03, epochs=args.epochs, batch_size=4,
-        lr=5e-3, stress_weight=1000.0, output=args.out / "si_pbesol_sevennet0.safetensors",
-        report_dir=args.out / "report", progress=True, **common,
+        "sevennet-0",
+        train,
+        method="sparse",
+        density=0.03,
+        epochs=args.epochs,
+        batch_size=4,
+        lr=5e-3,
+        stress_weight=1000.0,
+        output=args.out / "si_pbesol_sevennet0.safetensors",
+        report_dir=args.out / "report",
+        progress=True,
+        **common,
     )
-    print(f"delta: {sparse.delta.nnz} of {sparse.report['trainable_weights']} weights changed "
-          f"({100 * sparse.delta.density:.1f} %), written to {sparse.paths['delta']}")
+    print(
+        f"delta: {sparse.delta.nnz} of {sparse.report['trainable_weights']} weights changed "
+        f"({100 * sparse.delta.density:.1f} %), written to {sparse.paths['delta']}"
+    )
 
     # Use the delta: a calculator for the held-out frames and for a cell relaxation.
     rows = []
     for label, delta in (("SevenNet-0 + shifts", shift.delta), ("sparse delta", sparse.delta)):
         calc = SparseCalc("sevennet-0", delta=delta, default_dtype="float64")
         errors = test_errors(calc, test)
-        rows.append((label, errors["energy_mae"], errors["forces_mae"], errors["stress_mae"], lattice_constant(calc)))
+        rows.append(
+            (label, errors["energy_mae"], errors["forces_mae"], errors["stress_mae"], lattice_constant(calc))
+        )
     print(f"\n{'test frames':22s}{'E (meV/at)':>11s}{'F (meV/Å)':>11s}{'σ (GPa)':>9s}{'a0 (Å)':>9s}")
     for label, e, f, s, a0 in rows:
         print(f"{label:22s}{e:11.2f}{f:11.1f}{s:9.3f}{a0:9.4f}")
