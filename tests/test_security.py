@@ -160,3 +160,18 @@ def test_interrupted_download_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(ModelNotFoundError, match=re.escape("download from https://example.invalid/m failed")):
         foundation_models.fetch(named)
     assert list(cached.parent.iterdir()) == []
+
+
+def test_old_pickle_trajectory_is_refused_unread(tmp_path):
+    """ASE's pre-2015 trajectory format was a pickle; neither reader of this package unpickles it."""
+    from ase_sparsecalc.errors import DataFileError
+    from ase_sparsecalc.finetune import read_frames
+    from ase_sparsecalc.structure_io import read_structure
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "old.traj"
+    path.write_bytes(b"PickleTrajectory" + pickle.dumps({"atoms": _Exploit(marker)}, protocol=2))
+    for read in (read_frames, read_structure):
+        with pytest.raises(DataFileError, match=r"old\.traj"):
+            read(path)
+    assert not marker.exists()
