@@ -34,6 +34,7 @@ from _markdown import machine_description, markdown_table, update_section
 
 from ase_sparsecalc import SparseCalc
 from ase_sparsecalc.finetune import finetune_with_report, read_frames
+from ase_sparsecalc.finetune.config import DEFAULT_LR
 from ase_sparsecalc.finetune.metrics import error_metrics
 
 ROOT = Path(__file__).parents[1]
@@ -47,6 +48,8 @@ ABLATION = {
     "no radial MLP": {"exclude_kinds": ["radial"]},
     "with readouts": {"train_readouts": True},
     "lr x0.2": {"lr_scale": 0.2},
+    "per-tensor Adam": {"optimizer": "tensorwise_adam"},
+    "short dense warm-up, early pruning": {"prune_end_fraction": 0.3},
     "gmp (magnitude pruning)": {"method": "gmp"},
     "l1 + one-shot pruning": {"method": "l1", "penalty": 1e-3},
 }
@@ -98,9 +101,9 @@ def test_metrics(base: str, delta, frames, dtype: str, device: str) -> dict:
 def run_one(args, dataset, n_train, label, options) -> dict:
     train, test, isolated = load_dataset(dataset, n_train, args.seed)
     options = dict(options)
-    lr = args.lr * options.pop("lr_scale", 1.0)
     default_method = label if label in ("shift", "sparse", "l1", "gmp", "full", "elora") else "sparse"
     method = options.pop("method", default_method)
+    lr = (args.lr or DEFAULT_LR[method]) * options.pop("lr_scale", 1.0)
     start = time.monotonic()
     delta_path = RESULTS / "deltas" / f"{dataset}_{len(train)}_{label.replace(' ', '_')}.safetensors"
     result = finetune_with_report(
@@ -180,7 +183,7 @@ def main() -> None:
     parser.add_argument("--base", default="sevennet-0")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--lr", type=float, help="default: each method's default learning rate")
     parser.add_argument("--density", type=float, default=0.03)
     parser.add_argument("--penalty", type=float, default=0.0)
     parser.add_argument("--stress-weight", type=float, default=1000.0)

@@ -181,7 +181,11 @@ class SoftThresholdDelta(DeltaMethod):
     def deltas(self):
         out = {}
         thresholds = self.tau * self.log_threshold.exp()
+        dense = not bool(self.tau > 0)  # dense phase of the schedule: no threshold at all
         for k, (name, u) in enumerate(zip(self.names, self.u, strict=True)):
+            if dense:
+                out[name] = self.scales[k] * u
+                continue
             t = thresholds[k]
             magnitude = u.abs()
             soft = torch.sign(u) * torch.relu(magnitude - t)
