@@ -11,6 +11,9 @@ from .methods import METHODS
 
 ALL_METHODS = (*METHODS, "shift")
 
+DEFAULT_LR = {"sparse": 1e-2, "l1": 1e-2, "gmp": 1e-2, "full": 2e-3, "elora": 2e-3, "shift": 2e-3}
+"""Default learning rate of each method (relative units), from the ethanol study in docs/benchmarks.md."""
+
 
 @dataclass
 class FinetuneConfig:
@@ -29,8 +32,10 @@ class FinetuneConfig:
         Passes over the training frames.
     batch_size : int
         Structures per optimizer step.
-    lr : float
-        AdamW learning rate of the (relative) delta parameters.
+    lr : float or None
+        Learning rate of the delta parameters, in units of each tensor's RMS weight. None: the
+        method's default (:data:`DEFAULT_LR`: sparse methods move few entries far, so they take
+        a larger rate than dense ones).
     weight_decay : float
         AdamW weight decay of the delta parameters (pulls them to zero).
     energy_weight, forces_weight, stress_weight : float
@@ -73,7 +78,7 @@ class FinetuneConfig:
     penalty: float = 0.0
     epochs: int = 100
     batch_size: int = 8
-    lr: float = 2e-3
+    lr: float | None = None
     weight_decay: float = 0.0
     energy_weight: float = 100.0
     forces_weight: float = 1.0
@@ -109,6 +114,8 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.method]
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         self.exclude_kinds = tuple(self.exclude_kinds)
