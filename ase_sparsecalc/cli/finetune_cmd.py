@@ -127,7 +127,10 @@ def run(args: argparse.Namespace) -> int:
         forces_key=args.forces_key,
         stress_key=args.stress_key,
     )
-    print(format_summary(result.report, result.paths))
+    from ..finetune.distributed import is_main_process
+
+    if is_main_process():  # under torchrun, the other ranks stay quiet
+        print(format_summary(result.report, result.paths))
     return 0
 
 

@@ -31,6 +31,7 @@ from .data import (
     read_isolated_atom_energies,
     split_frames,
 )
+from .distributed import ProcessInfo, distributed_session
 from .methods import METHODS, MethodOptions
 from .metrics import error_metrics
 from .reference import fit_energy_shifts, shifted_energies
@@ -94,12 +95,54 @@ def finetune_with_report(
     callbacks: Sequence = (),
     **options,
 ) -> FinetuneResult:
-    """:func:`finetune`, also returning the report (and writing it when ``report_dir`` is set)."""
+    """:func:`finetune`, also returning the report (and writing it when ``report_dir`` is set).
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the processes train data-parallel (see
+    :mod:`.distributed`); every rank returns the same delta and only rank 0 writes files.
+    """
     config = config or FinetuneConfig(**options)
+    with distributed_session(config.device) as process:
+        return _finetune_in_session(
+            process,
+            base,
+            train,
+            valid,
+            output=output,
+            report_dir=report_dir,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            progress=progress,
+            isolated_atoms=isolated_atoms,
+            energy_key=energy_key,
+            forces_key=forces_key,
+            stress_key=stress_key,
+            config=config,
+            callbacks=callbacks,
+        )
+
+
+def _finetune_in_session(
+    process: ProcessInfo,
+    base: str | Path | Backend | None,
+    train: FrameSource,
+    valid: FrameSource | None,
+    *,
+    output: str | Path | None,
+    report_dir: str | Path | None,
+    checkpoint_dir: str | Path | None,
+    resume: bool,
+    progress: bool,
+    isolated_atoms: str | Path | dict | None,
+    energy_key: str | None,
+    forces_key: str | None,
+    stress_key: str | None,
+    config: FinetuneConfig,
+    callbacks: Sequence,
+) -> FinetuneResult:
     started = time.monotonic()
     torch.manual_seed(config.seed)
     keys = {"energy_key": energy_key, "forces_key": forces_key, "stress_key": stress_key}
-    backend = load_backend(base, device=config.device, dtype=config.dtype)
+    backend = load_backend(base, device=process.device, dtype=config.dtype)
     train_frames = _frames(train, keys)
     valid_frames = _frames(valid, keys) if valid is not None else None
     if valid_frames is None:
@@ -181,9 +224,9 @@ def finetune_with_report(
         "history": history,
     }
     paths: dict[str, Path] = {}
-    if output is not None:
+    if output is not None and process.is_main:
         paths["delta"] = delta.save(output)
-    if report_dir is not None:
+    if report_dir is not None and process.is_main:
         paths.update(
             _write_report_files(
                 report,

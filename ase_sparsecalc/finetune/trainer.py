@@ -4,6 +4,10 @@ Graphs are built once (:mod:`.batches`) and stay on the device; a step is one ba
 call through ``torch.func.functional_call`` with ``W0 + Δ``, one backward pass and one
 optimizer step. Checkpoints hold everything needed to continue bit-for-bit (method and
 optimizer state, schedule, history, best state) and are written atomically.
+
+In a data-parallel run (``torchrun``, see :mod:`.distributed`) each process evaluates its shard
+of the batch, the gradients of the method's parameters are summed over all processes before the
+optimizer step, and only rank 0 writes checkpoints and shows progress.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from ..backends.base import Backend
 from ..delta_io import atomic_write_bytes
 from ..errors import CheckpointError
+from . import distributed
 from .batches import LabelledBatch, LossWeights, batch_loss
 from .config import FinetuneConfig
 from .methods import DeltaMethod
@@ -77,6 +82,10 @@ class Trainer:
         Identifies base model and data; a checkpoint made for other inputs is refused.
     callbacks : sequence of callables
         Each is called as ``callback(trainer)`` after every completed (and checkpointed) epoch.
+    process : ProcessInfo, optional
+        Rank and world size of a data-parallel run (default: the initialised process group,
+        else a single process). The batches must be this rank's shards
+        (:func:`~.batches.make_batches` builds them so).
     """
 
     def __init__(
@@ -89,8 +98,10 @@ class Trainer:
         checkpoint_dir: Path | None = None,
         fingerprint: str = "",
         callbacks: Sequence = (),
+        process: distributed.ProcessInfo | None = None,
     ) -> None:
         self.backend, self.method, self.config = backend, method, config
+        self.process = process or distributed.current()
         self.train_batches, self.valid_batches = list(train), list(valid)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.fingerprint = fingerprint
@@ -99,7 +110,9 @@ class Trainer:
             config.energy_weight, config.forces_weight, config.stress_weight, config.huber_delta
         )
         self.total_steps = config.epochs * len(self.train_batches)
-        self.optimizer = make_optimizer(config.optimizer, method.parameter_groups(config.lr, config.weight_decay))
+        self.optimizer = make_optimizer(
+            config.optimizer, method.parameter_groups(config.lr, config.weight_decay)
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.state = TrainingState()
         self._best_method_state: dict | None = None
@@ -124,7 +137,7 @@ class Trainer:
     def train(self, progress: bool = True) -> TrainingState:
         """Run (or continue) training until epochs, early stopping or ``max_time``."""
         start = time.monotonic()
-        bar = _progress_bar(self.config.epochs, self.state.epoch, progress)
+        bar = _progress_bar(self.config.epochs, self.state.epoch, progress and self.process.is_main)
         while self.state.epoch < self.config.epochs:
             epoch = self.state.epoch
             train_loss, timed_out = self._train_epoch(epoch, start)
@@ -159,8 +172,21 @@ class Trainer:
         order = torch.randperm(len(self.train_batches), generator=generator).tolist()
         losses = []
         for k in order:
-            batch = self.train_batches[k]
-            self.method.update_schedule(self.state.step / max(1, self.total_steps))
+            losses.append(self.train_step(self.train_batches[k]))
+            if self.config.max_time is not None and self._out_of_time(start):
+                return float(np.mean(losses)), True
+        return float(np.mean(losses)), False
+
+    def train_step(self, batch: LabelledBatch) -> float:
+        """One optimizer step on one batch (this rank's shard of it); returns the batch loss.
+
+        The loss is the data loss of the batch plus the method's penalty. With several
+        processes the gradients are summed over all ranks before the step (the penalty counts
+        once, on rank 0), so every rank takes the step a single process would take.
+        """
+        self.method.update_schedule(self.state.step / max(1, self.total_steps))
+        loss = self._zero_loss()
+        if not batch.is_empty:
             out = self.backend.evaluate(
                 batch.graph,
                 compute_forces=True,
@@ -168,16 +194,32 @@ class Trainer:
                 training=True,
                 parameters=self.method.effective_parameters(),
             )
-            loss = batch_loss(out, batch, self.weights) + self.method.penalty()
-            self.optimizer.zero_grad(set_to_none=True)
+            loss = batch_loss(out, batch, self.weights)
+        if self.process.is_main:
+            loss = loss + self.method.penalty()
+        self.optimizer.zero_grad(set_to_none=True)
+        if loss.requires_grad:
             loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
-            self.state.step += 1
-            losses.append(float(loss.detach()))
-            if self.config.max_time is not None and time.monotonic() - start > self.config.max_time:
-                return float(np.mean(losses)), True
-        return float(np.mean(losses)), False
+        value = float(loss.detach())
+        if self.process.distributed:
+            value = distributed.all_reduce_gradients(self._optimized_parameters(), value)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.state.step += 1
+        return value
+
+    def _zero_loss(self) -> torch.Tensor:
+        return torch.zeros((), dtype=self.backend.dtype, device=self.backend.device)
+
+    def _optimized_parameters(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _out_of_time(self, start: float) -> bool:
+        """Wall-clock limit reached (decided together by all ranks, so none waits forever)."""
+        over = time.monotonic() - start > self.config.max_time
+        if self.process.distributed:
+            return distributed.any_rank(over, self.backend.device)
+        return over
 
     def validation_loss(self) -> float:
         """Mean loss over the validation batches (training batches when there are none)."""
@@ -187,12 +229,17 @@ class Trainer:
             params = self.method.effective_parameters()
         total, count = 0.0, 0
         for batch in batches:
+            n = batch.loss_counts().structures
+            count += n
+            if batch.is_empty:
+                continue
             out = self.backend.evaluate(
                 batch.graph, compute_forces=True, compute_stress=batch.has_stress, parameters=params
             )
-            n = batch.graph.n_graphs
             total += float(batch_loss(out, batch, self.weights).detach()) * n
-            count += n
+        if self.process.distributed:
+            # shard losses add up to batch losses; the counts are global already
+            total = distributed.all_reduce_sum([total], self.backend.device)[0]
         return total / max(count, 1)
 
     def _record(self, epoch: int, train_loss: float, valid_loss: float, wall: float) -> None:
@@ -224,8 +271,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
-        """Write the full training state to ``checkpoint_dir/checkpoint.pt`` atomically."""
-        if self.checkpoint_dir is None:
+        """Write the full training state to ``checkpoint_dir/checkpoint.pt`` atomically (rank 0 only)."""
+        if self.checkpoint_dir is None or not self.process.is_main:
             return None
         payload = {
             "fingerprint": self.fingerprint,

@@ -1,0 +1,132 @@
+"""Data-parallel fine-tuning: shard losses add up to the batch loss; torchrun gives the same delta."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ase_sparsecalc import SparseDelta, load_backend
+from ase_sparsecalc.finetune import read_frames
+from ase_sparsecalc.finetune.batches import LossWeights, batch_loss, make_batches
+from ase_sparsecalc.finetune.distributed import ProcessInfo, shard
+
+ROOT = Path(__file__).parents[1]
+ETHANOL = ROOT / "examples" / "data" / "ethanol_train.xyz"
+SILICON = ROOT / "tests" / "data" / "gpaw_si_md.txt"  # PBEsol GPAW MD of 8-atom Si, with stress
+
+
+@pytest.fixture(scope="module")
+def mixed_frames():
+    """Real DFT frames of two kinds: ethanol (9 atoms, no stress) and bulk Si (8 atoms, stress)."""
+    return read_frames(f"{ETHANOL}@:6") + read_frames(str(SILICON))
+
+
+def test_shard_takes_every_nth_frame():
+    ids = [7, 3, 9, 1, 4]
+    parts = [shard(ids, ProcessInfo(rank, 2)) for rank in range(2)]
+    assert parts == [[7, 9, 4], [3, 1]]
+    assert shard([5], ProcessInfo(1, 2)) == []
+
+
+def test_shard_losses_and_gradients_add_up_to_the_batch(mace_model_path, mixed_frames):
+    """The data-parallel identity: sum over ranks of (shard loss / global counts) = batch loss."""
+    backend = load_backend(mace_model_path, dtype="float64")
+    weights = LossWeights(energy=100.0, forces=1.0, stress=100.0)
+    name, param = next((n, p) for n, p in backend.model.named_parameters() if "linear" in n)
+    trial = {name: (param.detach().clone() * 1.01).requires_grad_(True)}
+
+    def loss_and_grad(batch):
+        if batch.is_empty:
+            return 0.0, torch.zeros_like(trial[name])
+        out = backend.evaluate(
+            batch.graph, compute_stress=batch.has_stress, training=True, parameters=trial
+        )
+        loss = batch_loss(out, batch, weights)
+        (grad,) = torch.autograd.grad(loss, trial[name])
+        return float(loss.detach()), grad
+
+    # 13 frames in batches of 3: the last batch has one frame, so rank 1 gets an empty shard
+    frames = mixed_frames[:13]
+    whole = make_batches(frames, backend, 3, seed=5, process=ProcessInfo())
+    shards = [make_batches(frames, backend, 3, seed=5, process=ProcessInfo(r, 2)) for r in range(2)]
+    assert shards[1][-1].is_empty and not shards[0][-1].is_empty
+    for k, batch in enumerate(whole):
+        assert sorted(shards[0][k].frame_ids + shards[1][k].frame_ids) == sorted(batch.frame_ids)
+        loss, grad = loss_and_grad(batch)
+        parts = [loss_and_grad(shards[r][k]) for r in range(2)]
+        assert sum(p[0] for p in parts) == pytest.approx(loss, rel=1e-12)
+        torch.testing.assert_close(parts[0][1] + parts[1][1], grad, rtol=1e-10, atol=1e-14)
+        assert loss > 0
+
+
+def _finetune_args(model: str, out: Path) -> list[str]:
+    return [
+        "finetune",
+        f"{ETHANOL}@:6",
+        str(SILICON),
+        "--valid",
+        f"{ETHANOL}@100:103",
+        "--base",
+        model,
+        "-o",
+        str(out),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "3",
+        "--density",
+        "0.05",
+        "--lr",
+        "0.01",
+        "--dtype",
+        "float64",
+        "--seed",
+        "7",
+        "--no-progress",
+    ]
+
+
+def test_torchrun_two_processes_give_the_single_process_delta(mace_model_path, tmp_path):
+    """2 gloo processes on CPU (13 frames, batches of 3: uneven and empty shards) vs 1 process.
+
+    The gradients are the same sums taken in another order, so the deltas agree to rounding
+    (float64); the support (which weights changed) must be identical.
+    """
+    from ase_sparsecalc.cli import main
+
+    single = tmp_path / "single.safetensors"
+    assert main(_finetune_args(mace_model_path, single)) == 0
+
+    parallel = tmp_path / "parallel.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "ase_sparsecalc",
+        *_finetune_args(mace_model_path, parallel),
+    ]
+    run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("weights changed") == 1  # only rank 0 prints its summary
+
+    a, b = SparseDelta.load(single), SparseDelta.load(parallel)
+    assert a.nnz > 0 and set(a.tensors) == set(b.tensors)
+    for name, ta in a.tensors.items():
+        tb = b.tensors[name]
+        np.testing.assert_array_equal(np.asarray(ta.indices), np.asarray(tb.indices))
+        np.testing.assert_allclose(np.asarray(tb.values), np.asarray(ta.values), rtol=1e-9, atol=0)
+    for symbol, shift in a.metadata.energy_shifts.items():
+        assert b.metadata.energy_shifts[symbol] == pytest.approx(shift, rel=1e-9, abs=1e-12)
