@@ -56,7 +56,7 @@ class MaceBackend(Backend):
             "edge_index": graph.edge_index,
             "shifts": graph.edge_shifts(),
             "unit_shifts": graph.unit_shifts,
-            "cell": graph.cell.reshape(-1, 3),
+            "cell": _cell_with_unit_rows_for_open_axes(graph.cell).reshape(-1, 3),
             "batch": graph.batch,
             "ptr": graph.ptr,
             "head": torch.full((graph.n_graphs,), self._head_index, dtype=torch.int64, device=self.device),
@@ -136,6 +136,19 @@ class MaceBackend(Backend):
                             )
                         )
         return infos
+
+
+def _cell_with_unit_rows_for_open_axes(cell: torch.Tensor) -> torch.Tensor:
+    """Cells (G, 3, 3) with every all-zero row (an open axis) replaced by that axis' unit vector.
+
+    MACE divides the virial by the cell volume. A molecule (zero cell) in a batch that also
+    holds crystals would give 0/0 there, and its NaN would reach every weight gradient even
+    though its stress is never used. Zero rows only occur on non-periodic axes, whose unit
+    shifts are zero, so edge vectors do not change.
+    """
+    zero_rows = (cell == 0).all(dim=-1, keepdim=True)
+    eye = torch.eye(3, dtype=cell.dtype, device=cell.device)
+    return torch.where(zero_rows, eye.expand_as(cell), cell)
 
 
 def _layer_of(module_name: str) -> tuple[int | None, str]:
