@@ -18,6 +18,9 @@ from .graph import build_graph
 
 logger = logging.getLogger(__name__)
 
+MAX_ATOMS_PER_CALL = 2048
+"""Default bound on the atoms of one batched model call in :meth:`SparseCalc.batch_evaluate`."""
+
 
 def has_3d_cell(atoms: Atoms) -> bool:
     """True when the structure is periodic in all three directions with a non-zero volume."""
@@ -47,12 +50,23 @@ class SparseCalc(Calculator):
         Backend of a model file when it cannot be guessed.
     head : str, optional
         Output head of a multi-head MACE model.
+    enable_cueq : bool
+        MACE only: evaluate through cuEquivariance kernels (needs the ``cuda`` extra; fastest
+        on NVIDIA GPUs). The delta is merged into the e3nn weights, which are then mapped to
+        the cuEquivariance model; :meth:`set_delta` keeps both in step.
+    compile_mode : str, optional
+        MACE only: evaluate through ``torch.compile`` with this mode (``"default"``,
+        ``"reduce-overhead"``, ``"max-autotune"``). Opt-in: the first call per shape compiles
+        (minutes on a CPU); see ``docs/performance.md``.
 
     Notes
     -----
     ``energy`` and ``free_energy`` are the same (eV); ``forces`` are eV/Å; ``stress`` is in
     eV/Å³, Voigt order (xx, yy, zz, yz, xz, xy), positive under tension, and only exists for
     structures periodic in three dimensions. ``energies`` (per atom) is not provided.
+
+    A repeated request for the same structure (same positions, cell, numbers and pbc) is
+    answered from the stored results without calling the model (ASE's ``check_state``).
 
     Examples
     --------
@@ -74,9 +88,15 @@ class SparseCalc(Calculator):
         strict: bool = True,
         backend: str | None = None,
         head: str | None = None,
+        enable_cueq: bool = False,
+        compile_mode: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if enable_cueq and compile_mode is not None:
+            raise ValueError(
+                "choose one of enable_cueq=True and compile_mode=...; together they are not supported"
+            )
         delta_obj = _as_delta(delta)
         if base is None and delta_obj is not None and delta_obj.metadata.base_model:
             base = delta_obj.metadata.base_model
@@ -85,6 +105,10 @@ class SparseCalc(Calculator):
         )
         self.delta: SparseDelta | None = None
         self.set_delta(delta_obj, strict=strict)
+        if enable_cueq:
+            self.backend.accelerate("cueq")
+        elif compile_mode is not None:
+            self.backend.accelerate("compile", compile_mode)
 
     # ------------------------------------------------------------------ deltas
     def set_delta(self, delta: str | Path | SparseDelta | None, strict: bool = True) -> None:
@@ -120,6 +144,7 @@ class SparseCalc(Calculator):
         properties: Sequence[str] = ("energy", "forces"),
         batch_size: int | None = None,
         names: Sequence[str] | None = None,
+        max_atoms: int | None = MAX_ATOMS_PER_CALL,
     ) -> list[dict[str, float | np.ndarray]]:
         """Evaluate many structures in batched model calls (used by phonons and ``eval``).
 
@@ -130,7 +155,10 @@ class SparseCalc(Calculator):
             Stress is computed for every structure with a 3-D cell; asking for it when one has
             none raises :class:`StressUndefinedError`.
         batch_size : int, optional
-            Structures per model call (default: all at once).
+            Most structures per model call (default: no limit but ``max_atoms``).
+        max_atoms : int, optional
+            Most atoms per model call (memory bound; a larger single structure gets a call of
+            its own). None: no bound.
         names : sequence of str, optional
             How error messages name each structure (e.g. ``"train.xyz:frame 7"``); default
             ``"structure k (formula)"``.
@@ -155,17 +183,12 @@ class SparseCalc(Calculator):
                     f"volume (pbc={atoms.pbc.tolist()})"
                 )
             self.backend.check_elements(atoms.numbers, name)
-        size = batch_size or max(len(structures), 1)
         results: list[dict] = []
-        for start in range(0, len(structures), size):
-            results.extend(
-                self._evaluate_chunk(structures[start : start + size], names[start : start + size])
-            )
+        for chunk in chunk_indices([len(a) for a in structures], batch_size, max_atoms):
+            results.extend(self._evaluate_chunk([structures[k] for k in chunk], [names[k] for k in chunk]))
         return results
 
     def _evaluate_chunk(self, chunk: list[Atoms], names: list[str]) -> list[dict]:
-        backend = self.backend
-        graph = build_graph(chunk, backend.cutoff, backend.device, backend.dtype, names=names)
         stress_mask = [has_3d_cell(a) for a in chunk]
         compute_stress = any(stress_mask)
         if compute_stress and not all(stress_mask):
@@ -177,22 +200,56 @@ class SparseCalc(Calculator):
                 evaluated = self._evaluate_chunk([chunk[k] for k in group], [names[k] for k in group])
                 by_index.update(zip(group, evaluated, strict=True))
             return [by_index[k] for k in range(len(chunk))]
+        backend = self.backend
+        graph = build_graph(chunk, backend.cutoff, backend.device, backend.dtype, names=names)
         out = backend.evaluate(graph, compute_forces=True, compute_stress=compute_stress)
+        # one device-to-host copy per quantity, not one per structure
         energy = out.energy.detach().to("cpu", torch.float64).numpy()
         forces = out.forces.detach().to("cpu", torch.float64).numpy()
-        ptr = graph.ptr.cpu().numpy()
+        stress = out.stress.detach().to("cpu", torch.float64).numpy() if compute_stress else None
+        ptr = np.concatenate([[0], np.cumsum([len(a) for a in chunk])])
         results = []
-        for g in range(graph.n_graphs):
+        for g in range(len(chunk)):
             res: dict[str, float | np.ndarray] = {
                 "energy": float(energy[g]),
                 "free_energy": float(energy[g]),
                 "forces": forces[ptr[g] : ptr[g + 1]].copy(),
             }
-            if compute_stress:
-                s = out.stress[g].detach().to("cpu", torch.float64).numpy()
+            if stress is not None:
+                s = stress[g]
                 res["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
             results.append(res)
         return results
+
+
+def chunk_indices(sizes: Sequence[int], max_structures: int | None, max_atoms: int | None) -> list[list[int]]:
+    """Consecutive groups of structure indices with at most ``max_structures`` structures and
+    ``max_atoms`` atoms each (a structure larger than ``max_atoms`` forms a group alone).
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Atoms per structure.
+    max_structures, max_atoms : int or None
+        Bounds per group; None: unbounded.
+    """
+    for name, bound in (("batch_size", max_structures), ("max_atoms", max_atoms)):
+        if bound is not None and bound < 1:
+            raise ValueError(f"{name} must be a positive integer or None, got {bound}")
+    groups: list[list[int]] = []
+    current: list[int] = []
+    atoms = 0
+    for k, n in enumerate(sizes):
+        full = max_structures is not None and len(current) >= max_structures
+        too_big = max_atoms is not None and atoms + n > max_atoms
+        if current and (full or too_big):
+            groups.append(current)
+            current, atoms = [], 0
+        current.append(k)
+        atoms += n
+    if current:
+        groups.append(current)
+    return groups
 
 
 def _as_delta(delta: str | Path | SparseDelta | None) -> SparseDelta | None:

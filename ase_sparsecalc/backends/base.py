@@ -206,6 +206,7 @@ class Backend(ABC):
         self._shift_table = torch.zeros(N_ELEMENTS_TABLE, dtype=torch.float64)
         self._known = torch.zeros(N_ELEMENTS_TABLE, dtype=torch.bool)
         self._known[list(self.atomic_numbers)] = True
+        self.accelerator = None  # a faster inference copy of the model (backends/accelerate.py)
         self.to(self.device, self.dtype)
         self.set_training(False)
 
@@ -217,6 +218,10 @@ class Backend(ABC):
         self.model.to(device=self.device, dtype=self.dtype)
         self._device_shift_table = self._shift_table.to(self.device, self.dtype)
         self._device_known = self._known.to(self.device)
+        if self.accelerator is not None and (
+            self.accelerator.device != self.device or self.accelerator.dtype != self.dtype
+        ):
+            self.accelerate(self.accelerator.name, getattr(self.accelerator, "mode", None))
         return self
 
     def copy(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Backend:
@@ -227,8 +232,22 @@ class Backend(ABC):
         clone.model = copy.deepcopy(self.model)
         clone.applied_deltas = []
         clone._shift_table = self._shift_table.clone()
+        clone.accelerator = None
         clone.to(device, dtype)
         return clone
+
+    def accelerate(self, kind: str | None, compile_mode: str | None = None) -> None:
+        """Run inference through a faster copy of the model (``"cueq"``, ``"compile"``) or not (None).
+
+        Fine-tuning and calls with ``parameters`` keep using the e3nn model; the copy follows
+        its weights (deltas included). See :mod:`.accelerate`.
+        """
+        if kind is None:
+            self.accelerator = None
+            return
+        from .accelerate import make_accelerator
+
+        self.accelerator = make_accelerator(self, kind, compile_mode)
 
     def set_training(self, training: bool) -> None:
         """Train mode (graphs kept for parameter gradients) or inference mode (no param grads)."""
@@ -272,6 +291,8 @@ class Backend(ABC):
     def _call_model(self, parameters: dict[str, torch.Tensor] | None, *args, **kwargs):
         if parameters:
             return torch.func.functional_call(self.model, parameters, args, kwargs, strict=False)
+        if self.accelerator is not None and not self.model.training:
+            return self.accelerator(self.model, *args, **kwargs)
         return self.model(*args, **kwargs)
 
     @abstractmethod

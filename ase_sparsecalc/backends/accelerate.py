@@ -1,0 +1,216 @@
+"""Faster inference copies of a model: cuEquivariance kernels and ``torch.compile`` (MACE, opt-in).
+
+A backend keeps its plain e3nn model as the one true set of weights: deltas are merged into it,
+fine-tuning differentiates it, fingerprints are taken from it. An accelerator holds a second,
+faster model with the same weights that the backend uses for inference only
+(:meth:`Backend.evaluate` without ``parameters`` and not training). Before every call the
+accelerator compares the e3nn weights with those it last copied (storage and in-place version
+counter of every parameter) and copies them again when they changed, so a delta applied or
+removed in any way is always seen.
+
+* ``cueq``: MACE converted with ``mace.cli.convert_e3nn_cueq`` (mace-torch >= 0.3.10), weights
+  mapped by its ``transfer_weights`` (symmetric contractions are re-packed, everything else is
+  copied). Needs ``cuequivariance`` and ``cuequivariance-torch``, and on GPUs
+  ``cuequivariance-ops-torch-cu12`` for the fused kernels: ``pip install 'ase_sparsecalc[cuda]'``.
+  It also runs (slowly, without fused kernels) on the CPU, which is how it is tested.
+* ``compile``: MACE rebuilt without e3nn's TorchScript code generation
+  (``mace.tools.compile.prepare``) and wrapped in ``torch.compile(dynamic=True)``. The first
+  call of each new shape class compiles (tens of seconds to minutes); see
+  ``docs/performance.md`` for when it pays off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import BackendNotInstalledError, BaseModelError
+
+if TYPE_CHECKING:
+    from .base import Backend
+
+logger = logging.getLogger(__name__)
+
+ACCELERATIONS = ("cueq", "compile")
+
+
+def weights_version(model: torch.nn.Module) -> tuple:
+    """Identity of a model's current weights: storage and in-place version of every parameter.
+
+    Changes whenever a parameter is modified in place (a delta applied or removed) or replaced
+    (moved to another device or dtype).
+    """
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
+
+
+class Accelerator(ABC):
+    """A faster inference copy of a backend's model, re-synchronised when its weights change.
+
+    Parameters
+    ----------
+    source : torch.nn.Module
+        The backend's model (read, never modified).
+    device : torch.device
+    dtype : torch.dtype
+    """
+
+    name = ""
+
+    def __init__(self, source: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+        self.module = self._build(source)
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.module.eval()
+        self._synced = weights_version(source)
+
+    @abstractmethod
+    def _build(self, source: torch.nn.Module) -> torch.nn.Module:
+        """The accelerated model, with the weights ``source`` has now."""
+
+    @abstractmethod
+    def _copy_weights(self, source: torch.nn.Module) -> None:
+        """Copy ``source``'s weights into ``self.module`` (in place)."""
+
+    def sync(self, source: torch.nn.Module) -> None:
+        """Copy the weights again if ``source`` changed since the last copy."""
+        version = weights_version(source)
+        if version != self._synced:
+            with torch.no_grad():
+                self._copy_weights(source)
+            self._synced = version
+            logger.debug("%s model re-synchronised with the e3nn weights", self.name)
+
+    def __call__(self, source: torch.nn.Module, *args, **kwargs):
+        """Run the accelerated model on the weights ``source`` has now."""
+        self.sync(source)
+        return self.module(*args, **kwargs)
+
+
+class CueqAccelerator(Accelerator):
+    """MACE with cuEquivariance tensor products (converted by mace-torch)."""
+
+    name = "cueq"
+
+    def _build(self, source):
+        _require_modules(
+            ("cuequivariance", "cuequivariance_torch"),
+            "enable_cueq=True needs cuequivariance and cuequivariance-torch (and, for the fused "
+            "GPU kernels, cuequivariance-ops-torch-cu12): pip install 'ase_sparsecalc[cuda]'",
+        )
+        from mace.cli.convert_e3nn_cueq import run as e3nn_to_cueq
+        from mace.tools.scripts_utils import extract_config_mace_model
+
+        config = extract_config_mace_model(source)
+        self._transfer_args = (
+            len(config["hidden_irreps"].slices()) - 1,
+            config["correlation"],
+            config["num_interactions"],
+            config.get("use_reduced_cg", True),
+            config.get("keep_last_layer_irreps", False),
+        )
+        with _default_dtype(self.dtype):
+            try:
+                module = e3nn_to_cueq(source, device=self.device.type, return_model=True)
+            except Exception as exc:  # mace raises plain exceptions for unsupported models
+                raise BaseModelError(
+                    f"cannot convert this MACE model to cuEquivariance ({type(exc).__name__}: {exc}); "
+                    "run without enable_cueq"
+                ) from exc
+        return module.to(self.device, self.dtype)
+
+    def _copy_weights(self, source):
+        from mace.cli.convert_e3nn_cueq import transfer_weights
+
+        with _default_dtype(self.dtype):
+            transfer_weights(source, self.module, *self._transfer_args)
+
+
+class CompiledAccelerator(Accelerator):
+    """MACE prepared for and wrapped in ``torch.compile`` (inference)."""
+
+    name = "compile"
+
+    def __init__(self, source, device, dtype, mode: str | None = None) -> None:
+        self.mode = mode
+        super().__init__(source, device, dtype)
+
+    def _build(self, source):
+        from mace.tools.compile import prepare
+        from mace.tools.scripts_utils import extract_model
+
+        with _default_dtype(self.dtype):
+            prepared = prepare(extract_model)(model=copy.deepcopy(source), map_location=self.device.type)
+        self.prepared = prepared.to(self.device, self.dtype)
+        for p in self.prepared.parameters():
+            p.requires_grad_(False)
+        self._copy_weights(source)
+        return torch.compile(self.prepared, mode=self.mode, fullgraph=True, dynamic=True)
+
+    def _copy_weights(self, source):
+        # load_state_dict copies in place, so the compiled graphs (which take the parameters
+        # as inputs) stay valid; the source's extra entries (flags of zeroed symmetric
+        # contraction weights) have no counterpart, but every parameter must be filled
+        result = self.prepared.load_state_dict(source.state_dict(), strict=False)
+        if result.missing_keys:
+            raise BaseModelError(
+                f"torch.compile copy of the MACE model lacks weights for {result.missing_keys[:5]}"
+            )
+
+    def __call__(self, source, data, **kwargs):
+        # as MACE's own calculator calls a compiled model: the inputs that forces and stresses
+        # differentiate require grad before entering the graph, and training=True keeps the
+        # autograd.grad inside it differentiable; the caller detaches the outputs
+        data = dict(data)
+        data["positions"] = data["positions"].detach().requires_grad_(True)
+        data["node_attrs"] = data["node_attrs"].detach().requires_grad_(True)
+        kwargs["training"] = True
+        return super().__call__(source, data, **kwargs)
+
+
+def make_accelerator(backend: Backend, kind: str, compile_mode: str | None = None) -> Accelerator:
+    """An accelerator of ``kind`` (``"cueq"`` or ``"compile"``) for a MACE backend.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``kind``.
+    BaseModelError
+        The backend is not a MACE model (SevenNet has neither path in sevenn 0.10.4).
+    BackendNotInstalledError
+        ``cueq`` without the cuequivariance packages.
+    """
+    if kind not in ACCELERATIONS:
+        raise ValueError(f"acceleration must be one of {ACCELERATIONS}, got {kind!r}")
+    if backend.name != "mace":
+        raise BaseModelError(
+            f"{kind} acceleration is implemented for MACE bases only; {backend.model_name!r} is a "
+            f"{backend.name!r} model (run it without enable_cueq/compile_mode)"
+        )
+    if kind == "cueq":
+        return CueqAccelerator(backend.model, backend.device, backend.dtype)
+    return CompiledAccelerator(backend.model, backend.device, backend.dtype, compile_mode)
+
+
+def _require_modules(names: tuple[str, ...], message: str) -> None:
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    if missing:
+        raise BackendNotInstalledError(f"{message} (missing: {', '.join(missing)})")
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """mace's converters set torch's global default dtype; restore it afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
