@@ -4,6 +4,7 @@ and the opt-in accelerated MACE paths (cuEquivariance, torch.compile) agreeing w
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -172,3 +173,55 @@ def test_cueq_follows_the_delta_applied_to_the_e3nn_weights(mace_model_path):
         fast.set_delta(delta)
         _assert_same_results(reference, fast, atoms, atol=1e-9)
     assert fast.backend.accelerator.name == "cueq"
+
+
+def test_accelerated_copy_follows_every_delta_change(mace_model_path):
+    """The inference copy is re-synchronised whenever the e3nn weights change in place."""
+    import copy
+
+    from ase_sparsecalc.backends.accelerate import Accelerator
+
+    class CopyAccelerator(Accelerator):
+        name = "copy"
+        calls = 0
+
+        def _build(self, source):
+            return copy.deepcopy(source)
+
+        def _copy_weights(self, source):
+            self.module.load_state_dict(source.state_dict())
+
+        def __call__(self, source, *args, **kwargs):
+            CopyAccelerator.calls += 1
+            return super().__call__(source, *args, **kwargs)
+
+    reference = SparseCalc(mace_model_path)
+    fast = SparseCalc(mace_model_path)
+    backend = fast.backend
+    backend.accelerator = CopyAccelerator(backend.model, backend.device, backend.dtype)
+    atoms = _small_crystal()
+    for seed in (1, 2):
+        delta = random_sparse_delta(reference.backend, density=0.05, relative_scale=0.5, seed=seed)
+        reference.set_delta(delta)
+        fast.set_delta(delta)
+        _assert_same_results(reference, fast, atoms, atol=1e-12)
+    fast.set_delta(None)
+    reference.set_delta(None)
+    _assert_same_results(reference, fast, atoms, atol=1e-12)
+    assert CopyAccelerator.calls == 3
+    assert not any(p.requires_grad for p in backend.accelerator.module.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("SPARSECALC_TEST_COMPILE") != "1",
+    reason="compiling MACE takes many minutes on a small CPU; set SPARSECALC_TEST_COMPILE=1",
+)
+def test_compiled_mace_matches_eager_with_a_delta(mace_model_path):
+    reference = SparseCalc(mace_model_path)
+    fast = SparseCalc(mace_model_path, compile_mode="default")
+    delta = random_sparse_delta(reference.backend, density=0.05, relative_scale=0.5, seed=1)
+    reference.set_delta(delta)
+    fast.set_delta(delta)
+    _assert_same_results(reference, fast, _small_crystal(), atol=1e-9)
+    assert fast.backend.accelerator.name == "compile"
