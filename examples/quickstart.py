@@ -94,7 +94,8 @@ def main() -> None:
     print(f"\n{'test frames':22s}{'E (meV/at)':>11s}{'F (meV/Å)':>11s}{'σ (GPa)':>9s}{'a0 (Å)':>9s}")
     for label, e, f, s, a0 in rows:
         print(f"{label:22s}{e:11.2f}{f:11.1f}{s:9.3f}{a0:9.4f}")
-    print(f"{'PBEsol DFT (GPAW)':22s}{'':11s}{'':11s}{'':9s}{reference['equation_of_state']['lattice_constant_A']:9.4f}")
+    a_dft = reference["equation_of_state"]["lattice_constant_A"]
+    print(f"{'PBEsol DFT (GPAW)':22s}{'':31s}{a_dft:9.4f}")
     print(f"\nreport and plots: {args.out / 'report'}")
 
 
