@@ -66,6 +66,8 @@ class FinetuneConfig:
         ``sparse``: entries below threshold still receive gradients, so the support can change.
     learn_thresholds : bool
         ``sparse``: learn a threshold per tensor (otherwise one global threshold).
+    ste_scale : float
+        ``sparse``: fraction of the gradient that entries below threshold receive.
     exclude_kinds : tuple of str
         Weight kinds the delta may not touch (``"radial"``, ``"embedding"``, ...).
     optimizer : str
@@ -97,6 +99,7 @@ class FinetuneConfig:
     refit_shifts: bool = True
     straight_through: bool = True
     learn_thresholds: bool = True
+    ste_scale: float = 1.0
     exclude_kinds: tuple[str, ...] = ()
     optimizer: str = "adamw"
     extra: dict[str, Any] = field(default_factory=dict)

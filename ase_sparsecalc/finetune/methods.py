@@ -59,6 +59,8 @@ class MethodOptions:
         Let entries below threshold receive gradients (``sparse``).
     learn_thresholds : bool
         Learn one threshold per tensor (``sparse``); otherwise all share the global one.
+    ste_scale : float
+        Fraction of the gradient passed to entries below threshold (``sparse``).
     """
 
     density: float | None = 0.03
@@ -69,6 +71,7 @@ class MethodOptions:
     rank: int = 4
     straight_through: bool = True
     learn_thresholds: bool = True
+    ste_scale: float = 1.0
 
 
 def density_schedule(progress: float, target: float, start: float, end: float) -> float:
@@ -190,7 +193,7 @@ class SoftThresholdDelta(DeltaMethod):
             magnitude = u.abs()
             soft = torch.sign(u) * torch.relu(magnitude - t)
             if self.options.straight_through and self.training:
-                soft = soft + (magnitude <= t) * (u - u.detach())
+                soft = soft + self.options.ste_scale * (magnitude <= t) * (u - u.detach())
             out[name] = self.scales[k] * soft
         return out
 
