@@ -44,6 +44,7 @@ RESULTS = Path(__file__).parent / "results"
 ABLATION = {
     "sparse (default)": {},
     "no straight-through": {"straight_through": False},
+    "leaky straight-through (0.1)": {"ste_scale": 0.1},
     "one global threshold": {"learn_thresholds": False},
     "no radial MLP": {"exclude_kinds": ["radial"]},
     "with readouts": {"train_readouts": True},
