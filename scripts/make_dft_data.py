@@ -43,6 +43,14 @@ Frames (``config_type``)
     Finite displacements (+-0.01 Angstrom along x, y and z of each atom of the
     primitive basis) used for the phonon frequencies.
 
+Stress
+------
+The stored stress includes the Pulay correction ``2/3 Ecut (dE/dEcut) / V``,
+with dE/dEcut obtained from a central difference of the ideal-cell free energy
+at ``Ecut +- 25 eV``.  Without it, GPAW's analytic stress would not be the
+volume derivative of the fixed-cutoff energies (about 8 GPa off for Cu at
+400 eV, negligible for Si).
+
 All frames use the conventional cubic cell (8-atom diamond Si, 4-atom fcc Cu)
 and identical DFT settings per system.  About 22 % of the frames of every
 ``config_type`` are marked ``split="test"`` with a fixed random seed.
@@ -100,6 +108,8 @@ SPLIT_SEED = 7
 FRAME_SEED = 2024
 PHONON_DISPLACEMENT = 0.01  # Angstrom
 EOS_STRAINS = np.linspace(-0.06, 0.06, 9)
+#: Cutoff step (eV) of the central difference giving dE/dEcut for the Pulay stress.
+PULAY_CUTOFF_STEP = 25.0
 #: SCF convergence criteria (energy in eV per valence electron).
 CONVERGENCE = {"energy": 1e-5, "density": 1e-5}
 
@@ -275,7 +285,7 @@ def dft_settings(spec: SystemSpec) -> dict[str, object]:
     }
 
 
-def make_calculator(spec: SystemSpec, txt: str | Path | None = None):
+def make_calculator(spec: SystemSpec, txt: str | Path | None = None, pw_cutoff: float | None = None):
     """Create a GPAW calculator with the settings of ``spec``.
 
     Parameters
@@ -284,6 +294,9 @@ def make_calculator(spec: SystemSpec, txt: str | Path | None = None):
         System specification.
     txt
         GPAW text-output file; ``None`` for no output.
+    pw_cutoff
+        Plane-wave cutoff in eV overriding ``spec.pw_cutoff`` (only used to
+        estimate the Pulay stress).
 
     Returns
     -------
@@ -293,7 +306,7 @@ def make_calculator(spec: SystemSpec, txt: str | Path | None = None):
     from gpaw import GPAW, PW, FermiDirac
 
     return GPAW(
-        mode=PW(spec.pw_cutoff),
+        mode=PW(spec.pw_cutoff if pw_cutoff is None else pw_cutoff),
         xc=XC,
         kpts={"size": spec.kpts, "gamma": spec.gamma},
         occupations=FermiDirac(spec.width),
@@ -594,6 +607,62 @@ def phonon_structures(spec: SystemSpec, a0: float) -> list[Atoms]:
 # --------------------------------------------------------------------------
 
 
+def estimate_dedecut(spec: SystemSpec, a0: float) -> float:
+    """Estimate dE/dEcut of the ideal cell by a central difference.
+
+    Parameters
+    ----------
+    spec
+        System specification.
+    a0
+        Lattice constant in Angstrom.
+
+    Returns
+    -------
+    float
+        Derivative of the free energy of the cell with respect to the
+        plane-wave cutoff at ``spec.pw_cutoff`` (dimensionless, eV per eV).
+    """
+    energies = []
+    for sign in (-1, 1):
+        atoms = ideal_cell(spec, a0)
+        atoms.calc = make_calculator(spec, pw_cutoff=spec.pw_cutoff + sign * PULAY_CUTOFF_STEP)
+        energies.append(atoms.get_potential_energy(force_consistent=True))
+    return (energies[1] - energies[0]) / (2 * PULAY_CUTOFF_STEP)
+
+
+def pulay_corrected(atoms: Atoms, spec: SystemSpec, dedecut: float) -> Atoms:
+    """Add the Pulay stress to a frame's stress.
+
+    At a fixed cutoff, GPAW's analytic stress is the strain derivative at a
+    fixed set of plane waves, whereas the energies of different cells are
+    compared at a fixed cutoff.  The difference is the isotropic Pulay stress
+    ``2/3 * Ecut * dE/dEcut / V``, which GPAW adds itself when given
+    ``PW(ecut, dedecut=...)``; adding it afterwards gives identical results.
+
+    Parameters
+    ----------
+    atoms
+        Frame with a ``SinglePointCalculator``.
+    spec
+        System specification.
+    dedecut
+        Result of :func:`estimate_dedecut`.
+
+    Returns
+    -------
+    Atoms
+        Copy with the corrected stress and ``info["pulay_dedecut"]`` set.
+    """
+    results = dict(atoms.calc.results)
+    pulay = 2 / 3 * spec.pw_cutoff * dedecut / atoms.get_volume()
+    results["stress"] = results["stress"] + pulay * np.array([1, 1, 1, 0, 0, 0])
+    out = atoms.copy()
+    out.info["pulay_dedecut"] = dedecut
+    out.calc = SinglePointCalculator(out, **results)
+    return out
+
+
 def fit_eos(frames: list[Atoms]) -> dict[str, float]:
     """Fit a Birch-Murnaghan equation of state to the ``eos`` frames.
 
@@ -774,6 +843,8 @@ def generate(spec: SystemSpec, out: Path, md_file: Path, setups: dict[str, dict[
 
     structures = perturbed_structures(spec, a0, md_file)
     frames = eos_frames + run_frames(structures, spec, partial, previous[len(EOS_STRAINS) :])
+    dedecut = estimate_dedecut(spec, a0)
+    frames = [pulay_corrected(atoms, spec, dedecut) for atoms in frames]
     assign_splits(frames)
     write(out / f"{spec.name}_pbesol.extxyz", frames, format="extxyz")
 
@@ -789,6 +860,11 @@ def generate(spec: SystemSpec, out: Path, md_file: Path, setups: dict[str, dict[
             **dft_settings(spec),
             "kpts": list(spec.kpts),
             "scf_convergence": CONVERGENCE,
+            "pulay_stress_correction": {
+                "dE_dEcut": dedecut,
+                "method": f"central difference of the ideal-cell free energy, Ecut +- {PULAY_CUTOFF_STEP} eV",
+                "pulay_stress_at_a0_GPa": 2 / 3 * spec.pw_cutoff * dedecut / a0**3 / units.GPa,
+            },
             "gpaw_version": gpaw.__version__,
             "paw_datasets": setups,
         },
