@@ -108,6 +108,12 @@ def mace_medium_model_file(directory: Path | None = None) -> Path:
     return path
 
 
+def _portable(arg: str) -> str:
+    """A command-line argument with this checkout's absolute path made relative."""
+    root = str(Path(__file__).parents[1]) + "/"
+    return arg.replace(root, "")
+
+
 def write_results(name: str, args: argparse.Namespace, results: dict, tables: list[tuple[str, str]]) -> Path:
     """Write ``<out>/speed_<name>.json`` and ``.md`` (command, machine, date, tables)."""
     import torch
@@ -116,7 +122,7 @@ def write_results(name: str, args: argparse.Namespace, results: dict, tables: li
 
     header = {
         "benchmark": name,
-        "command": "python " + " ".join(sys.argv),
+        "command": "python " + " ".join(_portable(a) for a in sys.argv),
         "machine": machine_description(),
         "device": args.device,
         "threads": torch.get_num_threads(),
