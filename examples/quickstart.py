@@ -52,7 +52,7 @@ def lattice_constant(calc: SparseCalc) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("examples/output/quickstart"))
     args = parser.parse_args()
 
@@ -70,8 +70,7 @@ def main() -> None:
         method="sparse",
         density=0.03,
         epochs=args.epochs,
-        batch_size=4,
-        lr=5e-3,
+        batch_size=8,
         stress_weight=1000.0,
         output=args.out / "si_pbesol_sevennet0.safetensors",
         report_dir=args.out / "report",
