@@ -53,7 +53,8 @@ def add_parser(subparsers) -> None:
             default=getattr(defaults, name),
             help="default: %(default)s",
         )
-    for name in ("lr", "weight_decay", "energy_weight", "forces_weight", "stress_weight", "valid_fraction"):
+    t.add_argument("--lr", type=float, help="learning rate (default: the method's, e.g. 0.01 for sparse)")
+    for name in ("weight_decay", "energy_weight", "forces_weight", "stress_weight", "valid_fraction"):
         t.add_argument(
             f"--{name.replace('_', '-')}",
             type=float,

@@ -201,7 +201,7 @@ class LossWeights:
 
     energy: float = 100.0
     forces: float = 1.0
-    stress: float = 100.0
+    stress: float = 1000.0
     huber_delta: float | None = None
 
 

@@ -68,6 +68,8 @@ class FinetuneConfig:
         ``sparse``: learn a threshold per tensor (otherwise one global threshold).
     ste_scale : float
         ``sparse``: fraction of the gradient that entries below threshold receive.
+    settle_support : bool
+        ``sparse``: no straight-through gradient after the target density is reached.
     exclude_kinds : tuple of str
         Weight kinds the delta may not touch (``"radial"``, ``"embedding"``, ...).
     optimizer : str
@@ -84,7 +86,7 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     energy_weight: float = 100.0
     forces_weight: float = 1.0
-    stress_weight: float = 100.0
+    stress_weight: float = 1000.0
     huber_delta: float | None = None
     valid_fraction: float = 0.1
     patience: int | None = None
@@ -100,6 +102,7 @@ class FinetuneConfig:
     straight_through: bool = True
     learn_thresholds: bool = True
     ste_scale: float = 1.0
+    settle_support: bool = False
     exclude_kinds: tuple[str, ...] = ()
     optimizer: str = "adamw"
     extra: dict[str, Any] = field(default_factory=dict)

@@ -61,6 +61,9 @@ class MethodOptions:
         Learn one threshold per tensor (``sparse``); otherwise all share the global one.
     ste_scale : float
         Fraction of the gradient passed to entries below threshold (``sparse``).
+    settle_support : bool
+        Stop the straight-through gradient once the target density is reached, so the support
+        settles and only the chosen entries keep training (``sparse``).
     """
 
     density: float | None = 0.03
@@ -72,6 +75,7 @@ class MethodOptions:
     straight_through: bool = True
     learn_thresholds: bool = True
     ste_scale: float = 1.0
+    settle_support: bool = False
 
 
 def density_schedule(progress: float, target: float, start: float, end: float) -> float:
@@ -180,6 +184,7 @@ class SoftThresholdDelta(DeltaMethod):
             torch.full((len(self.names),), init).to(self.scales), requires_grad=options.learn_thresholds
         )
         self.register_buffer("tau", torch.tensor(0.0 if options.density is not None else 1.0).to(self.scales))
+        self._selecting = True  # straight-through gradients while the support is being chosen
 
     def deltas(self):
         out = {}
@@ -192,7 +197,7 @@ class SoftThresholdDelta(DeltaMethod):
             t = thresholds[k]
             magnitude = u.abs()
             soft = torch.sign(u) * torch.relu(magnitude - t)
-            if self.options.straight_through and self.training:
+            if self.options.straight_through and self.training and self._selecting:
                 soft = soft + self.options.ste_scale * (magnitude <= t) * (u - u.detach())
             out[name] = self.scales[k] * soft
         return out
@@ -204,6 +209,7 @@ class SoftThresholdDelta(DeltaMethod):
             return
         target = density_schedule(progress, opts.density, opts.warmup_fraction, opts.prune_end_fraction)
         self.tau.fill_(self._tau_for_density(target))
+        self._selecting = opts.settle_support is False or progress < opts.prune_end_fraction
 
     @torch.no_grad()
     def _tau_for_density(self, target: float) -> float:
