@@ -159,6 +159,14 @@ def main() -> None:
             else ""
         ),
         "",
+        f"Calculator systems run: {', '.join(calculator['systems'])}"
+        + (
+            " (the 4096-atom Si cell was skipped on the CPU: about a minute per float32 call and "
+            "several per float64 call here; `--systems ethanol si64 si512 si4096` includes it)."
+            if "si4096" not in calculator["systems"]
+            else "."
+        ),
+        "",
         "### Targets",
         "",
         *[f"- {v}" for v in verdicts],
