@@ -100,30 +100,14 @@ def main() -> None:
     a_ref = eos_ref["lattice_constant_A"]
     rows, records = [], []
     ref_freqs = {k: reference["phonons"][k]["frequencies_THz"] for k in ("Gamma", "X")}
-    rows.append(
-        [
-            "PBEsol DFT (GPAW)",
-            a_ref,
-            eos_ref["bulk_modulus_GPa"],
-            max(ref_freqs["Gamma"]),
-            _distinct(ref_freqs["X"]),
-        ]
-    )
+    rows.append(_row("PBEsol DFT (GPAW)", a_ref, eos_ref["bulk_modulus_GPa"], ref_freqs))
     for row in results["rows"]:
         start = time.monotonic()
         calc = SparseCalc(args.base, delta=ROOT / row["delta"], default_dtype="float64")
         eos = equation_of_state(calc, symbol, structure, a_ref)
         freqs = gamma_x_frequencies(calc, symbol, structure, eos["lattice_constant_A"])
         label = "zero-shot (+ shifts)" if row["method"] == "shift" else row["method"]
-        rows.append(
-            [
-                label,
-                eos["lattice_constant_A"],
-                eos["bulk_modulus_GPa"],
-                max(freqs["Gamma"]),
-                _distinct(freqs["X"]),
-            ]
-        )
+        rows.append(_row(label, eos["lattice_constant_A"], eos["bulk_modulus_GPa"], freqs))
         records.append(
             {"method": row["method"], **eos, "phonons_THz": freqs, "time_s": time.monotonic() - start}
         )
@@ -139,6 +123,10 @@ def main() -> None:
     )
     update_section(f"properties-{args.system}", body)
     print(body)
+
+
+def _row(label: str, a0: float, bulk_modulus: float, freqs: dict[str, list[float]]) -> list[str]:
+    return [label, f"{a0:.4f}", f"{bulk_modulus:.1f}", f"{max(freqs['Gamma']):.2f}", _distinct(freqs["X"])]
 
 
 def _distinct(frequencies: list[float], tol: float = 0.02) -> str:
