@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
+export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: demo test lint docs bench clean
 
