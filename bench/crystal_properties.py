@@ -126,7 +126,9 @@ def main() -> None:
 
 
 def _row(label: str, a0: float, bulk_modulus: float, freqs: dict[str, list[float]]) -> list[str]:
-    return [label, f"{a0:.4f}", f"{bulk_modulus:.1f}", f"{max(freqs['Gamma']):.2f}", _distinct(freqs["X"])]
+    optical = max(freqs["Gamma"])
+    optical_text = f"{optical:.2f}" if optical > 0.1 else "– (one atom per cell)"
+    return [label, f"{a0:.4f}", f"{bulk_modulus:.1f}", optical_text, _distinct(freqs["X"])]
 
 
 def _distinct(frequencies: list[float], tol: float = 0.02) -> str:
