@@ -87,23 +87,15 @@ class MaceBackend(Backend):
         for mod_name, module in self.model.named_modules():
             layer, rest = _layer_of(mod_name)
             kind = _kind_of(mod_name)
+            segments = None
             if isinstance(module, o3.Linear) and module.weight_numel > 0 and module.internal_weights:
                 is_embedding = mod_name.startswith("node_embedding")
-                infos.append(
-                    WeightInfo(
-                        f"{mod_name}.weight",
-                        tuple(module.weight.shape),
-                        layer,
-                        rest,
-                        kind,
-                        "flat",
-                        linear_segments(module, element_axis=0 if is_embedding else None),
-                        self.atomic_numbers,
-                    )
-                )
+                segments = linear_segments(module, element_axis=0 if is_embedding else None)
             elif isinstance(module, o3.TensorProduct) and module.internal_weights and module.weight_numel > 0:
                 in2 = module.irreps_in2
                 element_input = 2 if (len(in2) == 1 and in2[0].mul == n_el and in2[0].ir.l == 0) else None
+                segments = tensor_product_segments(module, element_input)
+            if segments is not None:
                 infos.append(
                     WeightInfo(
                         f"{mod_name}.weight",
@@ -112,7 +104,7 @@ class MaceBackend(Backend):
                         rest,
                         kind,
                         "flat",
-                        tensor_product_segments(module, element_input),
+                        segments,
                         self.atomic_numbers,
                     )
                 )

@@ -66,3 +66,9 @@ def describe_model(calc) -> str:
     what = "no delta (bare base model)" if delta is None else f"delta with {delta.nnz} changed weights"
     dtype = str(calc.backend.dtype).replace("torch.", "")
     return f"model: {calc.backend.model_name}, {what}, {dtype} on {calc.backend.device}"
+
+
+def announce(args: argparse.Namespace, atoms, calc) -> None:
+    """Print which structure and which model a simulation subcommand runs."""
+    print(f"{args.structure}: {atoms.get_chemical_formula()} ({len(atoms)} atoms)")
+    print(describe_model(calc))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from . import add_model_arguments, make_calculator
-from ._common import add_structure_arguments, describe_model, load_structure, positive_float, positive_int
+from ._common import add_structure_arguments, announce, load_structure, positive_float, positive_int
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -65,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     atoms = load_structure(args)
     calc = make_calculator(args)
-    print(f"{args.structure}: {atoms.get_chemical_formula()} ({len(atoms)} atoms)")
-    print(describe_model(calc))
+    announce(args, atoms, calc)
     result = run_md(
         atoms,
         calc,
