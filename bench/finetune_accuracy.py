@@ -40,6 +40,12 @@ from ase_sparsecalc.finetune.metrics import error_metrics
 ROOT = Path(__file__).parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 RESULTS = Path(__file__).parent / "results"
+TITLES = {
+    "ethanol": "Ethanol (ORCA PBE/def2-SVP), test frames from test_MD",
+    "3bpa": "3BPA (ωB97X/6-31G(d)), 100 frames of train_300K held out",
+    "si": "Silicon (GPAW PBEsol): bundled train/test split",
+    "cu": "Copper (GPAW PBEsol): bundled train/test split",
+}
 
 ABLATION = {
     "sparse (default)": {},
@@ -214,7 +220,7 @@ def main() -> None:
         )
     )
     body = (
-        f"### {args.dataset}{' — ablation of the sparse method' if args.ablation else ''}\n\n"
+        f"### {TITLES[args.dataset]}{' — ablation of the sparse method' if args.ablation else ''}\n\n"
         f"Command: `python {' '.join(sys.argv)}`  \nMachine: {machine_description()}; "
         f"{time.strftime('%Y-%m-%d')}. Base: {args.base}; test frames: {rows[0]['n_test']}; "
         f"target density {args.density}.\n\n{table(rows)}\n"
