@@ -9,7 +9,7 @@ does not. The script
 2. fine-tunes a sparse delta (3 % of the equivariant path weights),
 3. evaluates both on the held-out test frames and relaxes the crystal with each,
 
-and compares with the DFT reference. About two to five minutes on two CPU cores.
+and compares with the DFT reference. About four minutes on two CPU cores.
 
 Run: ``python examples/quickstart.py [--epochs N] [--out DIR]``
 """
@@ -52,7 +52,7 @@ def lattice_constant(calc: SparseCalc) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--out", type=Path, default=Path("examples/output/quickstart"))
     args = parser.parse_args()
 
