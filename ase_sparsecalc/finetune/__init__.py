@@ -182,8 +182,12 @@ def _finetune_in_session(
             fingerprint=_run_fingerprint(backend, config, data_id),
             callbacks=callbacks,
         )
-        if resume and checkpoint_dir and (Path(checkpoint_dir) / CHECKPOINT_NAME).is_file():
-            trainer.load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_NAME)
+        if resume:
+            checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
+            if checkpoint is not None and checkpoint.is_file():
+                trainer.load_checkpoint(checkpoint)
+            else:
+                logger.warning("no checkpoint at %s to resume from: starting afresh", checkpoint)
         state = trainer.train(progress=progress)
         tensors = method.export()
         history = state.history
