@@ -194,14 +194,24 @@ def test_phonons_match_phonopy_with_macecalculator(mace_model_path, monkeypatch)
 
 
 def test_phonons_match_phonopy_with_sevennetcalculator():
-    """Empty delta, float32 (SevenNetCalculator's precision): frequencies agree to 0.01 THz."""
+    """Empty delta, float32 (SevenNetCalculator's precision): same force constants and frequencies.
+
+    The three acoustic modes at Gamma are zero by translation symmetry; in float32 what is left is
+    the square root of rounding noise in the dynamical matrix (a few 0.01 THz, either sign), so
+    they are checked against zero, not against each other.
+    """
     pytest.importorskip("sevenn")
     atoms = _primitive_si()
     ours = phonons(atoms, SparseCalc("sevennet-0", default_dtype="float32"), supercell=2, mesh=(4, 4, 4),
                    symmetrize=False, subtract_residual_forces=False, band_npoints=11)  # fmt: skip
     ref = _phonopy_reference(atoms, _sevennet_calculator(), supercell=2)
-    np.testing.assert_allclose(frequencies_at(ours, Q_GAMMA_X_L), ref.run_qpoints(Q_GAMMA_X_L).frequencies,
-                               atol=0.01)  # fmt: skip
+    np.testing.assert_allclose(ours.force_constants, ref.force_constants, atol=2e-3)  # eV/Å², of ~9
+    ours_freq = frequencies_at(ours, Q_GAMMA_X_L)
+    ref_freq = ref.run_qpoints(Q_GAMMA_X_L).frequencies
+    assert np.allclose(Q_GAMMA_X_L[0], 0.0)
+    assert np.abs(ours_freq[0, :3]).max() < 0.05 and np.abs(ref_freq[0, :3]).max() < 0.05
+    np.testing.assert_allclose(ours_freq[0, 3:], ref_freq[0, 3:], atol=0.01)
+    np.testing.assert_allclose(ours_freq[1:], ref_freq[1:], atol=0.01)
 
 
 def test_phonons_acoustic_sum_rule_and_delta_effect(sevennet64):
