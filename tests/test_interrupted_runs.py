@@ -19,7 +19,6 @@ import torch
 from ase.io import read, write
 
 from ase_sparsecalc import SparseDelta
-from ase_sparsecalc.cli import main
 from ase_sparsecalc.delta_io import atomic_write_bytes
 from ase_sparsecalc.errors import OutputFileError
 
@@ -31,28 +30,30 @@ OPTIONS = [
 ]  # fmt: skip
 
 
-@pytest.fixture
-def one_thread():
-    """Same thread count in this process and in the child, so float reductions agree bit for bit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Every run is a fresh one-thread process, as a user's would be: the interrupted run, its
+# resumption and the uninterrupted reference then do the same floating-point work bit for bit,
+# whatever earlier tests did to this process (thread pools, loaded libraries).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _finetune_argv(train: Path, output: Path, model: str) -> list[str]:
     return ["finetune", str(train), "-o", str(output), "--base", model, *OPTIONS]
 
 
-def test_killed_finetune_resumes_to_the_uninterrupted_delta(mace_model_path, tmp_path, one_thread):
+def _run_cli(argv: list[str]) -> None:
+    """``python -m ase_sparsecalc ARGV`` in a fresh process; fails the test on a non-zero exit."""
+    done = subprocess.run([sys.executable, "-m", "ase_sparsecalc", *argv], env=ENV, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+
+
+def test_killed_finetune_resumes_to_the_uninterrupted_delta(mace_model_path, tmp_path):
     train = tmp_path / "ethanol6.extxyz"
     write(train, read(DATA, ":6"))
     killed_out = tmp_path / "killed" / "delta.safetensors"
     checkpoint = killed_out.with_name("delta_checkpoint") / "checkpoint.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "ase_sparsecalc", *_finetune_argv(train, killed_out, mace_model_path)],
-        env=env,
+        env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -74,9 +75,9 @@ def test_killed_finetune_resumes_to_the_uninterrupted_delta(mace_model_path, tmp
     assert 1 <= state["state"]["epoch"] < EPOCHS
     assert not any(p.suffix == ".safetensors" for p in killed_out.parent.iterdir())
 
-    assert main([*_finetune_argv(train, killed_out, mace_model_path), "--resume"]) == 0
+    _run_cli([*_finetune_argv(train, killed_out, mace_model_path), "--resume"])
     reference_out = tmp_path / "reference" / "delta.safetensors"
-    assert main(_finetune_argv(train, reference_out, mace_model_path)) == 0
+    _run_cli(_finetune_argv(train, reference_out, mace_model_path))
 
     resumed, reference = SparseDelta.load(killed_out), SparseDelta.load(reference_out)
     assert reference.nnz > 0

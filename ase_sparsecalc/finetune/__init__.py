@@ -187,7 +187,8 @@ def _finetune_in_session(
             if checkpoint is not None and checkpoint.is_file():
                 trainer.load_checkpoint(checkpoint)
             else:
-                logger.warning("no checkpoint at %s to resume from: starting afresh", checkpoint)
+                where = checkpoint or "(no checkpoint directory given)"
+                logger.warning("no checkpoint at %s to resume from: starting afresh", where)
         state = trainer.train(progress=progress)
         tensors = method.export()
         history = state.history

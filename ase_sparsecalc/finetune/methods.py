@@ -209,7 +209,7 @@ class SoftThresholdDelta(DeltaMethod):
             return
         target = density_schedule(progress, opts.density, opts.warmup_fraction, opts.prune_end_fraction)
         self.tau.fill_(self._tau_for_density(target))
-        self._selecting = opts.settle_support is False or progress < opts.prune_end_fraction
+        self._selecting = not opts.settle_support or progress < opts.prune_end_fraction
 
     @torch.no_grad()
     def _tau_for_density(self, target: float) -> float:
