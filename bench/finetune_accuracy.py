@@ -56,6 +56,9 @@ ABLATION = {
     "with readouts": {"train_readouts": True},
     "lr x0.2": {"lr_scale": 0.2},
     "per-tensor Adam": {"optimizer": "tensorwise_adam"},
+    "factored Adam (per-path second moments)": {"optimizer": "factored_adam"},
+    "Adafactor (no first moment)": {"optimizer": "adafactor"},
+    "settled support": {"settle_support": True},
     "short dense warm-up, early pruning": {"prune_end_fraction": 0.3},
     "gmp (magnitude pruning)": {"method": "gmp"},
     "l1 + one-shot pruning": {"method": "l1", "penalty": 1e-3},
@@ -181,12 +184,25 @@ def table(rows: list[dict]) -> str:
     return markdown_table(header, body)
 
 
+def merged_rows(earlier: list[dict], new: list[dict]) -> list[dict]:
+    """``earlier`` with rows of the same (N train, method) replaced by ``new``, the rest appended."""
+    key = lambda r: (r["n_train"], r["method"])  # noqa: E731
+    replacements = {key(r): r for r in new}
+    rows = [replacements.pop(key(r), r) for r in earlier]
+    return rows + [r for r in new if key(r) in replacements]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, choices=["ethanol", "3bpa", "si", "cu"])
     parser.add_argument("--train-sizes", type=int, nargs="+", default=[0], help="0: all training frames")
     parser.add_argument("--methods", nargs="+", default=["shift", "sparse", "l1", "gmp", "full", "elora"])
     parser.add_argument("--ablation", action="store_true", help="sparse-method ablation instead of --methods")
+    parser.add_argument("--variants", nargs="+", help="with --ablation: only these variants (labels)")
+    parser.add_argument(
+        "--merge", action="store_true",
+        help="keep the section's earlier rows, replacing those with the same N train and method",
+    )
     parser.add_argument("--base", default="sevennet-0")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -204,7 +220,12 @@ def main() -> None:
     args = parser.parse_args()
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    runs = ABLATION.items() if args.ablation else [(m, {}) for m in args.methods]
+    runs = list(ABLATION.items()) if args.ablation else [(m, {}) for m in args.methods]
+    if args.variants:
+        unknown = set(args.variants) - set(ABLATION)
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}; known: {list(ABLATION)}")
+        runs = [(label, options) for label, options in runs if label in args.variants]
     rows = [
         run_one(args, args.dataset, n or None, label, options)
         for n in args.train_sizes
@@ -212,16 +233,21 @@ def main() -> None:
     ]
     name = args.section or f"finetune-{args.dataset}{'-ablation' if args.ablation else ''}"
     out = RESULTS / f"{name}.json"
+    commands = [f"python {' '.join(sys.argv)}"]
+    if args.merge and out.exists():
+        earlier = json.loads(out.read_text())
+        rows = merged_rows(earlier["rows"], rows)
+        commands = earlier.get("commands", [f"python {earlier['command']}"]) + commands
     out.write_text(
         json.dumps(
-            {"command": " ".join(sys.argv), "machine": machine_description(), "rows": rows},
+            {"commands": commands, "machine": machine_description(), "rows": rows},
             indent=1,
             default=float,
         )
     )
     body = (
         f"### {TITLES[args.dataset]}{' — ablation of the sparse method' if args.ablation else ''}\n\n"
-        f"Command: `python {' '.join(sys.argv)}`  \nMachine: {machine_description()}; "
+        f"Command: {', then '.join(f'`{c}`' for c in commands)}  \nMachine: {machine_description()}; "
         f"{time.strftime('%Y-%m-%d')}. Base: {args.base}; test frames: {rows[0]['n_test']}; "
         f"target density {args.density}.\n\n{table(rows)}\n"
     )

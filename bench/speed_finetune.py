@@ -3,7 +3,7 @@
 Each configuration runs in a fresh process (so peak memory is its own): the base model, one
 delta method (``sparse``: the default STR delta over the path weights; ``full``: every
 parameter), the trainer's own step (``Trainer.train_step``: model call with ``W0 + Δ``, loss,
-backward, AdamW) on real DFT frames:
+backward, optimizer step) on real DFT frames:
 
 * ``ethanol``: PBE ethanol frames (examples/data/ethanol_train.xyz, 9 atoms), batches of 8;
 * ``si64``: the PBEsol GPAW MD frames of 8-atom Si (tests/data/gpaw_si_md.txt) repeated 2x2x2
@@ -12,7 +12,9 @@ backward, AdamW) on real DFT frames:
 
 Peak memory: on the CPU the peak resident set size during the steps minus the resident size
 before them (sampled every 2 ms); on CUDA ``torch.cuda.max_memory_allocated`` minus the memory
-allocated before. Optimizer state: elements and bytes of all AdamW state tensors.
+allocated before. Optimizer state: elements and bytes of all optimizer state tensors.
+``--runs`` chooses the method and optimizer pairs (default: ``sparse`` with its default
+optimizer, ``sparse`` with AdamW, ``full`` with its default).
 
 Examples
 --------
@@ -46,6 +48,12 @@ def _extra(parser) -> None:
     parser.add_argument("--backends", nargs="+", default=["sevennet", "mace"], choices=["sevennet", "mace"])
     parser.add_argument("--systems", nargs="+", default=["ethanol", "si64"], choices=list(BATCH))
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["sparse", "sparse:adamw", "full"],
+        help="METHOD or METHOD:OPTIMIZER (default optimizer: the method's default)",
+    )
 
 
 def load_frames(system: str, count: int):
@@ -112,6 +120,7 @@ def worker(spec: dict) -> dict:
         batch_size=batch,
         dtype=spec["dtype"],
         device=device,
+        **({"optimizer": spec["optimizer"]} if spec["optimizer"] else {}),
     )
     infos = trainable_infos(backend, config)
     params = dict(backend.model.named_parameters())
@@ -138,6 +147,7 @@ def worker(spec: dict) -> dict:
     trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
     return {
         **spec,
+        "optimizer": config.optimizer,
         "atoms_per_structure": frames[0].n_atoms,
         "batch_size": batch,
         "step_s": median(times),
@@ -164,12 +174,14 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     for kind in args.backends:
         for system in systems:
-            for method in ("sparse", "full"):
+            for run in args.runs:
+                method, _, optimizer = run.partition(":")
                 spec = {
                     "backend": kind,
                     "base": bases[kind],
                     "system": system,
                     "method": method,
+                    "optimizer": optimizer,
                     "device": args.device,
                     "dtype": args.dtype,
                     "steps": 2 if args.quick else STEPS[system],
@@ -183,12 +195,13 @@ def main() -> None:
                 line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
                 res = json.loads(line.removeprefix("RESULT "))
                 results.append(res)
-                print(kind, system, method, {k: res[k] for k in ("structures_per_s", "peak_memory_MiB")})
+                print(kind, system, run, {k: res[k] for k in ("structures_per_s", "peak_memory_MiB")})
                 rows.append(
                     [
                         kind,
                         f"{system} ({res['atoms_per_structure']} atoms, batch {res['batch_size']})",
                         method,
+                        res["optimizer"],
                         res["structures_per_s"],
                         1e3 * res["step_s"],
                         res["peak_memory_MiB"],
@@ -202,6 +215,7 @@ def main() -> None:
             "base",
             "data",
             "method",
+            "optimizer",
             "structures/s",
             "ms/step",
             "peak memory MiB",

@@ -114,6 +114,24 @@ def test_baseline_methods_train_and_export(method, mace_model_path, frames):
         assert delta.density > 0.5  # low-rank updates merge into dense path blocks
 
 
+@pytest.mark.parametrize("optimizer", ["factored_adam", "adafactor"])
+def test_factored_optimizers_fine_tune_with_less_state(optimizer, mace_model_path, frames):
+    backend = load_backend(mace_model_path, dtype="float64")
+    config = FinetuneConfig(density=0.05, optimizer=optimizer, **FAST)
+    infos = trainable_infos(backend, config)
+    params = dict(backend.model.named_parameters())
+    method = METHODS["sparse"](infos, {i.name: params[i.name] for i in infos}, MethodOptions(density=0.05))
+    batches = make_batches(frames[:8], backend, 4, seed=0)
+    trainer = Trainer(backend, method, batches, [], config)
+    trainer.train(progress=False)
+    history = trainer.state.history
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert method.density() == pytest.approx(0.05, rel=0.02)
+    state = sum(t.numel() for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    adam_state = 2 * sum(p.numel() for p in method.parameters() if p.requires_grad)
+    assert state < (0.6 if optimizer == "factored_adam" else 0.2) * adam_state
+
+
 def test_shift_only_baseline(mace_model_path, dft_frames):
     frames = dft_frames
     result = finetune_with_report(mace_model_path, frames[:12], frames[12:], method="shift", dtype="float64")

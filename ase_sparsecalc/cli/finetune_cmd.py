@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..finetune.config import ALL_METHODS, FinetuneConfig
+from ..finetune.config import ALL_METHODS, OPTIMIZERS, FinetuneConfig
 
 
 def add_parser(subparsers) -> None:
@@ -61,6 +61,12 @@ def add_parser(subparsers) -> None:
             default=getattr(defaults, name),
             help="default: %(default)s",
         )
+    t.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help="adamw; factored_adam or adafactor keep second moments per irrep path's rows and "
+        "columns (less optimizer memory); default: the method's",
+    )
     t.add_argument("--huber", type=float, dest="huber_delta", help="Huber loss with this transition")
     t.add_argument("--patience", type=int, help="early stopping patience in epochs")
     t.add_argument("--max-time", type=float, help="wall-clock limit in seconds")
@@ -112,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         max_time=args.max_time,
+        optimizer=args.optimizer,
     )
     result = finetune_with_report(
         args.base,

@@ -10,6 +10,9 @@ from ..errors import ConfigError
 from .methods import METHODS
 
 ALL_METHODS = (*METHODS, "shift")
+OPTIMIZERS = ("adamw", "factored_adam", "adafactor", "tensorwise_adam")
+DEFAULT_OPTIMIZER = {m: "adamw" for m in ALL_METHODS}
+"""Default optimizer of each method (see docs/benchmarks.md for the comparison)."""
 
 DEFAULT_LR = {"sparse": 1e-2, "l1": 1e-2, "gmp": 1e-2, "full": 2e-3, "elora": 2e-3, "shift": 2e-3}
 """Default learning rate of each method (relative units), from the ethanol study in docs/benchmarks.md."""
@@ -72,8 +75,11 @@ class FinetuneConfig:
         ``sparse``: no straight-through gradient after the target density is reached.
     exclude_kinds : tuple of str
         Weight kinds the delta may not touch (``"radial"``, ``"embedding"``, ...).
-    optimizer : str
-        ``"adamw"`` or ``"tensorwise_adam"`` (one second moment per tensor, see
+    optimizer : str or None
+        None: the method's default (``DEFAULT_OPTIMIZER``); ``"adamw"``; ``"factored_adam"``
+        (second moments factored per irrep path,
+        :class:`~ase_sparsecalc.finetune.optim.FactoredAdam`); ``"adafactor"`` (the same
+        without a first moment); ``"tensorwise_adam"`` (one second moment per tensor,
         :class:`~ase_sparsecalc.finetune.optim.TensorwiseAdam`).
     """
 
@@ -104,7 +110,7 @@ class FinetuneConfig:
     ste_scale: float = 1.0
     settle_support: bool = False
     exclude_kinds: tuple[str, ...] = ()
-    optimizer: str = "adamw"
+    optimizer: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -125,8 +131,10 @@ class FinetuneConfig:
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         self.exclude_kinds = tuple(self.exclude_kinds)
-        if self.optimizer not in ("adamw", "tensorwise_adam"):
-            raise ConfigError(f"optimizer must be 'adamw' or 'tensorwise_adam', got {self.optimizer!r}")
+        if self.optimizer is None:
+            self.optimizer = DEFAULT_OPTIMIZER[self.method]
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ConfigError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
         for name in ("energy_weight", "forces_weight", "stress_weight", "weight_decay", "penalty"):

@@ -152,7 +152,17 @@ class DeltaMethod(torch.nn.Module):
         return nnz / max(self.trainable_numel, 1)
 
     def parameter_groups(self, lr: float, weight_decay: float) -> list[dict]:
-        """Optimizer parameter groups (AdamW)."""
+        """Optimizer parameter groups; ``"blocks"`` are only read by :class:`~.optim.FactoredAdam`."""
+        u = getattr(self, "u", None)
+        if u is not None:  # one trainable tensor per chosen model tensor, same shape
+            return [
+                {
+                    "params": list(u),
+                    "lr": lr,
+                    "weight_decay": weight_decay,
+                    "blocks": [moment_blocks(info) for info in self.infos],
+                }
+            ]
         return [
             {
                 "params": [p for p in self.parameters() if p.requires_grad],
@@ -238,7 +248,7 @@ class SoftThresholdDelta(DeltaMethod):
         return self.options.penalty * total / self.trainable_numel
 
     def parameter_groups(self, lr, weight_decay):
-        groups = [{"params": list(self.u), "lr": lr, "weight_decay": weight_decay}]
+        groups = super().parameter_groups(lr, weight_decay)
         if self.options.learn_thresholds:
             groups.append({"params": [self.log_threshold], "lr": lr, "weight_decay": 0.0})
         return groups
@@ -403,3 +413,36 @@ METHODS: dict[str, type[DeltaMethod]] = {
     for cls in (SoftThresholdDelta, L1PrunedDelta, MagnitudePrunedDelta, DenseDelta, LowRankPathDelta)
 }
 """Trainable delta methods by name; ``shift`` (energy shifts only) needs no training."""
+
+
+def moment_blocks(info: WeightInfo) -> list[tuple[str, int, int, int, int]]:
+    """Matrix blocks of a tensor for factored second moments: one per irrep path.
+
+    Returns ``(coordinate, start, stop, rows, cols)`` tuples (see
+    :data:`~.optim.Block`) that cover every entry of the tensor exactly once; ranges no path
+    claims become ``1 x n`` blocks (per-entry moments).
+    """
+    if info.coordinate == "column":
+        rows, extent = prod(info.shape[:-1]), info.shape[-1]
+        claimed = [("column", s.start, s.stop, rows, s.stop - s.start) for s in info.segments]
+    else:
+        rows, extent = 1, info.numel
+        claimed = [
+            ("flat", s.start, s.stop, r, c)
+            for s, (r, c) in zip(info.segments, _path_blocks(info), strict=True)
+        ]
+    blocks, at = [], 0
+    for block in sorted(claimed, key=lambda b: b[1]):
+        if block[1] > at:
+            blocks.append(_gap(info.coordinate, at, block[1], rows))
+        blocks.append(block)
+        at = block[2]
+    if at < extent:
+        blocks.append(_gap(info.coordinate, at, extent, rows))
+    return blocks
+
+
+def _gap(coordinate: str, start: int, stop: int, rows: int) -> tuple[str, int, int, int, int]:
+    if coordinate == "column":
+        return ("column", start, stop, rows, stop - start)
+    return ("flat", start, stop, 1, stop - start)

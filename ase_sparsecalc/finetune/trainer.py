@@ -315,11 +315,20 @@ class Trainer:
 
 
 def make_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
-    """``"adamw"`` (per-entry second moments) or ``"tensorwise_adam"`` (one per tensor)."""
-    from .optim import TensorwiseAdam
+    """The optimizer ``FinetuneConfig.optimizer`` names, over the method's parameter groups.
+
+    ``"adamw"``: per-entry moments; ``"factored_adam"``: second moments factored over each
+    irrep path's block; ``"adafactor"``: the same without a first moment; ``"tensorwise_adam"``:
+    one second moment per tensor (see :mod:`.optim`).
+    """
+    from .optim import FactoredAdam, TensorwiseAdam
 
     if name == "adamw":
         return torch.optim.AdamW(groups)
+    if name == "factored_adam":
+        return FactoredAdam(groups)
+    if name == "adafactor":
+        return FactoredAdam(groups, betas=(0.0, 0.999))
     return TensorwiseAdam(groups)
 
 
