@@ -20,7 +20,9 @@ section of docs/benchmarks.md, with the command and the machine.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -115,7 +117,8 @@ def run_one(args, dataset, n_train, label, options) -> dict:
     method = options.pop("method", default_method)
     lr = (args.lr or DEFAULT_LR[method]) * options.pop("lr_scale", 1.0)
     start = time.monotonic()
-    delta_path = RESULTS / "deltas" / f"{dataset}_{len(train)}_{label.replace(' ', '_')}.safetensors"
+    seed = f"_seed{args.seed}" if args.seed else ""
+    delta_path = RESULTS / "deltas" / f"{dataset}_{len(train)}_{label.replace(' ', '_')}{seed}.safetensors"
     result = finetune_with_report(
         args.base,
         train,
@@ -140,6 +143,7 @@ def run_one(args, dataset, n_train, label, options) -> dict:
     metrics = test_metrics(args.base, result.delta, test, "float64", args.device)
     row = {
         "dataset": dataset,
+        "seed": args.seed,
         "n_train": len(train),
         "n_test": len(test),
         "method": label,
@@ -156,6 +160,7 @@ def run_one(args, dataset, n_train, label, options) -> dict:
 
 
 def table(rows: list[dict]) -> str:
+    seeds = len({r.get("seed", 0) for r in rows}) > 1
     header = ["N train", "method", "density", "E MAE (meV/atom)", "F MAE (meV/Å)"]
     header += ["F / full", "F / zero-shot"]
     has_stress = any("stress_mae" in r["test"] for r in rows)
@@ -164,7 +169,7 @@ def table(rows: list[dict]) -> str:
     header += ["epochs", "time (s)"]
     body = []
     for r in rows:
-        same = [x for x in rows if x["n_train"] == r["n_train"]]
+        same = [x for x in rows if _key(x)[::2] == _key(r)[::2]]  # same N train and seed
         full = next((x["test"]["forces_mae"] for x in same if x["method"] == "full"), None)
         zero = next((x["test"]["forces_mae"] for x in same if x["method"] == "shift"), None)
         f = r["test"]["forces_mae"]
@@ -179,17 +184,25 @@ def table(rows: list[dict]) -> str:
         ]
         if has_stress:
             line.insert(5, r["test"].get("stress_mae", "–"))
+        if seeds:
+            line.insert(2, r.get("seed", 0))
         line += [r["epochs"], r["wall_time_s"]]
         body.append(line)
+    if seeds:
+        header.insert(2, "seed")
     return markdown_table(header, body)
 
 
+def _key(row: dict) -> tuple:
+    """(N train, method, seed): rows with the same key are the same experiment."""
+    return row["n_train"], row["method"], row.get("seed", 0)
+
+
 def merged_rows(earlier: list[dict], new: list[dict]) -> list[dict]:
-    """``earlier`` with rows of the same (N train, method) replaced by ``new``, the rest appended."""
-    key = lambda r: (r["n_train"], r["method"])  # noqa: E731
-    replacements = {key(r): r for r in new}
-    rows = [replacements.pop(key(r), r) for r in earlier]
-    return rows + [r for r in new if key(r) in replacements]
+    """``earlier`` with rows of the same experiment (:func:`_key`) replaced by ``new``, the rest appended."""
+    replacements = {_key(r): r for r in new}
+    rows = [replacements.pop(_key(r), r) for r in earlier]
+    return rows + [r for r in new if _key(r) in replacements]
 
 
 def main() -> None:
@@ -217,6 +230,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--section", help="docs/benchmarks.md section name (default from dataset)")
+    parser.add_argument("--title", help="section heading (default from dataset)")
     args = parser.parse_args()
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -233,11 +247,20 @@ def main() -> None:
     ]
     name = args.section or f"finetune-{args.dataset}{'-ablation' if args.ablation else ''}"
     out = RESULTS / f"{name}.json"
-    commands = [f"python {' '.join(sys.argv)}"]
-    if args.merge and out.exists():
-        earlier = json.loads(out.read_text())
-        rows = merged_rows(earlier["rows"], rows)
-        commands = earlier.get("commands", [f"python {earlier['command']}"]) + commands
+    commands = [f"python {shlex.join(sys.argv)}"]
+    with open(RESULTS / ".write.lock", "w") as lock:  # runs writing results take turns
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if args.merge and out.exists():
+            earlier = json.loads(out.read_text())
+            rows = merged_rows(earlier["rows"], rows)
+            commands = (earlier["commands"] if "commands" in earlier else [f"python {earlier['command']}"])
+            commands = [*commands, f"python {shlex.join(sys.argv)}"]
+        write_section(name, args, rows, commands)
+
+
+def write_section(name: str, args, rows: list[dict], commands: list[str]) -> None:
+    """Write ``bench/results/<name>.json`` and the docs/benchmarks.md section ``name``."""
+    out = RESULTS / f"{name}.json"
     out.write_text(
         json.dumps(
             {"commands": commands, "machine": machine_description(), "rows": rows},
@@ -245,8 +268,10 @@ def main() -> None:
             default=float,
         )
     )
+    suffix = " — ablation of the sparse method" if args.ablation else ""
+    title = args.title or f"{TITLES[args.dataset]}{suffix}"
     body = (
-        f"### {TITLES[args.dataset]}{' — ablation of the sparse method' if args.ablation else ''}\n\n"
+        f"### {title}\n\n"
         f"Command: {', then '.join(f'`{c}`' for c in commands)}  \nMachine: {machine_description()}; "
         f"{time.strftime('%Y-%m-%d')}. Base: {args.base}; test frames: {rows[0]['n_test']}; "
         f"target density {args.density}.\n\n{table(rows)}\n"
