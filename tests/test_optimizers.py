@@ -106,3 +106,18 @@ def test_state_survives_a_weights_only_checkpoint():
         ((1 + 0.1 * k) * (q * target).sum()).backward()
         resumed.step()
     torch.testing.assert_close(q.detach(), straight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_path_without_gradient_stays_put(dtype):
+    """A path no structure in the data uses (e.g. an absent element) gets zero gradients."""
+    p = torch.nn.Parameter(torch.ones(24, dtype=dtype))
+    blocks = [[("flat", 0, 12, 3, 4), ("flat", 12, 24, 3, 4)]]
+    opt = FactoredAdam([{"params": [p], "blocks": blocks}], lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        (p[:12] ** 2).sum().backward()
+        opt.step()
+    assert torch.isfinite(p).all()
+    assert torch.equal(p[12:].detach(), torch.ones(12, dtype=dtype))
+    assert (p[:12] < 1).all()

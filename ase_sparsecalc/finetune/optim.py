@@ -129,7 +129,7 @@ class FactoredAdam(torch.optim.Optimizer):
             row_sq.mul_(beta2).add_(g2.mean(dim=1), alpha=1 - beta2)
             col_sq.mul_(beta2).add_(g2.mean(dim=0), alpha=1 - beta2)
             row_at, col_at = row_at + rows, col_at + cols
-            v_hat = torch.outer(row_sq, col_sq) / (row_sq.mean() * bias2).clamp_min(1e-300)
+            v_hat = torch.outer(row_sq, col_sq) / (row_sq.mean() * bias2).clamp_min(torch.finfo(p.dtype).tiny)
             step = _block(direction, block) / (v_hat.sqrt() + group["eps"])
             if beta1 == 0:
                 step = step / (step.square().mean().sqrt() / group["clip"]).clamp_min(1.0)
