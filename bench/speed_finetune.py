@@ -14,7 +14,7 @@ Peak memory: on the CPU the peak resident set size during the steps minus the re
 before them (sampled every 2 ms); on CUDA ``torch.cuda.max_memory_allocated`` minus the memory
 allocated before. Optimizer state: elements and bytes of all optimizer state tensors.
 ``--runs`` chooses the method and optimizer pairs (default: ``sparse`` with its default
-optimizer, ``sparse`` with AdamW, ``full`` with its default).
+optimizer (AdamW), with ``factored_adam`` and with ``adafactor``, and ``full``).
 
 Examples
 --------
@@ -51,7 +51,7 @@ def _extra(parser) -> None:
     parser.add_argument(
         "--runs",
         nargs="+",
-        default=["sparse", "sparse:adamw", "full"],
+        default=["sparse", "sparse:factored_adam", "sparse:adafactor", "full"],
         help="METHOD or METHOD:OPTIMIZER (default optimizer: the method's default)",
     )
 
