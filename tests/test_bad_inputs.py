@@ -387,6 +387,7 @@ def test_checkpoint_error_still_importable_from_trainer():
         ({"valid_fraction": 1.0}, "valid_fraction"),
         ({"forces_weight": -1.0}, "forces_weight"),
         ({"method": "magic"}, "method must be one of"),
+        ({"optimizer": "sgd"}, "optimizer must be one of adamw, factored_adam"),
     ],
 )
 def test_bad_finetune_options(options, problem):
