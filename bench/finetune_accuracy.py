@@ -61,6 +61,7 @@ ABLATION = {
     "factored Adam (per-path second moments)": {"optimizer": "factored_adam"},
     "Adafactor (no first moment)": {"optimizer": "adafactor"},
     "settled support": {"settle_support": True},
+    "hard threshold (no shrinkage)": {"hard_threshold": True},
     "short dense warm-up, early pruning": {"prune_end_fraction": 0.3},
     "gmp (magnitude pruning)": {"method": "gmp"},
     "l1 + one-shot pruning": {"method": "l1", "penalty": 1e-3},

@@ -203,3 +203,27 @@ def test_sevennet_short_finetune_on_real_dft(dft_frames):
     assert result.report["backend"] == "sevennet"
     assert result.report["after"]["train"]["forces_mae"] < result.report["before"]["train"]["forces_mae"]
     assert result.delta.density == pytest.approx(0.01, rel=0.05)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_threshold_keeps_the_scheduled_density_and_shrinks_only_when_soft(hard, mace_model_path):
+    backend = load_backend(mace_model_path, dtype="float64")
+    infos = trainable_infos(backend, FinetuneConfig(density=0.05))
+    params = dict(backend.model.named_parameters())
+    options = MethodOptions(density=0.05, hard_threshold=hard)
+    method = METHODS["sparse"](infos, {i.name: params[i.name] for i in infos}, options)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for u in method.u:
+            u.copy_(torch.randn(u.shape, generator=generator, dtype=u.dtype))
+    method.update_schedule(1.0)
+    assert method.density() == pytest.approx(0.05, abs=1e-4)
+    deltas = method.deltas()
+    for k, (name, u) in enumerate(zip(method.names, method.u, strict=True)):
+        kept = deltas[name] != 0
+        relative = deltas[name][kept] / method.scales[k]
+        if hard:
+            torch.testing.assert_close(relative, u.detach()[kept])
+        else:  # shrunk towards zero by the threshold, sign kept
+            assert (relative.abs() < u.detach()[kept].abs()).all()
+            assert (torch.sign(relative) == torch.sign(u.detach()[kept])).all()

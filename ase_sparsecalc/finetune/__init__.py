@@ -300,6 +300,7 @@ def _make_method(backend: Backend, infos: list[WeightInfo], config: FinetuneConf
         learn_thresholds=config.learn_thresholds,
         ste_scale=config.ste_scale,
         settle_support=config.settle_support,
+        hard_threshold=config.hard_threshold,
     )
     params = dict(backend.model.named_parameters())
     method = METHODS[config.method](infos, {i.name: params[i.name] for i in infos}, options)

@@ -73,6 +73,8 @@ class FinetuneConfig:
         ``sparse``: fraction of the gradient that entries below threshold receive.
     settle_support : bool
         ``sparse``: no straight-through gradient after the target density is reached.
+    hard_threshold : bool
+        ``sparse``: entries above threshold keep their full value (no soft shrinkage).
     exclude_kinds : tuple of str
         Weight kinds the delta may not touch (``"radial"``, ``"embedding"``, ...).
     optimizer : str or None
@@ -109,6 +111,7 @@ class FinetuneConfig:
     learn_thresholds: bool = True
     ste_scale: float = 1.0
     settle_support: bool = False
+    hard_threshold: bool = False
     exclude_kinds: tuple[str, ...] = ()
     optimizer: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)

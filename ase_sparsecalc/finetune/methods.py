@@ -64,6 +64,10 @@ class MethodOptions:
     settle_support : bool
         Stop the straight-through gradient once the target density is reached, so the support
         settles and only the chosen entries keep training (``sparse``).
+    hard_threshold : bool
+        Keep the full value of entries above threshold, ``Δ = c u [|u| > t]``,
+        instead of shrinking them by the threshold (``sparse``). The thresholds then get no
+        gradient from the loss and stay where they start (one global magnitude criterion).
     """
 
     density: float | None = 0.03
@@ -76,6 +80,7 @@ class MethodOptions:
     learn_thresholds: bool = True
     ste_scale: float = 1.0
     settle_support: bool = False
+    hard_threshold: bool = False
 
 
 def density_schedule(progress: float, target: float, start: float, end: float) -> float:
@@ -206,7 +211,10 @@ class SoftThresholdDelta(DeltaMethod):
                 continue
             t = thresholds[k]
             magnitude = u.abs()
-            soft = torch.sign(u) * torch.relu(magnitude - t)
+            if self.options.hard_threshold:
+                soft = u * (magnitude > t)
+            else:
+                soft = torch.sign(u) * torch.relu(magnitude - t)
             if self.options.straight_through and self.training and self._selecting:
                 soft = soft + self.options.ste_scale * (magnitude <= t) * (u - u.detach())
             out[name] = self.scales[k] * soft
