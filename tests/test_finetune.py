@@ -227,3 +227,7 @@ def test_threshold_keeps_the_scheduled_density_and_shrinks_only_when_soft(hard, 
         else:  # shrunk towards zero by the threshold, sign kept
             assert (relative.abs() < u.detach()[kept].abs()).all()
             assert (torch.sign(relative) == torch.sign(u.detach()[kept])).all()
+    # either way the per-tensor thresholds learn from the loss (the soft threshold's gradient)
+    method.train()
+    sum((d * d).sum() for d in method.deltas().values()).backward()
+    assert method.log_threshold.grad is not None and (method.log_threshold.grad != 0).any()

@@ -66,8 +66,9 @@ class MethodOptions:
         settles and only the chosen entries keep training (``sparse``).
     hard_threshold : bool
         Keep the full value of entries above threshold, ``Δ = c u [|u| > t]``,
-        instead of shrinking them by the threshold (``sparse``). The thresholds then get no
-        gradient from the loss and stay where they start (one global magnitude criterion).
+        instead of shrinking them by the threshold (``sparse``). The learned thresholds then
+        receive the soft threshold's gradient (straight-through), so they still learn where the
+        budget goes; without ``learn_thresholds`` one global magnitude criterion decides.
     """
 
     density: float | None = 0.03
@@ -213,6 +214,9 @@ class SoftThresholdDelta(DeltaMethod):
             magnitude = u.abs()
             if self.options.hard_threshold:
                 soft = u * (magnitude > t)
+                if self.options.learn_thresholds:  # the soft threshold's gradient for t only
+                    shrink = torch.sign(u.detach()) * torch.relu(magnitude.detach() - t)
+                    soft = soft + (shrink - shrink.detach())
             else:
                 soft = torch.sign(u) * torch.relu(magnitude - t)
             if self.options.straight_through and self.training and self._selecting:
