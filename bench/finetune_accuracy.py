@@ -51,6 +51,7 @@ TITLES = {
 
 ABLATION = {
     "sparse (default)": {},
+    "soft threshold (STR)": {"hard_threshold": False},
     "no straight-through": {"straight_through": False},
     "leaky straight-through (0.1)": {"ste_scale": 0.1},
     "one global threshold": {"learn_thresholds": False},
@@ -117,6 +118,10 @@ def run_one(args, dataset, n_train, label, options) -> dict:
     options = dict(options)
     default_method = label if label in ("shift", "sparse", "l1", "gmp", "full", "elora") else "sparse"
     method = options.pop("method", default_method)
+    if method == "sparse" and args.threshold:
+        options.setdefault("hard_threshold", args.threshold == "hard")
+        if args.threshold == "soft" and label in ("sparse", "sparse (default)"):
+            label = "sparse (STR)"
     lr = (args.lr or DEFAULT_LR[method]) * options.pop("lr_scale", 1.0)
     start = time.monotonic()
     seed = f"_seed{args.seed}" if args.seed else ""
@@ -215,7 +220,8 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true", help="sparse-method ablation instead of --methods")
     parser.add_argument("--variants", nargs="+", help="with --ablation: only these variants (labels)")
     parser.add_argument(
-        "--merge", action="store_true",
+        "--merge",
+        action="store_true",
         help="keep the section's earlier rows, replacing those with the same N train and method",
     )
     parser.add_argument("--base", default="sevennet-0")
@@ -224,6 +230,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="default: each method's default learning rate")
     parser.add_argument("--density", type=float, default=0.03)
     parser.add_argument("--penalty", type=float, default=0.0)
+    parser.add_argument(
+        "--threshold",
+        choices=["hard", "soft"],
+        help="sparse methods: hard or soft (STR) threshold unless a variant sets it (default: the library's)",
+    )
     parser.add_argument("--stress-weight", type=float, default=1000.0)
     parser.add_argument("--patience", type=int)
     parser.add_argument("--max-time", type=float, help="per fine-tune wall-clock limit (s)")
@@ -249,23 +260,23 @@ def main() -> None:
     ]
     name = args.section or f"finetune-{args.dataset}{'-ablation' if args.ablation else ''}"
     out = RESULTS / f"{name}.json"
-    commands = [f"python {shlex.join(sys.argv)}"]
+    commands, note = [f"python {shlex.join(sys.argv)}"], ""
     with open(RESULTS / ".write.lock", "w") as lock:  # runs writing results take turns
         fcntl.flock(lock, fcntl.LOCK_EX)
         if args.merge and out.exists():
             earlier = json.loads(out.read_text())
             rows = merged_rows(earlier["rows"], rows)
-            commands = (earlier["commands"] if "commands" in earlier else [f"python {earlier['command']}"])
-            commands = [*commands, f"python {shlex.join(sys.argv)}"]
-        write_section(name, args, rows, commands)
+            before = earlier["commands"] if "commands" in earlier else [f"python {earlier['command']}"]
+            commands, note = [*before, *commands], earlier.get("note", "")
+        write_section(name, args, rows, commands, note)
 
 
-def write_section(name: str, args, rows: list[dict], commands: list[str]) -> None:
+def write_section(name: str, args, rows: list[dict], commands: list[str], note: str = "") -> None:
     """Write ``bench/results/<name>.json`` and the docs/benchmarks.md section ``name``."""
     out = RESULTS / f"{name}.json"
     out.write_text(
         json.dumps(
-            {"commands": commands, "machine": machine_description(), "rows": rows},
+            {"commands": commands, "machine": machine_description(), "rows": rows, "note": note},
             indent=1,
             default=float,
         )
@@ -276,7 +287,7 @@ def write_section(name: str, args, rows: list[dict], commands: list[str]) -> Non
         f"### {title}\n\n"
         f"Command: {', then '.join(f'`{c}`' for c in commands)}  \nMachine: {machine_description()}; "
         f"{time.strftime('%Y-%m-%d')}. Base: {args.base}; test frames: {rows[0]['n_test']}; "
-        f"target density {args.density}.\n\n{table(rows)}\n"
+        f"target density {args.density}.\n\n{table(rows)}\n" + (f"\n{note}\n" if note else "")
     )
     update_section(name, body)
     print(body)

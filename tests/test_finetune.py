@@ -205,12 +205,15 @@ def test_sevennet_short_finetune_on_real_dft(dft_frames):
     assert result.delta.density == pytest.approx(0.01, rel=0.05)
 
 
-@pytest.mark.parametrize("hard", [False, True])
-def test_threshold_keeps_the_scheduled_density_and_shrinks_only_when_soft(hard, mace_model_path):
+@pytest.mark.parametrize(
+    ("hard", "learn"), [(False, None), (True, None), (True, True)], ids=["soft", "hard", "hard-learned"]
+)
+def test_threshold_keeps_the_scheduled_density_and_shrinks_only_when_soft(hard, learn, mace_model_path):
     backend = load_backend(mace_model_path, dtype="float64")
     infos = trainable_infos(backend, FinetuneConfig(density=0.05))
     params = dict(backend.model.named_parameters())
-    options = MethodOptions(density=0.05, hard_threshold=hard)
+    options = MethodOptions(density=0.05, hard_threshold=hard, learn_thresholds=learn)
+    assert options.learn_thresholds == (not hard or bool(learn))  # None: learned only when soft
     method = METHODS["sparse"](infos, {i.name: params[i.name] for i in infos}, options)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -227,7 +230,13 @@ def test_threshold_keeps_the_scheduled_density_and_shrinks_only_when_soft(hard, 
         else:  # shrunk towards zero by the threshold, sign kept
             assert (relative.abs() < u.detach()[kept].abs()).all()
             assert (torch.sign(relative) == torch.sign(u.detach()[kept])).all()
-    # either way the per-tensor thresholds learn from the loss (the soft threshold's gradient)
+    # learned thresholds learn from the loss (the soft threshold's gradient, also when hard)
     method.train()
     sum((d * d).sum() for d in method.deltas().values()).backward()
-    assert method.log_threshold.grad is not None and (method.log_threshold.grad != 0).any()
+    learned = method.log_threshold.grad is not None and bool((method.log_threshold.grad != 0).any())
+    assert learned == options.learn_thresholds
+
+
+def test_penalty_form_defaults_to_the_soft_threshold():
+    options = MethodOptions(density=None, penalty=1e-3)
+    assert options.hard_threshold is False and options.learn_thresholds is True

@@ -43,6 +43,12 @@ def add_parser(subparsers) -> None:
     g.add_argument(
         "--penalty", type=float, default=defaults.penalty, help="l1 strength on the relative delta"
     )
+    g.add_argument(
+        "--threshold",
+        choices=["hard", "soft"],
+        help="sparse: kept entries keep their value (hard, one global threshold) or are shrunk by "
+        "learned per-tensor thresholds (soft, STR); default: hard with --density, soft with --penalty",
+    )
     g.add_argument("--rank", type=int, default=defaults.rank, help="rank per path block (elora)")
     g.add_argument("--train-readouts", action="store_true", help="let the delta change readout weights")
     t = p.add_argument_group("training")
@@ -119,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         max_time=args.max_time,
         optimizer=args.optimizer,
+        hard_threshold=None if args.threshold is None else args.threshold == "hard",
     )
     result = finetune_with_report(
         args.base,

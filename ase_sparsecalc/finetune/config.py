@@ -67,14 +67,16 @@ class FinetuneConfig:
         Re-fit the per-element energy shifts after training.
     straight_through : bool
         ``sparse``: entries below threshold still receive gradients, so the support can change.
-    learn_thresholds : bool
-        ``sparse``: learn a threshold per tensor (otherwise one global threshold).
+    learn_thresholds : bool or None
+        ``sparse``: learn a threshold per tensor (otherwise one global threshold); None: learned
+        with the soft threshold, global with the hard one.
     ste_scale : float
         ``sparse``: fraction of the gradient that entries below threshold receive.
     settle_support : bool
         ``sparse``: no straight-through gradient after the target density is reached.
-    hard_threshold : bool
-        ``sparse``: entries above threshold keep their full value (no soft shrinkage).
+    hard_threshold : bool or None
+        ``sparse``: kept entries keep their full value (hard) or are shrunk by the threshold
+        (soft, STR); None: hard with a target density, soft with a penalty.
     exclude_kinds : tuple of str
         Weight kinds the delta may not touch (``"radial"``, ``"embedding"``, ...).
     optimizer : str or None
@@ -108,10 +110,10 @@ class FinetuneConfig:
     max_time: float | None = None
     refit_shifts: bool = True
     straight_through: bool = True
-    learn_thresholds: bool = True
+    learn_thresholds: bool | None = None
     ste_scale: float = 1.0
     settle_support: bool = False
-    hard_threshold: bool = False
+    hard_threshold: bool | None = None
     exclude_kinds: tuple[str, ...] = ()
     optimizer: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)

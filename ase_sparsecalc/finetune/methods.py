@@ -6,17 +6,19 @@ a delta :math:`\Delta` of the same shape; the model runs with :math:`W_0 + \Delt
 in units of their tensor's RMS value :math:`c = \mathrm{rms}(W_0)`, so one learning rate suits
 tensors of any scale.
 
-``sparse`` (default): soft-threshold reparameterisation (STR) of the delta,
+``sparse`` (default): a thresholded delta whose support is chosen while it trains,
 
-.. math:: \Delta = c\,\mathrm{sign}(u)\,\max(|u| - \tau e^{s}, 0)
+.. math:: \Delta = c\,u\,[|u| > t] \quad\text{(hard, default with a target density)}, \qquad
+          \Delta = c\,\mathrm{sign}(u)\,\max(|u| - t, 0) \quad\text{(soft: STR)},
 
-with a learned log-threshold :math:`s` per tensor. With a target density, the global factor
-:math:`\tau` is set before every step so that exactly the scheduled fraction of entries is
-non-zero (dense for a short warm-up, then a cubic decay to the target): the per-tensor
-thresholds learn *where* the budget goes, the schedule sets *how much*. Entries below threshold
-still receive the gradient of the loss (straight-through), so the support keeps changing while
-training and an entry that becomes useful re-enters. Without a target density, an l1 penalty on
-:math:`\Delta/c` and the learned thresholds decide the sparsity.
+with :math:`t = \tau e^{s}`. With a target density, the global factor :math:`\tau` is set
+before every step so that exactly the scheduled fraction of entries is non-zero (dense for a
+short warm-up, then a cubic decay to the target). Entries below threshold still receive the
+gradient of the loss (straight-through), so the support keeps changing while training and an
+entry that becomes useful re-enters. Learned log-thresholds :math:`s` per tensor (the soft
+threshold's default; optional with the hard one, through the soft threshold's gradient) decide
+*where* the budget goes; the schedule sets *how much*. Without a target density, an l1 penalty
+on :math:`\Delta/c` and learned soft thresholds decide the sparsity.
 
 Baselines in the same code path: ``l1`` (dense delta with an l1 pull, one-shot magnitude pruning
 to the target density, survivors retrained), ``gmp`` (gradual magnitude pruning of the delta),
@@ -57,18 +59,19 @@ class MethodOptions:
         Rank of each path block's update (``elora``).
     straight_through : bool
         Let entries below threshold receive gradients (``sparse``).
-    learn_thresholds : bool
+    learn_thresholds : bool or None
         Learn one threshold per tensor (``sparse``); otherwise all share the global one.
+        None: learned with the soft threshold, shared with the hard one.
     ste_scale : float
         Fraction of the gradient passed to entries below threshold (``sparse``).
     settle_support : bool
         Stop the straight-through gradient once the target density is reached, so the support
         settles and only the chosen entries keep training (``sparse``).
-    hard_threshold : bool
-        Keep the full value of entries above threshold, ``Δ = c u [|u| > t]``,
-        instead of shrinking them by the threshold (``sparse``). The learned thresholds then
-        receive the soft threshold's gradient (straight-through), so they still learn where the
-        budget goes; without ``learn_thresholds`` one global magnitude criterion decides.
+    hard_threshold : bool or None
+        Keep the full value of entries above threshold, ``Δ = c u [|u| > t]`` (``sparse``),
+        instead of shrinking them by the threshold (soft, STR). Learned thresholds then receive
+        the soft threshold's gradient (straight-through). None: hard with a target density,
+        soft without one (the penalty form needs the soft threshold's shrinkage).
     """
 
     density: float | None = 0.03
@@ -78,10 +81,17 @@ class MethodOptions:
     init_threshold: float = 1e-3
     rank: int = 4
     straight_through: bool = True
-    learn_thresholds: bool = True
+    learn_thresholds: bool | None = None
     ste_scale: float = 1.0
     settle_support: bool = False
-    hard_threshold: bool = False
+    hard_threshold: bool | None = None
+
+    def __post_init__(self) -> None:
+        """Resolve the automatic choices (None) of ``hard_threshold`` and ``learn_thresholds``."""
+        if self.hard_threshold is None:  # hard with a density target; STR for the penalty form
+            self.hard_threshold = self.density is not None
+        if self.learn_thresholds is None:
+            self.learn_thresholds = not self.hard_threshold
 
 
 def density_schedule(progress: float, target: float, start: float, end: float) -> float:
