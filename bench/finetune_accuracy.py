@@ -222,7 +222,7 @@ def main() -> None:
     parser.add_argument(
         "--merge",
         action="store_true",
-        help="keep the section's earlier rows, replacing those with the same N train and method",
+        help="keep the section's earlier rows, replacing those with the same N train, method and seed",
     )
     parser.add_argument("--base", default="sevennet-0")
     parser.add_argument("--epochs", type=int, default=100)

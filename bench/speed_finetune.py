@@ -1,7 +1,7 @@
 """Fine-tuning throughput (structures per second), peak memory and optimizer state: sparse vs full.
 
 Each configuration runs in a fresh process (so peak memory is its own): the base model, one
-delta method (``sparse``: the default STR delta over the path weights; ``full``: every
+delta method (``sparse``: the default thresholded delta over the path weights; ``full``: every
 parameter), the trainer's own step (``Trainer.train_step``: model call with ``W0 + Δ``, loss,
 backward, optimizer step) on real DFT frames:
 
@@ -52,7 +52,7 @@ def _extra(parser) -> None:
         "--runs",
         nargs="+",
         default=["sparse", "sparse:factored_adam", "sparse:adafactor", "full"],
-        help="METHOD or METHOD:OPTIMIZER (default optimizer: the method's default)",
+        help="METHOD or METHOD:OPTIMIZER (default optimizer: adamw)",
     )
 
 

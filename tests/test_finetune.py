@@ -48,6 +48,13 @@ def dft_frames():
     return read_frames(ETHANOL + "@:16")
 
 
+def _sparse_method(backend, options: MethodOptions):
+    """The ``sparse`` delta method over the backend's default trainable tensors."""
+    infos = trainable_infos(backend, FinetuneConfig(density=options.density))
+    params = dict(backend.model.named_parameters())
+    return METHODS["sparse"](infos, {i.name: params[i.name] for i in infos}, options)
+
+
 def test_sparse_finetune_lowers_loss_and_hits_density(mace_model_path, frames, tmp_path):
     result = finetune_with_report(
         mace_model_path,
@@ -73,9 +80,7 @@ def test_sparse_finetune_lowers_loss_and_hits_density(mace_model_path, frames, t
 def test_saved_delta_reproduces_trained_model_exactly(mace_model_path, frames):
     backend = load_backend(mace_model_path, dtype="float64")
     config = FinetuneConfig(density=0.05, **FAST)
-    infos = trainable_infos(backend, config)
-    params = dict(backend.model.named_parameters())
-    method = METHODS["sparse"](infos, {i.name: params[i.name] for i in infos}, MethodOptions(density=0.05))
+    method = _sparse_method(backend, MethodOptions(density=0.05))
     batches = make_batches(frames[:8], backend, 4, seed=0)
     Trainer(backend, method, batches, [], config).train(progress=False)
     trained = predict(backend, batches, method.effective_parameters)
@@ -118,9 +123,7 @@ def test_baseline_methods_train_and_export(method, mace_model_path, frames):
 def test_factored_optimizers_fine_tune_with_less_state(optimizer, mace_model_path, frames):
     backend = load_backend(mace_model_path, dtype="float64")
     config = FinetuneConfig(density=0.05, optimizer=optimizer, **FAST)
-    infos = trainable_infos(backend, config)
-    params = dict(backend.model.named_parameters())
-    method = METHODS["sparse"](infos, {i.name: params[i.name] for i in infos}, MethodOptions(density=0.05))
+    method = _sparse_method(backend, MethodOptions(density=0.05))
     batches = make_batches(frames[:8], backend, 4, seed=0)
     trainer = Trainer(backend, method, batches, [], config)
     trainer.train(progress=False)
@@ -210,11 +213,9 @@ def test_sevennet_short_finetune_on_real_dft(dft_frames):
 )
 def test_threshold_keeps_the_scheduled_density_and_shrinks_only_when_soft(hard, learn, mace_model_path):
     backend = load_backend(mace_model_path, dtype="float64")
-    infos = trainable_infos(backend, FinetuneConfig(density=0.05))
-    params = dict(backend.model.named_parameters())
     options = MethodOptions(density=0.05, hard_threshold=hard, learn_thresholds=learn)
     assert options.learn_thresholds == (not hard or bool(learn))  # None: learned only when soft
-    method = METHODS["sparse"](infos, {i.name: params[i.name] for i in infos}, options)
+    method = _sparse_method(backend, options)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for u in method.u:

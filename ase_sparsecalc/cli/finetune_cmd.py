@@ -69,9 +69,10 @@ def add_parser(subparsers) -> None:
         )
     t.add_argument(
         "--optimizer",
+        default=defaults.optimizer,
         choices=OPTIMIZERS,
-        help="adamw; factored_adam or adafactor keep second moments per irrep path's rows and "
-        "columns (less optimizer memory); default: the method's",
+        help="factored_adam or adafactor keep second moments per irrep path's rows and columns "
+        "(less optimizer memory, a little less accuracy); default: %(default)s",
     )
     t.add_argument("--huber", type=float, dest="huber_delta", help="Huber loss with this transition")
     t.add_argument("--patience", type=int, help="early stopping patience in epochs")

@@ -11,8 +11,6 @@ from .methods import METHODS
 
 ALL_METHODS = (*METHODS, "shift")
 OPTIMIZERS = ("adamw", "factored_adam", "adafactor", "tensorwise_adam")
-DEFAULT_OPTIMIZER = {m: "adamw" for m in ALL_METHODS}
-"""Default optimizer of each method (see docs/benchmarks.md for the comparison)."""
 
 DEFAULT_LR = {"sparse": 1e-2, "l1": 1e-2, "gmp": 1e-2, "full": 2e-3, "elora": 2e-3, "shift": 2e-3}
 """Default learning rate of each method (relative units), from the ethanol study in docs/benchmarks.md."""
@@ -79,8 +77,8 @@ class FinetuneConfig:
         (soft, STR); None: hard with a target density, soft with a penalty.
     exclude_kinds : tuple of str
         Weight kinds the delta may not touch (``"radial"``, ``"embedding"``, ...).
-    optimizer : str or None
-        None: the method's default (``DEFAULT_OPTIMIZER``); ``"adamw"``; ``"factored_adam"``
+    optimizer : str
+        ``"adamw"`` (default); ``"factored_adam"``
         (second moments factored per irrep path,
         :class:`~ase_sparsecalc.finetune.optim.FactoredAdam`); ``"adafactor"`` (the same
         without a first moment); ``"tensorwise_adam"`` (one second moment per tensor,
@@ -115,7 +113,7 @@ class FinetuneConfig:
     settle_support: bool = False
     hard_threshold: bool | None = None
     exclude_kinds: tuple[str, ...] = ()
-    optimizer: str | None = None
+    optimizer: str = "adamw"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -136,8 +134,6 @@ class FinetuneConfig:
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         self.exclude_kinds = tuple(self.exclude_kinds)
-        if self.optimizer is None:
-            self.optimizer = DEFAULT_OPTIMIZER[self.method]
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if not 0.0 <= self.valid_fraction < 1.0:

@@ -197,8 +197,8 @@ def _zeros_like_base(base: dict[str, torch.Tensor], names: list[str]) -> torch.n
     return torch.nn.ParameterList([torch.nn.Parameter(torch.zeros_like(base[n])) for n in names])
 
 
-class SoftThresholdDelta(DeltaMethod):
-    """``sparse``: soft-threshold reparameterisation with learned per-tensor thresholds."""
+class ThresholdedDelta(DeltaMethod):
+    """``sparse``: a thresholded delta (hard by default, soft: STR) chosen while it trains."""
 
     name = "sparse"
 
@@ -223,15 +223,15 @@ class SoftThresholdDelta(DeltaMethod):
             t = thresholds[k]
             magnitude = u.abs()
             if self.options.hard_threshold:
-                soft = u * (magnitude > t)
+                value = u * (magnitude > t)
                 if self.options.learn_thresholds:  # the soft threshold's gradient for t only
                     shrink = torch.sign(u.detach()) * torch.relu(magnitude.detach() - t)
-                    soft = soft + (shrink - shrink.detach())
+                    value = value + (shrink - shrink.detach())
             else:
-                soft = torch.sign(u) * torch.relu(magnitude - t)
+                value = torch.sign(u) * torch.relu(magnitude - t)
             if self.options.straight_through and self.training and self._selecting:
-                soft = soft + self.options.ste_scale * (magnitude <= t) * (u - u.detach())
-            out[name] = self.scales[k] * soft
+                value = value + self.options.ste_scale * (magnitude <= t) * (u - u.detach())
+            out[name] = self.scales[k] * value
         return out
 
     @torch.no_grad()
@@ -432,7 +432,7 @@ def _path_blocks(info: WeightInfo) -> list[tuple[int, int]]:
 
 METHODS: dict[str, type[DeltaMethod]] = {
     cls.name: cls
-    for cls in (SoftThresholdDelta, L1PrunedDelta, MagnitudePrunedDelta, DenseDelta, LowRankPathDelta)
+    for cls in (ThresholdedDelta, L1PrunedDelta, MagnitudePrunedDelta, DenseDelta, LowRankPathDelta)
 }
 """Trainable delta methods by name; ``shift`` (energy shifts only) needs no training."""
 
