@@ -65,6 +65,19 @@ ABLATION = {
     "hard threshold, global (no shrinkage)": {"hard_threshold": True, "learn_thresholds": False},
     "hard threshold, learned per tensor": {"hard_threshold": True},
     "short dense warm-up, early pruning": {"prune_end_fraction": 0.3},
+    "lr x2": {"lr_scale": 2.0},
+    "lr x0.5": {"lr_scale": 0.5},
+    "long dense phase (20 %)": {"warmup_fraction": 0.2},
+    "late pruning end (80 %)": {"prune_end_fraction": 0.8},
+    "batch 4": {"batch_size": 4},
+    "batch 2": {"batch_size": 2},
+    "batch 1": {"batch_size": 1},
+    "full fine-tuning": {"method": "full"},
+    "full, lr x2": {"method": "full", "lr_scale": 2.0},
+    "full, lr x0.5": {"method": "full", "lr_scale": 0.5},
+    "full, batch 4": {"method": "full", "batch_size": 4},
+    "full, batch 2": {"method": "full", "batch_size": 2},
+    "full, batch 1": {"method": "full", "batch_size": 1},
     "gmp (magnitude pruning)": {"method": "gmp"},
     "l1 + one-shot pruning": {"method": "l1", "penalty": 1e-3},
 }
@@ -124,15 +137,18 @@ def run_one(args, dataset, n_train, label, options) -> dict:
             label = "sparse (STR)"
     lr = (args.lr or DEFAULT_LR[method]) * options.pop("lr_scale", 1.0)
     start = time.monotonic()
+    batch_size = options.pop("batch_size", args.batch_size)
     seed = f"_seed{args.seed}" if args.seed else ""
-    delta_path = RESULTS / "deltas" / f"{dataset}_{len(train)}_{label.replace(' ', '_')}{seed}.safetensors"
+    batch = f"_batch{batch_size}" if batch_size != 8 else ""
+    name = f"{dataset}_{len(train)}_{label.replace(' ', '_')}{batch}{seed}"
+    delta_path = RESULTS / "deltas" / f"{name}.safetensors"
     result = finetune_with_report(
         args.base,
         train,
         method=method,
         density=args.density,
         epochs=args.epochs,
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         lr=lr,
         penalty=options.pop("penalty", args.penalty),
         dtype=args.dtype,
@@ -226,7 +242,13 @@ def main() -> None:
     )
     parser.add_argument("--base", default="sevennet-0")
     parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="structures per step (default 8, as in the sections whose commands do not name it; "
+        "the library's default is 1)",
+    )
     parser.add_argument("--lr", type=float, help="default: each method's default learning rate")
     parser.add_argument("--density", type=float, default=0.03)
     parser.add_argument("--penalty", type=float, default=0.0)

@@ -26,8 +26,15 @@ def test_gpaw_text_output_gives_every_step_with_labels():
 
 def test_finetune_reads_gpaw_output_directly(mace_model_path, tmp_path):
     result = finetune_with_report(
-        mace_model_path, str(GPAW_LOG), valid=str(SI_DATA) + "@0:4", method="sparse", density=0.05,
-        epochs=2, batch_size=4, dtype="float64", output=tmp_path / "si.safetensors",
+        mace_model_path,
+        str(GPAW_LOG),
+        valid=str(SI_DATA) + "@0:4",
+        method="sparse",
+        density=0.05,
+        epochs=2,
+        batch_size=4,
+        dtype="float64",
+        output=tmp_path / "si.safetensors",
     )
     assert result.report["data"]["frames"] == 7
     assert result.report["data"]["with_stress"] == 7

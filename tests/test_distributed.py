@@ -44,9 +44,7 @@ def test_shard_losses_and_gradients_add_up_to_the_batch(mace_model_path, mixed_f
     def loss_and_grad(batch):
         if batch.is_empty:
             return 0.0, torch.zeros_like(trial[name])
-        out = backend.evaluate(
-            batch.graph, compute_stress=batch.has_stress, training=True, parameters=trial
-        )
+        out = backend.evaluate(batch.graph, compute_stress=batch.has_stress, training=True, parameters=trial)
         loss = batch_loss(out, batch, weights)
         (grad,) = torch.autograd.grad(loss, trial[name])
         return float(loss.detach()), grad

@@ -241,3 +241,13 @@ def test_threshold_keeps_the_scheduled_density_and_shrinks_only_when_soft(hard, 
 def test_penalty_form_defaults_to_the_soft_threshold():
     options = MethodOptions(density=None, penalty=1e-3)
     assert options.hard_threshold is False and options.learn_thresholds is True
+
+
+def test_config_records_what_the_automatic_threshold_choices_resolve_to():
+    """A delta's metadata (the config) says which threshold ran, not ``None``."""
+    by_density = FinetuneConfig(density=0.03)
+    assert (by_density.hard_threshold, by_density.learn_thresholds) == (True, False)
+    by_penalty = FinetuneConfig(density=None, penalty=1e-3)
+    assert (by_penalty.hard_threshold, by_penalty.learn_thresholds) == (False, True)
+    assert FinetuneConfig.from_dict(by_density.to_dict()) == by_density
+    assert FinetuneConfig(method="gmp").hard_threshold is None  # not a sparse option there

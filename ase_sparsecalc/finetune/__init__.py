@@ -149,6 +149,14 @@ def _finetune_in_session(
         train_frames, valid_frames = split_frames(train_frames, config.valid_fraction, config.seed)
     check_duplicates(train_frames + valid_frames)
 
+    if process.world_size > config.batch_size:
+        logger.warning(
+            "batch_size %d is smaller than the number of processes (%d): %d of them idle at every "
+            "step; raise batch_size to use them",
+            config.batch_size,
+            process.world_size,
+            process.world_size - config.batch_size,
+        )
     train_batches = make_batches(train_frames, backend, config.batch_size, seed=config.seed)
     valid_batches = make_batches(valid_frames, backend, config.batch_size) if valid_frames else []
     base_train = predict(backend, train_batches)
@@ -265,7 +273,8 @@ def _with_shifts(predictions: dict, frames: list[Frame], shifts: dict[str, float
 def trainable_infos(backend: Backend, config: FinetuneConfig) -> list[WeightInfo]:
     """The tensors a method may change: path weights (readouts optional); every parameter for ``full``."""
     infos = [
-        i for i in backend.weight_infos()
+        i
+        for i in backend.weight_infos()
         if (config.train_readouts or not i.is_readout) and i.kind not in config.exclude_kinds
     ]
     if config.method != "full":
