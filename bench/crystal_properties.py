@@ -89,13 +89,14 @@ def main() -> None:
         "--results", type=Path, help="finetune_accuracy JSON (default: results/finetune-<system>.json)"
     )
     parser.add_argument("--base", default="sevennet-0")
+    parser.add_argument("--section", help="results name and docs section (default: properties-<system>)")
     args = parser.parse_args()
+    section = args.section or f"properties-{args.system}"
 
     symbol, structure = STRUCTURE[args.system]
     reference = json.loads((ROOT / "examples" / "data" / f"{args.system}_pbesol_reference.json").read_text())
-    results = json.loads(
-        (args.results or Path(__file__).parent / "results" / f"finetune-{args.system}.json").read_text()
-    )
+    results_path = args.results or Path(__file__).parent / "results" / f"finetune-{args.system}.json"
+    results = json.loads(Path(results_path).read_text())
     eos_ref = reference["equation_of_state"]
     a_ref = eos_ref["lattice_constant_A"]
     rows, records = [], []
@@ -112,16 +113,16 @@ def main() -> None:
             {"method": row["method"], **eos, "phonons_THz": freqs, "time_s": time.monotonic() - start}
         )
         print(json.dumps(records[-1]), flush=True)
-    out = Path(__file__).parent / "results" / f"properties-{args.system}.json"
+    out = Path(__file__).parent / "results" / f"{section}.json"
     out.write_text(json.dumps({"reference": reference, "models": records}, indent=1))
     table = markdown_table(["model", "a0 (Å)", "B (GPa)", "ω_Γ optical (THz)", "ω_X (THz)"], rows)
     body = (
         f"### {symbol} ({structure}): physical properties against the same DFT\n\n"
         f"Command: `python {' '.join(sys.argv)}`  \nMachine: {machine_description()}; "
-        f"{time.strftime('%Y-%m-%d')}. Deltas from the `finetune-{args.system}` run above; phonons at "
+        f"{time.strftime('%Y-%m-%d')}. Deltas from the `{Path(results_path).stem}` run above; phonons at "
         "each model's own lattice constant (DFT: at the DFT one).\n\n" + table + "\n"
     )
-    update_section(f"properties-{args.system}", body)
+    update_section(section, body)
     print(body)
 
 
