@@ -23,7 +23,17 @@ TITLES = {
     "path": "By path l_in->l_out (n/a->l: symmetric contraction)",
     "element": "By element (shared = not element-specific)",
 }
-HEADER_HYPERPARAMETERS = ("density", "penalty", "rank", "epochs", "lr", "train_readouts", "seed")
+HEADER_HYPERPARAMETERS = (
+    "density",
+    "hard_threshold",
+    "penalty",
+    "rank",
+    "epochs",
+    "batch_size",
+    "lr",
+    "train_readouts",
+    "seed",
+)
 """Hyperparameters shown in the header (all of them are in the --json output)."""
 PLOT_TABLES = ("layer,l", "layer,element", "layer,kind")
 
