@@ -96,7 +96,7 @@ def main() -> None:
     symbol, structure = STRUCTURE[args.system]
     reference = json.loads((ROOT / "examples" / "data" / f"{args.system}_pbesol_reference.json").read_text())
     results_path = args.results or Path(__file__).parent / "results" / f"finetune-{args.system}.json"
-    results = json.loads(Path(results_path).read_text())
+    results = json.loads(results_path.read_text())
     eos_ref = reference["equation_of_state"]
     a_ref = eos_ref["lattice_constant_A"]
     rows, records = [], []
@@ -119,7 +119,7 @@ def main() -> None:
     body = (
         f"### {symbol} ({structure}): physical properties against the same DFT\n\n"
         f"Command: `python {' '.join(sys.argv)}`  \nMachine: {machine_description()}; "
-        f"{time.strftime('%Y-%m-%d')}. Deltas from the `{Path(results_path).stem}` run above; phonons at "
+        f"{time.strftime('%Y-%m-%d')}. Deltas from the `{results_path.stem}` run above; phonons at "
         "each model's own lattice constant (DFT: at the DFT one).\n\n" + table + "\n"
     )
     update_section(section, body)

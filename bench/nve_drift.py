@@ -132,7 +132,7 @@ def main() -> None:
 
 def write_markdown() -> None:
     """Add or replace this system's part of the "NVE energy conservation" section."""
-    systems = sorted(p for p in (ROOT / "bench" / "results").glob("nve-*.json"))
+    systems = sorted((ROOT / "bench" / "results").glob("nve-*.json"))
     parts = []
     for path in systems:
         data = json.loads(path.read_text())
