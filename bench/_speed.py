@@ -30,8 +30,16 @@ MACE_MEDIUM_SHAPE = {
 MACE_ELEMENTS = (1, 6, 8, 14)  # H, C, O (ethanol) and Si
 
 
-def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
-    """The options every speed benchmark takes: --device, --quick, --threads, --out."""
+def parse_args(
+    description: str,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+    require_device: bool = True,
+):
+    """The options every speed benchmark takes: --device, --quick, --threads, --out.
+
+    ``require_device=False`` accepts ``--device cuda`` on a machine without one (for scripts
+    that only format results measured elsewhere).
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default: cpu")
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke run)")
@@ -42,7 +50,7 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
     if extra is not None:
         extra(parser)
     args = parser.parse_args()
-    setup_torch(args.threads, args.device)
+    setup_torch(args.threads, args.device if require_device else "cpu")
     return args
 
 

@@ -4,12 +4,15 @@ Runs, in this order and with the same --device/--threads/--quick: speed_calculat
 speed_load.py, speed_finetune.py, speed_md.py, profile_calculator.py. Each writes
 bench/results/speed_<name>.json and .md; this script joins the markdown, adds the verdict on
 the speed targets (from the calculator ratios) and the machine, and replaces the section
-between ``<!-- speed:start -->`` and ``<!-- speed:end -->`` of docs/benchmarks.md.
+between ``<!-- speed:start -->`` and ``<!-- speed:end -->`` of docs/benchmarks.md (on CUDA the
+section ``speed-gpu``; ``--no-run --docs`` formats results measured on another machine). A
+``NOTES.md`` in the results folder (the reading of the numbers, written by hand) is placed
+after the section's header.
 
 Examples
 --------
 python bench/speed_all.py --docs                  # CPU, about 30 min on a 2-core machine
-python bench/speed_all.py --device cuda --docs    # on a GPU machine
+python bench/speed_all.py --device cuda --out bench/results/gpu --docs   # on a GPU machine
 python bench/speed_all.py --quick                 # smoke run, docs untouched
 """
 
@@ -47,6 +50,14 @@ def _extra(parser) -> None:
         "--section",
         help="docs/benchmarks.md section to write (default: speed on the CPU, speed-gpu on CUDA)",
     )
+
+
+def _portable(path: Path) -> str:
+    """``path`` relative to the checkout when it lies inside it."""
+    try:
+        return str(path.resolve().relative_to(BENCH.parent))
+    except ValueError:
+        return str(path)
 
 
 def _pair(res: dict, a: str, b: str) -> dict | None:
@@ -125,7 +136,7 @@ def targets(calculator: dict) -> tuple[str, list[str]]:
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], _extra)
+    args = parse_args(__doc__.splitlines()[0], _extra, require_device="--no-run" not in sys.argv)
     flags = ["--device", args.device, "--threads", str(args.threads)]
     if args.out.resolve() != RESULTS.resolve():
         flags += ["--out", str(args.out)]
@@ -147,6 +158,7 @@ def main() -> None:
     command = (
         f"python bench/speed_all.py --device {args.device} --threads {args.threads}"
         + (" --quick" if args.quick else "")
+        + ("" if args.out.resolve() == RESULTS.resolve() else f" --out {_portable(args.out)}")
         + " --docs"
     )
     on_gpu = args.device == "cuda"
@@ -174,6 +186,7 @@ def main() -> None:
             else "."
         ),
         "",
+        *([(args.out / "NOTES.md").read_text().strip(), ""] if (args.out / "NOTES.md").exists() else []),
         "### Targets",
         "",
         *[f"- {v}" for v in verdicts],
@@ -207,7 +220,7 @@ def main() -> None:
         "Per-script commands: `python bench/<script>.py --device cpu|cuda [--quick]` for "
         + ", ".join(f"`{s}`" for s in SCRIPTS)
         + " (and `speed_compile.py --model small|medium`, not part of the driver because compiling "
-        "takes many minutes on a CPU); each writes `bench/results/speed_<name>.json` and `.md`."
+        f"takes many minutes on a CPU); each writes `{_portable(args.out)}/speed_<name>.json` and `.md`."
     )
     section = args.section or ("speed-gpu" if on_gpu else "speed")
     update_section(section, "\n".join(parts))
