@@ -251,3 +251,32 @@ def test_config_records_what_the_automatic_threshold_choices_resolve_to():
     assert (by_penalty.hard_threshold, by_penalty.learn_thresholds) == (False, True)
     assert FinetuneConfig.from_dict(by_density.to_dict()) == by_density
     assert FinetuneConfig(method="gmp").hard_threshold is None  # not a sparse option there
+
+
+def test_best_epoch_comes_from_the_second_half_and_few_validation_frames_are_flagged(
+    mace_model_path, frames, caplog
+):
+    """An early epoch never wins on a small validation set; the user is told the set is small."""
+    with caplog.at_level("WARNING", logger="ase_sparsecalc.finetune"):
+        result = finetune_with_report(mace_model_path, frames[:8], frames[8:10], method="full", **FAST)
+    history = result.report["history"]
+    best = result.report["training"]["best_epoch"]
+    assert best >= FAST["epochs"] // 2
+    second_half = [h["valid_loss"] for h in history[FAST["epochs"] // 2 - 1 :]]
+    assert history[best - 1]["valid_loss"] == min(second_half)
+    assert any("only 2 validation frame(s)" in r.getMessage() for r in caplog.records)
+
+
+def test_only_later_epochs_compete_for_the_best(mace_model_path, frames):
+    backend = load_backend(mace_model_path, dtype="float64")
+    batches = make_batches(frames[:4], backend, 4, seed=0)
+    full_config = FinetuneConfig(method="full", **FAST)
+    infos = trainable_infos(backend, full_config)
+    params = dict(backend.model.named_parameters())
+    full = METHODS["full"](infos, {i.name: params[i.name] for i in infos}, MethodOptions())
+    trainer = Trainer(backend, full, batches, [], full_config)
+    assert [trainer._eligible_for_best(e) for e in range(1, 7)] == [False, False, True, True, True, True]
+    sparse_config = FinetuneConfig(density=0.05, **FAST)  # density reached at 0.6 of the epochs
+    sparse = _sparse_method(backend, MethodOptions(density=0.05))
+    trainer = Trainer(backend, sparse, batches, [], sparse_config)
+    assert [trainer._eligible_for_best(e) for e in range(1, 7)] == [False, False, False, True, True, True]

@@ -39,6 +39,9 @@ from .trainer import CHECKPOINT_NAME, Trainer
 
 logger = logging.getLogger(__name__)
 
+FEW_VALID_FRAMES = 10
+"""Below this many validation frames a warning says that epoch selection rests on few frames."""
+
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "read_frames"]
 
 FrameSource = str | Path | Atoms | Sequence[str | Path | Atoms] | Sequence[Frame]
@@ -148,6 +151,12 @@ def _finetune_in_session(
     if valid_frames is None:
         train_frames, valid_frames = split_frames(train_frames, config.valid_fraction, config.seed)
     check_duplicates(train_frames + valid_frames)
+    if 0 < len(valid_frames) < FEW_VALID_FRAMES:
+        logger.warning(
+            "only %d validation frame(s): the best epoch (restored at the end) and early stopping "
+            "are chosen on them; pass more (valid=... or a larger valid_fraction) where you can",
+            len(valid_frames),
+        )
 
     if process.world_size > config.batch_size:
         logger.warning(
