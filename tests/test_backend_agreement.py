@@ -60,7 +60,7 @@ def test_sevennet_agrees_with_sevenn_pipeline_float64(structure, request):
         data[key] = data[key].to(torch.float64)
     data[KEY.EDGE_VEC].requires_grad_(True)
     out = backend.model(data)
-    assert ours.get_potential_energy() == pytest.approx(float(out[KEY.PRED_TOTAL_ENERGY]), abs=1e-6)
+    assert ours.get_potential_energy() == pytest.approx(float(out[KEY.PRED_TOTAL_ENERGY].detach()), abs=1e-6)
     np.testing.assert_allclose(ours.get_forces(), out[KEY.PRED_FORCE].detach().numpy(), atol=1e-5)
     if atoms.pbc.all():
         ref_stress = -out[KEY.PRED_STRESS].detach().numpy()[[0, 1, 2, 4, 5, 3]]
