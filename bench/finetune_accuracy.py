@@ -81,6 +81,7 @@ ABLATION = {
     "full, batch 4": {"method": "full", "batch_size": 4},
     "full, batch 2": {"method": "full", "batch_size": 2},
     "full, batch 1": {"method": "full", "batch_size": 1},
+    "full, batch 1, lr x0.5": {"method": "full", "batch_size": 1, "lr_scale": 0.5},
     "gmp (magnitude pruning)": {"method": "gmp"},
     "l1 + one-shot pruning": {"method": "l1", "penalty": 1e-3},
 }
