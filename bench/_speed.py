@@ -116,7 +116,7 @@ def mace_medium_model_file(directory: Path | None = None) -> Path:
     return path
 
 
-def _portable(arg: str) -> str:
+def portable(arg: str) -> str:
     """A command-line argument with this checkout's absolute path made relative."""
     root = str(Path(__file__).parents[1]) + "/"
     return arg.replace(root, "")
@@ -130,7 +130,7 @@ def write_results(name: str, args: argparse.Namespace, results: dict, tables: li
 
     header = {
         "benchmark": name,
-        "command": "python " + " ".join(_portable(a) for a in sys.argv),
+        "command": "python " + " ".join(portable(a) for a in sys.argv),
         "machine": machine_description(),
         "device": args.device,
         "threads": torch.get_num_threads(),
@@ -154,6 +154,7 @@ __all__ = [
     "markdown_table",
     "median",
     "parse_args",
+    "portable",
     "sync",
     "timed",
     "wall_timed",

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _markdown import machine_description, markdown_table, update_section
-from _speed import RESULTS, median, parse_args
+from _speed import RESULTS, median, parse_args, portable
 
 BENCH = Path(__file__).parent
 SCRIPTS = ["speed_calculator", "speed_load", "speed_finetune", "speed_md", "profile_calculator"]
@@ -50,14 +50,6 @@ def _extra(parser) -> None:
         "--section",
         help="docs/benchmarks.md section to write (default: speed on the CPU, speed-gpu on CUDA)",
     )
-
-
-def _portable(path: Path) -> str:
-    """``path`` relative to the checkout when it lies inside it."""
-    try:
-        return str(path.resolve().relative_to(BENCH.parent))
-    except ValueError:
-        return str(path)
 
 
 def _pair(res: dict, a: str, b: str) -> dict | None:
@@ -158,7 +150,7 @@ def main() -> None:
     command = (
         f"python bench/speed_all.py --device {args.device} --threads {args.threads}"
         + (" --quick" if args.quick else "")
-        + ("" if args.out.resolve() == RESULTS.resolve() else f" --out {_portable(args.out)}")
+        + ("" if args.out.resolve() == RESULTS.resolve() else f" --out {portable(str(args.out))}")
         + " --docs"
     )
     on_gpu = args.device == "cuda"
@@ -220,7 +212,7 @@ def main() -> None:
         "Per-script commands: `python bench/<script>.py --device cpu|cuda [--quick]` for "
         + ", ".join(f"`{s}`" for s in SCRIPTS)
         + " (and `speed_compile.py --model small|medium`, not part of the driver because compiling "
-        f"takes many minutes on a CPU); each writes `{_portable(args.out)}/speed_<name>.json` and `.md`."
+        f"takes many minutes on a CPU); each writes `{portable(str(args.out))}/speed_<name>.json` and `.md`."
     )
     section = args.section or ("speed-gpu" if on_gpu else "speed")
     update_section(section, "\n".join(parts))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from ase import Atoms
 
 from ase_sparsecalc import SparseCalc
@@ -15,13 +16,19 @@ from ase_sparsecalc.errors import (
 )
 from ase_sparsecalc.testing import random_rotation, random_sparse_delta
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _calc_with_delta(base: str, device: str = "cpu") -> SparseCalc:
+    """float64 calculator on ``device`` with a random non-zero sparse delta applied."""
+    calc = SparseCalc(base, default_dtype="float64", device=device)
+    calc.set_delta(random_sparse_delta(calc.backend, density=0.03, relative_scale=0.3, seed=7))
+    return calc
+
 
 @pytest.fixture
 def calc(base_for, backend_kind) -> SparseCalc:
-    """float64 calculator with a random non-zero sparse delta applied."""
-    calc = SparseCalc(base_for(backend_kind), default_dtype="float64")
-    calc.set_delta(random_sparse_delta(calc.backend, density=0.03, relative_scale=0.3, seed=7))
-    return calc
+    return _calc_with_delta(base_for(backend_kind))
 
 
 def _evaluate(calc, atoms):
@@ -33,8 +40,10 @@ def _evaluate(calc, atoms):
     return out
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("structure", ["ethanol", "silicon"])
-def test_rotation_and_translation_equivariance(calc, structure, request):
+def test_rotation_and_translation_equivariance(base_for, backend_kind, device, structure, request):
+    calc = _calc_with_delta(base_for(backend_kind), device)
     atoms = request.getfixturevalue(structure)
     ref = _evaluate(calc, atoms)
     R = random_rotation(seed=11)

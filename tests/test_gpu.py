@@ -1,5 +1,7 @@
 """CUDA against CPU: the same base and delta give the same physics on both devices.
 
+(Rotation equivariance on CUDA is a case of ``tests/test_calculator.py``.)
+
 Skipped where torch sees no CUDA device (CI has none); run on a GPU machine with
 ``python -m pytest -q tests/test_gpu.py``.
 """
@@ -14,7 +16,7 @@ import torch
 
 from ase_sparsecalc import SparseCalc, SparseDelta
 from ase_sparsecalc.finetune import finetune_with_report, read_frames
-from ase_sparsecalc.testing import random_rotation, random_sparse_delta
+from ase_sparsecalc.testing import random_sparse_delta
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -49,28 +51,6 @@ def test_cuda_float32_stays_close_to_float64(base_for, backend_kind, silicon):
     assert fast["energy"] == pytest.approx(ref["energy"], abs=1e-3 * len(silicon))
     np.testing.assert_allclose(fast["forces"], ref["forces"], atol=2e-3)
     np.testing.assert_allclose(fast["stress"], ref["stress"], atol=2e-4)
-
-
-def test_cuda_rotation_equivariance_with_a_delta(base_for, backend_kind, silicon):
-    calc = SparseCalc(base_for(backend_kind), device="cuda", default_dtype="float64")
-    calc.set_delta(random_sparse_delta(calc.backend, density=0.03, relative_scale=0.3, seed=4))
-    before = _results(calc, silicon)
-    R = random_rotation(7)
-    rotated = silicon.copy()
-    rotated.set_cell(silicon.cell.array @ R.T, scale_atoms=False)
-    rotated.positions = silicon.positions @ R.T
-    after = _results(calc, rotated)
-    assert after["energy"] == pytest.approx(before["energy"], abs=1e-8)
-    np.testing.assert_allclose(after["forces"], before["forces"] @ R.T, atol=1e-8)
-    voigt = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]
-
-    def full(s):
-        m = np.zeros((3, 3))
-        for k, (i, j) in enumerate(voigt):
-            m[i, j] = m[j, i] = s[k]
-        return m
-
-    np.testing.assert_allclose(full(after["stress"]), R @ full(before["stress"]) @ R.T, atol=1e-9)
 
 
 def test_cuda_batch_evaluate_matches_single_calls(base_for, backend_kind, ethanol, silicon):
