@@ -202,8 +202,10 @@ def main() -> None:
         if md.exists():
             parts += [f"### {TITLES[name]}", "", md.read_text().strip(), ""]
     for md in sorted(args.out.glob("speed_compile_*.md")):
+        model, _, size = md.stem.removeprefix("speed_compile_").partition("_")  # "medium", "si512"
+        atoms = f", {size.replace('si', 'Si ')} atoms" if size else ""
         parts += [
-            f"### torch.compile ({md.stem.removeprefix('speed_compile_')} MACE model)",
+            f"### torch.compile ({model} MACE model{atoms})",
             "",
             md.read_text().strip(),
             "",

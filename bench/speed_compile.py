@@ -1,9 +1,13 @@
-"""``SparseCalc(..., compile_mode=...)`` against the eager e3nn MACE model: compile cost and per-call time.
+"""``SparseCalc(compile_mode=...)`` against eager SparseCalc and MACECalculator: compile cost, time per call.
 
-One process, one MACE model, 64-atom Si (new displacements every call, so the number of edges
-changes), energy + forces + stress, float64. Reports the time of the first compiled call
-(compilation included), the median of the following calls, the eager median, and the largest
-force difference between the two. The compiled model is built with MACE's own recipe
+One process, one MACE model, a diamond Si supercell (64 atoms by default; new displacements
+every round, so the number of edges changes), energy + forces + stress through the ASE
+interface, float64. Three calculators, timed round-robin in an order that rotates every round:
+``compiled`` (SparseCalc with ``compile_mode``), ``eager`` (SparseCalc) and ``own``
+(``MACECalculator`` on the same model file, its defaults: eager), all with the same 3 % delta
+except ``own``, which runs the bare file (same cost per call). Reports the first compiled call
+(compilation included), medians of the following rounds, paired ratios and the largest force
+difference between compiled and eager. The compiled model is built with MACE's own recipe
 (``mace.tools.compile.prepare``, ``torch.compile(fullgraph=True, dynamic=True)``).
 
 The first call is timed with an empty inductor cache (unless ``--warm-cache``), in wall-clock
@@ -17,6 +21,7 @@ Examples
 --------
 python bench/speed_compile.py --model small
 python bench/speed_compile.py --model medium --device cuda
+python bench/speed_compile.py --model medium --device cuda --supercell 4   # 512 atoms
 """
 
 from __future__ import annotations
@@ -30,11 +35,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _speed import mace_medium_model_file, markdown_table, median, parse_args, wall_timed, write_results
+from speed_calculator import call, own_calculator
 
 
 def _extra(parser) -> None:
     parser.add_argument("--model", default="small", choices=["small", "medium"])
-    parser.add_argument("--calls", type=int, default=6, help="timed calls after the first (default 6)")
+    parser.add_argument("--calls", type=int, default=6, help="timed rounds after the first (default 6)")
+    parser.add_argument(
+        "--supercell", type=int, default=2, help="n x n x n cubic diamond cells: 8 n^3 atoms (default 2: 64)"
+    )
+    parser.add_argument("--no-own", action="store_true", help="leave MACECalculator out")
     parser.add_argument("--mode", default="default", help="torch.compile mode (default: default)")
     parser.add_argument(
         "--warm-cache", action="store_true", help="reuse torch's inductor cache (default: start empty)"
@@ -60,62 +70,84 @@ def main() -> None:
     delta = random_sparse_delta(eager.backend, density=0.03, seed=0)
     eager.set_delta(delta)
     compiled.set_delta(delta)  # applied after compiling: the compiled copy must follow it
-    base = bulk("Si", "diamond", a=5.43, cubic=True).repeat((2, 2, 2))
+    calcs = {"compiled": compiled, "eager": eager}
+    if not args.no_own:
+        calcs["own"] = own_calculator("mace", "float64", args.device, path)
+    base = bulk("Si", "diamond", a=5.43, cubic=True).repeat((args.supercell,) * 3)
     rng = np.random.default_rng(0)
-    structures = []
-    for _ in range(args.calls + 2):
-        atoms = base.copy()
-        atoms.positions += rng.normal(0.0, 0.05, atoms.positions.shape)
-        structures.append(atoms)
-    props = ("energy", "forces", "stress")
 
-    def clock(calc, atoms):
-        wall, cpu, out = wall_timed(lambda: calc.batch_evaluate([atoms], props)[0], args.device)
+    def clock(calc, positions):
+        atoms = base.copy()
+        atoms.positions = positions
+        wall, cpu, out = wall_timed(lambda: call(calc, atoms, periodic=True), args.device)
         return (wall if args.device == "cuda" else cpu), wall, out
 
-    first_compiled, first_wall, _ = clock(compiled, structures[0])
-    clock(eager, structures[0])
-    eager_times, compiled_times, diffs = [], [], []
-    for atoms in structures[1:]:
-        t_e, _, out_e = clock(eager, atoms)
-        t_c, _, out_c = clock(compiled, atoms)
-        eager_times.append(t_e)
-        compiled_times.append(t_c)
-        diffs.append(float(np.abs(out_e["forces"] - out_c["forces"]).max()))
+    start = base.positions + rng.normal(0.0, 0.05, base.positions.shape)
+    first_compiled, first_wall, _ = clock(compiled, start)
+    for name in calcs:
+        if name != "compiled":
+            clock(calcs[name], start)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in calcs}
+    diffs = []
+    for r in range(args.calls):
+        positions = base.positions + rng.normal(0.0, 0.05, base.positions.shape)
+        names = list(calcs)
+        outputs = {}
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t, _, outputs[name] = clock(calcs[name], positions)
+            times[name].append(t)
+        diffs.append(float(np.abs(outputs["eager"]["forces"] - outputs["compiled"]["forces"]).max()))
+    ms = {name: 1e3 * median(t) for name, t in times.items()}
+    ratios = {
+        f"{a}/{b}": median([x / y for x, y in zip(times[a], times[b], strict=True)])
+        for a, b in (("compiled", "eager"), ("compiled", "own"), ("eager", "own"))
+        if b in times
+    }
     result = {
         "model": args.model,
         "mode": args.mode,
+        "atoms": len(base),
         "first_compiled_call_s": first_compiled,
         "first_compiled_call_wall_s": first_wall,
-        "eager_ms": 1e3 * median(eager_times),
-        "compiled_ms": 1e3 * median(compiled_times),
-        "speedup": median(eager_times) / median(compiled_times),
+        "ms": ms,
+        "ratios": ratios,
+        "eager_ms": ms["eager"],
+        "compiled_ms": ms["compiled"],
+        "speedup": 1.0 / ratios["compiled/eager"],
         "max_force_difference": max(diffs),
     }
     print(result)
     table = markdown_table(
         [
             "model",
+            "atoms",
             "mode",
             "first call: CPU s / wall s (compiles)",
             "eager ms",
             "compiled ms",
-            "eager/compiled",
+            "MACECalculator ms",
+            "compiled / eager",
+            "compiled / MACECalculator",
             "max abs ΔF (eV/Å)",
         ],
         [
             [
                 args.model,
+                len(base),
                 args.mode,
                 f"{first_compiled:.0f} / {first_wall:.0f}",
-                result["eager_ms"],
-                result["compiled_ms"],
-                result["speedup"],
+                ms["eager"],
+                ms["compiled"],
+                ms.get("own", "–"),
+                ratios["compiled/eager"],
+                ratios.get("compiled/own", "–"),
                 result["max_force_difference"],
             ]
         ],
     )
-    write_results(f"compile_{args.model}", args, result, [("torch.compile, MACE, Si 64, float64", table)])
+    suffix = "" if args.supercell == 2 else f"_si{len(base)}"
+    title = f"torch.compile, MACE, Si {len(base)}, float64"
+    write_results(f"compile_{args.model}{suffix}", args, result, [(title, table)])
     print(table)
 
 
