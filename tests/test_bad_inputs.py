@@ -42,7 +42,7 @@ from ase_sparsecalc.errors import (
     UnknownElementError,
 )
 from ase_sparsecalc.finetune import FinetuneConfig, finetune, read_frames
-from ase_sparsecalc.finetune.data import frame_from_atoms
+from ase_sparsecalc.finetune.data import Frame, frame_from_atoms
 from ase_sparsecalc.graph import build_graph
 from ase_sparsecalc.testing import random_sparse_delta
 
@@ -306,6 +306,19 @@ def test_malformed_labels(tmp_path):
         frame_from_atoms(atoms, "w.xyz:frame 0", forces_key="forces")
     with pytest.raises(StructureError, match=r"w\.xyz:frame 4: the frame has no atoms"):
         frame_from_atoms(labelled(Atoms()), "w.xyz:frame 4")
+
+
+def test_hand_built_frames_get_the_same_label_checks():
+    si = bulk("Si", "diamond", a=5.43)
+    voigt = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    frame = Frame(si, -10.0, np.zeros((2, 3)), voigt, "mine:0")
+    assert frame.stress.shape == (3, 3)
+    np.testing.assert_array_equal(frame.stress, frame.stress.T)
+    assert (frame.stress[1, 2], frame.stress[0, 2], frame.stress[0, 1]) == (4.0, 5.0, 6.0)
+    with pytest.raises(MissingLabelError, match=r"mine:1: forces have shape \(3, 3\) for 2 atoms"):
+        Frame(si, -10.0, np.zeros((3, 3)), None, "mine:1")
+    with pytest.raises(MissingLabelError, match=r"mine:2: stress has shape \(4,\)"):
+        Frame(si, -10.0, np.zeros((2, 3)), np.zeros(4), "mine:2")
 
 
 def test_empty_and_unreadable_trajectories(tmp_path):

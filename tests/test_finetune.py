@@ -135,6 +135,33 @@ def test_factored_optimizers_fine_tune_with_less_state(optimizer, mace_model_pat
     assert state < (0.6 if optimizer == "factored_adam" else 0.2) * adam_state
 
 
+def test_molecules_and_crystals_train_together(mace_model_path, frames):
+    """One training set of molecules (no cell, no stress) and crystals (with stress), in mixed batches."""
+    from ase.build import bulk
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    teacher = SparseCalc(mace_model_path, default_dtype="float64")
+    rng = np.random.default_rng(5)
+    crystals = []
+    for i in range(8):
+        si = bulk("Si", "diamond", a=5.40 + 0.02 * i, cubic=True)
+        si.positions += rng.normal(0.0, 0.05, si.positions.shape)
+        si.calc = teacher
+        labels = {"energy": si.get_potential_energy(), "forces": si.get_forces(), "stress": si.get_stress()}
+        si.calc = SinglePointCalculator(si, **labels)
+        crystals.append(si)
+    molecules = []
+    for f in frames[:8]:
+        atoms = f.atoms.copy()
+        atoms.calc = SinglePointCalculator(atoms, energy=f.energy, forces=f.forces)
+        molecules.append(atoms)
+    mixed = [a for pair in zip(molecules, crystals, strict=True) for a in pair]
+    result = finetune_with_report(mace_model_path, mixed, **{**FAST, "epochs": 2, "valid_fraction": 0.25})
+    after = result.report["after"]["train"]
+    assert np.isfinite(after["forces_mae"]) and "stress_mae" in after
+    assert 0.0 < result.delta.density <= 0.03 + 1e-6
+
+
 def test_shift_only_baseline(mace_model_path, dft_frames):
     frames = dft_frames
     result = finetune_with_report(mace_model_path, frames[:12], frames[12:], method="shift", dtype="float64")

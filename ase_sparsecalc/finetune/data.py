@@ -40,8 +40,12 @@ class Frame:
         Total (free) energy, eV.
     forces : (n_atoms, 3) array, eV/Å, or None
     stress : (3, 3) array, eV/Å³ (ASE sign: positive under tension), or None
+        A 6-vector in ASE's Voigt order (xx, yy, zz, yz, xz, xy) is turned into the matrix.
     source : str
         ``"file:index"``, used in error messages.
+
+    Frames built by hand get the same shape checks as those read from files
+    (:class:`~ase_sparsecalc.errors.MissingLabelError` names the frame's ``source``).
     """
 
     atoms: Atoms
@@ -49,6 +53,18 @@ class Frame:
     forces: np.ndarray | None
     stress: np.ndarray | None
     source: str
+
+    def __post_init__(self) -> None:
+        """Labels as float arrays of the documented shapes."""
+        if self.forces is not None:
+            self.forces = np.asarray(self.forces, dtype=float)
+            if self.forces.shape != (len(self.atoms), 3):
+                raise MissingLabelError(
+                    f"{self.source}: forces have shape {self.forces.shape} for {len(self.atoms)} atoms; "
+                    f"expected ({len(self.atoms)}, 3)"
+                )
+        if self.stress is not None:
+            self.stress = _stress_matrix(np.asarray(self.stress, dtype=float), self.source)
 
     @property
     def n_atoms(self) -> int:
