@@ -76,6 +76,8 @@ ABLATION = {
     "batch 1, lr x2": {"batch_size": 1, "lr_scale": 2.0},
     "batch 1, late pruning end (80 %)": {"batch_size": 1, "prune_end_fraction": 0.8},
     "batch 1, factored Adam": {"batch_size": 1, "optimizer": "factored_adam"},
+    "batch 1, masked decay 1": {"batch_size": 1, "masked_decay": 1.0},
+    "batch 1, masked decay 10": {"batch_size": 1, "masked_decay": 10.0},
     "full fine-tuning": {"method": "full"},
     "full, lr x2": {"method": "full", "lr_scale": 2.0},
     "full, lr x0.5": {"method": "full", "lr_scale": 0.5},

@@ -265,6 +265,32 @@ def test_threshold_keeps_the_scheduled_density_and_shrinks_only_when_soft(hard, 
     assert learned == options.learn_thresholds
 
 
+def test_masked_decay_keeps_the_threshold_from_drifting_up(mace_model_path):
+    """Under pure gradient noise the entries below threshold random-walk and drag the threshold
+    up with the number of steps; the decay of masked entries holds it at a fixed level, and it
+    leaves the entries above threshold alone."""
+    backend = load_backend(mace_model_path, dtype="float64")
+    taus = {}
+    for decay in (0.0, 1.0):
+        options = MethodOptions(density=0.05, warmup_fraction=0.0, prune_end_fraction=0.0, masked_decay=decay)
+        method = _sparse_method(backend, options)
+        optimizer = torch.optim.Adam(method.u, lr=1e-2)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(400):
+            method.update_schedule(1.0)
+            for u in method.u:
+                u.grad = torch.randn(u.shape, generator=generator, dtype=u.dtype)
+            optimizer.step()
+            after_adam = [u.detach().clone() for u in method.u]
+            method.after_step(1e-2)
+        for u, before in zip(method.u, after_adam, strict=True):
+            kept = before.abs() > method.tau
+            torch.testing.assert_close(u.detach()[kept], before[kept])  # kept entries: untouched
+            assert (u.detach()[~kept].abs() < before[~kept].abs()).all() or decay == 0.0
+        taus[decay] = float(method.tau)
+    assert taus[1.0] < 0.5 * taus[0.0]
+
+
 def test_penalty_form_defaults_to_the_soft_threshold():
     options = MethodOptions(density=None, penalty=1e-3)
     assert options.hard_threshold is False and options.learn_thresholds is True

@@ -319,6 +319,7 @@ def _make_method(backend: Backend, infos: list[WeightInfo], config: FinetuneConf
         ste_scale=config.ste_scale,
         settle_support=config.settle_support,
         hard_threshold=config.hard_threshold,
+        masked_decay=config.masked_decay,
     )
     params = dict(backend.model.named_parameters())
     method = METHODS[config.method](infos, {i.name: params[i.name] for i in infos}, options)

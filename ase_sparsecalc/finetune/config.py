@@ -81,6 +81,10 @@ class FinetuneConfig:
         (soft, STR); None: hard with a target density, soft with a penalty. ``sparse`` configs
         hold the resolved choice (and that of ``learn_thresholds``), so a delta's metadata says
         exactly what ran.
+    masked_decay : float
+        ``sparse``: decoupled decay (per unit learning rate) of the entries below threshold,
+        which keeps their straight-through drift from raising the threshold over long runs
+        (:class:`~ase_sparsecalc.finetune.methods.MethodOptions`).
     exclude_kinds : tuple of str
         Weight kinds the delta may not touch (``"radial"``, ``"embedding"``, ...).
     optimizer : str
@@ -118,6 +122,7 @@ class FinetuneConfig:
     ste_scale: float = 1.0
     settle_support: bool = False
     hard_threshold: bool | None = None
+    masked_decay: float = 0.0
     exclude_kinds: tuple[str, ...] = ()
     optimizer: str = "adamw"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -152,7 +157,8 @@ class FinetuneConfig:
             self.learn_thresholds = resolved.learn_thresholds
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ConfigError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
-        for name in ("energy_weight", "forces_weight", "stress_weight", "weight_decay", "penalty"):
+        weights = ("energy_weight", "forces_weight", "stress_weight")
+        for name in (*weights, "weight_decay", "penalty", "masked_decay"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_fraction <= self.prune_end_fraction <= 1:

@@ -67,6 +67,12 @@ class MethodOptions:
     settle_support : bool
         Stop the straight-through gradient once the target density is reached, so the support
         settles and only the chosen entries keep training (``sparse``).
+    masked_decay : float
+        Decoupled decay of the entries below threshold (``sparse`` with straight-through): after
+        every step they shrink by the factor ``1 - lr * masked_decay``. The loss does not depend
+        on them, so nothing else pulls them back; without decay their values drift like a random
+        walk, and the threshold, set by the largest values, rises with the number of steps
+        (SR-STE, Zhou et al. 2021, adds the same decay for the same reason).
     hard_threshold : bool or None
         Keep the full value of entries above threshold, ``Δ = c u [|u| > t]`` (``sparse``),
         instead of shrinking them by the threshold (soft, STR). Learned thresholds then receive
@@ -85,6 +91,7 @@ class MethodOptions:
     ste_scale: float = 1.0
     settle_support: bool = False
     hard_threshold: bool | None = None
+    masked_decay: float = 0.0
 
     def __post_init__(self) -> None:
         """Resolve the automatic choices (None) of ``hard_threshold`` and ``learn_thresholds``."""
@@ -146,6 +153,9 @@ class DeltaMethod(torch.nn.Module):
 
     def update_schedule(self, progress: float) -> None:
         """Called before every training step with the fraction of training done."""
+
+    def after_step(self, lr: float) -> None:
+        """Called after every optimizer step with the learning rate that step used."""
 
     def finalize(self) -> None:
         """Called once after training, before export (e.g. to settle the final density)."""
@@ -242,6 +252,16 @@ class ThresholdedDelta(DeltaMethod):
         target = density_schedule(progress, opts.density, opts.warmup_fraction, opts.prune_end_fraction)
         self.tau.fill_(self._tau_for_density(target))
         self._selecting = not opts.settle_support or progress < opts.prune_end_fraction
+
+    @torch.no_grad()
+    def after_step(self, lr):
+        decay = self.options.masked_decay
+        if decay <= 0 or not (self.options.straight_through and self._selecting and bool(self.tau > 0)):
+            return
+        thresholds = self.tau * self.log_threshold.exp()
+        factor = max(0.0, 1.0 - lr * decay)
+        for u, t in zip(self.u, thresholds, strict=True):
+            u.mul_(torch.where(u.abs() <= t, factor, 1.0))
 
     @torch.no_grad()
     def _tau_for_density(self, target: float) -> float:

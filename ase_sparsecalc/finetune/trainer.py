@@ -215,6 +215,7 @@ class Trainer:
         if self.process.distributed:
             value = distributed.all_reduce_gradients(self._optimized_parameters(), value)
         self.optimizer.step()
+        self.method.after_step(self.optimizer.param_groups[0]["lr"])
         self.scheduler.step()
         self.state.step += 1
         return value
