@@ -401,6 +401,7 @@ def test_checkpoint_error_still_importable_from_trainer():
         ({"forces_weight": -1.0}, "forces_weight"),
         ({"method": "magic"}, "method must be one of"),
         ({"optimizer": "sgd"}, "optimizer must be one of adamw, factored_adam"),
+        ({"masked_decay": -0.5}, "masked_decay must be >= 0"),
     ],
 )
 def test_bad_finetune_options(options, problem):
