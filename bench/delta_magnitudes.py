@@ -80,8 +80,9 @@ def main() -> None:
     header = ["delta", "method", "optimizer steps", "density", "min", "median", "p90", "max"]
     command = "python " + shlex.join(portable(a) for a in sys.argv)
     body = (
-        "### Size of the changed entries, |Δ| / rms(W0)\n\n"
-        f"Command: `{command}`  \nMachine: {machine_description()}; {time.strftime('%Y-%m-%d')}.\n\n"
+        "### Size of the changed entries against the number of steps\n\n"
+        f"Command: `{command}`  \nMachine: {machine_description()}; {time.strftime('%Y-%m-%d')}. "
+        "Columns min to max: |Δ| / rms(W0) over the non-zero entries, W0 the base tensor of each.\n\n"
         f"{markdown_table(header, rows)}\n" + (f"\n{args.note}\n" if args.note else "")
     )
     with open(RESULTS / ".write.lock", "w") as lock:  # the accuracy benchmark writes the same file
