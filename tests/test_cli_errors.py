@@ -166,6 +166,19 @@ CASES = {
         ],
         ["density", "(0, 1]"],
     ),
+    "finetune_negative_masked_decay": (
+        [
+            "finetune",
+            "{good_extxyz}",
+            "-o",
+            "{dir}/out5.safetensors",
+            "--base",
+            "{model}",
+            "--masked-decay",
+            "-1",
+        ],
+        ["masked_decay", ">= 0"],
+    ),
     "md_missing_structure": (["md", "{dir}/absent.cif", "--base", "{model}"], ["absent.cif", "no such file"]),
     "md_npt_without_cell": (
         ["md", "{molecule_xyz}", "--base", "{model}", "--ensemble", "npt", "--steps", "2", "--no-progress"],

@@ -49,6 +49,14 @@ def add_parser(subparsers) -> None:
         help="sparse: kept entries keep their value (hard, one global threshold) or are shrunk by "
         "learned per-tensor thresholds (soft, STR); default: hard with --density, soft with --penalty",
     )
+    g.add_argument(
+        "--masked-decay",
+        type=float,
+        default=defaults.masked_decay,
+        metavar="LAMBDA",
+        help="sparse: shrink the entries below threshold by 1 - lr*LAMBDA after every step, so that "
+        "their drift does not raise the threshold in long runs (default: %(default)s, off)",
+    )
     g.add_argument("--rank", type=int, default=defaults.rank, help="rank per path block (elora)")
     g.add_argument("--train-readouts", action="store_true", help="let the delta change readout weights")
     t = p.add_argument_group("training")
@@ -127,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         max_time=args.max_time,
         optimizer=args.optimizer,
         hard_threshold=None if args.threshold is None else args.threshold == "hard",
+        masked_decay=args.masked_decay,
     )
     result = finetune_with_report(
         args.base,

@@ -26,6 +26,7 @@ TITLES = {
 HEADER_HYPERPARAMETERS = (
     "density",
     "hard_threshold",
+    "masked_decay",
     "penalty",
     "rank",
     "epochs",
