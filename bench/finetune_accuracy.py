@@ -49,6 +49,9 @@ TITLES = {
     "cu": "Copper (GPAW PBEsol): bundled train/test split",
 }
 
+HISTORY_KEYS = ("epoch", "valid_loss", "density", "threshold", "median_change", "support_turnover")
+"""Per-epoch values kept in the results file (how the support and threshold evolved)."""
+
 ABLATION = {
     "sparse (default)": {},
     "soft threshold (STR)": {"hard_threshold": False},
@@ -78,6 +81,8 @@ ABLATION = {
     "batch 1, factored Adam": {"batch_size": 1, "optimizer": "factored_adam"},
     "batch 1, masked decay 1": {"batch_size": 1, "masked_decay": 1.0},
     "batch 1, masked decay 10": {"batch_size": 1, "masked_decay": 10.0},
+    "batch 1, masked decay 0.1": {"batch_size": 1, "masked_decay": 0.1},
+    "batch 1, soft threshold, global": {"batch_size": 1, "hard_threshold": False, "learn_thresholds": False},
     "full fine-tuning": {"method": "full"},
     "full, lr x2": {"method": "full", "lr_scale": 2.0},
     "full, lr x0.5": {"method": "full", "lr_scale": 0.5},
@@ -184,8 +189,10 @@ def run_one(args, dataset, n_train, label, options) -> dict:
         "test": metrics,
         "delta": str(delta_path.relative_to(ROOT)),
         "valid": result.report["after"]["valid"],
+        "history": [{k: h[k] for k in HISTORY_KEYS if k in h} for h in result.report["history"]],
     }
-    print(json.dumps({k: v for k, v in row.items() if k != "valid"}, default=float), flush=True)
+    summary = {k: v for k, v in row.items() if k not in ("valid", "history")}
+    print(json.dumps(summary, default=float), flush=True)
     return row
 
 

@@ -67,6 +67,7 @@ def test_sparse_finetune_lowers_loss_and_hits_density(mace_model_path, frames, t
     )
     history = result.report["history"]
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert 0.0 <= history[-1]["support_turnover"] <= 1.0 and history[-1]["threshold"] > 0.0
     before, after = result.report["before"]["train"], result.report["after"]["train"]
     assert after["forces_mae"] < before["forces_mae"]
     delta = SparseDelta.load(tmp_path / "d.safetensors")
@@ -289,6 +290,27 @@ def test_masked_decay_keeps_the_threshold_from_drifting_up(mace_model_path):
             assert (u.detach()[~kept].abs() < before[~kept].abs()).all() or decay == 0.0
         taus[decay] = float(method.tau)
     assert taus[1.0] < 0.5 * taus[0.0]
+
+
+def test_diagnostics_report_threshold_size_and_support_turnover(mace_model_path):
+    backend = load_backend(mace_model_path, dtype="float64")
+    method = _sparse_method(backend, MethodOptions(density=0.05))  # hard, one global threshold
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for u in method.u:
+            u.copy_(torch.randn(u.shape, generator=generator, dtype=u.dtype))
+    method.update_schedule(1.0)
+    first = method.diagnostics()
+    assert "support_turnover" not in first
+    assert first["threshold"] == pytest.approx(float(method.tau))
+    assert first["median_change"] > first["threshold"]  # hard: every kept entry exceeds it
+    assert method.diagnostics()["support_turnover"] == 0.0
+    with torch.no_grad():  # swap the largest entry of the first tensor for one below threshold
+        u = method.u[0].view(-1)
+        big, small = int(u.abs().argmax()), int(u.abs().argmin())
+        u[small], u[big] = u[big].clone(), 0.0
+    nnz = sum(int((d != 0).sum()) for d in method.deltas().values())
+    assert method.diagnostics()["support_turnover"] == pytest.approx(1 / nnz)
 
 
 def test_penalty_form_defaults_to_the_soft_threshold():

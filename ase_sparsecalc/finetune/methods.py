@@ -177,6 +177,27 @@ class DeltaMethod(torch.nn.Module):
         nnz = sum(int((d != 0).sum()) for d in self.deltas().values())
         return nnz / max(self.trainable_numel, 1)
 
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        r"""How the delta looks now, for the training history (called once per epoch).
+
+        ``median_change``: median of :math:`|\Delta| / c` over the non-zero entries (0 when
+        there are none). ``support_turnover``: fraction of the non-zero entries that were zero at
+        the previous call (absent on the first call); it falls towards 0 as the support settles.
+        """
+        deltas = list(self.deltas().values())
+        supports = [d != 0 for d in deltas]
+        scales = self.scales
+        relative = torch.cat([(d.abs() / c)[m] for d, c, m in zip(deltas, scales, supports, strict=True)])
+        out = {"median_change": float(relative.median()) if relative.numel() else 0.0}
+        previous = getattr(self, "_previous_support", None)
+        if previous is not None:
+            nnz = sum(int(m.sum()) for m in supports)
+            entered = sum(int((m & ~p).sum()) for m, p in zip(supports, previous, strict=True))
+            out["support_turnover"] = entered / nnz if nnz else 0.0
+        self._previous_support = supports
+        return out
+
     def parameter_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """Optimizer parameter groups; ``"blocks"`` are only read by :class:`~.optim.FactoredAdam`."""
         u = getattr(self, "u", None)
@@ -262,6 +283,13 @@ class ThresholdedDelta(DeltaMethod):
         factor = max(0.0, 1.0 - lr * decay)
         for u, t in zip(self.u, thresholds, strict=True):
             u.mul_(torch.where(u.abs() <= t, factor, 1.0))
+
+    @torch.no_grad()
+    def diagnostics(self):
+        r"""Adds ``threshold``: the median over tensors of :math:`t` (units of :math:`c`)."""
+        out = super().diagnostics()
+        out["threshold"] = float((self.tau * self.log_threshold.exp()).median())
+        return out
 
     @torch.no_grad()
     def _tau_for_density(self, target: float) -> float:

@@ -71,23 +71,42 @@ def plot_parity(
 
 
 def plot_learning_curves(history: Sequence[Mapping], path: str | Path) -> Path:
-    """Training and validation loss and delta density against epoch."""
+    """Loss, delta density and size of the changes against epoch.
+
+    The third panel shows ``median_change`` and, for ``sparse``, ``threshold`` (both in units of
+    each tensor's RMS value); the second adds ``support_turnover`` where the history has it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_density) = plt.subplots(1, 2, figsize=(9, 3.8))
+    fig, (ax_loss, ax_density, ax_size) = plt.subplots(1, 3, figsize=(13, 3.8))
     ax_loss.semilogy(epochs, [h["train_loss"] for h in history], label="train")
     ax_loss.semilogy(epochs, [h["valid_loss"] for h in history], label="validation")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
-    ax_density.plot(epochs, [100 * h["density"] for h in history])
+    ax_density.plot(epochs, [100 * h["density"] for h in history], label="changed weights")
+    _plot_key(ax_density, history, "support_turnover", "new in the support", scale=100.0)
     ax_density.set_xlabel("epoch")
-    ax_density.set_ylabel("changed weights (%)")
+    ax_density.set_ylabel("% (of the weights; of the support)")
+    ax_density.legend()
+    _plot_key(ax_size, history, "median_change", "median |Δ|")
+    _plot_key(ax_size, history, "threshold", "threshold")
+    ax_size.set_xlabel("epoch")
+    ax_size.set_ylabel("× RMS of the base tensor")
+    if ax_size.lines:
+        ax_size.legend()
     return _save_figure(fig, Path(path))
+
+
+def _plot_key(ax, history: Sequence[Mapping], key: str, label: str, scale: float = 1.0) -> None:
+    """Plot ``key`` against epoch over the epochs that recorded it (older histories lack it)."""
+    points = [(h["epoch"], scale * h[key]) for h in history if key in h]
+    if points:
+        ax.plot(*zip(*points, strict=True), label=label)
 
 
 def tensor_density_rows(delta, infos) -> list[dict]:

@@ -264,6 +264,7 @@ class Trainer:
                 "density": self.method.density(),
                 "lr": self.scheduler.get_last_lr()[0],
                 "wall_time": wall,
+                **self.method.diagnostics(),
             }
         )
         if self._eligible_for_best(epoch + 1) and valid_loss < self.state.best_loss:
