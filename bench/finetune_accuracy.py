@@ -147,6 +147,8 @@ def run_one(args, dataset, n_train, label, options) -> dict:
         options.setdefault("hard_threshold", args.threshold == "hard")
         if args.threshold == "soft" and label in ("sparse", "sparse (default)"):
             label = "sparse (STR)"
+    if method == "sparse":
+        options.setdefault("masked_decay", args.masked_decay)
     lr = (args.lr or DEFAULT_LR[method]) * options.pop("lr_scale", 1.0)
     start = time.monotonic()
     batch_size = options.pop("batch_size", args.batch_size)
@@ -270,6 +272,13 @@ def main() -> None:
         "--threshold",
         choices=["hard", "soft"],
         help="sparse methods: hard or soft (STR) threshold unless a variant sets it (default: the library's)",
+    )
+    parser.add_argument(
+        "--masked-decay",
+        type=float,
+        default=0.0,
+        help="sparse methods, unless a variant sets it (default 0, as in the sections whose commands "
+        "do not name it; the library's default is 0.1)",
     )
     parser.add_argument("--stress-weight", type=float, default=1000.0)
     parser.add_argument("--patience", type=int)

@@ -55,7 +55,7 @@ def add_parser(subparsers) -> None:
         default=defaults.masked_decay,
         metavar="LAMBDA",
         help="sparse: shrink the entries below threshold by 1 - lr*LAMBDA after every step, so that "
-        "their drift does not raise the threshold in long runs (default: %(default)s, off)",
+        "their drift does not raise the threshold in long runs (default: %(default)s; 0: off)",
     )
     g.add_argument("--rank", type=int, default=defaults.rank, help="rank per path block (elora)")
     g.add_argument("--train-readouts", action="store_true", help="let the delta change readout weights")

@@ -84,7 +84,7 @@ class FinetuneConfig:
     masked_decay : float
         ``sparse``: decoupled decay (per unit learning rate) of the entries below threshold,
         which keeps their straight-through drift from raising the threshold over long runs
-        (:class:`~ase_sparsecalc.finetune.methods.MethodOptions`).
+        (:class:`~ase_sparsecalc.finetune.methods.MethodOptions`); 0 turns it off.
     exclude_kinds : tuple of str
         Weight kinds the delta may not touch (``"radial"``, ``"embedding"``, ...).
     optimizer : str
@@ -122,7 +122,7 @@ class FinetuneConfig:
     ste_scale: float = 1.0
     settle_support: bool = False
     hard_threshold: bool | None = None
-    masked_decay: float = 0.0
+    masked_decay: float = 0.1
     exclude_kinds: tuple[str, ...] = ()
     optimizer: str = "adamw"
     extra: dict[str, Any] = field(default_factory=dict)

@@ -72,7 +72,7 @@ class MethodOptions:
         every step they shrink by the factor ``1 - lr * masked_decay``. The loss does not depend
         on them, so nothing else pulls them back; without decay their values drift like a random
         walk, and the threshold, set by the largest values, rises with the number of steps
-        (SR-STE, Zhou et al. 2021, adds the same decay for the same reason).
+        (SR-STE, Zhou et al. 2021, adds the same decay for the same reason). 0 turns it off.
     hard_threshold : bool or None
         Keep the full value of entries above threshold, ``Δ = c u [|u| > t]`` (``sparse``),
         instead of shrinking them by the threshold (soft, STR). Learned thresholds then receive
@@ -91,7 +91,7 @@ class MethodOptions:
     ste_scale: float = 1.0
     settle_support: bool = False
     hard_threshold: bool | None = None
-    masked_decay: float = 0.0
+    masked_decay: float = 0.1
 
     def __post_init__(self) -> None:
         """Resolve the automatic choices (None) of ``hard_threshold`` and ``learn_thresholds``."""
