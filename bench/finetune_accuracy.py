@@ -82,6 +82,7 @@ ABLATION = {
     "batch 1, masked decay 1": {"batch_size": 1, "masked_decay": 1.0},
     "batch 1, masked decay 10": {"batch_size": 1, "masked_decay": 10.0},
     "batch 1, masked decay 0.1": {"batch_size": 1, "masked_decay": 0.1},
+    "batch 1, masked decay 0.03": {"batch_size": 1, "masked_decay": 0.03},
     "batch 1, soft threshold, global": {"batch_size": 1, "hard_threshold": False, "learn_thresholds": False},
     "full fine-tuning": {"method": "full"},
     "full, lr x2": {"method": "full", "lr_scale": 2.0},
