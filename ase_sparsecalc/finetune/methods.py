@@ -187,8 +187,9 @@ class DeltaMethod(torch.nn.Module):
         """
         deltas = list(self.deltas().values())
         supports = [d != 0 for d in deltas]
-        scales = self.scales
-        relative = torch.cat([(d.abs() / c)[m] for d, c, m in zip(deltas, scales, supports, strict=True)])
+        relative = torch.cat(
+            [(d.abs() / c)[m] for d, c, m in zip(deltas, self.scales, supports, strict=True)]
+        )
         out = {"median_change": float(relative.median()) if relative.numel() else 0.0}
         previous = getattr(self, "_previous_support", None)
         if previous is not None:
@@ -243,9 +244,13 @@ class ThresholdedDelta(DeltaMethod):
         self.register_buffer("tau", torch.tensor(0.0 if options.density is not None else 1.0).to(self.scales))
         self._selecting = True  # straight-through gradients while the support is being chosen
 
+    def thresholds(self) -> torch.Tensor:
+        r"""Threshold :math:`t = \tau e^{s}` of every tensor (units of its RMS), shape (n_tensors,)."""
+        return self.tau * self.log_threshold.exp()
+
     def deltas(self):
         out = {}
-        thresholds = self.tau * self.log_threshold.exp()
+        thresholds = self.thresholds()
         dense = not bool(self.tau > 0)  # dense phase of the schedule: no threshold at all
         for k, (name, u) in enumerate(zip(self.names, self.u, strict=True)):
             if dense:
@@ -279,16 +284,15 @@ class ThresholdedDelta(DeltaMethod):
         decay = self.options.masked_decay
         if decay <= 0 or not (self.options.straight_through and self._selecting and bool(self.tau > 0)):
             return
-        thresholds = self.tau * self.log_threshold.exp()
         factor = max(0.0, 1.0 - lr * decay)
-        for u, t in zip(self.u, thresholds, strict=True):
+        for u, t in zip(self.u, self.thresholds(), strict=True):
             u.mul_(torch.where(u.abs() <= t, factor, 1.0))
 
     @torch.no_grad()
     def diagnostics(self):
         r"""Adds ``threshold``: the median over tensors of :math:`t` (units of :math:`c`)."""
         out = super().diagnostics()
-        out["threshold"] = float((self.tau * self.log_threshold.exp()).median())
+        out["threshold"] = float(self.thresholds().median())
         return out
 
     @torch.no_grad()
@@ -311,10 +315,7 @@ class ThresholdedDelta(DeltaMethod):
     def penalty(self):
         if self.options.penalty <= 0:
             return super().penalty()
-        total = sum(
-            torch.relu(u.abs() - self.tau * s.exp()).sum()
-            for u, s in zip(self.u, self.log_threshold, strict=True)
-        )
+        total = sum(torch.relu(u.abs() - t).sum() for u, t in zip(self.u, self.thresholds(), strict=True))
         return self.options.penalty * total / self.trainable_numel
 
     def parameter_groups(self, lr, weight_decay):
