@@ -313,6 +313,28 @@ def test_diagnostics_report_threshold_size_and_support_turnover(mace_model_path)
     assert method.diagnostics()["support_turnover"] == pytest.approx(1 / nnz)
 
 
+def test_dense_kinds_change_every_used_entry_within_the_density_budget(mace_model_path):
+    """Tensors of a dense kind skip the threshold; their non-zero entries come out of the
+    budget, so the total density still meets the target."""
+    backend = load_backend(mace_model_path, dtype="float64")
+    method = _sparse_method(backend, MethodOptions(density=0.05, dense_kinds=("embedding",)))
+    dense = [k for k, info in enumerate(method.infos) if info.kind == "embedding"]
+    assert dense, "the small MACE model has an element embedding"
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for k, u in enumerate(method.u):
+            size = 0.01 if k in dense else 1.0
+            u.copy_(size * torch.randn(u.shape, generator=generator, dtype=u.dtype))
+    method.update_schedule(1.0)
+    deltas = method.deltas()
+    for k in dense:  # small changes that would never cross a shared threshold are all kept
+        assert bool((deltas[method.names[k]] != 0).all())
+        assert float(method.u[k].abs().max()) < float(method.tau)
+    assert method.density() == pytest.approx(0.05, abs=1e-4)
+    with pytest.raises(ValueError, match="unknown weight kinds"):
+        FinetuneConfig(dense_kinds=("embeddings",))
+
+
 def test_penalty_form_defaults_to_the_soft_threshold():
     options = MethodOptions(density=None, penalty=1e-3)
     assert options.hard_threshold is False and options.learn_thresholds is True

@@ -60,6 +60,10 @@ class PathSegment:
     element_axis: int | None = None
 
 
+WEIGHT_KINDS = ("embedding", "linear", "self_connection", "radial", "symmetric_contraction", "readout")
+"""Every :attr:`WeightInfo.kind`."""
+
+
 @dataclass(frozen=True)
 class WeightInfo:
     """A trainable weight tensor and what its entries mean.

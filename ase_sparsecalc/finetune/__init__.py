@@ -320,6 +320,7 @@ def _make_method(backend: Backend, infos: list[WeightInfo], config: FinetuneConf
         settle_support=config.settle_support,
         hard_threshold=config.hard_threshold,
         masked_decay=config.masked_decay,
+        dense_kinds=config.dense_kinds,
     )
     params = dict(backend.model.named_parameters())
     method = METHODS[config.method](infos, {i.name: params[i.name] for i in infos}, options)

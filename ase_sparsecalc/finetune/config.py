@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..backends.base import WEIGHT_KINDS
 from ..errors import ConfigError
 from .methods import METHODS, MethodOptions
 
@@ -87,6 +88,9 @@ class FinetuneConfig:
         (:class:`~ase_sparsecalc.finetune.methods.MethodOptions`); 0 turns it off.
     exclude_kinds : tuple of str
         Weight kinds the delta may not touch (``"radial"``, ``"embedding"``, ...).
+    dense_kinds : tuple of str
+        ``sparse``: weight kinds that change densely, outside the threshold, within the density
+        budget (:class:`~ase_sparsecalc.finetune.methods.MethodOptions`).
     optimizer : str
         ``"adamw"`` (default); ``"factored_adam"``
         (second moments factored per irrep path,
@@ -124,6 +128,7 @@ class FinetuneConfig:
     hard_threshold: bool | None = None
     masked_decay: float = 0.1
     exclude_kinds: tuple[str, ...] = ()
+    dense_kinds: tuple[str, ...] = ()
     optimizer: str = "adamw"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -144,7 +149,12 @@ class FinetuneConfig:
             self.lr = DEFAULT_LR[self.method]
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
-        self.exclude_kinds = tuple(self.exclude_kinds)
+        for name in ("exclude_kinds", "dense_kinds"):
+            kinds = tuple(getattr(self, name))
+            unknown = sorted(set(kinds) - set(WEIGHT_KINDS))
+            if unknown:
+                raise ConfigError(f"{name}: unknown weight kinds {unknown}; known: {', '.join(WEIGHT_KINDS)}")
+            setattr(self, name, kinds)
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if self.method == "sparse":  # record the automatic choices as what they resolve to

@@ -73,6 +73,12 @@ class MethodOptions:
         on them, so nothing else pulls them back; without decay their values drift like a random
         walk, and the threshold, set by the largest values, rises with the number of steps
         (SR-STE, Zhou et al. 2021, adds the same decay for the same reason). 0 turns it off.
+    dense_kinds : tuple of str
+        Weight kinds (``"embedding"``, ``"readout"``, ...) that change densely, outside the
+        threshold (``sparse``). Their non-zero entries count towards the target density, so the
+        thresholded tensors get the rest of the budget. Useful for tensors whose useful changes
+        are small against their own scale and so never cross a threshold shared with the others:
+        the rows of the element embedding for the elements in the data are one.
     hard_threshold : bool or None
         Keep the full value of entries above threshold, ``Δ = c u [|u| > t]`` (``sparse``),
         instead of shrinking them by the threshold (soft, STR). Learned thresholds then receive
@@ -92,6 +98,7 @@ class MethodOptions:
     settle_support: bool = False
     hard_threshold: bool | None = None
     masked_decay: float = 0.1
+    dense_kinds: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Resolve the automatic choices (None) of ``hard_threshold`` and ``learn_thresholds``."""
@@ -243,6 +250,7 @@ class ThresholdedDelta(DeltaMethod):
         )
         self.register_buffer("tau", torch.tensor(0.0 if options.density is not None else 1.0).to(self.scales))
         self._selecting = True  # straight-through gradients while the support is being chosen
+        self._dense = [info.kind in options.dense_kinds for info in infos]
 
     def thresholds(self) -> torch.Tensor:
         r"""Threshold :math:`t = \tau e^{s}` of every tensor (units of its RMS), shape (n_tensors,)."""
@@ -253,7 +261,7 @@ class ThresholdedDelta(DeltaMethod):
         thresholds = self.thresholds()
         dense = not bool(self.tau > 0)  # dense phase of the schedule: no threshold at all
         for k, (name, u) in enumerate(zip(self.names, self.u, strict=True)):
-            if dense:
+            if dense or self._dense[k]:
                 out[name] = self.scales[k] * u
                 continue
             t = thresholds[k]
@@ -285,8 +293,9 @@ class ThresholdedDelta(DeltaMethod):
         if decay <= 0 or not (self.options.straight_through and self._selecting and bool(self.tau > 0)):
             return
         factor = max(0.0, 1.0 - lr * decay)
-        for u, t in zip(self.u, self.thresholds(), strict=True):
-            u.mul_(torch.where(u.abs() <= t, factor, 1.0))
+        for u, t, dense in zip(self.u, self.thresholds(), self._dense, strict=True):
+            if not dense:
+                u.mul_(torch.where(u.abs() <= t, factor, 1.0))
 
     @torch.no_grad()
     def diagnostics(self):
@@ -299,10 +308,14 @@ class ThresholdedDelta(DeltaMethod):
     def _tau_for_density(self, target: float) -> float:
         if target >= 1.0:
             return 0.0
-        ratios = torch.cat(
-            [(u.abs() / s.exp()).reshape(-1) for u, s in zip(self.u, self.log_threshold, strict=True)]
-        )
-        keep = round(target * ratios.numel())
+        thresholded = [k for k, dense in enumerate(self._dense) if not dense]
+        if not thresholded:
+            return 0.0
+        ratios = torch.cat([(self.u[k].abs() / self.log_threshold[k].exp()).reshape(-1) for k in thresholded])
+        dense_nnz = sum(int((u != 0).sum()) for u, dense in zip(self.u, self._dense, strict=True) if dense)
+        keep = min(round(target * self.trainable_numel) - dense_nnz, ratios.numel())
+        if keep >= ratios.numel():
+            return 0.0
         if keep <= 0:
             return float(ratios.max()) + 1.0
         # tau = the keep-th largest ratio's lower neighbour: exactly `keep` entries lie above it
@@ -315,7 +328,11 @@ class ThresholdedDelta(DeltaMethod):
     def penalty(self):
         if self.options.penalty <= 0:
             return super().penalty()
-        total = sum(torch.relu(u.abs() - t).sum() for u, t in zip(self.u, self.thresholds(), strict=True))
+        total = sum(
+            torch.relu(u.abs() - t).sum()
+            for u, t, dense in zip(self.u, self.thresholds(), self._dense, strict=True)
+            if not dense
+        )
         return self.options.penalty * total / self.trainable_numel
 
     def parameter_groups(self, lr, weight_decay):
