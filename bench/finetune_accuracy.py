@@ -13,8 +13,10 @@ python bench/finetune_accuracy.py --dataset ethanol --train-sizes 50 200 1000 \\
 python bench/finetune_accuracy.py --dataset si --methods shift sparse full --epochs 100
 python bench/finetune_accuracy.py --dataset ethanol --train-sizes 50 --ablation --epochs 60
 
-Results go to bench/results/finetune_<dataset>.json (deltas under bench/results/deltas/) and to a
-section of docs/benchmarks.md, with the command and the machine.
+Results go to bench/results/finetune_<dataset>.json and to a section of docs/benchmarks.md, with
+the command and the machine. Each delta is kept as
+bench/results/deltas/<dataset>_<N>_<method>[_batch<B>]_<epochs>ep[_seed<S>].safetensors (files
+from before the epochs were part of the name lack ``_<epochs>ep``).
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ def run_one(args, dataset, n_train, label, options) -> dict:
     batch_size = options.pop("batch_size", args.batch_size)
     seed = f"_seed{args.seed}" if args.seed else ""
     batch = f"_batch{batch_size}" if batch_size != 8 else ""
-    name = f"{dataset}_{len(train)}_{label.replace(' ', '_')}{batch}{seed}"
+    name = f"{dataset}_{len(train)}_{label.replace(' ', '_')}{batch}_{args.epochs}ep{seed}"
     delta_path = RESULTS / "deltas" / f"{name}.safetensors"
     result = finetune_with_report(
         args.base,
