@@ -88,6 +88,8 @@ ABLATION = {
     "batch 1, soft threshold, global": {"batch_size": 1, "hard_threshold": False, "learn_thresholds": False},
     "batch 1, weight decay 0.3": {"batch_size": 1, "masked_decay": 0.1, "weight_decay": 0.3},
     "batch 1, weight decay 1": {"batch_size": 1, "masked_decay": 0.1, "weight_decay": 1.0},
+    "batch 1, density 1 %": {"batch_size": 1, "density": 0.01},
+    "batch 1, density 5 %": {"batch_size": 1, "density": 0.05},
     "batch 1, dense embedding": {"batch_size": 1, "masked_decay": 0.1, "dense_kinds": ["embedding"]},
     "batch 1, dense embedding and readouts": {
         "batch_size": 1,
@@ -173,7 +175,7 @@ def run_one(args, dataset, n_train, label, options) -> dict:
         args.base,
         train,
         method=method,
-        density=args.density,
+        density=options.pop("density", args.density),
         epochs=args.epochs,
         batch_size=batch_size,
         lr=lr,
