@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import platform
 import re
+import time
 from pathlib import Path
 
 BENCHMARKS_MD = Path(__file__).parents[1] / "docs" / "benchmarks.md"
+WRITE_LOCK = Path(__file__).parent / "results" / ".write.lock"
+"""Scripts that write benchmark results take turns on this file's lock."""
 
 
 def machine_description() -> str:
@@ -55,3 +59,22 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def table_section(
+    title: str, command: str, intro: str, header: list[str], rows: list[list], note: str = ""
+) -> str:
+    """Body of a section: heading, command, machine and date, ``intro``, the table, ``note``."""
+    return (
+        f"### {title}\n\n"
+        f"Command: `{command}`  \nMachine: {machine_description()}; {time.strftime('%Y-%m-%d')}. "
+        f"{intro}\n\n{markdown_table(header, rows)}\n" + (f"\n{note}\n" if note else "")
+    )
+
+
+def update_section_locked(name: str, body: str) -> None:
+    """:func:`update_section` while holding :data:`WRITE_LOCK` (other benchmarks may be writing)."""
+    WRITE_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(WRITE_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        update_section(name, body)

@@ -16,16 +16,14 @@ python bench/delta_magnitudes.py bench/results/deltas/ethanol_50_batch_1.safeten
 from __future__ import annotations
 
 import argparse
-import fcntl
 import math
 import shlex
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _markdown import machine_description, markdown_table, update_section
-from _speed import RESULTS, portable
+from _markdown import table_section, update_section_locked
+from _speed import portable
 
 
 def optimizer_steps(metadata) -> int | None:
@@ -79,15 +77,10 @@ def main() -> None:
         )
     header = ["delta", "method", "optimizer steps", "density", "min", "median", "p90", "max"]
     command = "python " + shlex.join(portable(a) for a in sys.argv)
-    body = (
-        "### Size of the changed entries against the number of steps\n\n"
-        f"Command: `{command}`  \nMachine: {machine_description()}; {time.strftime('%Y-%m-%d')}. "
-        "Columns min to max: |Δ| / rms(W0) over the non-zero entries, W0 the base tensor of each.\n\n"
-        f"{markdown_table(header, rows)}\n" + (f"\n{args.note}\n" if args.note else "")
-    )
-    with open(RESULTS / ".write.lock", "w") as lock:  # the accuracy benchmark writes the same file
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        update_section(args.section, body)
+    intro = "Columns min to max: |Δ| / rms(W0) over the non-zero entries, W0 the base tensor of each."
+    title = "Size of the changed entries against the number of steps"
+    body = table_section(title, command, intro, header, rows, args.note)
+    update_section_locked(args.section, body)
     print(body)
 
 

@@ -16,15 +16,13 @@ python bench/fit_gap.py --case ethanol,50,0 bench/results/deltas/ethanol_50_full
 from __future__ import annotations
 
 import argparse
-import fcntl
 import shlex
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _markdown import machine_description, markdown_table, update_section
-from _speed import RESULTS, portable
+from _markdown import table_section, update_section_locked
+from _speed import portable
 from finetune_accuracy import load_dataset, test_metrics
 
 
@@ -59,16 +57,12 @@ def main() -> None:
             print(rows[-1], flush=True)
     header = ["data", "N train", "seed", "delta", "method", "F MAE, own frames", "F MAE, test", "test / own"]
     command = "python " + shlex.join(portable(a) for a in sys.argv)
-    body = (
-        "### Fit against generalisation\n\n"
-        f"Command: `{command}`  \nMachine: {machine_description()}; {time.strftime('%Y-%m-%d')}. "
+    intro = (
         f"Base: {args.base}. Force MAE in meV/Å on the frames given to the fine-tune (training and "
-        "validation) and on the test frames of the same benchmark row.\n\n"
-        f"{markdown_table(header, rows)}\n" + (f"\n{args.note}\n" if args.note else "")
+        "validation) and on the test frames of the same benchmark row."
     )
-    with open(RESULTS / ".write.lock", "w") as lock:  # the accuracy benchmark writes the same file
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        update_section(args.section, body)
+    body = table_section("Fit against generalisation", command, intro, header, rows, args.note)
+    update_section_locked(args.section, body)
     print(body)
 
 
