@@ -34,7 +34,7 @@ import numpy as np
 from ase.stress import voigt_6_to_full_3x3_stress
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _markdown import machine_description, markdown_table, update_section
+from _markdown import WRITE_LOCK, machine_description, markdown_table, update_section
 
 from ase_sparsecalc import SparseCalc
 from ase_sparsecalc.finetune import finetune_with_report, read_frames
@@ -86,7 +86,6 @@ ABLATION = {
     "batch 1, masked decay 0.1": {"batch_size": 1, "masked_decay": 0.1},
     "batch 1, masked decay 0.03": {"batch_size": 1, "masked_decay": 0.03},
     "batch 1, soft threshold, global": {"batch_size": 1, "hard_threshold": False, "learn_thresholds": False},
-    "batch 1, weight decay 0.3": {"batch_size": 1, "masked_decay": 0.1, "weight_decay": 0.3},
     "batch 1, weight decay 1": {"batch_size": 1, "masked_decay": 0.1, "weight_decay": 1.0},
     "batch 1, density 1 %": {"batch_size": 1, "density": 0.01},
     "batch 1, density 5 %": {"batch_size": 1, "density": 0.05},
@@ -97,7 +96,6 @@ ABLATION = {
         "dense_kinds": ["embedding", "readout"],
         "train_readouts": True,
     },
-    "full, batch 1, weight decay 1": {"method": "full", "batch_size": 1, "weight_decay": 1.0},
     "full fine-tuning": {"method": "full"},
     "full, lr x2": {"method": "full", "lr_scale": 2.0},
     "full, lr x0.5": {"method": "full", "lr_scale": 0.5},
@@ -321,7 +319,7 @@ def main() -> None:
     name = args.section or f"finetune-{args.dataset}{'-ablation' if args.ablation else ''}"
     out = RESULTS / f"{name}.json"
     commands, note = [f"python {shlex.join(sys.argv)}"], ""
-    with open(RESULTS / ".write.lock", "w") as lock:  # runs writing results take turns
+    with open(WRITE_LOCK, "w") as lock:  # runs writing results take turns
         fcntl.flock(lock, fcntl.LOCK_EX)
         if args.merge and out.exists():
             earlier = json.loads(out.read_text())

@@ -46,7 +46,8 @@ def main() -> None:
     rows = []
     for split, *paths in args.case:
         dataset, n_train, seed = split.split(",")
-        train, test, _ = load_dataset(dataset, int(n_train), int(seed))
+        n_train, seed = int(n_train), int(seed)
+        train, test, _ = load_dataset(dataset, n_train, seed)
         for path in map(Path, paths):
             delta = SparseDelta.load(path)
             fit = test_metrics(args.base, delta, train, "float64", "cpu")["forces_mae"]

@@ -314,7 +314,7 @@ class ThresholdedDelta(DeltaMethod):
             return 0.0
         ratios = torch.cat([(self.u[k].abs() / self.log_threshold[k].exp()).reshape(-1) for k in thresholded])
         dense_nnz = sum(int((u != 0).sum()) for u, dense in zip(self.u, self._dense, strict=True) if dense)
-        keep = min(round(target * self.trainable_numel) - dense_nnz, ratios.numel())
+        keep = round(target * self.trainable_numel) - dense_nnz
         if keep >= ratios.numel():
             return 0.0
         if keep <= 0:
