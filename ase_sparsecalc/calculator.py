@@ -14,7 +14,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from .backends import Backend, load_backend
 from .delta import SparseDelta
 from .errors import StressUndefinedError
-from .graph import build_graph
+from .graph import build_graph, has_cell_volume
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ MAX_ATOMS_PER_CALL = 2048
 
 def has_3d_cell(atoms: Atoms) -> bool:
     """True when the structure is periodic in all three directions with a non-zero volume."""
-    return bool(atoms.pbc.all()) and atoms.cell.volume > 1e-8
+    return bool(atoms.pbc.all()) and has_cell_volume(atoms)
 
 
 class SparseCalc(Calculator):
@@ -134,7 +134,7 @@ class SparseCalc(Calculator):
         properties: Sequence[str] = ("energy",),
         system_changes: Sequence[str] = tuple(all_changes),
     ) -> None:
-        """Fill ``self.results`` with energy, free_energy, forces and (3-D cells) stress."""
+        """Fill ``self.results`` with energy, free_energy, forces and (cells with a volume) stress."""
         super().calculate(atoms, properties, system_changes)
         self.results = self.batch_evaluate([self.atoms], properties)[0]
 
@@ -152,8 +152,9 @@ class SparseCalc(Calculator):
         ----------
         structures : sequence of ase.Atoms
         properties : sequence of str
-            Stress is computed for every structure with a 3-D cell; asking for it when one has
-            none raises :class:`StressUndefinedError`.
+            Stress is computed for every structure whose cell has a non-zero volume (bulk, and
+            slabs or wires with their vacuum); asking for it when one has none raises
+            :class:`StressUndefinedError`.
         batch_size : int, optional
             Most structures per model call (default: no limit but ``max_atoms``).
         max_atoms : int, optional
@@ -167,7 +168,8 @@ class SparseCalc(Calculator):
         -------
         list of dict
             Per structure: ``energy``, ``free_energy`` (eV), ``forces`` (n, 3) eV/Å and, for
-            3-D cells, ``stress`` (6,) eV/Å³ in ASE's Voigt order.
+            cells with a volume, ``stress`` (6,) eV/Å³ in ASE's Voigt order (the virial over
+            the whole cell volume, vacuum included).
         """
         structures = list(structures)
         if names is None:
@@ -177,10 +179,10 @@ class SparseCalc(Calculator):
             raise ValueError(f"{len(names)} names for {len(structures)} structures")
         want_stress = "stress" in properties
         for atoms, name in zip(structures, names, strict=True):
-            if want_stress and not has_3d_cell(atoms):
+            if want_stress and not has_cell_volume(atoms):
                 raise StressUndefinedError(
-                    f"{name}: stress needs a cell that is periodic in 3 dimensions with a non-zero "
-                    f"volume (pbc={atoms.pbc.tolist()})"
+                    f"{name}: stress needs a cell with a non-zero volume (three linearly "
+                    f"independent cell vectors); the cell is {atoms.cell.array.round(6).tolist()}"
                 )
             self.backend.check_elements(atoms.numbers, name)
         results: list[dict] = []
@@ -189,7 +191,7 @@ class SparseCalc(Calculator):
         return results
 
     def _evaluate_chunk(self, chunk: list[Atoms], names: list[str]) -> list[dict]:
-        stress_mask = [has_3d_cell(a) for a in chunk]
+        stress_mask = [has_cell_volume(a) for a in chunk]
         compute_stress = any(stress_mask)
         if compute_stress and not all(stress_mask):
             # a batch mixing molecules and crystals: split it rather than give molecules a stress

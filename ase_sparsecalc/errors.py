@@ -24,7 +24,7 @@ Hierarchy::
     ├── StructureError             an ASE structure the model cannot evaluate
     │   ├── UnknownElementError    element not known to the base model
     │   ├── AtomsTooCloseError     two atoms closer than 0.1 Å
-    │   └── StressUndefinedError   stress asked for a structure without a 3-D periodic cell
+    │   └── StressUndefinedError   stress asked for a structure whose cell has no volume
     └── DataError                  DFT training data is unusable
         ├── DataFileError          missing or unreadable trajectory file
         ├── EmptyDatasetError      no frames
@@ -111,7 +111,7 @@ class AtomsTooCloseError(StructureError):
 
 
 class StressUndefinedError(StructureError, PropertyNotImplementedError):
-    """Stress was asked for a structure that has no 3-D periodic cell."""
+    """Stress was asked for a structure whose cell has no volume (a molecule without a cell)."""
 
 
 class DataError(SparseCalcError, ValueError):

@@ -70,7 +70,7 @@ class AtomicGraph:
         return self.positions[receiver] - self.positions[sender] + self.edge_shifts()
 
     def volumes(self) -> torch.Tensor:
-        """Cell volumes, (G,) Å³ (zero for structures without a 3-D cell)."""
+        """Cell volumes, (G,) Å³ (zero for a structure without a cell, e.g. a molecule)."""
         return torch.linalg.det(self.cell).abs()
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> AtomicGraph:
@@ -80,6 +80,16 @@ class AtomicGraph:
             t = getattr(self, f.name)
             moved[f.name] = t.to(device, dtype) if t.is_floating_point() else t.to(device)
         return AtomicGraph(**moved)
+
+
+def has_cell_volume(atoms: Atoms) -> bool:
+    """True when the cell has three linearly independent vectors (a non-zero volume).
+
+    This is when a stress is defined, as for ASE's own calculators (EMT, LJ): a bulk crystal,
+    and also a slab or wire whose cell spans the vacuum (``pbc=[True, True, False]``), whose
+    in-plane stress drives a cell relaxation with a mask. A molecule without a cell has none.
+    """
+    return atoms.cell.volume > 1e-8
 
 
 def neighbour_pairs(atoms: Atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -205,7 +215,7 @@ def build_graph(
         batch.append(np.full(len(atoms), k))
         edges.append(np.stack([i, j]) + offset)
         shifts.append(S)
-        cells.append(atoms.cell.array if atoms.pbc.any() else np.zeros((3, 3)))
+        cells.append(atoms.cell.array)  # open axes: no image shifts; the volume gives a stress
         pbcs.append(atoms.pbc)
         ptr.append(offset + len(atoms))
     as_float = {"dtype": dtype, "device": device}

@@ -426,6 +426,19 @@ def test_cli_sevennet_text(backends, tmp_path, capsys):
     for letter in "spd":
         assert re.search(rf"^  {letter} +\d", out, re.MULTILINE), letter
     assert "more groups with" in out
+    # a shortened table lists the largest changed groups and never a group the delta left alone:
+    # without the element embedding, only the shared row has non-zeros
+    shared_only = SparseDelta(
+        {name: t for name, t in delta.tensors.items() if not name.startswith("onehot_to_feature_x")},
+        delta.metadata,
+    )
+    assert main(["inspect", str(shared_only.save(tmp_path / "shared.safetensors")), "--by", "element",
+                 "--max-rows", "5"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    element_table = out.split("By element")[1].split("\n\n")[0].splitlines()[2:]
+    rows = [line for line in element_table if not line.strip().startswith("...")]
+    assert [line.split()[0] for line in rows] == ["shared"]
+    assert all(int(line.split()[1].replace(",", "")) > 0 for line in rows), rows
 
 
 def test_cli_refuses_delta_without_base(tmp_path, capsys):

@@ -260,10 +260,11 @@ def test_structures_no_model_can_evaluate(mace_model_path, atoms, problem):
         atoms.get_potential_energy()
 
 
-def test_stress_of_a_slab_is_refused(mace_model_path):
+def test_stress_of_a_cell_without_volume_is_refused(mace_model_path):
     slab = bulk("Si", "diamond", a=5.43, cubic=True)
     slab.pbc = [True, True, False]
-    with pytest.raises(StressUndefinedError, match=r"slab\.xyz:frame 0: stress needs a cell"):
+    slab.cell[2] = 0.0  # periodic in-plane, no vacuum vector: no volume to divide the virial by
+    with pytest.raises(StressUndefinedError, match=r"slab\.xyz:frame 0: stress needs a cell with a non-zero"):
         SparseCalc(mace_model_path).batch_evaluate([slab], ["energy", "stress"], names=["slab.xyz:frame 0"])
 
 
@@ -319,6 +320,19 @@ def test_hand_built_frames_get_the_same_label_checks():
         Frame(si, -10.0, np.zeros((3, 3)), None, "mine:1")
     with pytest.raises(MissingLabelError, match=r"mine:2: stress has shape \(4,\)"):
         Frame(si, -10.0, np.zeros((2, 3)), np.zeros(4), "mine:2")
+
+
+def test_stress_labels_are_kept_where_the_calculator_gives_a_stress():
+    """A slab whose cell spans the vacuum keeps its stress label; a molecule without a cell drops it."""
+    voigt = np.full(6, 0.01)
+    slab = bulk("Si", "diamond", a=5.43, cubic=True)
+    slab.cell[2] *= 2.0
+    slab.pbc = [True, True, False]
+    slab.calc = SinglePointCalculator(slab, energy=-40.0, forces=np.zeros((8, 3)), stress=voigt)
+    assert frame_from_atoms(slab, "slab.xyz:frame 0").stress.shape == (3, 3)
+    water = molecule("H2O")
+    water.calc = SinglePointCalculator(water, energy=-14.0, forces=np.zeros((3, 3)), stress=voigt)
+    assert frame_from_atoms(water, "water.xyz:frame 0").stress is None
 
 
 def test_empty_and_unreadable_trajectories(tmp_path):

@@ -90,8 +90,33 @@ def test_forces_are_minus_energy_gradient(calc, structure, request):
         assert numeric == pytest.approx(analytic, abs=1e-5 + 1e-5 * abs(analytic))
 
 
-def test_stress_is_finite_strain_derivative(calc, silicon):
-    atoms = silicon.copy()
+def _silicon_slab(silicon: Atoms) -> Atoms:
+    """The sheared Si cell as a slab: open along z, with 6 Å of vacuum in its cell."""
+    slab = silicon.copy()
+    cell = slab.cell.array.copy()
+    cell[2] *= 1 + 6.0 / np.linalg.norm(cell[2])
+    slab.set_cell(cell, scale_atoms=False)
+    slab.pbc = [True, True, False]
+    return slab
+
+
+def _ethanol_in_box(ethanol: Atoms) -> Atoms:
+    """Ethanol in a 9 x 10 x 11 Å box that is not periodic (a cell with a volume)."""
+    boxed = ethanol.copy()
+    boxed.set_cell([9.0, 10.0, 11.0])
+    boxed.center()
+    boxed.pbc = False
+    return boxed
+
+
+@pytest.mark.parametrize("structure", ["silicon", "slab", "ethanol_in_box"])
+def test_stress_is_finite_strain_derivative(calc, silicon, ethanol, structure):
+    """Bulk, and (as for ASE's EMT) any cell with a volume: a slab with vacuum, a boxed molecule."""
+    atoms = {
+        "silicon": silicon,
+        "slab": _silicon_slab(silicon),
+        "ethanol_in_box": _ethanol_in_box(ethanol),
+    }[structure].copy()
     atoms.calc = calc
     stress = atoms.get_stress(voigt=False)
     volume = atoms.get_volume()
@@ -115,7 +140,7 @@ def test_results_for_molecule_and_crystal(calc, ethanol, silicon):
     assert np.isfinite(ethanol.get_potential_energy())
     assert ethanol.get_forces().shape == (9, 3)
     assert ethanol.get_potential_energy() == ethanol.get_potential_energy(force_consistent=True)
-    with pytest.raises(StressUndefinedError, match="periodic"):
+    with pytest.raises(StressUndefinedError, match="non-zero volume"):
         ethanol.get_stress()
     silicon.calc = calc
     assert silicon.get_stress().shape == (6,)

@@ -16,7 +16,7 @@ from ase.io import read
 
 from ase_sparsecalc import SparseCalc
 from ase_sparsecalc.cli import main
-from ase_sparsecalc.errors import DataFileError
+from ase_sparsecalc.errors import DataFileError, StructureError
 from ase_sparsecalc.structure_io import read_structure
 from ase_sparsecalc.testing import random_sparse_delta
 from ase_sparsecalc.workflows import (
@@ -167,6 +167,58 @@ def test_relax_matches_macecalculator_float64(mace_model_path, strained_si, monk
     np.testing.assert_allclose(ours.cellpar, ref.cellpar, atol=1e-5)
     np.testing.assert_allclose(ours.atoms.positions, ref.atoms.positions, atol=1e-5)
     assert ours.energy == pytest.approx(ref.energy, abs=1e-6)
+
+
+def test_relax_slab_cell_in_plane_only(sevennet64):
+    """A MoS2 monolayer (pbc=[T, T, F], vacuum along z) relaxes its in-plane lattice only.
+
+    From 3.30 Å and from 3.10 Å it reaches the same lattice constant as ASE's
+    FrechetCellFilter with the in-plane mask driving SevenNetCalculator, and the vacuum
+    vector does not move.
+    """
+    from ase.build import mx2
+    from ase.filters import FrechetCellFilter
+    from ase.optimize import BFGS
+
+    pytest.importorskip("sevenn")
+    results = [
+        relax(mx2("MoS2", "2H", a=a, thickness=3.19, vacuum=7.5), sevennet64, fmax=1e-3, cell=True,
+              optimizer="BFGS", steps=300)
+        for a in (3.30, 3.10)
+    ]  # fmt: skip
+    ref = mx2("MoS2", "2H", a=3.30, thickness=3.19, vacuum=7.5)
+    ref.calc = _sevennet_calculator()
+    assert BFGS(FrechetCellFilter(ref, mask=[1, 1, 0, 0, 0, 1]), logfile=None).run(fmax=1e-3, steps=300)
+    for result in results:
+        assert result.converged
+        assert result.atoms.pbc.tolist() == [True, True, False]
+        np.testing.assert_array_equal(result.atoms.cell[2], [0.0, 0.0, 3.19 + 2 * 7.5])
+        assert result.cellpar[0] == pytest.approx(ref.cell.cellpar()[0], abs=2e-3)
+        assert result.cellpar[5] == pytest.approx(120.0, abs=0.01)
+        in_plane = result.stress[[0, 1, 5]] * result.volume / len(result.atoms)  # eV per atom
+        assert np.abs(in_plane).max() < 1e-3
+    assert 3.10 < results[0].cellpar[0] < 3.30
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"pressure_GPa": 1.0}, "pressure and hydrostatic strain need a cell periodic in 3"),
+        ({"hydrostatic": True}, "pressure and hydrostatic strain need a cell periodic in 3"),
+        ({"tilt": True}, "must lie along the periodic axes"),
+        ({"no_vacuum_vector": True}, "a periodic cell with a non-zero volume"),
+    ],
+)
+def test_slab_cell_relaxation_refusals(sevennet64, change, problem):
+    from ase.build import mx2
+
+    slab = mx2("MoS2", "2H", a=3.19, thickness=3.19, vacuum=7.5)
+    if change.pop("tilt", False):
+        slab.rotate(20, "x", rotate_cell=True)
+    if change.pop("no_vacuum_vector", False):
+        slab.cell[2] = 0.0
+    with pytest.raises(StructureError, match=problem):
+        relax(slab, sevennet64, cell=True, **change)
 
 
 def test_relax_writes_trajectory_and_log(sevennet64, strained_si, tmp_path):

@@ -276,7 +276,7 @@ class Backend(ABC):
         graph : AtomicGraph
             Batched structures on this backend's device and dtype.
         compute_forces, compute_stress : bool
-            What to differentiate. Stress needs a 3-D periodic cell.
+            What to differentiate. Stress needs cells with a non-zero volume.
         training : bool
             Keep the autograd graph so that a loss on forces/stresses can be differentiated
             with respect to the weights.

@@ -184,7 +184,9 @@ def _header(path: str, s: dict[str, Any]) -> list[str]:
 def _limit(rows: list[dict[str, Any]], max_rows: int, size_key: str) -> tuple[list[dict[str, Any]], str]:
     if max_rows <= 0 or len(rows) <= max_rows:
         return rows, ""
-    keep = set(sorted(range(len(rows)), key=lambda k: -rows[k][size_key])[:max_rows])
+    # the largest groups; groups the delta leaves untouched go into the note, not the table
+    changed = [k for k in range(len(rows)) if rows[k][size_key] > 0]
+    keep = set(sorted(changed, key=lambda k: -rows[k][size_key])[:max_rows])
     dropped = [r for k, r in enumerate(rows) if k not in keep]
     note = (
         f"  ... {len(dropped)} more groups with {sum(r[size_key] for r in dropped):,} non-zeros "

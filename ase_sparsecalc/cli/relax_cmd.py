@@ -24,7 +24,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_structure_arguments(parser)
     add_model_arguments(parser)
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--cell", action="store_true", help="relax the cell too")
+    opt.add_argument(
+        "--cell", action="store_true", help="relax the cell too (of a slab: its periodic directions only)"
+    )
     opt.add_argument("--fmax", type=positive_float, default=0.01, metavar="EV_PER_A", help="(default: 0.01)")
     opt.add_argument("--optimizer", choices=OPTIMIZERS, default="FIRE", help="(default: FIRE)")
     opt.add_argument(

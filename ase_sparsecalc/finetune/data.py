@@ -26,6 +26,7 @@ from ..errors import (
     NonFiniteLabelError,
     StructureError,
 )
+from ..graph import has_cell_volume
 
 
 @dataclass
@@ -190,8 +191,8 @@ def frame_from_atoms(
         forces = forces.reshape(len(atoms), 3)
     if stress is not None:
         stress = _stress_matrix(_as_float_array(stress, where, "stress"), where)
-        if not (atoms.pbc.all() and atoms.cell.volume > 1e-8):
-            stress = None  # a stress without a 3-D cell has no meaning; ignore it
+        if not has_cell_volume(atoms):
+            stress = None  # a stress without a cell volume has no meaning; ignore it
     for name, value in (("energy", energy), ("forces", forces), ("stress", stress)):
         if value is not None and not np.all(np.isfinite(value)):
             raise NonFiniteLabelError(f"{where}: {name} contains NaN or inf")

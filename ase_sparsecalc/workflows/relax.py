@@ -13,6 +13,7 @@ from ase.calculators.calculator import Calculator
 
 from ..calculator import has_3d_cell
 from ..errors import StructureError
+from ..graph import has_cell_volume
 from ._output import streamed_frames, streamed_text
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,10 @@ def relax(
         Convergence threshold, eV/Å, on every atomic force and, with ``cell=True``, on the
         stress expressed as a force (``FrechetCellFilter`` scales it by the volume per atom).
     cell : bool
-        Also relax the cell, through :class:`ase.filters.FrechetCellFilter`.
+        Also relax the cell, through :class:`ase.filters.FrechetCellFilter`. For a slab or a
+        wire (periodic along some axes, a cell with vacuum along the others) only the periodic
+        directions relax: the in-plane lattice of a slab with ``pbc=[True, True, False]``,
+        while the vacuum vector is left as it is.
     optimizer : {"FIRE", "BFGS", "LBFGS"}
     steps : int
         Largest number of optimiser steps.
@@ -116,9 +120,9 @@ def relax(
     logfile : str or Path, optional
         The optimiser's text log.
     pressure_GPa : float
-        External pressure for the cell relaxation, GPa.
+        External pressure for the cell relaxation, GPa (3-D periodic cells only).
     hydrostatic : bool
-        Keep the cell shape and change the volume only.
+        Keep the cell shape and change the volume only (3-D periodic cells only).
 
     Returns
     -------
@@ -131,16 +135,14 @@ def relax(
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
     if not fmax > 0:
         raise ValueError(f"fmax must be positive (eV/Å), got {fmax}")
-    if cell and not has_3d_cell(atoms):
-        raise StructureError(
-            f"{atoms.get_chemical_formula()}: cell relaxation needs a cell periodic in 3 dimensions "
-            f"(pbc={atoms.pbc.tolist()}); relax without cell=True"
-        )
+    mask = periodic_strain_mask(atoms, pressure_GPa, hydrostatic) if cell else None
     atoms = atoms.copy()
     atoms.calc = calc
     initial_energy = float(atoms.get_potential_energy())
     target = (
-        FrechetCellFilter(atoms, scalar_pressure=pressure_GPa * units.GPa, hydrostatic_strain=hydrostatic)
+        FrechetCellFilter(
+            atoms, mask=mask, scalar_pressure=pressure_GPa * units.GPa, hydrostatic_strain=hydrostatic
+        )
         if cell
         else atoms
     )
@@ -161,8 +163,51 @@ def relax(
         steps=int(opt.get_number_of_steps()),
         energy=float(atoms.get_potential_energy()),
         max_force=float(np.linalg.norm(forces, axis=1).max()),
-        stress=atoms.get_stress() if has_3d_cell(atoms) else None,
+        stress=atoms.get_stress() if has_cell_volume(atoms) else None,
         initial_energy=initial_energy,
         wall_time_s=wall,
         files=files,
     )
+
+
+def periodic_strain_mask(
+    atoms: Atoms, pressure_GPa: float = 0.0, hydrostatic: bool = False
+) -> list[bool] | None:
+    """Strain components (Voigt: xx, yy, zz, yz, xz, xy) a cell relaxation may change.
+
+    None for a 3-D periodic cell (all of them). For a slab or a wire, the components within
+    the periodic Cartesian axes: ``[True, True, False, False, False, True]`` for
+    ``pbc=[True, True, False]``. That needs the periodic cell vectors to lie along those axes
+    (as ``ase.build`` makes slabs, with the vacuum along z).
+
+    Raises
+    ------
+    StructureError
+        Nothing is periodic, the cell has no volume, the periodic vectors leave their axes, or a
+        pressure or hydrostatic strain is asked for a cell that holds vacuum.
+    """
+    name = atoms.get_chemical_formula()
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    if has_3d_cell(atoms):
+        return None
+    if not pbc.any() or not has_cell_volume(atoms):
+        raise StructureError(
+            f"{name}: cell relaxation needs a periodic cell with a non-zero volume (pbc={pbc.tolist()}, "
+            f"cell {atoms.cell.array.round(6).tolist()}); relax without cell=True"
+        )
+    cell = atoms.cell.array
+    off_axis = np.abs(cell[np.ix_(pbc, ~pbc)]).max()
+    if off_axis > 1e-6 * np.abs(cell).max():
+        raise StructureError(
+            f"{name}: the periodic cell vectors must lie along the periodic axes "
+            f"{['xyz'[k] for k in np.flatnonzero(pbc)]} to relax them alone (a component of "
+            f"{off_axis:.3g} Å along an open axis); orient the structure with its vacuum along an "
+            "open Cartesian axis"
+        )
+    if pressure_GPa != 0.0 or hydrostatic:
+        raise StructureError(
+            f"{name}: pressure and hydrostatic strain need a cell periodic in 3 dimensions; this one is "
+            f"open along {['xyz'[k] for k in np.flatnonzero(~pbc)]}"
+        )
+    x, y, z = pbc.tolist()
+    return [x, y, z, y and z, x and z, x and y]
