@@ -72,8 +72,11 @@ def _sevennet_calculator():
     return SevenNetCalculator("7net-0", device="cpu")
 
 
-def _phonopy_reference(atoms: Atoms, calc, supercell: int) -> np.ndarray:
-    """Force constants from phonopy's own API with forces from an ASE calculator, one by one."""
+def _phonopy_reference(atoms: Atoms, calc, supercell: int | list[int]) -> np.ndarray:
+    """Force constants from phonopy's own API with forces from an ASE calculator, one by one.
+
+    Every supercell is 3-D periodic here, a slab's included (its vacuum exceeds the cutoff).
+    """
     from phonopy import Phonopy
     from phonopy.structure.atoms import PhonopyAtoms
 
@@ -82,7 +85,7 @@ def _phonopy_reference(atoms: Atoms, calc, supercell: int) -> np.ndarray:
         cell=atoms.cell.array,
         scaled_positions=atoms.get_scaled_positions(),
     )
-    ph = Phonopy(unit, supercell_matrix=np.eye(3, dtype=int) * supercell, primitive_matrix="auto")
+    ph = Phonopy(unit, supercell_matrix=np.diag(np.broadcast_to(supercell, 3)), primitive_matrix="auto")
     ph.generate_displacements(distance=0.01)
     forces = []
     for cell in ph.supercells_with_displacements:
@@ -260,9 +263,32 @@ def test_phonons_match_phonopy_with_sevennetcalculator():
     np.testing.assert_allclose(ours.force_constants, ref.force_constants, atol=2e-3)  # eV/Å², of ~9
     ours_freq = frequencies_at(ours, Q_GAMMA_X_L)
     ref_freq = ref.run_qpoints(Q_GAMMA_X_L).frequencies
-    assert np.abs(ours_freq[0, :3]).max() < 0.05  # row 0 is Gamma and np.abs(ref_freq[0, :3]).max() < 0.05
+    # row 0 is Gamma
+    assert np.abs(ours_freq[0, :3]).max() < 0.05
+    assert np.abs(ref_freq[0, :3]).max() < 0.05
     np.testing.assert_allclose(ours_freq[0, 3:], ref_freq[0, 3:], atol=0.01)
     np.testing.assert_allclose(ours_freq[1:], ref_freq[1:], atol=0.01)
+
+
+def test_phonons_of_a_monolayer(sevennet64):
+    """MoS2 (pbc=[T, T, F]): an n x n x 1 supercell, a 2-D q-mesh and ASE's 2-D band path
+    Γ-M-K-Γ; the force constants equal phonopy's own with every supercell made 3-D periodic
+    (the vacuum is wider than the cutoff, so the open axis changes nothing but the bookkeeping)."""
+    from ase.build import mx2
+
+    pytest.importorskip("sevenn")
+    layer = mx2("MoS2", "2H", a=3.19, thickness=3.13, vacuum=7.5)
+    ours = phonons(layer, sevennet64, supercell=3, mesh=(6, 6, 6), symmetrize=False,
+                   subtract_residual_forces=False, band_npoints=11)  # fmt: skip
+    np.testing.assert_array_equal(ours.supercell_matrix, np.diag([3, 3, 1]))
+    assert list(ours.mesh.mesh_numbers) == [6, 6, 1]
+    assert list(special_point_frequencies(ours)) == ["Γ", "M", "K"]
+    ref = _phonopy_reference(layer, sevennet64, supercell=[3, 3, 1])
+    np.testing.assert_allclose(ours.force_constants, ref.force_constants, atol=1e-8)
+    at_gamma = frequencies_at(ours, [[0.0, 0.0, 0.0]])[0]
+    assert np.abs(at_gamma[:3]).max() < 0.05 < at_gamma[3:].min()  # 3 acoustic, 6 optical modes
+    with pytest.raises(StructureError, match="must not repeat or mix that axis"):
+        phonons(layer, sevennet64, supercell=(3, 3, 3))
 
 
 def test_phonons_acoustic_sum_rule_and_delta_effect(sevennet64):

@@ -26,7 +26,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_model_arguments(parser)
     ph = parser.add_argument_group("phonons")
     ph.add_argument(
-        "--supercell", type=positive_int, nargs=3, default=[3, 3, 3], metavar="N", help="(default: 3 3 3)"
+        "--supercell",
+        type=positive_int,
+        nargs=3,
+        metavar="N",
+        help="(default: 3 along each periodic axis: 3 3 3, or 3 3 1 for a slab open along z)",
     )
     ph.add_argument(
         "--mesh", type=positive_int, nargs=3, default=[20, 20, 20], metavar="N", help="DOS q-mesh"
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     phonon = phonons(
         atoms,
         calc,
-        supercell=args.supercell,
+        supercell=3 if args.supercell is None else args.supercell,
         displacement=args.displacement,
         mesh=args.mesh,
         primitive=None if args.primitive == "none" else args.primitive,

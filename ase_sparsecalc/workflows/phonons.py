@@ -29,8 +29,8 @@ import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 
-from ..calculator import has_3d_cell
 from ..errors import StructureError
+from ._periodicity import open_axes
 
 logger = logging.getLogger(__name__)
 
@@ -129,17 +129,20 @@ def phonons(
     Parameters
     ----------
     atoms : ase.Atoms
-        Unit cell, periodic in 3 dimensions; relax it first (positions and cell).
+        Unit cell; relax it first (positions and cell). A 2-D material or a wire
+        (``pbc=[True, True, False]``, the vacuum in the cell along the open axis) gets the
+        supercell, q-mesh and band path of its periodic directions only (ASE's 2-D band paths).
     calc : ase Calculator
         A :class:`~ase_sparsecalc.SparseCalc` (its ``batch_evaluate`` evaluates all displaced
         supercells in batched model calls) or any ASE calculator (one call per supercell).
     supercell : int, 3 ints, or (3, 3) ints
         Supercell of ``atoms``, as a multiple or a matrix. It should be larger than twice the
         range of the force constants; for Si with SevenNet-0, 3x3x3 primitive cells is enough.
+        Along an open axis it is 1 (a multiple ``n`` means ``n x n x 1`` for a slab).
     displacement : float
         Atomic displacement, Å.
     mesh : 3 ints
-        Γ-centred q-mesh for the DOS and thermal properties.
+        Γ-centred q-mesh for the DOS and thermal properties (1 along an open axis).
     primitive : "auto", None, phonopy centring letter or (3, 3) matrix
         Primitive cell in terms of ``atoms``' cell. ``"auto"`` lets phonopy find it; None means
         ``atoms`` is primitive.
@@ -171,11 +174,9 @@ def phonons(
     """
     from phonopy import Phonopy
 
-    if not has_3d_cell(atoms):
-        raise StructureError(
-            f"{atoms.get_chemical_formula()}: phonons need a cell periodic in 3 dimensions "
-            f"(pbc={atoms.pbc.tolist()})"
-        )
+    open_ = open_axes(atoms, "phonons")
+    supercell_matrix = _supercell_matrix(supercell, open_)
+    mesh = [1 if k in open_ else int(n) for k, n in enumerate(mesh)]
     if not 0 < displacement < 0.2:
         raise ValueError(f"displacement must be in (0, 0.2) Å, got {displacement}")
     with warnings.catch_warnings():
@@ -183,14 +184,20 @@ def phonons(
         warnings.filterwarnings("ignore", message=r".*primitive_matrix defaulted to 'auto'.*")
         phonon = Phonopy(
             to_phonopy_atoms(atoms),
-            supercell_matrix=_supercell_matrix(supercell),
+            supercell_matrix=supercell_matrix,
             primitive_matrix="P" if primitive is None else primitive,  # phonopy 4 reads None as auto
             symprec=symprec,
             log_level=0,
         )
+    if open_.size:
+        open_axes(
+            Atoms(cell=phonon.primitive.cell, pbc=atoms.pbc), "phonons of the primitive cell phonopy chose"
+        )
     phonon.generate_displacements(distance=displacement)
-    displaced = [to_ase_atoms(s) for s in phonon.supercells_with_displacements]
-    structures = [*displaced, to_ase_atoms(phonon.supercell)] if subtract_residual_forces else displaced
+    displaced = [to_ase_atoms(s, atoms.pbc) for s in phonon.supercells_with_displacements]
+    structures = (
+        [*displaced, to_ase_atoms(phonon.supercell, atoms.pbc)] if subtract_residual_forces else displaced
+    )
     logger.info("phonons: %d displaced supercells of %d atoms", len(displaced), len(phonon.supercell))
     results = evaluate_forces(calc, structures, batch_size)
     forces = np.array([r["forces"] for r in results[: len(displaced)]])
@@ -204,8 +211,11 @@ def phonons(
     if symmetrize:
         phonon.symmetrize_force_constants()
 
-    run_band_structure(phonon, band_npoints)
-    phonon.run_mesh(list(mesh), is_gamma_center=True)
+    if open_.size:
+        _run_ase_band_path(phonon, band_npoints, pbc=atoms.pbc)  # seekpath knows 3-D paths only
+    else:
+        run_band_structure(phonon, band_npoints)
+    phonon.run_mesh(mesh, is_gamma_center=True)
     phonon.run_total_dos()
     t_min, t_max, t_step = temperatures
     # the three zero-frequency acoustic modes at Γ carry no vibrational free energy
@@ -228,14 +238,14 @@ def to_phonopy_atoms(atoms: Atoms):
     )
 
 
-def to_ase_atoms(cell) -> Atoms:
-    """``PhonopyAtoms`` -> periodic ASE ``Atoms``."""
+def to_ase_atoms(cell, pbc: Sequence[bool] = (True, True, True)) -> Atoms:
+    """``PhonopyAtoms`` -> ASE ``Atoms``, periodic along ``pbc`` (a slab's stay open along z)."""
     return Atoms(
         symbols=cell.symbols,
         cell=cell.cell,
         scaled_positions=cell.scaled_positions,
         masses=cell.masses,
-        pbc=True,
+        pbc=pbc,
     )
 
 
@@ -251,14 +261,24 @@ def evaluate_forces(calc: Calculator, structures: list[Atoms], batch_size: int |
     return results
 
 
-def _supercell_matrix(supercell) -> np.ndarray:
+def _supercell_matrix(supercell, open_axes: Sequence[int] = ()) -> np.ndarray:
+    """(3, 3) int supercell matrix; a multiple ``n`` is ``n`` along periodic axes, 1 along open ones."""
     arr = np.asarray(supercell, dtype=int)
     if arr.ndim == 0:
-        arr = np.full(3, int(arr))
+        arr = np.array([1 if k in open_axes else int(arr) for k in range(3)])
     if arr.shape == (3,):
         arr = np.diag(arr)
     if arr.shape != (3, 3) or abs(round(np.linalg.det(arr))) < 1:
         raise ValueError(f"supercell must be an int, 3 ints or a non-singular 3x3 matrix; got {supercell!r}")
+    for k in open_axes:
+        if not (
+            np.array_equal(arr[k], np.eye(3, dtype=int)[k])
+            and np.array_equal(arr[:, k], np.eye(3, dtype=int)[k])
+        ):
+            raise StructureError(
+                f"the structure is open along {'xyz'[k]}: the supercell must not repeat or mix that axis "
+                f"(1 on the diagonal, 0 beside it); got {arr.tolist()}"
+            )
     return arr
 
 
@@ -278,12 +298,12 @@ def run_band_structure(phonon, npoints: int = 101) -> None:
     phonon.auto_band_structure(npoints=npoints)
 
 
-def _run_ase_band_path(phonon, npoints: int) -> None:
+def _run_ase_band_path(phonon, npoints: int, pbc: Sequence[bool] = (True, True, True)) -> None:
     from ase.cell import Cell
     from ase.dft.kpoints import parse_path_string
     from phonopy.phonon.band_structure import get_band_qpoints_and_path_connections
 
-    bandpath = Cell(phonon.primitive.cell).bandpath(npoints=0)
+    bandpath = Cell(phonon.primitive.cell).bandpath(npoints=0, pbc=pbc)
     groups = parse_path_string(bandpath.path)
     paths = [[bandpath.special_points[name] for name in group] for group in groups]
     labels = ["$\\Gamma$" if name == "G" else f"$\\mathrm{{{name}}}$" for g in groups for name in g]

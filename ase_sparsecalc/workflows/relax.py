@@ -11,10 +11,10 @@ import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 
-from ..calculator import has_3d_cell
 from ..errors import StructureError
 from ..graph import has_cell_volume
 from ._output import streamed_frames, streamed_text
+from ._periodicity import open_axes
 
 logger = logging.getLogger(__name__)
 
@@ -177,37 +177,21 @@ def periodic_strain_mask(
 
     None for a 3-D periodic cell (all of them). For a slab or a wire, the components within
     the periodic Cartesian axes: ``[True, True, False, False, False, True]`` for
-    ``pbc=[True, True, False]``. That needs the periodic cell vectors to lie along those axes
-    (as ``ase.build`` makes slabs, with the vacuum along z).
+    ``pbc=[True, True, False]`` (see :func:`~ase_sparsecalc.workflows._periodicity.open_axes`).
 
     Raises
     ------
     StructureError
-        Nothing is periodic, the cell has no volume, the periodic vectors leave their axes, or a
-        pressure or hydrostatic strain is asked for a cell that holds vacuum.
+        No periodic cell, periodic vectors that leave their axes, or a pressure or hydrostatic
+        strain asked for a cell that holds vacuum.
     """
-    name = atoms.get_chemical_formula()
-    pbc = np.asarray(atoms.pbc, dtype=bool)
-    if has_3d_cell(atoms):
+    open_ = open_axes(atoms, "cell relaxation")
+    if open_.size == 0:
         return None
-    if not pbc.any() or not has_cell_volume(atoms):
-        raise StructureError(
-            f"{name}: cell relaxation needs a periodic cell with a non-zero volume (pbc={pbc.tolist()}, "
-            f"cell {atoms.cell.array.round(6).tolist()}); relax without cell=True"
-        )
-    cell = atoms.cell.array
-    off_axis = np.abs(cell[np.ix_(pbc, ~pbc)]).max()
-    if off_axis > 1e-6 * np.abs(cell).max():
-        raise StructureError(
-            f"{name}: the periodic cell vectors must lie along the periodic axes "
-            f"{['xyz'[k] for k in np.flatnonzero(pbc)]} to relax them alone (a component of "
-            f"{off_axis:.3g} Å along an open axis); orient the structure with its vacuum along an "
-            "open Cartesian axis"
-        )
     if pressure_GPa != 0.0 or hydrostatic:
         raise StructureError(
-            f"{name}: pressure and hydrostatic strain need a cell periodic in 3 dimensions; this one is "
-            f"open along {['xyz'[k] for k in np.flatnonzero(~pbc)]}"
+            f"{atoms.get_chemical_formula()}: pressure and hydrostatic strain need a cell periodic "
+            f"in 3 dimensions; this one is open along {', '.join('xyz'[k] for k in open_)}"
         )
-    x, y, z = pbc.tolist()
+    x, y, z = atoms.pbc.tolist()
     return [x, y, z, y and z, x and z, x and y]
