@@ -9,6 +9,7 @@ import torch
 from ase_sparsecalc import SparseCalc, load_backend
 
 
+@pytest.mark.filterwarnings("ignore:Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD:UserWarning")
 @pytest.mark.parametrize("structure", ["ethanol", "silicon"])
 def test_mace_agrees_with_macecalculator_float64(mace_model_path, structure, request, monkeypatch):
     # MACECalculator unpickles its model with weights_only off, via this variable that mace sets
