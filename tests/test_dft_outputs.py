@@ -1,4 +1,5 @@
-"""DFT codes' own output files go straight into fine-tuning (real files made with GPAW here)."""
+"""DFT codes' own output files go straight into fine-tuning: GPAW output made here, and the
+real VASP outputs (OUTCAR, vasprun.xml) that ASE ships with its own tests."""
 
 from __future__ import annotations
 
@@ -7,10 +8,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ase_sparsecalc.cli import main
 from ase_sparsecalc.finetune import finetune_with_report, read_frames
 
 GPAW_LOG = Path(__file__).parent / "data" / "gpaw_si_md.txt"
 SI_DATA = Path(__file__).parents[1] / "examples" / "data" / "si_pbesol.extxyz"
+
+
+def _ase_vasp_outputs() -> list[Path]:
+    """VASP outputs from ASE's test data: Ni18 (OUTCAR, spin-polarised), C2 with PSTRESS and
+    NaCl from a DFPT run (vasprun.xml)."""
+    import ase.test
+
+    folder = Path(ase.test.__file__).parent / "testdata" / "vasp"
+    paths = [folder / name for name in ("OUTCAR_example_1", "vasprun_pstress.xml", "vasprun_dfpt.xml")]
+    if not all(p.is_file() for p in paths):
+        pytest.skip("this ase installation has no VASP test data")
+    return paths
 
 
 def test_gpaw_text_output_gives_every_step_with_labels():
@@ -54,3 +68,40 @@ def test_ase_formats_round_trip_labels(tmp_path, fmt):
         assert frame.energy == pytest.approx(atoms.get_potential_energy(force_consistent=True))
         np.testing.assert_allclose(frame.forces, atoms.get_forces())
         np.testing.assert_allclose(frame.stress, atoms.get_stress(voigt=False))
+
+
+def test_vasp_outputs_give_free_energy_forces_and_stress():
+    """OUTCAR and vasprun.xml through ASE's readers: the free energy (whose derivatives the DFT
+    forces are), forces and the stress in eV/Å³ (ASE converts VASP's kBar), one frame each."""
+    import ase.io
+
+    paths = _ase_vasp_outputs()
+    frames = read_frames([str(p) for p in paths])
+    assert [f.atoms.get_chemical_formula() for f in frames] == ["Ni18", "C2", "ClNa"]
+    for frame, path in zip(frames, paths, strict=True):
+        atoms = ase.io.read(path)
+        assert frame.energy == pytest.approx(atoms.get_potential_energy(force_consistent=True))
+        np.testing.assert_allclose(frame.forces, atoms.get_forces())
+        np.testing.assert_allclose(frame.stress, atoms.get_stress(voigt=False))
+        assert str(path.name) in frame.source
+    # the PSTRESS run: vasprun.xml's e_fr_energy holds p V, which ASE removes
+    assert frames[1].energy == pytest.approx(-20.24695937)
+
+
+def test_cli_eval_and_shift_on_vasp_outputs(tmp_path, capsys):
+    """``sparsecalc eval`` on three VASP runs of different chemistry, then ``finetune --method
+    shift`` on them: per-element reference energies remove most of the energy error."""
+    import json
+
+    files = [str(p) for p in _ase_vasp_outputs()]
+    assert main(["eval", *files, "--base", "sevennet-0", "--json"]) == 0
+    before = json.loads(capsys.readouterr().out)
+    assert before["frames"] == 3 and before["stress_frames"] == 3
+    assert set(before["forces_mae_by_element"]) == {"Ni", "C", "Na", "Cl"}
+    delta = tmp_path / "vasp_shift.safetensors"
+    assert main(["finetune", *files, "--base", "sevennet-0", "--method", "shift", "-o", str(delta)]) == 0
+    capsys.readouterr()
+    assert main(["eval", *files, "--delta", str(delta), "--json"]) == 0
+    after = json.loads(capsys.readouterr().out)
+    assert after["energy_mae"] < 0.1 * before["energy_mae"]
+    assert after["forces_mae"] == pytest.approx(before["forces_mae"], rel=1e-6)  # shifts move no force
