@@ -175,7 +175,7 @@ def phonons(
     from phonopy import Phonopy
 
     open_ = open_axes(atoms, "phonons")
-    supercell_matrix = _supercell_matrix(supercell, open_)
+    supercell_matrix = _supercell_matrix(supercell, open_, atoms.get_chemical_formula())
     mesh = [1 if k in open_ else int(n) for k, n in enumerate(mesh)]
     if not 0 < displacement < 0.2:
         raise ValueError(f"displacement must be in (0, 0.2) Å, got {displacement}")
@@ -261,7 +261,7 @@ def evaluate_forces(calc: Calculator, structures: list[Atoms], batch_size: int |
     return results
 
 
-def _supercell_matrix(supercell, open_axes: Sequence[int] = ()) -> np.ndarray:
+def _supercell_matrix(supercell, open_axes: Sequence[int] = (), name: str = "the structure") -> np.ndarray:
     """(3, 3) int supercell matrix; a multiple ``n`` is ``n`` along periodic axes, 1 along open ones."""
     arr = np.asarray(supercell, dtype=int)
     if arr.ndim == 0:
@@ -276,7 +276,7 @@ def _supercell_matrix(supercell, open_axes: Sequence[int] = ()) -> np.ndarray:
             and np.array_equal(arr[:, k], np.eye(3, dtype=int)[k])
         ):
             raise StructureError(
-                f"the structure is open along {'xyz'[k]}: the supercell must not repeat or mix that axis "
+                f"{name} is open along {'xyz'[k]}: the supercell must not repeat or mix that axis "
                 f"(1 on the diagonal, 0 beside it); got {arr.tolist()}"
             )
     return arr
