@@ -322,6 +322,26 @@ def test_hand_built_frames_get_the_same_label_checks():
         Frame(si, -10.0, np.zeros((2, 3)), np.zeros(4), "mine:2")
 
 
+def test_labels_under_their_own_names_are_pointed_out(tmp_path):
+    """An extxyz file with MACE-style ``REF_energy``/``REF_forces``: the error names the keys."""
+    frames = []
+    for k in range(2):
+        water = molecule("H2O")
+        water.positions[0, 0] += 0.01 * k
+        water.info["REF_energy"] = -14.0 - 0.1 * k
+        water.arrays["REF_forces"] = np.full((3, 3), 0.1 * k)
+        frames.append(water)
+    path = tmp_path / "ref.extxyz"
+    write(path, frames)
+    with pytest.raises(MissingLabelError, match=r"ref\.extxyz.*no energy.*has REF_energy: pass --energy-key"):
+        read_frames(path)
+    with pytest.raises(MissingLabelError, match=r"no forces.*has REF_forces: pass --forces-key"):
+        read_frames(path, energy_key="REF_energy")
+    read = read_frames(path, energy_key="REF_energy", forces_key="REF_forces")
+    assert [f.energy for f in read] == [-14.0, -14.1]
+    np.testing.assert_allclose(read[1].forces, 0.1)
+
+
 def test_stress_labels_are_kept_where_the_calculator_gives_a_stress():
     """A slab whose cell spans the vacuum keeps its stress label; a molecule without a cell drops it."""
     voigt = np.full(6, 0.01)

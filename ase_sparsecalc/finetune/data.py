@@ -174,7 +174,10 @@ def frame_from_atoms(
     results = dict(atoms.calc.results) if atoms.calc is not None else {}
     energy = _label(atoms, results, energy_key, ("free_energy", "energy"), where, "energy")
     if energy is None:
-        raise MissingLabelError(f"{where}: no energy (looked for {energy_key or 'free_energy/energy'})")
+        raise MissingLabelError(
+            f"{where}: no energy (looked for {energy_key or 'free_energy/energy'})"
+            + _key_hint(atoms, "energy")
+        )
     forces = _label(atoms, results, forces_key, ("forces",), where, "forces", required=require_forces)
     stress = _label(atoms, results, stress_key, ("stress",), where, "stress", required=False)
     energy_array = _as_float_array(energy, where, "energy")
@@ -218,8 +221,30 @@ def _label(atoms, results, key, defaults, where, what, required=True):
         if name in atoms.arrays:
             return atoms.arrays[name]
     if required and what != "energy":
-        raise MissingLabelError(f"{where}: no {what} (looked for {', '.join(names)})")
+        raise MissingLabelError(
+            f"{where}: no {what} (looked for {', '.join(names)})" + _key_hint(atoms, what)
+        )
     return None
+
+
+def _key_hint(atoms: Atoms, what: str) -> str:
+    """``"; this frame has ... : pass --energy-key NAME"`` when keys of a likely name exist.
+
+    Training files often keep labels under their own names (``REF_energy``, ``DFT_forces``):
+    numbers in ``atoms.info`` for the energy, (n_atoms, 3) arrays for the forces.
+    """
+    stem = "force" if what == "forces" else what
+    if what == "energy":
+        found = [k for k, v in atoms.info.items() if stem in k.lower() and np.ndim(v) == 0]
+    else:
+        found = [
+            k
+            for k, v in {**atoms.info, **atoms.arrays}.items()
+            if stem in k.lower() and np.size(v) == 3 * len(atoms)
+        ]
+    if not found:
+        return ""
+    return f"; the frame has {', '.join(sorted(found))}: pass --{what}-key NAME ({what}_key= in Python)"
 
 
 def _stress_matrix(stress: np.ndarray, where: str) -> np.ndarray:
