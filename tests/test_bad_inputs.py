@@ -41,7 +41,7 @@ from ase_sparsecalc.errors import (
     StructureError,
     UnknownElementError,
 )
-from ase_sparsecalc.finetune import FinetuneConfig, finetune, read_frames
+from ase_sparsecalc.finetune import FinetuneConfig, finetune, finetune_with_report, read_frames
 from ase_sparsecalc.finetune.data import Frame, frame_from_atoms
 from ase_sparsecalc.graph import build_graph
 from ase_sparsecalc.testing import random_sparse_delta
@@ -401,9 +401,27 @@ def test_duplicate_frames_are_named(mace_model_path, tmp_path):
     path = tmp_path / "dup.extxyz"
     write(path, [*frames, frames[1]])
     with pytest.raises(
-        DuplicateFrameError, match=r"dup\.extxyz:frame 4: same structure as .*dup\.extxyz:frame 1"
+        DuplicateFrameError, match=r"dup\.extxyz:frame 4: same structure as .*dup\.extxyz:frame 1.*--drop-dup"
     ):
         finetune(mace_model_path, str(path), **FAST)
+
+
+def test_restarted_run_with_drop_duplicates(mace_model_path, tmp_path, caplog):
+    """Two files of one run restarted from its last structure: the repeat is dropped, once."""
+    frames = water_frames(6)
+    first, second = tmp_path / "run1.extxyz", tmp_path / "run2.extxyz"
+    write(first, frames[:3])
+    write(second, [frames[2], *frames[3:]])  # starts where run 1 stopped
+    with pytest.raises(
+        DuplicateFrameError, match=r"run2\.extxyz:frame 0: same structure as .*run1\.extxyz:frame 2"
+    ):
+        finetune(mace_model_path, [str(first), str(second)], **FAST)
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        result = finetune_with_report(
+            mace_model_path, [str(first), str(second)], drop_duplicates=True, **FAST
+        )
+    assert result.report["data"]["frames"] == 6  # valid_fraction 0: all of them train
+    assert "dropped " in caplog.text and "run2.extxyz:frame 0" in caplog.text
 
 
 def test_unusable_checkpoint_on_resume(mace_model_path, tmp_path):

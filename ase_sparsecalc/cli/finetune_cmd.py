@@ -30,6 +30,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--energy-key", help="info key (or calculator result) holding energies")
     p.add_argument("--forces-key", help="arrays key (or calculator result) holding forces")
     p.add_argument("--stress-key", help="info key (or calculator result) holding stresses")
+    p.add_argument(
+        "--drop-duplicates",
+        action="store_true",
+        help="keep the first of repeated structures (e.g. a restarted run's first frame) instead of stopping",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     defaults = FinetuneConfig()
     g = p.add_argument_group("method")
@@ -151,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         energy_key=args.energy_key,
         forces_key=args.forces_key,
         stress_key=args.stress_key,
+        drop_duplicates=args.drop_duplicates,
     )
     from ..finetune.distributed import is_main_process
 

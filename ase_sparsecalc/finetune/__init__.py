@@ -27,6 +27,7 @@ from .data import (
     Frame,
     check_duplicates,
     dataset_summary,
+    drop_duplicate_frames,
     read_frames,
     read_isolated_atom_energies,
     split_frames,
@@ -70,7 +71,7 @@ def finetune(
     **options
         :class:`FinetuneConfig` fields (``method``, ``density``, ``epochs``, ``lr``, ...) and
         ``output`` (delta path), ``report_dir``, ``checkpoint_dir``, ``resume``, ``progress``,
-        ``isolated_atoms``, ``energy_key``, ``forces_key``, ``stress_key``.
+        ``isolated_atoms``, ``energy_key``, ``forces_key``, ``stress_key``, ``drop_duplicates``.
 
     Returns
     -------
@@ -94,14 +95,17 @@ def finetune_with_report(
     energy_key: str | None = None,
     forces_key: str | None = None,
     stress_key: str | None = None,
+    drop_duplicates: bool = False,
     config: FinetuneConfig | None = None,
     callbacks: Sequence = (),
     **options,
 ) -> FinetuneResult:
     """:func:`finetune`, also returning the report (and writing it when ``report_dir`` is set).
 
-    Under ``torchrun`` (``WORLD_SIZE > 1``) the processes train data-parallel (see
-    :mod:`.distributed`); every rank returns the same delta and only rank 0 writes files.
+    ``drop_duplicates=True`` keeps the first of repeated structures (a restarted run's first
+    frame, say) instead of refusing them. Under ``torchrun`` (``WORLD_SIZE > 1``) the processes
+    train data-parallel (see :mod:`.distributed`); every rank returns the same delta and only
+    rank 0 writes files.
     """
     config = config or FinetuneConfig(**options)
     with distributed_session(config.device) as process:
@@ -119,6 +123,7 @@ def finetune_with_report(
             energy_key=energy_key,
             forces_key=forces_key,
             stress_key=stress_key,
+            drop_duplicates=drop_duplicates,
             config=config,
             callbacks=callbacks,
         )
@@ -139,6 +144,7 @@ def _finetune_in_session(
     energy_key: str | None,
     forces_key: str | None,
     stress_key: str | None,
+    drop_duplicates: bool,
     config: FinetuneConfig,
     callbacks: Sequence,
 ) -> FinetuneResult:
@@ -148,6 +154,9 @@ def _finetune_in_session(
     backend = load_backend(base, device=process.device, dtype=config.dtype)
     train_frames = _frames(train, keys)
     valid_frames = _frames(valid, keys) if valid is not None else None
+    if drop_duplicates:  # before the split, so that no pair straddles train and validation
+        train_frames, valid_frames = drop_duplicate_frames(train_frames, valid_frames or [])
+        valid_frames = valid_frames if valid is not None else None
     if valid_frames is None:
         train_frames, valid_frames = split_frames(train_frames, config.valid_fraction, config.seed)
     check_duplicates(train_frames + valid_frames)

@@ -9,6 +9,7 @@ extxyz, .traj, vasprun.xml, OUTCAR, espresso-out, GPAW text output, ...) or from
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from ..errors import (
     StructureError,
 )
 from ..graph import has_cell_volume
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -274,8 +277,31 @@ def check_duplicates(frames: Sequence[Frame]) -> None:
     for frame in frames:
         key = frame_hash(frame)
         if key in seen:
-            raise DuplicateFrameError(f"{frame.source}: same structure as {seen[key]}")
+            raise DuplicateFrameError(
+                f"{frame.source}: same structure as {seen[key]}; remove one, or pass "
+                "--drop-duplicates (drop_duplicates=True) to keep the first of each"
+            )
         seen[key] = frame.source
+
+
+def drop_duplicate_frames(*groups: Sequence[Frame]) -> tuple[list[Frame], ...]:
+    """The frame groups (e.g. train, valid) without repeated structures, first occurrence kept.
+
+    A run restarted from its last structure (VASP's CONTCAR) repeats that structure as the
+    first frame of the next file; this keeps one of them. Each dropped frame is logged.
+    """
+    seen: dict[str, str] = {}
+    kept: list[list[Frame]] = []
+    for group in groups:
+        kept.append([])
+        for frame in group:
+            key = frame_hash(frame)
+            if key in seen:
+                logger.warning("dropped %s: same structure as %s", frame.source, seen[key])
+                continue
+            seen[key] = frame.source
+            kept[-1].append(frame)
+    return tuple(kept)
 
 
 def dataset_summary(frames: Sequence[Frame], files: Sequence[str] = ()) -> dict:
