@@ -406,6 +406,32 @@ def test_cli_relax(si_files, tmp_path, capsys):
     assert relaxed.cell.cellpar()[0] != pytest.approx(SI_A / np.sqrt(2), abs=1e-3)
 
 
+def test_cli_relax_and_phonons_of_a_monolayer(tmp_path, capsys):
+    """extxyz keeps pbc=[T, T, F]: --cell relaxes the in-plane lattice, and the default
+    supercell of the phonons is 3 x 3 x 1 (27 atoms for MoS2)."""
+    from ase.build import mx2
+    from ase.io import write
+
+    pytest.importorskip("sevenn")
+    start, relaxed_file = tmp_path / "mos2.extxyz", tmp_path / "relaxed.extxyz"
+    write(start, mx2("MoS2", "2H", a=3.25, thickness=3.19, vacuum=7.5))
+    assert (
+        main(
+            ["relax", str(start), "--cell", "--fmax", "0.005", "--optimizer", "BFGS", "-o", str(relaxed_file)]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "vacuum included" in out and "pressure" not in out
+    relaxed = read(relaxed_file)
+    assert relaxed.pbc.tolist() == [True, True, False]
+    assert relaxed.cell.cellpar()[0] < 3.24 and relaxed.cell.cellpar()[2] == pytest.approx(3.19 + 15.0)
+    assert main(["phonons", str(relaxed_file), "--mesh", "6", "6", "6", "-o", str(tmp_path / "ph")]) == 0
+    out = capsys.readouterr().out
+    assert "supercells of 27 atoms" in out and "K:" in out
+    assert (tmp_path / "ph" / "band.yaml").is_file()
+
+
 def test_cli_phonons(si_files, tmp_path, capsys):
     prim, _ = si_files
     out_dir = tmp_path / "ph"

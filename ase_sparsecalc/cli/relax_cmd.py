@@ -86,10 +86,15 @@ def summary_lines(result) -> list[str]:
     if result.stress is not None:
         s = result.stress_gpa
         a, b, c, alpha, beta, gamma = result.cellpar
+        bulk = bool(result.atoms.pbc.all())
         lines += [
-            "  stress (GPa, xx yy zz yz xz xy): "
+            (
+                "  stress (GPa, xx yy zz yz xz xy): "
+                if bulk
+                else "  stress over the cell, vacuum included (GPa): "
+            )
             + " ".join(f"{x:+.4f}" for x in s)
-            + f"; pressure {result.pressure_gpa:+.4f} GPa",
+            + (f"; pressure {result.pressure_gpa:+.4f} GPa" if bulk else ""),
             f"  cell: a={a:.5f} b={b:.5f} c={c:.5f} Å, α={alpha:.3f} β={beta:.3f} γ={gamma:.3f}°",
             f"  volume: {result.volume:.4f} Å^3 ({result.volume / n:.4f} Å^3/atom)",
         ]
