@@ -135,6 +135,27 @@ def test_stress_is_finite_strain_derivative(calc, silicon, ethanol, structure):
         assert numeric == pytest.approx(stress[i, j], abs=1e-6 + 1e-4 * abs(stress[i, j])), (i, j)
 
 
+def test_small_cell_and_its_supercell_agree(calc):
+    """A 2-atom Si cell (every neighbour within the cutoff is a periodic image, several per
+    atom pair) and its 2 x 3 x 1 supercell: the same energy per atom, forces and stress."""
+    from ase.build import bulk
+
+    cell = bulk("Si", "diamond", a=5.43)
+    cell.positions[1] += [0.05, -0.03, 0.02]
+    cell.set_cell(
+        cell.cell.array @ np.diag([1.01, 0.98, 1.0]),
+        scale_atoms=True,
+    )
+    big = cell.repeat((2, 3, 1))
+    small_out, big_out = _evaluate(calc, cell), _evaluate(calc, big)
+    assert big_out["energy"] / len(big) == pytest.approx(
+        small_out["energy"] / len(cell), abs=1e-9 + 1e-9 * abs(small_out["energy"])
+    )
+    np.testing.assert_allclose(big_out["forces"], np.tile(small_out["forces"], (6, 1)), atol=1e-8)
+    np.testing.assert_allclose(big_out["stress"], small_out["stress"], atol=1e-9)
+    assert np.abs(small_out["forces"]).max() > 1e-3  # the displacement gives forces to compare
+
+
 def test_results_for_molecule_and_crystal(calc, ethanol, silicon):
     ethanol.calc = calc
     assert np.isfinite(ethanol.get_potential_energy())
