@@ -62,8 +62,10 @@ class SparseCalc(Calculator):
     Notes
     -----
     ``energy`` and ``free_energy`` are the same (eV); ``forces`` are eV/Å; ``stress`` is in
-    eV/Å³, Voigt order (xx, yy, zz, yz, xz, xy), positive under tension, and only exists for
-    structures periodic in three dimensions. ``energies`` (per atom) is not provided.
+    eV/Å³, Voigt order (xx, yy, zz, yz, xz, xy), positive under tension, and exists for cells
+    with a volume. ``energies`` are the model's per-atom energies (eV, shape (n,), each with its
+    element's energy shift); they sum to ``energy`` but, like any such split, are a model's
+    bookkeeping rather than an observable.
 
     A repeated request for the same structure (same positions, cell, numbers and pbc) is
     answered from the stored results without calling the model (ASE's ``check_state``).
@@ -76,7 +78,7 @@ class SparseCalc(Calculator):
     >>> si.get_potential_energy(), si.get_stress()                  # doctest: +SKIP
     """
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress"]  # noqa: RUF012
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]  # noqa: RUF012
 
     def __init__(
         self,
@@ -134,7 +136,7 @@ class SparseCalc(Calculator):
         properties: Sequence[str] = ("energy",),
         system_changes: Sequence[str] = tuple(all_changes),
     ) -> None:
-        """Fill ``self.results`` with energy, free_energy, forces and (cells with a volume) stress."""
+        """Fill ``self.results``: energy, free_energy, energies, forces and (cells with a volume) stress."""
         super().calculate(atoms, properties, system_changes)
         self.results = self.batch_evaluate([self.atoms], properties)[0]
 
@@ -167,7 +169,8 @@ class SparseCalc(Calculator):
         Returns
         -------
         list of dict
-            Per structure: ``energy``, ``free_energy`` (eV), ``forces`` (n, 3) eV/Å and, for
+            Per structure: ``energy``, ``free_energy`` (eV), ``energies`` (n,) eV per atom,
+            ``forces`` (n, 3) eV/Å and, for
             cells with a volume, ``stress`` (6,) eV/Å³ in ASE's Voigt order (the virial over
             the whole cell volume, vacuum included).
         """
@@ -209,6 +212,9 @@ class SparseCalc(Calculator):
         energy = out.energy.detach().to("cpu", torch.float64).numpy()
         forces = out.forces.detach().to("cpu", torch.float64).numpy()
         stress = out.stress.detach().to("cpu", torch.float64).numpy() if compute_stress else None
+        atom_energies = None
+        if out.atom_energies is not None:
+            atom_energies = out.atom_energies.detach().to("cpu", torch.float64).numpy()
         ptr = np.concatenate([[0], np.cumsum([len(a) for a in chunk])])
         results = []
         for g in range(len(chunk)):
@@ -217,6 +223,8 @@ class SparseCalc(Calculator):
                 "free_energy": float(energy[g]),
                 "forces": forces[ptr[g] : ptr[g + 1]].copy(),
             }
+            if atom_energies is not None:
+                res["energies"] = atom_energies[ptr[g] : ptr[g + 1]].copy()
             if stress is not None:
                 s = stress[g]
                 res["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])

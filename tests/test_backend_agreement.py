@@ -23,6 +23,7 @@ def test_mace_agrees_with_macecalculator_float64(mace_model_path, structure, req
     ref = atoms.copy()
     ref.calc = MACECalculator(model_paths=mace_model_path, device="cpu", default_dtype="float64")
     assert ours.get_potential_energy() == pytest.approx(ref.get_potential_energy(), abs=1e-6)
+    np.testing.assert_allclose(ours.get_potential_energies(), ref.get_potential_energies(), atol=1e-6)
     np.testing.assert_allclose(ours.get_forces(), ref.get_forces(), atol=1e-5)
     if atoms.pbc.all():
         np.testing.assert_allclose(ours.get_stress(), ref.get_stress(), atol=1e-6)
@@ -37,6 +38,7 @@ def test_sevennet_agrees_with_sevennetcalculator_float32(structure, request):
     ref = atoms.copy()
     ref.calc = sevenn_calc.SevenNetCalculator("7net-0", device="cpu")
     assert ours.get_potential_energy() == pytest.approx(ref.get_potential_energy(), abs=1e-4)
+    np.testing.assert_allclose(ours.get_potential_energies(), ref.get_potential_energies(), atol=1e-4)
     np.testing.assert_allclose(ours.get_forces(), ref.get_forces(), atol=1e-4)
     if atoms.pbc.all():
         np.testing.assert_allclose(ours.get_stress(), ref.get_stress(), atol=1e-6)

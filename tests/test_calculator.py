@@ -168,6 +168,28 @@ def test_results_for_molecule_and_crystal(calc, ethanol, silicon):
     assert np.abs(silicon.get_forces().sum(axis=0)).max() < 1e-8  # Newton's third law
 
 
+def test_per_atom_energies(calc, ethanol):
+    """``energies`` sum to the energy, carry each element's shift and do not change when the
+    molecule is rotated and moved."""
+    atoms = ethanol.copy()
+    atoms.calc = calc
+    per_atom = atoms.get_potential_energies()
+    assert per_atom.shape == (9,)
+    assert per_atom.sum() == pytest.approx(atoms.get_potential_energy(), abs=1e-9)
+    moved = atoms.copy()
+    moved.positions = atoms.positions @ random_rotation(seed=5).T + [1.0, -2.0, 0.5]
+    moved.calc = calc
+    np.testing.assert_allclose(moved.get_potential_energies(), per_atom, atol=1e-8)
+    shifts = {"C": 1.5, "H": -0.25, "O": 0.75}
+    calc.set_delta(None)  # the same random delta as the fixture's, drawn from the bare weights
+    calc.set_delta(
+        random_sparse_delta(calc.backend, density=0.03, relative_scale=0.3, seed=7, energy_shifts=shifts)
+    )
+    shifted = calc.get_potential_energies(atoms)
+    expected = np.array([shifts[symbol] for symbol in atoms.get_chemical_symbols()])
+    np.testing.assert_allclose(shifted - per_atom, expected, atol=1e-9)
+
+
 def test_batch_evaluate_matches_single_calls(calc, ethanol, silicon):
     batch = calc.batch_evaluate([ethanol, silicon, ethanol], properties=["energy", "forces"])
     for atoms, res in zip([ethanol, silicon, ethanol], batch, strict=True):

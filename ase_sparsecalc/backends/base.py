@@ -167,11 +167,15 @@ class ModelOutput:
     energy : (G,) tensor, eV
     forces : (N, 3) tensor, eV/Å, or None
     stress : (G, 3, 3) tensor, eV/Å³ (ASE sign: positive under tension), or None
+    atom_energies : (N,) tensor, eV, or None
+        The model's per-atom energies, which sum to ``energy`` per structure (MACE's node
+        energies with their E0, SevenNet's atomic energies).
     """
 
     energy: torch.Tensor
     forces: torch.Tensor | None = None
     stress: torch.Tensor | None = None
+    atom_energies: torch.Tensor | None = None
 
 
 @dataclass
@@ -290,6 +294,10 @@ class Backend(ABC):
         out = self._model_outputs(graph, compute_forces, compute_stress, training, parameters)
         shifts = self._device_shift_table[graph.numbers]
         out.energy = out.energy + torch.zeros_like(out.energy).index_add_(0, graph.batch, shifts)
+        if out.atom_energies is not None:
+            out.atom_energies = (
+                out.atom_energies.reshape(-1) + shifts
+            )  # each atom carries its element's shift
         return out
 
     def _call_model(self, parameters: dict[str, torch.Tensor] | None, *args, **kwargs):

@@ -73,6 +73,7 @@ class MaceBackend(Backend):
             energy=out["energy"],
             forces=out.get("forces") if compute_forces else None,
             stress=None if stress is None else stress.reshape(-1, 3, 3),
+            atom_energies=out.get("node_energy"),
         )
 
     def weight_infos(self) -> list[WeightInfo]:

@@ -58,7 +58,8 @@ class SevenNetBackend(Backend):
         if compute_stress:
             voigt = -out[KEY.PRED_STRESS].reshape(-1, 6)[:, _VOIGT_TO_ASE]
             stress = _voigt_to_matrix(voigt)
-        return ModelOutput(energy=energy, forces=forces, stress=stress)
+        atom_energies = out.get(KEY.ATOMIC_ENERGY)
+        return ModelOutput(energy=energy, forces=forces, stress=stress, atom_energies=atom_energies)
 
     def weight_infos(self) -> list[WeightInfo]:
         from e3nn import o3
