@@ -224,6 +224,26 @@ def test_slab_cell_relaxation_refusals(sevennet64, change, problem):
         relax(slab, sevennet64, cell=True, **change)
 
 
+def test_relax_fix_symmetry_keeps_a_saddle_point(sevennet64):
+    """A linear carbon chain (a wire) with nearly equal bonds: free, it dimerises (the Peierls
+    distortion towards polyyne, lower in energy); with ``fix_symmetry`` the bonds stay equal."""
+    pytest.importorskip("sevenn")
+    chain = Atoms("C2", positions=[[5, 5, 0], [5, 5, 1.283]], cell=[10, 10, 2.56], pbc=[False, False, True])
+
+    def bonds(result):
+        z, c = result.atoms.positions[:, 2], result.atoms.cell[2, 2]
+        first = (z[1] - z[0]) % c
+        return first, c - first
+
+    free = relax(chain, sevennet64, fmax=1e-4, cell=True, optimizer="BFGS", steps=500)
+    kept = relax(chain, sevennet64, fmax=1e-4, cell=True, optimizer="BFGS", steps=500, fix_symmetry=True,
+                 symprec=0.01)  # fmt: skip
+    assert free.converged and kept.converged
+    assert abs(np.subtract(*bonds(kept))) < 1e-6
+    assert abs(np.subtract(*bonds(free))) > 0.01
+    assert free.energy < kept.energy
+
+
 def test_relax_writes_trajectory_and_log(sevennet64, strained_si, tmp_path):
     traj, log = tmp_path / "opt.traj", tmp_path / "opt.log"
     result = relax(strained_si, sevennet64, fmax=0.05, optimizer="FIRE", trajectory=traj, logfile=log)

@@ -36,6 +36,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--pressure", type=float, default=0.0, metavar="GPA", help="external pressure (with --cell)"
     )
     opt.add_argument("--hydrostatic", action="store_true", help="keep the cell shape (with --cell)")
+    opt.add_argument(
+        "--fix-symmetry", action="store_true", help="keep the starting space group (ASE's FixSymmetry)"
+    )
     out = parser.add_argument_group("output")
     out.add_argument(
         "-o", "--output", default="relaxed.extxyz", help="relaxed structure (default: relaxed.extxyz)"
@@ -65,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         logfile=args.log,
         pressure_GPa=args.pressure,
         hydrostatic=args.hydrostatic,
+        fix_symmetry=args.fix_symmetry,
     )
     write_structure(args.output, result.atoms, format=fmt)
     for line in summary_lines(result):

@@ -95,6 +95,8 @@ def relax(
     logfile: str | Path | None = None,
     pressure_GPa: float = 0.0,
     hydrostatic: bool = False,
+    fix_symmetry: bool = False,
+    symprec: float = 1e-5,
 ) -> RelaxResult:
     """Relax a copy of ``atoms``: positions, and with ``cell=True`` also the cell.
 
@@ -123,6 +125,11 @@ def relax(
         External pressure for the cell relaxation, GPa (3-D periodic cells only).
     hydrostatic : bool
         Keep the cell shape and change the volume only (3-D periodic cells only).
+    fix_symmetry : bool
+        Keep the starting structure's space group (:class:`ase.constraints.FixSymmetry`: forces
+        and stress are symmetrised, so numerical noise cannot lower the symmetry).
+    symprec : float
+        Symmetry tolerance for ``fix_symmetry``, Å.
 
     Returns
     -------
@@ -137,6 +144,10 @@ def relax(
         raise ValueError(f"fmax must be positive (eV/Å), got {fmax}")
     mask = periodic_strain_mask(atoms, pressure_GPa, hydrostatic) if cell else None
     atoms = atoms.copy()
+    if fix_symmetry:
+        from ase.constraints import FixSymmetry
+
+        atoms.set_constraint([*atoms.constraints, FixSymmetry(atoms, symprec=symprec)])
     atoms.calc = calc
     initial_energy = float(atoms.get_potential_energy())
     target = (
