@@ -105,3 +105,32 @@ def test_cli_eval_and_shift_on_vasp_outputs(tmp_path, capsys):
     after = json.loads(capsys.readouterr().out)
     assert after["energy_mae"] < 0.1 * before["energy_mae"]
     assert after["forces_mae"] == pytest.approx(before["forces_mae"], rel=1e-6)  # shifts move no force
+
+
+def test_virials_become_stresses(tmp_path):
+    """A file with MACE-style ``REF_virial`` (eV, 3x3) and no stress: ``virial_key`` gives
+    stress = -virial / volume, the stress the DFT code reported."""
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from ase_sparsecalc.errors import ConfigError, MissingLabelError
+
+    images = ase.io.read(SI_DATA, "0:3")
+    relabelled = []
+    for atoms in images:
+        copy = atoms.copy()
+        copy.info["REF_virial"] = -atoms.get_stress(voigt=False) * atoms.get_volume()
+        copy.calc = SinglePointCalculator(
+            copy, energy=atoms.get_potential_energy(), forces=atoms.get_forces()
+        )
+        relabelled.append(copy)
+    path = tmp_path / "virials.extxyz"
+    ase.io.write(path, relabelled)
+    assert all(f.stress is None for f in read_frames(str(path)))
+    frames = read_frames(str(path), virial_key="REF_virial")
+    for frame, atoms in zip(frames, images, strict=True):
+        np.testing.assert_allclose(frame.stress, atoms.get_stress(voigt=False), atol=1e-10)
+    with pytest.raises(MissingLabelError, match=r"virials\.extxyz.*no virial under 'virial'"):
+        read_frames(str(path), virial_key="virial")
+    with pytest.raises(ConfigError, match="stress_key or virial_key"):
+        read_frames(str(path), stress_key="stress", virial_key="REF_virial")

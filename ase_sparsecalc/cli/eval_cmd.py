@@ -25,6 +25,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--energy-key", help="info key (or calculator result) holding energies")
     p.add_argument("--forces-key", help="arrays key (or calculator result) holding forces")
     p.add_argument("--stress-key", help="info key (or calculator result) holding stresses")
+    p.add_argument("--virial-key", help="info key holding virials (eV); stress = -virial / volume")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=run)
 
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         energy_key=args.energy_key,
         forces_key=args.forces_key,
         stress_key=args.stress_key,
+        virial_key=args.virial_key,
         require_forces=False,
     )
     calc = make_calculator(args)

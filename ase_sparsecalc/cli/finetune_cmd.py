@@ -30,6 +30,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--energy-key", help="info key (or calculator result) holding energies")
     p.add_argument("--forces-key", help="arrays key (or calculator result) holding forces")
     p.add_argument("--stress-key", help="info key (or calculator result) holding stresses")
+    p.add_argument("--virial-key", help="info key holding virials (eV); stress = -virial / volume")
     p.add_argument(
         "--drop-duplicates",
         action="store_true",
@@ -156,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         energy_key=args.energy_key,
         forces_key=args.forces_key,
         stress_key=args.stress_key,
+        virial_key=args.virial_key,
         drop_duplicates=args.drop_duplicates,
     )
     from ..finetune.distributed import is_main_process

@@ -71,7 +71,8 @@ def finetune(
     **options
         :class:`FinetuneConfig` fields (``method``, ``density``, ``epochs``, ``lr``, ...) and
         ``output`` (delta path), ``report_dir``, ``checkpoint_dir``, ``resume``, ``progress``,
-        ``isolated_atoms``, ``energy_key``, ``forces_key``, ``stress_key``, ``drop_duplicates``.
+        ``isolated_atoms``, ``energy_key``, ``forces_key``, ``stress_key``, ``virial_key``,
+        ``drop_duplicates``.
 
     Returns
     -------
@@ -95,6 +96,7 @@ def finetune_with_report(
     energy_key: str | None = None,
     forces_key: str | None = None,
     stress_key: str | None = None,
+    virial_key: str | None = None,
     drop_duplicates: bool = False,
     config: FinetuneConfig | None = None,
     callbacks: Sequence = (),
@@ -123,6 +125,7 @@ def finetune_with_report(
             energy_key=energy_key,
             forces_key=forces_key,
             stress_key=stress_key,
+            virial_key=virial_key,
             drop_duplicates=drop_duplicates,
             config=config,
             callbacks=callbacks,
@@ -144,13 +147,19 @@ def _finetune_in_session(
     energy_key: str | None,
     forces_key: str | None,
     stress_key: str | None,
+    virial_key: str | None,
     drop_duplicates: bool,
     config: FinetuneConfig,
     callbacks: Sequence,
 ) -> FinetuneResult:
     started = time.monotonic()
     torch.manual_seed(config.seed)
-    keys = {"energy_key": energy_key, "forces_key": forces_key, "stress_key": stress_key}
+    keys = {
+        "energy_key": energy_key,
+        "forces_key": forces_key,
+        "stress_key": stress_key,
+        "virial_key": virial_key,
+    }
     backend = load_backend(base, device=process.device, dtype=config.dtype)
     train_frames = _frames(train, keys)
     valid_frames = _frames(valid, keys) if valid is not None else None

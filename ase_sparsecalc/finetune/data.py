@@ -92,6 +92,7 @@ def read_frames(
     forces_key: str | None = None,
     stress_key: str | None = None,
     require_forces: bool = True,
+    virial_key: str | None = None,
 ) -> list[Frame]:
     """Read labelled frames from files (any ASE format) or from ``Atoms`` objects.
 
@@ -106,6 +107,9 @@ def read_frames(
         that name) instead of the calculator's energy/forces/stress.
     require_forces : bool
         Refuse frames without forces.
+    virial_key : str, optional
+        Read the stress from a virial under this key instead (eV; 3x3, 9 or Voigt 6 values), as
+        MACE's ``virials_key`` does: stress = -virial / volume (eV/Å³).
 
     Raises
     ------
@@ -117,7 +121,9 @@ def read_frames(
     frames: list[Frame] = []
     for spec in sources:
         for atoms, where in _read_structures(spec, index):
-            frames.append(frame_from_atoms(atoms, where, energy_key, forces_key, stress_key, require_forces))
+            frames.append(
+                frame_from_atoms(atoms, where, energy_key, forces_key, stress_key, require_forces, virial_key)
+            )
     if not frames:
         raise EmptyDatasetError(f"{', '.join(map(str, sources))}: no frames to read")
     return frames
@@ -170,8 +176,11 @@ def frame_from_atoms(
     forces_key: str | None = None,
     stress_key: str | None = None,
     require_forces: bool = True,
+    virial_key: str | None = None,
 ) -> Frame:
-    """Turn one labelled ``Atoms`` into a :class:`Frame` (labels validated)."""
+    """Turn one labelled ``Atoms`` into a :class:`Frame` (labels validated; see :func:`read_frames`)."""
+    if stress_key and virial_key:
+        raise ConfigError("give stress_key or virial_key, not both")
     if len(atoms) == 0:
         raise StructureError(f"{where}: the frame has no atoms")
     results = dict(atoms.calc.results) if atoms.calc is not None else {}
@@ -182,7 +191,10 @@ def frame_from_atoms(
             + _key_hint(atoms, "energy")
         )
     forces = _label(atoms, results, forces_key, ("forces",), where, "forces", required=require_forces)
-    stress = _label(atoms, results, stress_key, ("stress",), where, "stress", required=False)
+    if virial_key:
+        stress = _stress_from_virial(atoms, results, virial_key, where)
+    else:
+        stress = _label(atoms, results, stress_key, ("stress",), where, "stress", required=False)
     energy_array = _as_float_array(energy, where, "energy")
     if energy_array.size != 1:
         raise MissingLabelError(f"{where}: energy has {energy_array.size} values; expected one number")
@@ -248,6 +260,17 @@ def _key_hint(atoms: Atoms, what: str) -> str:
     if not found:
         return ""
     return f"; the frame has {', '.join(sorted(found))}: pass --{what}-key NAME ({what}_key= in Python)"
+
+
+def _stress_from_virial(atoms: Atoms, results: dict, key: str, where: str) -> np.ndarray | None:
+    """Stress (3, 3) eV/Å³ from a virial label (eV): -virial / volume, MACE's convention."""
+    virial = _label(atoms, results, key, (key,), where, "virial", required=False)
+    if virial is None:
+        raise MissingLabelError(f"{where}: no virial under {key!r}")
+    if not has_cell_volume(atoms):
+        return None
+    matrix = _stress_matrix(_as_float_array(virial, where, "virial"), where)
+    return -matrix / atoms.cell.volume
 
 
 def _stress_matrix(stress: np.ndarray, where: str) -> np.ndarray:
