@@ -170,9 +170,8 @@ class SparseCalc(Calculator):
         -------
         list of dict
             Per structure: ``energy``, ``free_energy`` (eV), ``energies`` (n,) eV per atom,
-            ``forces`` (n, 3) eV/Å and, for
-            cells with a volume, ``stress`` (6,) eV/Å³ in ASE's Voigt order (the virial over
-            the whole cell volume, vacuum included).
+            ``forces`` (n, 3) eV/Å and, for cells with a volume, ``stress`` (6,) eV/Å³ in ASE's
+            Voigt order (the virial over the whole cell volume, vacuum included).
         """
         structures = list(structures)
         if names is None:

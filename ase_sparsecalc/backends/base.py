@@ -294,10 +294,8 @@ class Backend(ABC):
         out = self._model_outputs(graph, compute_forces, compute_stress, training, parameters)
         shifts = self._device_shift_table[graph.numbers]
         out.energy = out.energy + torch.zeros_like(out.energy).index_add_(0, graph.batch, shifts)
-        if out.atom_energies is not None:
-            out.atom_energies = (
-                out.atom_energies.reshape(-1) + shifts
-            )  # each atom carries its element's shift
+        if out.atom_energies is not None:  # each atom carries its element's shift
+            out.atom_energies = out.atom_energies.reshape(-1) + shifts
         return out
 
     def _call_model(self, parameters: dict[str, torch.Tensor] | None, *args, **kwargs):

@@ -164,8 +164,9 @@ def _finetune_in_session(
     train_frames = _frames(train, keys)
     valid_frames = _frames(valid, keys) if valid is not None else None
     if drop_duplicates:  # before the split, so that no pair straddles train and validation
-        train_frames, valid_frames = drop_duplicate_frames(train_frames, valid_frames or [])
-        valid_frames = valid_frames if valid is not None else None
+        train_frames, kept_valid = drop_duplicate_frames(train_frames, valid_frames or [])
+        if valid_frames is not None:
+            valid_frames = kept_valid
     if valid_frames is None:
         train_frames, valid_frames = split_frames(train_frames, config.valid_fraction, config.seed)
     check_duplicates(train_frames + valid_frames)

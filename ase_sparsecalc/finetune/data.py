@@ -294,17 +294,25 @@ def frame_hash(frame: Frame, decimals: int = 6) -> str:
     return digest.hexdigest()
 
 
-def check_duplicates(frames: Sequence[Frame]) -> None:
-    """Raise :class:`DuplicateFrameError` if two frames hold the same structure."""
+def _earlier_copies(frames: Sequence[Frame]) -> list[str | None]:
+    """For each frame, the source of an earlier frame with the same structure, or None."""
     seen: dict[str, str] = {}
+    earlier: list[str | None] = []
     for frame in frames:
         key = frame_hash(frame)
-        if key in seen:
+        earlier.append(seen.get(key))
+        seen.setdefault(key, frame.source)
+    return earlier
+
+
+def check_duplicates(frames: Sequence[Frame]) -> None:
+    """Raise :class:`DuplicateFrameError` if two frames hold the same structure."""
+    for frame, first in zip(frames, _earlier_copies(frames), strict=True):
+        if first is not None:
             raise DuplicateFrameError(
-                f"{frame.source}: same structure as {seen[key]}; remove one, or pass "
+                f"{frame.source}: same structure as {first}; remove one, or pass "
                 "--drop-duplicates (drop_duplicates=True) to keep the first of each"
             )
-        seen[key] = frame.source
 
 
 def drop_duplicate_frames(*groups: Sequence[Frame]) -> tuple[list[Frame], ...]:
@@ -313,17 +321,16 @@ def drop_duplicate_frames(*groups: Sequence[Frame]) -> tuple[list[Frame], ...]:
     A run restarted from its last structure (VASP's CONTCAR) repeats that structure as the
     first frame of the next file; this keeps one of them. Each dropped frame is logged.
     """
-    seen: dict[str, str] = {}
+    earlier = iter(_earlier_copies([frame for group in groups for frame in group]))
     kept: list[list[Frame]] = []
     for group in groups:
         kept.append([])
         for frame in group:
-            key = frame_hash(frame)
-            if key in seen:
-                logger.warning("dropped %s: same structure as %s", frame.source, seen[key])
-                continue
-            seen[key] = frame.source
-            kept[-1].append(frame)
+            first = next(earlier)
+            if first is None:
+                kept[-1].append(frame)
+            else:
+                logger.warning("dropped %s: same structure as %s", frame.source, first)
     return tuple(kept)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from ase import Atoms
 
@@ -35,18 +37,18 @@ def open_axes(atoms: Atoms, task: str) -> np.ndarray:
             f"{name}: {task} needs a periodic cell with a non-zero volume (pbc={pbc.tolist()}, "
             f"cell {atoms.cell.array.round(6).tolist()}); a slab or wire must hold its vacuum in the cell"
         )
-    if pbc.all():
-        return np.flatnonzero(~pbc)
-    cell = atoms.cell.array
-    off_axis = np.abs(cell[np.ix_(pbc, ~pbc)]).max()
-    if off_axis > 1e-6 * np.abs(cell).max():
-        raise StructureError(
-            f"{name}: for {task} the periodic cell vectors must lie along the periodic axes "
-            f"{_axis_names(np.flatnonzero(pbc))} (a component of {off_axis:.3g} Å along an open "
-            "axis); orient the structure with its vacuum along an open Cartesian axis"
-        )
+    if not pbc.all():
+        cell = atoms.cell.array
+        off_axis = np.abs(cell[np.ix_(pbc, ~pbc)]).max()
+        if off_axis > 1e-6 * np.abs(cell).max():
+            raise StructureError(
+                f"{name}: for {task} the periodic cell vectors must lie along the periodic axes "
+                f"{axis_names(np.flatnonzero(pbc))} (a component of {off_axis:.3g} Å along an open "
+                "axis); orient the structure with its vacuum along an open Cartesian axis"
+            )
     return np.flatnonzero(~pbc)
 
 
-def _axis_names(axes: np.ndarray) -> str:
+def axis_names(axes: Sequence[int]) -> str:
+    """``"x, z"`` for axes ``[0, 2]``."""
     return ", ".join("xyz"[k] for k in axes)

@@ -261,16 +261,16 @@ def evaluate_forces(calc: Calculator, structures: list[Atoms], batch_size: int |
     return results
 
 
-def _supercell_matrix(supercell, open_axes: Sequence[int] = (), name: str = "the structure") -> np.ndarray:
+def _supercell_matrix(supercell, open_: Sequence[int] = (), name: str = "the structure") -> np.ndarray:
     """(3, 3) int supercell matrix; a multiple ``n`` is ``n`` along periodic axes, 1 along open ones."""
     arr = np.asarray(supercell, dtype=int)
     if arr.ndim == 0:
-        arr = np.array([1 if k in open_axes else int(arr) for k in range(3)])
+        arr = np.array([1 if k in open_ else int(arr) for k in range(3)])
     if arr.shape == (3,):
         arr = np.diag(arr)
     if arr.shape != (3, 3) or abs(round(np.linalg.det(arr))) < 1:
         raise ValueError(f"supercell must be an int, 3 ints or a non-singular 3x3 matrix; got {supercell!r}")
-    for k in open_axes:
+    for k in open_:
         if not (
             np.array_equal(arr[k], np.eye(3, dtype=int)[k])
             and np.array_equal(arr[:, k], np.eye(3, dtype=int)[k])

@@ -14,7 +14,7 @@ from ase.calculators.calculator import Calculator
 from ..errors import StructureError
 from ..graph import has_cell_volume
 from ._output import streamed_frames, streamed_text
-from ._periodicity import open_axes
+from ._periodicity import axis_names, open_axes
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def periodic_strain_mask(
     if pressure_GPa != 0.0 or hydrostatic:
         raise StructureError(
             f"{atoms.get_chemical_formula()}: pressure and hydrostatic strain need a cell periodic "
-            f"in 3 dimensions; this one is open along {', '.join('xyz'[k] for k in open_)}"
+            f"in 3 dimensions; this one is open along {axis_names(open_)}"
         )
     x, y, z = atoms.pbc.tolist()
     return [x, y, z, y and z, x and z, x and y]
