@@ -1,5 +1,6 @@
 """DFT codes' own output files go straight into fine-tuning: GPAW output made here, and the
-real VASP outputs (OUTCAR, vasprun.xml) that ASE ships with its own tests."""
+real VASP outputs (OUTCAR, vasprun.xml) and Quantum ESPRESSO outputs that ASE ships with its
+own tests."""
 
 from __future__ import annotations
 
@@ -68,6 +69,68 @@ def test_ase_formats_round_trip_labels(tmp_path, fmt):
         assert frame.energy == pytest.approx(atoms.get_potential_energy(force_consistent=True))
         np.testing.assert_allclose(frame.forces, atoms.get_forces())
         np.testing.assert_allclose(frame.stress, atoms.get_stress(voigt=False))
+
+
+def _ase_espresso_outputs(folder: Path) -> list[Path]:
+    """Quantum ESPRESSO pw.x outputs that ASE's own tests carry as text: a spin-polarised
+    Fe2H relaxation (v5.3) and a variable-cell Si2 relaxation (v7.4), written as ``*.out``."""
+    try:
+        from ase.test.fio import test_espresso
+    except ImportError:
+        pytest.skip("this ase installation has no Quantum ESPRESSO test outputs")
+    texts = {"feh_relax.out": "pw_output_text", "si_vc_relax.out": "pw_output_cell"}
+    paths = []
+    for name, attribute in texts.items():
+        text = getattr(test_espresso, attribute, None)
+        if not isinstance(text, str) or "Program PWSCF" not in text:
+            pytest.skip("this ase installation has no Quantum ESPRESSO test outputs")
+        (folder / name).write_text(text)
+        paths.append(folder / name)
+    return paths
+
+
+def test_espresso_outputs_give_every_step_with_labels(tmp_path):
+    """pw.x relaxations read as every ionic step, in eV, eV/Å and eV/Å³ (pw.x writes Ry, Ry/bohr
+    and kbar); the variable-cell run's cells change from step to step."""
+    import ase.io
+
+    feh, si = _ase_espresso_outputs(tmp_path)
+    frames = read_frames([str(feh), str(si)])
+    assert [f.atoms.get_chemical_formula() for f in frames] == ["HFe2"] * 2 + ["Si2"] * 3
+    for frame, atoms in zip(frames, ase.io.read(feh, ":") + ase.io.read(si, ":"), strict=True):
+        assert frame.energy == pytest.approx(atoms.get_potential_energy(force_consistent=True))
+        np.testing.assert_allclose(frame.forces, atoms.get_forces())
+        np.testing.assert_allclose(frame.stress, atoms.get_stress(voigt=False))
+        assert frame.atoms.pbc.all() and frame.n_atoms in (2, 3)
+    assert frames[2].source.startswith(str(si))
+    volumes = [f.atoms.get_volume() for f in frames[2:]]
+    assert volumes[0] != pytest.approx(volumes[1])
+    si_energies = [f.energy for f in frames[2:]]
+    assert si_energies[-1] < si_energies[0]  # a relaxation goes downhill
+
+
+def test_cli_shift_on_espresso_outputs(tmp_path, capsys):
+    """``sparsecalc finetune --method shift`` straight from pw.x outputs of two chemistries, then
+    ``eval``: the per-element references take the energy error from eV per atom to well below.
+    A vc-relax ends with an SCF at the final geometry in a fresh basis, so its last two steps
+    are the same structure: refused by name until ``--drop-duplicates`` keeps the first."""
+    import json
+
+    files = [str(p) for p in _ase_espresso_outputs(tmp_path)]
+    assert main(["eval", *files, "--base", "sevennet-0", "--json"]) == 0
+    before = json.loads(capsys.readouterr().out)
+    assert before["frames"] == 5 and before["stress_frames"] == 5
+    delta = tmp_path / "qe_shift.safetensors"
+    command = ["finetune", *files, "--base", "sevennet-0", "--method", "shift", "-o", str(delta)]
+    assert main(command) == 2
+    assert "si_vc_relax.out:frame 2: same structure as" in capsys.readouterr().err
+    assert not delta.exists()
+    assert main([*command, "--drop-duplicates"]) == 0
+    capsys.readouterr()
+    assert main(["eval", *files, "--delta", str(delta), "--json"]) == 0
+    after = json.loads(capsys.readouterr().out)
+    assert after["energy_mae"] < 0.01 * before["energy_mae"]
+    assert after["forces_mae"] == pytest.approx(before["forces_mae"], rel=1e-6)
 
 
 def test_vasp_outputs_give_free_energy_forces_and_stress():
