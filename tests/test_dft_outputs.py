@@ -123,7 +123,9 @@ def test_cli_shift_on_espresso_outputs(tmp_path, capsys):
     delta = tmp_path / "qe_shift.safetensors"
     command = ["finetune", *files, "--base", "sevennet-0", "--method", "shift", "-o", str(delta)]
     assert main(command) == 2
-    assert "si_vc_relax.out:frame 2: same structure as" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "si_vc_relax.out:frame 2: same structure as" in error
+    assert "si_vc_relax.out:frame 1 (DFT energies 6.06 meV apart)" in error
     assert not delta.exists()
     assert main([*command, "--drop-duplicates"]) == 0
     capsys.readouterr()

@@ -294,15 +294,23 @@ def frame_hash(frame: Frame, decimals: int = 6) -> str:
     return digest.hexdigest()
 
 
-def _earlier_copies(frames: Sequence[Frame]) -> list[str | None]:
-    """For each frame, the source of an earlier frame with the same structure, or None."""
-    seen: dict[str, str] = {}
-    earlier: list[str | None] = []
+def _earlier_copies(frames: Sequence[Frame]) -> list[Frame | None]:
+    """For each frame, the earlier frame with the same structure, or None."""
+    seen: dict[str, Frame] = {}
+    earlier: list[Frame | None] = []
     for frame in frames:
         key = frame_hash(frame)
         earlier.append(seen.get(key))
-        seen.setdefault(key, frame.source)
+        seen.setdefault(key, frame)
     return earlier
+
+
+def _same_structure(frame: Frame, first: Frame) -> str:
+    """``"same structure as <source> (...)"``, saying how far apart the two DFT energies are:
+    a repeated frame has the same energy, a recomputation (a fresh basis) a different one."""
+    gap = abs(frame.energy - first.energy) * 1000.0
+    energies = "the same DFT energy" if gap < 1e-3 else f"DFT energies {gap:.3g} meV apart"
+    return f"same structure as {first.source} ({energies})"
 
 
 def check_duplicates(frames: Sequence[Frame]) -> None:
@@ -310,7 +318,7 @@ def check_duplicates(frames: Sequence[Frame]) -> None:
     for frame, first in zip(frames, _earlier_copies(frames), strict=True):
         if first is not None:
             raise DuplicateFrameError(
-                f"{frame.source}: same structure as {first}; remove one, or pass "
+                f"{frame.source}: {_same_structure(frame, first)}; remove one, or pass "
                 "--drop-duplicates (drop_duplicates=True) to keep the first of each"
             )
 
@@ -319,7 +327,8 @@ def drop_duplicate_frames(*groups: Sequence[Frame]) -> tuple[list[Frame], ...]:
     """The frame groups (e.g. train, valid) without repeated structures, first occurrence kept.
 
     A run restarted from its last structure (VASP's CONTCAR) repeats that structure as the
-    first frame of the next file; this keeps one of them. Each dropped frame is logged.
+    first frame of the next file; a Quantum ESPRESSO ``vc-relax`` ends with an SCF at its last
+    geometry in a fresh basis. This keeps one of them. Each dropped frame is logged.
     """
     earlier = iter(_earlier_copies([frame for group in groups for frame in group]))
     kept: list[list[Frame]] = []
@@ -330,7 +339,7 @@ def drop_duplicate_frames(*groups: Sequence[Frame]) -> tuple[list[Frame], ...]:
             if first is None:
                 kept[-1].append(frame)
             else:
-                logger.warning("dropped %s: same structure as %s", frame.source, first)
+                logger.warning("dropped %s: %s", frame.source, _same_structure(frame, first))
     return tuple(kept)
 
 
