@@ -401,7 +401,8 @@ def test_duplicate_frames_are_named(mace_model_path, tmp_path):
     path = tmp_path / "dup.extxyz"
     write(path, [*frames, frames[1]])
     with pytest.raises(
-        DuplicateFrameError, match=r"dup\.extxyz:frame 4: same structure as .*dup\.extxyz:frame 1 \(the same DFT energy\).*--drop-dup"
+        DuplicateFrameError,
+        match=r"dup\.extxyz:frame 4: same structure as .*dup\.extxyz:frame 1 \(the same DFT energy\).*--drop",
     ):
         finetune(mace_model_path, str(path), **FAST)
 
