@@ -226,6 +226,52 @@ def test_resume_gives_the_same_delta(mace_model_path, frames, tmp_path):
         assert torch.equal(resumed.tensors[name].values, t.values)
 
 
+def _assert_same_delta(a: SparseDelta, b: SparseDelta) -> None:
+    assert list(a.tensors) == list(b.tensors)
+    for name, t in b.tensors.items():
+        assert torch.equal(a.tensors[name].indices, t.indices)
+        assert torch.equal(a.tensors[name].values, t.values)
+
+
+def test_time_budget_plans_the_run_that_fits(mace_model_path, frames):
+    """A time budget sets the number of epochs before training and undoes its timing steps: an
+    ample budget gives exactly the configured run; a tiny one a whole one-epoch run, its density
+    schedule finished; each the same delta as the run configured with those epochs."""
+    options = {**FAST, "epochs": 3, "density": 0.05}
+
+    def run(**extra):
+        return finetune_with_report(mace_model_path, frames[:8], frames[8:10], **{**options, **extra})
+
+    ample, configured = run(time_budget=1e6), run()
+    tiny, one_epoch = run(time_budget=1e-3), run(epochs=1)
+    assert ample.report["training"]["epochs_planned"] == 3 == ample.report["training"]["epochs_run"]
+    assert "epochs_planned" not in configured.report["training"]
+    assert tiny.report["training"]["epochs_planned"] == 1 == tiny.report["training"]["epochs_run"]
+    assert tiny.report["training"]["stop_reason"] == "epochs"
+    assert tiny.delta.density == pytest.approx(0.05, abs=0.002)
+    _assert_same_delta(ample.delta, configured.delta)
+    _assert_same_delta(tiny.delta, one_epoch.delta)
+
+
+def test_cli_time_budget_reports_its_plan(mace_model_path, tmp_path, capsys):
+    from ase_sparsecalc.cli import main
+
+    output = tmp_path / "budget.safetensors"
+    argv = ["finetune", ETHANOL + "@:6", "--base", mace_model_path, "-o", str(output)]
+    argv += ["--epochs", "4", "--batch-size", "3", "--time-budget", "0.001", "--no-progress"]
+    assert main(argv) == 0
+    assert "time budget: planned 1 epochs, ran 1" in capsys.readouterr().out
+    assert SparseDelta.load(output).density == pytest.approx(0.03, abs=0.002)
+
+
+@pytest.mark.parametrize("name", ["time_budget", "max_time"])
+def test_time_limits_must_be_positive(name):
+    from ase_sparsecalc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{name} must be a positive number of seconds"):
+        FinetuneConfig(**{name: 0.0})
+
+
 def test_sevennet_short_finetune_on_real_dft(dft_frames):
     pytest.importorskip("sevenn")
     result = finetune_with_report(

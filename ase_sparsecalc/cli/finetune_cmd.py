@@ -90,7 +90,17 @@ def add_parser(subparsers) -> None:
     )
     t.add_argument("--huber", type=float, dest="huber_delta", help="Huber loss with this transition")
     t.add_argument("--patience", type=int, help="early stopping patience in epochs")
-    t.add_argument("--max-time", type=float, help="wall-clock limit in seconds")
+    t.add_argument(
+        "--max-time",
+        type=float,
+        help="wall-clock limit in seconds: stops the run part-way (--resume continues it)",
+    )
+    t.add_argument(
+        "--time-budget",
+        type=float,
+        help="seconds for training: plans fewer epochs (at most --epochs) so that the run, "
+        "its learning-rate and density schedules included, finishes in about this time",
+    )
     t.add_argument("--dtype", default=defaults.dtype, choices=["float32", "float64"])
     t.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto")
     p.set_defaults(func=run)
@@ -139,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         max_time=args.max_time,
+        time_budget=args.time_budget,
         optimizer=args.optimizer,
         hard_threshold=None if args.threshold is None else args.threshold == "hard",
         masked_decay=args.masked_decay,
@@ -183,6 +194,10 @@ def format_summary(report: dict, paths: dict) -> str:
         before, after = report["before"][split].get(key), report["after"][split].get(key)
         if before is not None and after is not None:
             lines.append(f"  {label:30s}{before:12.3f}{after:14.3f}")
+    training = report.get("training", {})
+    if "epochs_planned" in training:
+        planned, ran = training["epochs_planned"], training["epochs_run"]
+        lines.append(f"time budget: planned {planned} epochs, ran {ran}")
     lines.append(
         f"wall time {report['wall_time_s']:.1f} s; " + ", ".join(f"{k}: {v}" for k, v in paths.items())
     )

@@ -22,6 +22,7 @@ from ..backends.base import PathSegment
 from ..delta import DeltaMetadata, SparseDelta
 from ..graph import build_graph
 from .batches import make_batches, predict
+from .budget import plan_epochs
 from .config import FinetuneConfig
 from .data import (
     Frame,
@@ -225,6 +226,8 @@ def _finetune_in_session(
             else:
                 where = checkpoint or "(no checkpoint directory given)"
                 logger.warning("no checkpoint at %s to resume from: starting afresh", where)
+        if config.time_budget is not None and trainer.state.step == 0:
+            plan_epochs(trainer, config.time_budget)
         state = trainer.train(progress=progress)
         tensors = method.export()
         history = state.history
@@ -233,6 +236,8 @@ def _finetune_in_session(
             "best_epoch": state.best_epoch,
             "stop_reason": state.stop_reason,
         }
+        if state.planned_epochs is not None:
+            state_info["epochs_planned"] = state.planned_epochs
 
     delta = SparseDelta(
         tensors, _metadata(backend, config, shifts, train_frames, valid_frames, train, trainable)

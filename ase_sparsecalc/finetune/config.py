@@ -65,7 +65,13 @@ class FinetuneConfig:
     dtype, device : str
         Where and in which precision to train.
     max_time : float or None
-        Wall-clock limit in seconds; training stops cleanly (and checkpoints) when reached.
+        Wall-clock limit in seconds; training stops cleanly (and checkpoints) when reached,
+        with its schedules unfinished (``resume`` continues it).
+    time_budget : float or None
+        Seconds the training loop should take: a few timed steps before training (undone
+        afterwards) measure an epoch, and the run is planned to the smaller of ``epochs`` and
+        the whole epochs that fit, so the learning-rate and density schedules finish in the
+        budget (:mod:`.budget`). The report gives ``epochs_planned``.
     refit_shifts : bool
         Re-fit the per-element energy shifts after training.
     straight_through : bool
@@ -120,6 +126,7 @@ class FinetuneConfig:
     dtype: str = "float32"
     device: str = "cpu"
     max_time: float | None = None
+    time_budget: float | None = None
     refit_shifts: bool = True
     straight_through: bool = True
     learn_thresholds: bool | None = None
@@ -165,6 +172,10 @@ class FinetuneConfig:
             )
             self.hard_threshold = resolved.hard_threshold
             self.learn_thresholds = resolved.learn_thresholds
+        for name in ("max_time", "time_budget"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value}")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ConfigError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
         weights = ("energy_weight", "forces_weight", "stress_weight")

@@ -59,6 +59,9 @@ class TrainingState:
     best_epoch : int
     stop_reason : str
         "" while running; "epochs", "early_stopping" or "max_time" at the end.
+    planned_epochs : int or None
+        Epochs chosen to fit ``FinetuneConfig.time_budget`` (:mod:`.budget`); None: the
+        configured number.
     """
 
     epoch: int = 0
@@ -67,6 +70,7 @@ class TrainingState:
     best_loss: float = math.inf
     best_epoch: int = -1
     stop_reason: str = ""
+    planned_epochs: int | None = None
 
 
 class Trainer:
@@ -112,15 +116,24 @@ class Trainer:
         self.weights = LossWeights(
             config.energy_weight, config.forces_weight, config.stress_weight, config.huber_delta
         )
-        self.total_steps = config.epochs * len(self.train_batches)
+        self.state = TrainingState()
         self.optimizer = make_optimizer(
             config.optimizer, method.parameter_groups(config.lr, config.weight_decay)
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.state = TrainingState()
         self._best_method_state: dict | None = None
 
     # ------------------------------------------------------------------ schedule
+    @property
+    def epochs(self) -> int:
+        """Epochs of this run: the configured number, or fewer planned to fit a time budget."""
+        return self.state.planned_epochs or self.config.epochs
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run; the schedules run over them."""
+        return self.epochs * len(self.train_batches)
+
     def _lr_factor(self, step: int) -> float:
         warmup = max(1, int(0.02 * self.total_steps))
         if step < warmup:
@@ -142,14 +155,14 @@ class Trainer:
             start = max(start, self.config.prune_end_fraction)
         if self.method.name == "l1":
             start = max(start, self.method.prune_at)
-        return epoch / self.config.epochs >= start
+        return epoch / self.epochs >= start
 
     # ------------------------------------------------------------------ loop
     def train(self, progress: bool = True) -> TrainingState:
         """Run (or continue) training until epochs, early stopping or ``max_time``."""
         start = time.monotonic()
-        bar = _progress_bar(self.config.epochs, self.state.epoch, progress and self.process.is_main)
-        while self.state.epoch < self.config.epochs:
+        bar = _progress_bar(self.epochs, self.state.epoch, progress and self.process.is_main)
+        while self.state.epoch < self.epochs:
             epoch = self.state.epoch
             train_loss, timed_out = self._train_epoch(epoch, start)
             if timed_out:
