@@ -253,6 +253,17 @@ def test_time_budget_plans_the_run_that_fits(mace_model_path, frames):
     _assert_same_delta(tiny.delta, one_epoch.delta)
 
 
+def test_max_time_stops_part_way_and_says_so(mace_model_path, frames, caplog):
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        result = finetune_with_report(
+            mace_model_path, frames[:8], frames[8:10], **{**FAST, "density": 0.05, "max_time": 1e-3}
+        )
+    assert result.report["training"]["stop_reason"] == "max_time"
+    assert result.report["training"]["epochs_run"] < FAST["epochs"]
+    assert "max_time reached after 0 of 6 epochs: the schedules are unfinished" in caplog.text
+    assert result.delta.density <= 0.05 + 1e-3
+
+
 def test_cli_time_budget_reports_its_plan(mace_model_path, tmp_path, capsys):
     from ase_sparsecalc.cli import main
 
