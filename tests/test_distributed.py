@@ -86,6 +86,8 @@ def _finetune_args(model: str, out: Path) -> list[str]:
         "float64",
         "--seed",
         "7",
+        "--time-budget",  # ample: planning takes its timed steps (on every rank) and undoes them
+        "1e6",
         "--no-progress",
     ]
 
@@ -94,7 +96,8 @@ def test_torchrun_two_processes_give_the_single_process_delta(mace_model_path, t
     """2 gloo processes on CPU (13 frames, batches of 3: uneven and empty shards) vs 1 process.
 
     The gradients are the same sums taken in another order, so the deltas agree to rounding
-    (float64); the support (which weights changed) must be identical.
+    (float64); the support (which weights changed) must be identical. Both plan their epochs
+    for a time budget first (rank 0's plan for every rank), which must leave no trace.
     """
     from ase_sparsecalc.cli import main
 
@@ -119,6 +122,7 @@ def test_torchrun_two_processes_give_the_single_process_delta(mace_model_path, t
     run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("weights changed") == 1  # only rank 0 prints its summary
+    assert "time budget: planned 3 epochs, ran 3" in run.stdout
 
     a, b = SparseDelta.load(single), SparseDelta.load(parallel)
     assert a.nnz > 0 and set(a.tensors) == set(b.tensors)
