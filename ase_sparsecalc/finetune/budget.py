@@ -25,7 +25,7 @@ from .trainer import Trainer
 logger = logging.getLogger(__name__)
 
 PROBE_STEPS = 4
-"""Timed training steps (after one untimed warm-up step) and validation batches."""
+"""Timed training steps (after one untimed warm-up step)."""
 
 SAFETY = 0.95
 """Fraction of the remaining budget planned for, leaving room for checkpoints and logging."""
@@ -34,12 +34,11 @@ SAFETY = 0.95
 def plan_epochs(trainer: Trainer, budget: float, probe_steps: int = PROBE_STEPS) -> int:
     """Set ``trainer``'s number of epochs to what fits in ``budget`` seconds, and return it.
 
-    The estimate of an epoch is the mean time of ``probe_steps`` training steps on batches drawn
-    with the run's seed, times the number of training batches, plus the mean time of a
-    validation batch times the number of validation batches (the training batches when there
-    are none: the validation loss then runs over them). The planning time counts against the
-    budget. The result lies between 1 and the configured ``epochs``; in a data-parallel run all
-    processes take rank 0's plan.
+    An epoch is estimated as the mean time of ``probe_steps`` training steps on batches drawn
+    with the run's seed, times the number of training batches, plus the time of one
+    validation pass (:meth:`Trainer.validation_loss`, timed once). The planning time counts
+    against the budget. The result lies between 1 and the configured ``epochs``; in a
+    data-parallel run all processes take rank 0's plan.
     """
     start = time.monotonic()
     saved = _snapshot(trainer)
@@ -52,13 +51,12 @@ def plan_epochs(trainer: Trainer, budget: float, probe_steps: int = PROBE_STEPS)
         trainer.train_step(trainer.train_batches[k])
     step_time = (time.monotonic() - tic) / probe_steps
     _restore(trainer, saved)
+    tic = time.monotonic()
+    trainer.validation_loss()
+    epoch_time = step_time * len(trainer.train_batches) + (time.monotonic() - tic)
 
-    valid = trainer.valid_batches or trainer.train_batches
-    valid_time = _mean_validation_time(trainer, valid[:probe_steps])
-    epoch_time = step_time * len(trainer.train_batches) + valid_time * len(valid)
     remaining = budget - (time.monotonic() - start)
-    fits = math.floor(SAFETY * remaining / max(epoch_time, 1e-9))
-    epochs = int(min(trainer.config.epochs, max(1, fits)))
+    epochs = min(trainer.config.epochs, max(1, math.floor(SAFETY * remaining / max(epoch_time, 1e-9))))
     if trainer.process.distributed:  # every process takes rank 0's plan
         share = epochs if trainer.process.is_main else 0
         epochs = round(distributed.all_reduce_sum([float(share)], trainer.backend.device)[0])
@@ -90,20 +88,3 @@ def _restore(trainer: Trainer, saved: tuple) -> None:
     trainer.scheduler.load_state_dict(scheduler)
     trainer.state.step = step
     torch.set_rng_state(rng)
-
-
-def _mean_validation_time(trainer: Trainer, batches: list) -> float:
-    """Mean seconds of one validation batch (energy, forces and stress, no gradient step)."""
-    trainer.method.eval()
-    with torch.no_grad():
-        params = trainer.method.effective_parameters()
-    times = []
-    for batch in batches:
-        if batch.is_empty:
-            continue
-        tic = time.monotonic()
-        trainer.backend.evaluate(
-            batch.graph, compute_forces=True, compute_stress=batch.has_stress, parameters=params
-        )
-        times.append(time.monotonic() - tic)
-    return sum(times) / len(times) if times else 0.0
