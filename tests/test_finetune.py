@@ -198,6 +198,13 @@ def test_isolated_atoms_give_physical_shifts(mace_model_path, dft_frames):
     assert ratios == pytest.approx([ratios[0]] * 3, rel=1e-6)
 
 
+def _assert_same_delta(a: SparseDelta, b: SparseDelta) -> None:
+    assert list(a.tensors) == list(b.tensors)
+    for name, t in b.tensors.items():
+        assert torch.equal(a.tensors[name].indices, t.indices)
+        assert torch.equal(a.tensors[name].values, t.values)
+
+
 def test_resume_gives_the_same_delta(mace_model_path, frames, tmp_path):
     options = {**FAST, "epochs": 4, "density": 0.05}
     reference = finetune(mace_model_path, frames[:8], frames[8:10], **options)
@@ -220,17 +227,7 @@ def test_resume_gives_the_same_delta(mace_model_path, frames, tmp_path):
     resumed = finetune(
         mace_model_path, frames[:8], frames[8:10], checkpoint_dir=tmp_path, resume=True, **options
     )
-    assert list(resumed.tensors) == list(reference.tensors)
-    for name, t in reference.tensors.items():
-        assert torch.equal(resumed.tensors[name].indices, t.indices)
-        assert torch.equal(resumed.tensors[name].values, t.values)
-
-
-def _assert_same_delta(a: SparseDelta, b: SparseDelta) -> None:
-    assert list(a.tensors) == list(b.tensors)
-    for name, t in b.tensors.items():
-        assert torch.equal(a.tensors[name].indices, t.indices)
-        assert torch.equal(a.tensors[name].values, t.values)
+    _assert_same_delta(resumed, reference)
 
 
 def test_time_budget_plans_the_run_that_fits(mace_model_path, frames):
