@@ -431,3 +431,66 @@ def test_only_later_epochs_compete_for_the_best(mace_model_path, frames):
     sparse = _sparse_method(backend, MethodOptions(density=0.05))
     trainer = Trainer(backend, sparse, batches, [], sparse_config)
     assert [trainer._eligible_for_best(e) for e in range(1, 7)] == [False, False, False, True, True, True]
+
+
+def _ethanol_with_tagged_atoms(path: Path, tag: str = "IsolatedAtom") -> Path:
+    """Twelve ethanol frames with the isolated atoms in the same file, tagged as MACE files do."""
+    import ase.io
+
+    isolated = ase.io.read(DATA / "ethanol_isolated_atoms.xyz", ":")
+    for atoms in isolated:
+        atoms.info["config_type"] = tag
+    ase.io.write(path, isolated[:1] + ase.io.read(ETHANOL, ":12") + isolated[1:], format="extxyz")
+    return path
+
+
+@pytest.mark.parametrize("tag", ["IsolatedAtom", "isolated_atom"])
+def test_tagged_isolated_atoms_in_the_training_file(mace_model_path, dft_frames, tmp_path, tag):
+    """MACE's convention: single-atom frames tagged ``config_type=IsolatedAtom`` in the training
+    file are the isolated-atom energies, not training structures."""
+    path = _ethanol_with_tagged_atoms(tmp_path / "train.xyz", tag)
+    options = {"method": "shift", "dtype": "float64"}
+    tagged = finetune_with_report(mace_model_path, str(path), dft_frames[12:], **options)
+    explicit = finetune_with_report(
+        mace_model_path,
+        dft_frames[:12],
+        dft_frames[12:],
+        isolated_atoms=str(DATA / "ethanol_isolated_atoms.xyz"),
+        **options,
+    )
+    assert tagged.report["data"]["frames"] == 12
+    assert tagged.report["data"]["elements"] == ["H", "C", "O"]
+    assert set(tagged.report["data"]["isolated_atom_energies_eV"]) == {"H", "C", "O"}
+    assert tagged.delta.energy_shifts == pytest.approx(explicit.delta.energy_shifts, abs=1e-9)
+    untagged = finetune(mace_model_path, dft_frames[:12], dft_frames[12:], **options)
+    assert untagged.energy_shifts != pytest.approx(tagged.delta.energy_shifts, abs=1e-3)
+
+
+def test_bad_tagged_isolated_atoms_are_refused(mace_model_path, dft_frames, tmp_path):
+    import ase.io
+
+    from ase_sparsecalc.errors import DataFileError, EmptyDatasetError
+
+    path = _ethanol_with_tagged_atoms(tmp_path / "two_atoms.xyz")
+    frames = ase.io.read(path, ":")
+    frames[3].info["config_type"] = "IsolatedAtom"  # an ethanol molecule tagged as an isolated atom
+    ase.io.write(path, frames, format="extxyz")
+    with pytest.raises(
+        DataFileError, match=r"two_atoms\.xyz:frame 3: tagged config_type=IsolatedAtom but holds 9"
+    ):
+        finetune(mace_model_path, str(path), method="shift")
+
+    frames = ase.io.read(_ethanol_with_tagged_atoms(tmp_path / "clash.xyz"), ":")
+    second_h = frames[0].copy()
+    second_h.calc = frames[0].calc.__class__(second_h, energy=frames[0].get_potential_energy() + 0.5)
+    second_h.info["config_type"] = "IsolatedAtom"
+    ase.io.write(tmp_path / "clash.xyz", [*frames, second_h], format="extxyz")
+    with pytest.raises(
+        DataFileError, match=r"clash\.xyz:frame 16: isolated H atom at .* but .*frame 0 gives"
+    ):
+        finetune(mace_model_path, str(tmp_path / "clash.xyz"), method="shift")
+
+    only = tmp_path / "only_atoms.xyz"
+    ase.io.write(only, [frames[0], frames[-1], frames[-2]], format="extxyz")
+    with pytest.raises(EmptyDatasetError, match=r"only_atoms\.xyz: only isolated-atom frames"):
+        finetune(mace_model_path, str(only), method="shift")

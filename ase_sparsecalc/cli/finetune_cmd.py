@@ -26,7 +26,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--report-dir", help="report folder (default: <output stem>_report beside the delta)")
     p.add_argument("--checkpoint-dir", help="checkpoint folder (default: <output stem>_checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint folder")
-    p.add_argument("--isolated-atoms", help="file of isolated-atom DFT energies (single-atom frames)")
+    p.add_argument(
+        "--isolated-atoms",
+        help="file of isolated-atom DFT energies (single-atom frames); single-atom frames tagged "
+        "config_type=IsolatedAtom in the training data are used the same way",
+    )
     p.add_argument("--energy-key", help="info key (or calculator result) holding energies")
     p.add_argument("--forces-key", help="arrays key (or calculator result) holding forces")
     p.add_argument("--stress-key", help="info key (or calculator result) holding stresses")

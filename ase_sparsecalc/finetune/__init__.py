@@ -20,6 +20,7 @@ from ase import Atoms
 from ..backends import Backend, WeightInfo, load_backend
 from ..backends.base import PathSegment
 from ..delta import DeltaMetadata, SparseDelta
+from ..errors import EmptyDatasetError
 from ..graph import build_graph
 from .batches import make_batches, predict
 from .budget import plan_epochs
@@ -32,6 +33,7 @@ from .data import (
     read_frames,
     read_isolated_atom_energies,
     split_frames,
+    take_isolated_atoms,
 )
 from .distributed import ProcessInfo, distributed_session
 from .methods import METHODS, MethodOptions
@@ -164,6 +166,12 @@ def _finetune_in_session(
     backend = load_backend(base, device=process.device, dtype=config.dtype)
     train_frames = _frames(train, keys)
     valid_frames = _frames(valid, keys) if valid is not None else None
+    (train_frames, kept_valid), tagged = take_isolated_atoms(train_frames, valid_frames or [])
+    if valid_frames is not None:
+        valid_frames = kept_valid
+    if not train_frames:
+        raise EmptyDatasetError(f"{_describe(train)}: only isolated-atom frames, nothing to train on")
+    isolated = _isolated_atom_energies(tagged, isolated_atoms)
     if drop_duplicates:  # before the split, so that no pair straddles train and validation
         train_frames, kept_valid = drop_duplicate_frames(train_frames, valid_frames or [])
         if valid_frames is not None:
@@ -191,9 +199,9 @@ def _finetune_in_session(
     base_train = predict(backend, train_batches)
     base_valid = predict(backend, valid_batches)
     prior = None
-    if isolated_atoms is not None:
+    if isolated:
         present = {s for f in train_frames for s in f.atoms.get_chemical_symbols()}
-        prior = _isolated_atom_prior(backend, isolated_atoms, present)
+        prior = _isolated_atom_prior(backend, isolated, present)
     shifts = fit_energy_shifts(train_frames, _energies(base_train, len(train_frames)), prior)
     backend.add_energy_shifts(shifts)
     before = {
@@ -240,7 +248,7 @@ def _finetune_in_session(
             state_info["epochs_planned"] = state.planned_epochs
 
     delta = SparseDelta(
-        tensors, _metadata(backend, config, shifts, train_frames, valid_frames, train, trainable)
+        tensors, _metadata(backend, config, shifts, train_frames, valid_frames, train, trainable, isolated)
     )
     backend.set_energy_shifts_by_number({})
     delta.apply(backend)
@@ -357,9 +365,40 @@ def _run_fingerprint(backend: Backend, config: FinetuneConfig, data_id: str) -> 
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _isolated_atom_prior(backend: Backend, isolated_atoms, elements: set[str]) -> dict[str, float]:
-    """Isolated-atom DFT energy minus the model's isolated-atom energy, per element present."""
-    dft = {s: e for s, e in read_isolated_atom_energies(isolated_atoms).items() if s in elements}
+def _describe(source: FrameSource) -> str:
+    """A frame source for messages: its file names, or how many structures it holds."""
+    items = [source] if isinstance(source, (str, Path, Atoms)) else list(source)
+    names = [str(s) for s in items if isinstance(s, (str, Path))]
+    return ", ".join(names) if names else f"the {len(items)} training structures"
+
+
+def _isolated_atom_energies(tagged: dict[str, float], given: str | Path | dict | None) -> dict[str, float]:
+    """Isolated-atom DFT energies (eV) by element: those given explicitly, else those tagged in the data.
+
+    An explicit value that disagrees with a tagged one by more than 1 meV wins, with a warning.
+    """
+    explicit = read_isolated_atom_energies(given) if given is not None else {}
+    if tagged:
+        logger.info(
+            "isolated-atom frames in the data (%s) are used as isolated-atom energies, not trained on",
+            ", ".join(sorted(tagged)),
+        )
+    for symbol in sorted(set(tagged) & set(explicit)):
+        if abs(tagged[symbol] - explicit[symbol]) > 1e-3:
+            logger.warning(
+                "isolated %s atom: %.6f eV in the data, %.6f eV given explicitly; using the explicit one",
+                symbol,
+                tagged[symbol],
+                explicit[symbol],
+            )
+    return {**tagged, **explicit}
+
+
+def _isolated_atom_prior(
+    backend: Backend, isolated: dict[str, float], elements: set[str]
+) -> dict[str, float]:
+    """Isolated-atom DFT energy (eV) minus the model's isolated-atom energy, per element present."""
+    dft = {s: e for s, e in isolated.items() if s in elements}
     atoms = [Atoms(symbol) for symbol in dft]
     for a in atoms:
         a.center(vacuum=10.0)
@@ -380,7 +419,9 @@ def _refit_shifts(backend: Backend, delta: SparseDelta, frames: list[Frame], bat
     logger.debug("shifts refitted: %s -> %s", current, backend.energy_shifts_by_number())
 
 
-def _metadata(backend, config, shifts, train_frames, valid_frames, train_source, trainable) -> DeltaMetadata:
+def _metadata(
+    backend, config, shifts, train_frames, valid_frames, train_source, trainable, isolated
+) -> DeltaMetadata:
     files = [
         str(s)
         for s in (
@@ -391,6 +432,9 @@ def _metadata(backend, config, shifts, train_frames, valid_frames, train_source,
     ]
     summary = dataset_summary(train_frames, files)
     summary["valid_frames"] = len(valid_frames)
+    if isolated:
+        used = {s: e for s, e in sorted(isolated.items()) if s in summary["elements"]}
+        summary["isolated_atom_energies_eV"] = used
     meta = DeltaMetadata(
         dtype=config.dtype,
         energy_shifts=dict(shifts),

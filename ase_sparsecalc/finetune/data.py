@@ -47,6 +47,8 @@ class Frame:
         A 6-vector in ASE's Voigt order (xx, yy, zz, yz, xz, xy) is turned into the matrix.
     source : str
         ``"file:index"``, used in error messages.
+    config_type : str or None
+        The file's ``config_type`` tag (``atoms.info``), if any; see :func:`take_isolated_atoms`.
 
     Frames built by hand get the same shape checks as those read from files
     (:class:`~ase_sparsecalc.errors.MissingLabelError` names the frame's ``source``).
@@ -57,6 +59,7 @@ class Frame:
     forces: np.ndarray | None
     stress: np.ndarray | None
     source: str
+    config_type: str | None = None
 
     def __post_init__(self) -> None:
         """Labels as float arrays of the documented shapes."""
@@ -74,6 +77,15 @@ class Frame:
     def n_atoms(self) -> int:
         """Number of atoms."""
         return len(self.atoms)
+
+    @property
+    def is_isolated_atom(self) -> bool:
+        """Tagged as an isolated-atom reference (``config_type=IsolatedAtom`` or ``isolated_atom``)."""
+        return _is_isolated_atom_tag(self.config_type)
+
+
+def _is_isolated_atom_tag(config_type: object) -> bool:
+    return isinstance(config_type, str) and config_type.replace("_", "").lower() == "isolatedatom"
 
 
 def split_path_index(spec: str | Path, index: str | int = ":") -> tuple[Path, str | int]:
@@ -184,6 +196,9 @@ def frame_from_atoms(
     if len(atoms) == 0:
         raise StructureError(f"{where}: the frame has no atoms")
     results = dict(atoms.calc.results) if atoms.calc is not None else {}
+    config_type = atoms.info.get("config_type")
+    if _is_isolated_atom_tag(config_type):
+        require_forces = False  # an isolated atom's forces vanish by symmetry; files often omit them
     energy = _label(atoms, results, energy_key, ("free_energy", "energy"), where, "energy")
     if energy is None:
         raise MissingLabelError(
@@ -215,7 +230,8 @@ def frame_from_atoms(
         if value is not None and not np.all(np.isfinite(value)):
             raise NonFiniteLabelError(f"{where}: {name} contains NaN or inf")
     clean = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
-    return Frame(clean, energy, forces, stress, where)
+    tag = str(config_type) if config_type is not None else None
+    return Frame(clean, energy, forces, stress, where, tag)
 
 
 def _as_float_array(value, where: str, what: str) -> np.ndarray:
@@ -341,6 +357,48 @@ def drop_duplicate_frames(*groups: Sequence[Frame]) -> tuple[list[Frame], ...]:
             else:
                 logger.warning("dropped %s: %s", frame.source, _same_structure(frame, first))
     return tuple(kept)
+
+
+def take_isolated_atoms(*groups: Sequence[Frame]) -> tuple[tuple[list[Frame], ...], dict[str, float]]:
+    """Take the frames tagged as isolated atoms out of the frame groups (e.g. train, valid).
+
+    Training files written for MACE carry their isolated-atom DFT energies as single-atom frames
+    tagged ``config_type=IsolatedAtom`` (some data sets write ``isolated_atom``). Those frames
+    are references for the per-element energy shifts, not training structures: MACE takes them
+    out of the training set, and so does this.
+
+    Returns
+    -------
+    groups, energies
+        The groups without the tagged frames, and the isolated-atom energy (eV) by element.
+
+    Raises
+    ------
+    DataFileError
+        A tagged frame holds more than one atom, or two tagged frames of one element disagree
+        by more than 1 meV.
+    """
+    energies: dict[str, Frame] = {}
+    kept: list[list[Frame]] = []
+    for group in groups:
+        kept.append([])
+        for frame in group:
+            if not frame.is_isolated_atom:
+                kept[-1].append(frame)
+                continue
+            if frame.n_atoms != 1:
+                raise DataFileError(
+                    f"{frame.source}: tagged config_type={frame.config_type} but holds "
+                    f"{frame.n_atoms} atoms; an isolated-atom reference holds one"
+                )
+            symbol = frame.atoms.get_chemical_symbols()[0]
+            first = energies.setdefault(symbol, frame)
+            if abs(first.energy - frame.energy) > 1e-3:
+                raise DataFileError(
+                    f"{frame.source}: isolated {symbol} atom at {frame.energy:.6f} eV, but "
+                    f"{first.source} gives {first.energy:.6f} eV; keep one"
+                )
+    return tuple(kept), {symbol: frame.energy for symbol, frame in energies.items()}
 
 
 def dataset_summary(frames: Sequence[Frame], files: Sequence[str] = ()) -> dict:
