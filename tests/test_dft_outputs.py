@@ -71,6 +71,27 @@ def test_ase_formats_round_trip_labels(tmp_path, fmt):
         np.testing.assert_allclose(frame.stress, atoms.get_stress(voigt=False))
 
 
+@pytest.mark.parametrize("fmt", ["traj", "extxyz"])
+def test_fixed_atoms_keep_their_computed_forces(tmp_path, fmt):
+    """A slab relaxed with its bottom layers fixed (VASP's selective dynamics, ASE's FixAtoms):
+    the file keeps the forces the DFT code computed on the fixed atoms, and those are the
+    labels, not the zeros that ``atoms.get_forces()`` returns under the constraint."""
+    import ase.io
+    from ase.build import fcc111
+    from ase.calculators.emt import EMT
+    from ase.constraints import FixAtoms
+
+    slab = fcc111("Cu", (2, 2, 3), vacuum=5.0)
+    slab.rattle(0.05, seed=1)
+    slab.set_constraint(FixAtoms(indices=range(4)))
+    slab.calc = EMT()
+    computed = slab.get_forces(apply_constraint=False)
+    assert np.abs(computed[:4]).max() > 0.1 and not slab.get_forces()[:4].any()
+    path = tmp_path / f"slab.{fmt}"
+    ase.io.write(path, slab)
+    np.testing.assert_allclose(read_frames(str(path))[0].forces, computed, atol=1e-7)
+
+
 def _ase_espresso_outputs(folder: Path) -> list[Path]:
     """Quantum ESPRESSO pw.x outputs that ASE's own tests carry as text: a spin-polarised
     Fe2H relaxation (v5.3) and a variable-cell Si2 relaxation (v7.4), written as ``*.out``."""
