@@ -220,3 +220,38 @@ def test_virials_become_stresses(tmp_path):
         read_frames(str(path), virial_key="virial")
     with pytest.raises(ConfigError, match="stress_key or virial_key"):
         read_frames(str(path), stress_key="stress", virial_key="REF_virial")
+
+
+def test_eval_breaks_errors_down_by_config_type(mace_model_path, tmp_path, capsys):
+    """Frames tagged with ``config_type`` (bulk Si, ethanol MD, untagged) get their own rows,
+    each equal to evaluating that group alone."""
+    import json
+
+    import ase.io
+
+    ethanol = ase.io.read(Path(__file__).parents[1] / "examples" / "data" / "ethanol_train.xyz", ":4")
+    silicon = ase.io.read(SI_DATA, ":3")
+    for atoms in ethanol[:3]:
+        atoms.info["config_type"] = "ethanol_md"
+    for atoms in silicon:
+        atoms.info["config_type"] = "bulk_si"
+    ethanol[3].info.pop("config_type", None)  # the file tags its frames "Training_set"
+    groups = {"ethanol_md": ethanol[:3], "bulk_si": silicon, "(none)": ethanol[3:]}
+    ase.io.write(tmp_path / "mixed.xyz", [*silicon, *ethanol], format="extxyz")
+
+    def evaluate(path: Path) -> dict:
+        assert main(["eval", str(path), "--base", mace_model_path, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    mixed = evaluate(tmp_path / "mixed.xyz")
+    assert sorted(mixed["by_config_type"]) == sorted(groups)
+    for tag, images in groups.items():
+        ase.io.write(tmp_path / "alone.xyz", images, format="extxyz")
+        alone = evaluate(tmp_path / "alone.xyz")
+        part = mixed["by_config_type"][tag]
+        assert part["frames"] == len(images) and "by_config_type" not in alone
+        for key in ("energy_mae", "forces_mae", "forces_rmse"):
+            assert part[key] == pytest.approx(alone[key], rel=1e-6)
+    assert main(["eval", str(tmp_path / "mixed.xyz"), "--base", mace_model_path]) == 0
+    text = capsys.readouterr().out
+    assert "config_type" in text and "bulk_si" in text and "ethanol_md" in text

@@ -65,4 +65,9 @@ def run(args: argparse.Namespace) -> int:
     for key, unit in METRIC_UNITS.items():
         if key in metrics:
             print(f"  {key:14s}{metrics[key]:12.3f}  {unit}")
+    if "by_config_type" in metrics:
+        print(f"  {'config_type':20s}{'frames':>8s}{'E MAE meV/atom':>16s}{'F MAE meV/Å':>14s}")
+        for tag, part in metrics["by_config_type"].items():
+            forces = f"{part['forces_mae']:14.3f}" if "forces_mae" in part else f"{'-':>14s}"
+            print(f"  {tag:20.20s}{part['frames']:8d}{part['energy_mae']:16.3f}{forces}")
     return 0

@@ -23,7 +23,9 @@ def error_metrics(frames: Sequence[Frame], predictions: Mapping[int, Mapping[str
     dict
         ``energy_mae``/``energy_rmse`` in meV/atom, ``forces_mae``/``forces_rmse`` in meV/Å
         (over Cartesian components), ``stress_mae``/``stress_rmse`` in GPa (where labelled),
-        ``forces_mae_by_element`` in meV/Å, and the counts used.
+        ``forces_mae_by_element`` in meV/Å, and the counts used. When the frames carry more
+        than one ``config_type`` tag (bulk, surface, MD at 300 K, ...), ``by_config_type``
+        holds the same metrics for each tag (``"(none)"`` for untagged frames).
     """
     e_err, f_err, s_err, f_elem = [], [], [], []
     for k, frame in enumerate(frames):
@@ -49,7 +51,18 @@ def error_metrics(frames: Sequence[Frame], predictions: Mapping[int, Mapping[str
     if s_err:
         out.update(_mae_rmse("stress", np.concatenate(s_err), 1.0 / GPa))
         out["stress_frames"] = len(s_err)
+    tags = sorted({f.config_type or UNTAGGED for f in frames})
+    if len(tags) > 1:
+        out["by_config_type"] = {}
+        for tag in tags:
+            chosen = [k for k, f in enumerate(frames) if (f.config_type or UNTAGGED) == tag]
+            out["by_config_type"][tag] = error_metrics(
+                [frames[k] for k in chosen], {i: predictions[k] for i, k in enumerate(chosen)}
+            )
     return out
+
+
+UNTAGGED = "(none)"
 
 
 def _mae_rmse(name: str, errors: np.ndarray, scale: float) -> dict[str, float]:
