@@ -38,6 +38,7 @@ def main() -> None:
     )
     parser.add_argument("--base", default="sevennet-0")
     parser.add_argument("--section", default="fit-gap")
+    parser.add_argument("--title", default="Fit against generalisation", help="section heading")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
 
@@ -62,7 +63,7 @@ def main() -> None:
         f"Base: {args.base}. Force MAE in meV/Å on the frames given to the fine-tune (training and "
         "validation) and on the test frames of the same benchmark row."
     )
-    body = table_section("Fit against generalisation", command, intro, header, rows, args.note)
+    body = table_section(args.title, command, intro, header, rows, args.note)
     update_section_locked(args.section, body)
     print(body)
 
