@@ -466,6 +466,24 @@ def test_tagged_isolated_atoms_in_the_training_file(mace_model_path, dft_frames,
     assert untagged.energy_shifts != pytest.approx(tagged.delta.energy_shifts, abs=1e-3)
 
 
+def test_cli_says_which_isolated_atoms_it_used(mace_model_path, tmp_path, capsys):
+    from ase_sparsecalc.cli import main
+
+    path = _ethanol_with_tagged_atoms(tmp_path / "train.xyz")
+    argv = [
+        "finetune",
+        str(path),
+        "--base",
+        mace_model_path,
+        "--method",
+        "shift",
+        "-o",
+        str(tmp_path / "d.safetensors"),
+    ]
+    assert main(argv) == 0
+    assert "isolated-atom energies used for the shifts: H, C, O" in capsys.readouterr().out
+
+
 def test_bad_tagged_isolated_atoms_are_refused(mace_model_path, dft_frames, tmp_path):
     import ase.io
 

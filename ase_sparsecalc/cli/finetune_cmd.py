@@ -198,6 +198,9 @@ def format_summary(report: dict, paths: dict) -> str:
         before, after = report["before"][split].get(key), report["after"][split].get(key)
         if before is not None and after is not None:
             lines.append(f"  {label:30s}{before:12.3f}{after:14.3f}")
+    isolated = report.get("data", {}).get("isolated_atom_energies_eV")
+    if isolated:
+        lines.append(f"isolated-atom energies used for the shifts: {', '.join(isolated)}")
     training = report.get("training", {})
     if "epochs_planned" in training:
         planned, ran = training["epochs_planned"], training["epochs_run"]

@@ -379,7 +379,7 @@ def _isolated_atom_energies(tagged: dict[str, float], given: str | Path | dict |
     """
     explicit = read_isolated_atom_energies(given) if given is not None else {}
     if tagged:
-        logger.info(
+        logger.warning(
             "isolated-atom frames in the data (%s) are used as isolated-atom energies, not trained on",
             ", ".join(sorted(tagged)),
         )
@@ -433,7 +433,7 @@ def _metadata(
     summary = dataset_summary(train_frames, files)
     summary["valid_frames"] = len(valid_frames)
     if isolated:
-        used = {s: e for s, e in sorted(isolated.items()) if s in summary["elements"]}
+        used = {s: isolated[s] for s in summary["elements"] if s in isolated}  # by atomic number
         summary["isolated_atom_energies_eV"] = used
     meta = DeltaMetadata(
         dtype=config.dtype,
