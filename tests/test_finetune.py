@@ -510,5 +510,11 @@ def test_bad_tagged_isolated_atoms_are_refused(mace_model_path, dft_frames, tmp_
 
     only = tmp_path / "only_atoms.xyz"
     ase.io.write(only, [frames[0], frames[-1], frames[-2]], format="extxyz")
-    with pytest.raises(EmptyDatasetError, match=r"only_atoms\.xyz: only isolated-atom frames"):
+    with pytest.raises(
+        EmptyDatasetError, match=r"only_atoms\.xyz: only isolated-atom frames, nothing to train"
+    ):
         finetune(mace_model_path, str(only), method="shift")
+    with pytest.raises(
+        EmptyDatasetError, match=r"only_atoms\.xyz: only isolated-atom frames, nothing to validate"
+    ):
+        finetune(mace_model_path, dft_frames, str(only), method="shift")

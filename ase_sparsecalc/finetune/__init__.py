@@ -168,6 +168,8 @@ def _finetune_in_session(
     valid_frames = _frames(valid, keys) if valid is not None else None
     (train_frames, kept_valid), tagged = take_isolated_atoms(train_frames, valid_frames or [])
     if valid_frames is not None:
+        if not kept_valid:
+            raise EmptyDatasetError(f"{_describe(valid)}: only isolated-atom frames, nothing to validate on")
         valid_frames = kept_valid
     if not train_frames:
         raise EmptyDatasetError(f"{_describe(train)}: only isolated-atom frames, nothing to train on")
