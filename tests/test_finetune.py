@@ -486,6 +486,7 @@ def test_cli_says_which_isolated_atoms_it_used(mace_model_path, tmp_path, capsys
 
 def test_bad_tagged_isolated_atoms_are_refused(mace_model_path, dft_frames, tmp_path):
     import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
 
     from ase_sparsecalc.errors import DataFileError, EmptyDatasetError
 
@@ -500,7 +501,7 @@ def test_bad_tagged_isolated_atoms_are_refused(mace_model_path, dft_frames, tmp_
 
     frames = ase.io.read(_ethanol_with_tagged_atoms(tmp_path / "clash.xyz"), ":")
     second_h = frames[0].copy()
-    second_h.calc = frames[0].calc.__class__(second_h, energy=frames[0].get_potential_energy() + 0.5)
+    second_h.calc = SinglePointCalculator(second_h, energy=frames[0].get_potential_energy() + 0.5)
     second_h.info["config_type"] = "IsolatedAtom"
     ase.io.write(tmp_path / "clash.xyz", [*frames, second_h], format="extxyz")
     with pytest.raises(

@@ -371,7 +371,7 @@ def _describe(source: FrameSource) -> str:
     """A frame source for messages: its file names, or how many structures it holds."""
     items = [source] if isinstance(source, (str, Path, Atoms)) else list(source)
     names = [str(s) for s in items if isinstance(s, (str, Path))]
-    return ", ".join(names) if names else f"the {len(items)} training structures"
+    return ", ".join(names) if names else f"the {len(items)} structures given"
 
 
 def _isolated_atom_energies(tagged: dict[str, float], given: str | Path | dict | None) -> dict[str, float]:

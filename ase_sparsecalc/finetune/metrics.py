@@ -9,6 +9,9 @@ from ase.units import GPa
 
 from .data import Frame
 
+UNTAGGED = "(none)"
+"""The ``by_config_type`` key of frames without a ``config_type`` tag."""
+
 
 def error_metrics(frames: Sequence[Frame], predictions: Mapping[int, Mapping[str, np.ndarray]]) -> dict:
     """MAE and RMSE of energies, forces and stresses.
@@ -60,9 +63,6 @@ def error_metrics(frames: Sequence[Frame], predictions: Mapping[int, Mapping[str
                 [frames[k] for k in chosen], {i: predictions[k] for i, k in enumerate(chosen)}
             )
     return out
-
-
-UNTAGGED = "(none)"
 
 
 def _mae_rmse(name: str, errors: np.ndarray, scale: float) -> dict[str, float]:
