@@ -89,6 +89,8 @@ ABLATION = {
     "batch 1, weight decay 1": {"batch_size": 1, "masked_decay": 0.1, "weight_decay": 1.0},
     "batch 1, density 1 %": {"batch_size": 1, "density": 0.01},
     "batch 1, density 5 %": {"batch_size": 1, "density": 0.05},
+    "batch 1, masked decay 0.1, lr x2": {"batch_size": 1, "masked_decay": 0.1, "lr_scale": 2.0},
+    "batch 1, masked decay 0.1, density 5 %": {"batch_size": 1, "masked_decay": 0.1, "density": 0.05},
     "batch 1, dense embedding": {"batch_size": 1, "masked_decay": 0.1, "dense_kinds": ["embedding"]},
     "batch 1, dense embedding and readouts": {
         "batch_size": 1,

@@ -246,13 +246,51 @@ def test_eval_breaks_errors_down_by_config_type(mace_model_path, tmp_path, capsy
 
     mixed = evaluate(tmp_path / "mixed.xyz")
     assert sorted(mixed["by_config_type"]) == sorted(groups)
+    assert mixed["stress_frames"] == len(silicon)  # molecules without stress do not turn it off
     for tag, images in groups.items():
         ase.io.write(tmp_path / "alone.xyz", images, format="extxyz")
         alone = evaluate(tmp_path / "alone.xyz")
         part = mixed["by_config_type"][tag]
         assert part["frames"] == len(images) and "by_config_type" not in alone
-        for key in ("energy_mae", "forces_mae", "forces_rmse"):
-            assert part[key] == pytest.approx(alone[key], rel=1e-6)
+        for key in ("energy_mae", "forces_mae", "forces_rmse", "stress_mae"):
+            assert (key in part) == (key in alone)
+            if key in alone:
+                assert part[key] == pytest.approx(alone[key], rel=1e-6)
     assert main(["eval", str(tmp_path / "mixed.xyz"), "--base", mace_model_path]) == 0
     text = capsys.readouterr().out
     assert "config_type" in text and "bulk_si" in text and "ethanol_md" in text
+
+
+def test_eval_leaves_tagged_isolated_atoms_out(mace_model_path, tmp_path, capsys):
+    """Single-atom frames tagged ``config_type=IsolatedAtom`` are energy references, as in
+    fine-tuning: ``eval`` leaves them out of the errors unless asked, and says so."""
+    import json
+
+    import ase.io
+
+    data = Path(__file__).parents[1] / "examples" / "data"
+    ethanol = ase.io.read(data / "ethanol_train.xyz", ":5")
+    isolated = [a for a in ase.io.read(data / "ethanol_isolated_atoms.xyz", ":") if a.symbols[0] in "HCO"]
+    for atoms in isolated:
+        atoms.info["config_type"] = "IsolatedAtom"
+    ase.io.write(tmp_path / "with_atoms.xyz", isolated[:1] + ethanol + isolated[1:], format="extxyz")
+    ase.io.write(tmp_path / "molecules.xyz", ethanol, format="extxyz")
+    ase.io.write(tmp_path / "atoms.xyz", isolated, format="extxyz")
+
+    def evaluate(*extra: str) -> dict:
+        assert main(["eval", *extra, "--base", mace_model_path, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    default = evaluate(str(tmp_path / "with_atoms.xyz"))
+    molecules = evaluate(str(tmp_path / "molecules.xyz"))
+    assert default["frames"] == len(ethanol) and default["isolated_atoms_left_out"] == len(isolated)
+    for key in ("energy_mae", "forces_mae"):
+        assert default[key] == pytest.approx(molecules[key], rel=1e-9)
+    everything = evaluate(str(tmp_path / "with_atoms.xyz"), "--include-isolated-atoms")
+    assert everything["frames"] == len(ethanol) + len(isolated)
+    assert everything["isolated_atoms_left_out"] == 0
+    assert everything["energy_mae"] != pytest.approx(default["energy_mae"], rel=1e-6)
+    only_atoms = evaluate(str(tmp_path / "atoms.xyz"))  # nothing else to evaluate: all are kept
+    assert only_atoms["frames"] == len(isolated)
+    assert main(["eval", str(tmp_path / "with_atoms.xyz"), "--base", mace_model_path]) == 0
+    assert f"left out {len(isolated)} isolated-atom" in capsys.readouterr().out
