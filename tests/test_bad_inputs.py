@@ -42,7 +42,7 @@ from ase_sparsecalc.errors import (
     UnknownElementError,
 )
 from ase_sparsecalc.finetune import FinetuneConfig, finetune, finetune_with_report, read_frames
-from ase_sparsecalc.finetune.data import Frame, frame_from_atoms
+from ase_sparsecalc.finetune.data import Frame, drop_duplicate_frames, frame_from_atoms
 from ase_sparsecalc.graph import build_graph
 from ase_sparsecalc.testing import random_sparse_delta
 
@@ -423,6 +423,29 @@ def test_restarted_run_with_drop_duplicates(mace_model_path, tmp_path, caplog):
         )
     assert result.report["data"]["frames"] == 6  # valid_fraction 0: all of them train
     assert "dropped " in caplog.text and "run2.extxyz:frame 0" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        result = finetune_with_report(
+            mace_model_path, [str(first), str(second)], drop_duplicates="last", **FAST
+        )
+    assert result.report["data"]["frames"] == 6
+    assert "dropped " in caplog.text and "run1.extxyz:frame 2" in caplog.text
+    assert "run2.extxyz:frame 0:" not in caplog.text
+    with pytest.raises(ConfigError, match="keep must be one of first, last"):
+        finetune(mace_model_path, [str(first), str(second)], drop_duplicates="middle", **FAST)
+
+
+def test_drop_duplicates_keeps_first_or_last_copy():
+    """Of three copies of one structure, the first or the last in reading order stays, across
+    the train and validation groups, and unrepeated frames are untouched."""
+    atoms = water_frames(3)
+    order = [atoms[0], atoms[1], atoms[0], atoms[2], atoms[0]]
+    frames = [Frame(a.copy(), -14.0 - k, None, None, source=f"f{k}") for k, a in enumerate(order)]
+    train, valid = frames[:3], frames[3:]
+    first = drop_duplicate_frames(train, valid)
+    last = drop_duplicate_frames(train, valid, keep="last")
+    assert [[f.source for f in group] for group in first] == [["f0", "f1"], ["f3"]]
+    assert [[f.source for f in group] for group in last] == [["f1"], ["f3", "f4"]]
 
 
 def test_unusable_checkpoint_on_resume(mace_model_path, tmp_path):

@@ -131,11 +131,12 @@ def test_espresso_outputs_give_every_step_with_labels(tmp_path):
     assert si_energies[-1] < si_energies[0]  # a relaxation goes downhill
 
 
-def test_cli_shift_on_espresso_outputs(tmp_path, capsys):
+def test_cli_shift_on_espresso_outputs(tmp_path, capsys, caplog):
     """``sparsecalc finetune --method shift`` straight from pw.x outputs of two chemistries, then
     ``eval``: the per-element references take the energy error from eV per atom to well below.
     A vc-relax ends with an SCF at the final geometry in a fresh basis, so its last two steps
-    are the same structure: refused by name until ``--drop-duplicates`` keeps the first."""
+    are the same structure: refused by name until ``--drop-duplicates`` keeps the first (or
+    ``--keep-last-duplicate`` the last)."""
     import json
 
     files = [str(p) for p in _ase_espresso_outputs(tmp_path)]
@@ -149,8 +150,13 @@ def test_cli_shift_on_espresso_outputs(tmp_path, capsys):
     assert "si_vc_relax.out:frame 2: same structure as" in error
     assert "si_vc_relax.out:frame 1 (DFT energies 6.06 meV apart)" in error
     assert not delta.exists()
+    assert main([*command, "--keep-last-duplicate"]) == 0  # the final SCF stays
+    capsys.readouterr()
+    assert "dropped " in caplog.text and "si_vc_relax.out:frame 1:" in caplog.text
+    caplog.clear()
     assert main([*command, "--drop-duplicates"]) == 0
     capsys.readouterr()
+    assert "si_vc_relax.out:frame 2:" in caplog.text
     assert main(["eval", *files, "--delta", str(delta), "--json"]) == 0
     after = json.loads(capsys.readouterr().out)
     assert after["energy_mae"] < 0.01 * before["energy_mae"]

@@ -35,10 +35,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--forces-key", help="arrays key (or calculator result) holding forces")
     p.add_argument("--stress-key", help="info key (or calculator result) holding stresses")
     p.add_argument("--virial-key", help="info key holding virials (eV); stress = -virial / volume")
-    p.add_argument(
+    duplicates = p.add_mutually_exclusive_group()
+    duplicates.add_argument(
         "--drop-duplicates",
-        action="store_true",
+        action="store_const",
+        const="first",
         help="keep the first of repeated structures (e.g. a restarted run's first frame) instead of stopping",
+    )
+    duplicates.add_argument(
+        "--keep-last-duplicate",
+        dest="drop_duplicates",
+        action="store_const",
+        const="last",
+        help="keep the last of repeated structures instead (a QE vc-relax's final SCF in a fresh basis)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     defaults = FinetuneConfig()
@@ -173,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         forces_key=args.forces_key,
         stress_key=args.stress_key,
         virial_key=args.virial_key,
-        drop_duplicates=args.drop_duplicates,
+        drop_duplicates=args.drop_duplicates or False,
     )
     from ..finetune.distributed import is_main_process
 

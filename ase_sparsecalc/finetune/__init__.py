@@ -100,15 +100,16 @@ def finetune_with_report(
     forces_key: str | None = None,
     stress_key: str | None = None,
     virial_key: str | None = None,
-    drop_duplicates: bool = False,
+    drop_duplicates: bool | str = False,
     config: FinetuneConfig | None = None,
     callbacks: Sequence = (),
     **options,
 ) -> FinetuneResult:
     """:func:`finetune`, also returning the report (and writing it when ``report_dir`` is set).
 
-    ``drop_duplicates=True`` keeps the first of repeated structures (a restarted run's first
-    frame, say) instead of refusing them. Under ``torchrun`` (``WORLD_SIZE > 1``) the processes
+    ``drop_duplicates=True`` (or ``"first"``) keeps the first of repeated structures (a
+    restarted run's first frame, say) instead of refusing them; ``"last"`` keeps the last (the
+    final SCF of a Quantum ESPRESSO ``vc-relax``). Under ``torchrun`` (``WORLD_SIZE > 1``) the processes
     train data-parallel (see :mod:`.distributed`); every rank returns the same delta and only
     rank 0 writes files.
     """
@@ -151,7 +152,7 @@ def _finetune_in_session(
     forces_key: str | None,
     stress_key: str | None,
     virial_key: str | None,
-    drop_duplicates: bool,
+    drop_duplicates: bool | str,
     config: FinetuneConfig,
     callbacks: Sequence,
 ) -> FinetuneResult:
@@ -175,7 +176,8 @@ def _finetune_in_session(
         raise EmptyDatasetError(f"{_describe(train)}: only isolated-atom frames, nothing to train on")
     isolated = _isolated_atom_energies(tagged, isolated_atoms)
     if drop_duplicates:  # before the split, so that no pair straddles train and validation
-        train_frames, kept_valid = drop_duplicate_frames(train_frames, valid_frames or [])
+        keep = "first" if drop_duplicates is True else drop_duplicates
+        train_frames, kept_valid = drop_duplicate_frames(train_frames, valid_frames or [], keep=keep)
         if valid_frames is not None:
             valid_frames = kept_valid
     if valid_frames is None:

@@ -300,6 +300,10 @@ def _stress_matrix(stress: np.ndarray, where: str) -> np.ndarray:
     raise MissingLabelError(f"{where}: stress has shape {stress.shape}; expected 6 (Voigt) or 3x3")
 
 
+DUPLICATE_POLICIES = ("first", "last")
+"""Which of a set of repeated structures :func:`drop_duplicate_frames` keeps."""
+
+
 def frame_hash(frame: Frame, decimals: int = 6) -> str:
     """SHA-256 of a frame's structure (numbers, positions, cell, pbc rounded to 1e-6 Å)."""
     digest = hashlib.sha256()
@@ -335,27 +339,34 @@ def check_duplicates(frames: Sequence[Frame]) -> None:
         if first is not None:
             raise DuplicateFrameError(
                 f"{frame.source}: {_same_structure(frame, first)}; remove one, or pass "
-                "--drop-duplicates (drop_duplicates=True) to keep the first of each"
+                "--drop-duplicates (drop_duplicates=True) to keep the first of each, or "
+                '--keep-last-duplicate (drop_duplicates="last") to keep the last'
             )
 
 
-def drop_duplicate_frames(*groups: Sequence[Frame]) -> tuple[list[Frame], ...]:
-    """The frame groups (e.g. train, valid) without repeated structures, first occurrence kept.
+def drop_duplicate_frames(*groups: Sequence[Frame], keep: str = "first") -> tuple[list[Frame], ...]:
+    """The frame groups (e.g. train, valid) without repeated structures.
 
     A run restarted from its last structure (VASP's CONTCAR) repeats that structure as the
     first frame of the next file; a Quantum ESPRESSO ``vc-relax`` ends with an SCF at its last
-    geometry in a fresh basis. This keeps one of them. Each dropped frame is logged.
+    geometry in a fresh basis. This keeps one of each set of copies: the first in reading order
+    (``keep="first"``) or the last (``keep="last"``: the final SCF of a ``vc-relax``, whose
+    basis matches its cell). Each dropped frame is logged.
     """
-    earlier = iter(_earlier_copies([frame for group in groups for frame in group]))
+    if keep not in DUPLICATE_POLICIES:
+        raise ConfigError(f"keep must be one of {', '.join(DUPLICATE_POLICIES)}; got {keep!r}")
+    flat = [frame for group in groups for frame in group]
+    # for each frame, the copy that stays (None: it stays itself)
+    copies = iter(_earlier_copies(flat) if keep == "first" else _earlier_copies(flat[::-1])[::-1])
     kept: list[list[Frame]] = []
     for group in groups:
         kept.append([])
         for frame in group:
-            first = next(earlier)
-            if first is None:
+            other = next(copies)
+            if other is None:
                 kept[-1].append(frame)
             else:
-                logger.warning("dropped %s: %s", frame.source, _same_structure(frame, first))
+                logger.warning("dropped %s: %s", frame.source, _same_structure(frame, other))
     return tuple(kept)
 
 
