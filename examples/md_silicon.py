@@ -10,7 +10,7 @@ velocity Verlet, whose total energy must stay flat. Writes ``nvt.traj``, ``nvt.l
 The same run from the command line::
 
     sparsecalc md si.extxyz --delta DELTA --ensemble nvt --temperature 300 --timestep 2 \\
-        --steps 150 --traj nvt.traj --log nvt.log
+        --friction 0.02 --seed 1 --steps 150 --traj nvt.traj --log nvt.log
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Birch-Murnaghan equation of state to energies of isotropically scaled copies: it
 sit at the relaxed volume. Writes ``relaxed.extxyz``, ``relax.traj``, ``relax.log`` and
 ``eos.png`` into DIR (default ``examples/output/relax_silicon``). From the command line::
 
-    sparsecalc relax si.extxyz --delta DELTA --cell --fmax 0.001 -o relaxed.extxyz
+    sparsecalc relax si.extxyz --delta DELTA --cell --fmax 0.001 --optimizer BFGS -o relaxed.extxyz
 """
 
 from __future__ import annotations

@@ -241,6 +241,6 @@ def test_unexpected_exception_is_one_line_unless_verbose(files, capsys, monkeypa
     argv = ["eval", files["good_extxyz"], "--base", files["model"]]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "internal error: KeyError" in err[0] and "--verbose" in err[0]
+    assert len(err) == 1 and "internal error: KeyError" in err[0] and "sparsecalc -v eval" in err[0]
     with pytest.raises(KeyError):
         main(["-v", *argv])

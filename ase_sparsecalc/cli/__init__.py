@@ -4,7 +4,7 @@ Each subcommand lives in its own module of this package and provides ``add_parse
 (which registers the subcommand and sets ``func``). Errors raised on purpose by the library
 (:class:`~ase_sparsecalc.errors.SparseCalcError`) and unreadable or unwritable files are printed
 in one line, without a traceback, and the command exits with status 2; any other exception is a
-bug, reported in one line with exit status 1 (``--verbose`` shows its traceback).
+bug, reported in one line with exit status 1 (``sparsecalc -v COMMAND ...`` shows its traceback).
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _error_line(
             args.command,
-            f"internal error: {type(exc).__name__}: {exc} (please report it; rerun with "
-            "--verbose for the traceback)",
+            f"internal error: {type(exc).__name__}: {exc} (please report it; rerun as "
+            f"'sparsecalc -v {args.command} ...' for the traceback)",
         )
         return 1
 
@@ -79,7 +79,7 @@ def _error_line(command: str, message: str) -> None:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options that choose base, delta, device and dtype, shared by all subcommands."""
+    """The options that choose base, delta, device and dtype, shared by md, relax, phonons and eval."""
     group = parser.add_argument_group("model")
     group.add_argument("--base", help="named foundation model or model file (default: the delta's base)")
     group.add_argument("--delta", help="delta file (.safetensors); omit for the bare base model")

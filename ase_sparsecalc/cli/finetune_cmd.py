@@ -60,13 +60,17 @@ def add_parser(subparsers) -> None:
         help="target fraction of changed weights, or 'none' to use --penalty (default: %(default)s)",
     )
     g.add_argument(
-        "--penalty", type=float, default=defaults.penalty, help="l1 strength on the relative delta"
+        "--penalty",
+        type=float,
+        help="l1 strength on the relative delta (default: 1e-3 for l1, 0 for the others; with "
+        "--density none it sets the sparse delta's sparsity)",
     )
     g.add_argument(
         "--threshold",
         choices=["hard", "soft"],
         help="sparse: kept entries keep their value (hard, one global threshold) or are shrunk by "
-        "learned per-tensor thresholds (soft, STR); default: hard with --density, soft with --penalty",
+        "learned per-tensor thresholds (soft, STR); default: hard with a target density, soft with "
+        "--density none",
     )
     g.add_argument(
         "--masked-decay",
@@ -99,7 +103,8 @@ def add_parser(subparsers) -> None:
         default=defaults.optimizer,
         choices=OPTIMIZERS,
         help="factored_adam or adafactor keep second moments per irrep path's rows and columns "
-        "(less optimizer memory, a little less accuracy); default: %(default)s",
+        "(less optimizer memory, a little less accuracy), tensorwise_adam one per tensor; "
+        "default: %(default)s",
     )
     t.add_argument("--huber", type=float, dest="huber_delta", help="Huber loss with this transition")
     t.add_argument("--patience", type=int, help="early stopping patience in epochs")

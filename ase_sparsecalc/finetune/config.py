@@ -13,6 +13,9 @@ from .methods import METHODS, MethodOptions
 ALL_METHODS = (*METHODS, "shift")
 OPTIMIZERS = ("adamw", "factored_adam", "adafactor", "tensorwise_adam")
 
+DEFAULT_PENALTY = {"l1": 1e-3}
+"""Default l1 strength of each method (others: 0): ``l1`` is a dense delta under an l1 pull."""
+
 DEFAULT_LR = {"sparse": 1e-2, "l1": 1e-2, "gmp": 1e-2, "full": 2e-3, "elora": 2e-3, "shift": 2e-3}
 """Default learning rate of each method (relative units), from the ethanol study in docs/benchmarks.md."""
 
@@ -28,8 +31,10 @@ class FinetuneConfig:
     density : float or None
         Target fraction of changed weights in the trainable set (sparse, l1, gmp). None with
         ``sparse`` means: let ``penalty`` decide.
-    penalty : float
-        l1 strength on the relative delta (sparse without density, l1).
+    penalty : float or None
+        l1 strength on the relative delta (mean over the trainable entries). ``sparse`` adds it
+        to the loss (with ``density=None`` it alone sets the sparsity); ``l1`` pulls its dense
+        delta with it before pruning. None: the method's default (:data:`DEFAULT_PENALTY`).
     epochs : int
         Passes over the training frames.
     batch_size : int
@@ -45,8 +50,8 @@ class FinetuneConfig:
     weight_decay : float
         AdamW weight decay of the delta parameters (pulls them to zero).
     energy_weight, forces_weight, stress_weight : float
-        Loss weights; the loss is ``w_E mean((ΔE/N)²) + w_F mean(ΔF²) + w_S mean(Δσ²)`` in eV,
-        eV/Å and eV/Å³ (or the Huber version of each term).
+        Loss weights; the loss is ``w_E mean((ΔE/N)²) + w_F mean(ΔF²) + w_S mean(Δσ²)`` with
+        errors in eV/atom, eV/Å and eV/Å³ (or the Huber version of each term).
     huber_delta : float or None
         Use a Huber loss with this transition (in the units of each term) instead of squares.
     valid_fraction : float
@@ -55,7 +60,7 @@ class FinetuneConfig:
         Early stopping: epochs without validation improvement (after the density target is
         reached) before stopping. None: never stop early.
     train_readouts : bool
-        Let the delta touch readout weights too.
+        Let the delta touch readout weights too (``full`` trains every parameter regardless).
     rank : int
         Rank per path block for ``elora``.
     warmup_fraction, prune_end_fraction : float
@@ -93,7 +98,8 @@ class FinetuneConfig:
         which keeps their straight-through drift from raising the threshold over long runs
         (:class:`~ase_sparsecalc.finetune.methods.MethodOptions`); 0 turns it off.
     exclude_kinds : tuple of str
-        Weight kinds the delta may not touch (``"radial"``, ``"embedding"``, ...).
+        Weight kinds the delta may not touch (``"radial"``, ``"embedding"``, ...); ignored by
+        ``full``, which trains every parameter.
     dense_kinds : tuple of str
         ``sparse``: weight kinds that change densely, outside the threshold, within the density
         budget (:class:`~ase_sparsecalc.finetune.methods.MethodOptions`).
@@ -107,7 +113,7 @@ class FinetuneConfig:
 
     method: str = "sparse"
     density: float | None = 0.03
-    penalty: float = 0.0
+    penalty: float | None = None
     epochs: int = 100
     batch_size: int = 1
     lr: float | None = None
@@ -147,6 +153,8 @@ class FinetuneConfig:
             raise ConfigError(f"density must be in (0, 1], got {self.density}")
         if self.method in ("l1", "gmp") and self.density is None:
             raise ConfigError(f"method {self.method!r} needs a target density")
+        if self.penalty is None:
+            self.penalty = DEFAULT_PENALTY.get(self.method, 0.0)
         if self.method == "sparse" and self.density is None and self.penalty <= 0:
             raise ConfigError("method 'sparse' needs a target density or a positive penalty")
         for name in ("epochs", "batch_size", "rank"):

@@ -41,7 +41,8 @@ class RelaxResult:
         Largest atomic force norm, eV/Å.
     stress : (6,) array or None
         Final stress, eV/Å³, ASE's Voigt order (xx, yy, zz, yz, xz, xy), positive under tension;
-        None without a 3-D cell.
+        None when the cell has no volume (a molecule); for a slab or wire, the virial over the
+        whole cell, vacuum included.
     initial_energy : float
         Energy of the starting structure, eV.
     wall_time_s : float
