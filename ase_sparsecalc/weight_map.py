@@ -122,8 +122,9 @@ def trainable_names(
     trainable : None, "auto", "all", collection of str or callable
         None reads the delta's record (``hyperparameters["trainable_tensors"]`` if present,
         else ``"auto"``). ``"auto"`` follows what :mod:`ase_sparsecalc.finetune` trains: every
-        weight info except readouts (readouts too when ``hyperparameters["train_readouts"]``;
-        every floating parameter in ``params`` for ``method == "full"``). ``"all"``: every
+        weight info except readouts (readouts too when ``hyperparameters["train_readouts"]``)
+        and the kinds in ``hyperparameters["exclude_kinds"]``; every floating parameter in
+        ``params`` for ``method == "full"``. ``"all"``: every
         weight info.
     params : iterable of str
         Names of the model's floating-point parameters (for ``"full"`` deltas).
@@ -138,7 +139,12 @@ def trainable_names(
         recorded = hyper.get(TRAINABLE_KEY)
         trainable = list(recorded) if isinstance(recorded, list | tuple) else "auto"
     if trainable == "auto":
-        chosen = {i.name for i in infos if not i.is_readout or hyper.get("train_readouts")}
+        excluded = set(hyper.get("exclude_kinds") or ())
+        chosen = {
+            i.name
+            for i in infos
+            if (not i.is_readout or hyper.get("train_readouts")) and i.kind not in excluded
+        }
         if delta.metadata.method == "full":
             chosen |= {i.name for i in infos} | set(params)
     elif trainable == "all":

@@ -462,4 +462,7 @@ def test_trainable_set_follows_the_delta_record(backends):
     assert total() == everything - readout
     assert total(hyperparameters={"train_readouts": True}) == everything
     assert total(method="full") == everything
+    radial = sum(i.numel for i in backend.weight_infos() if i.kind == "radial")
+    assert radial > 0
+    assert total(hyperparameters={"exclude_kinds": ["radial"]}) == everything - readout - radial
     assert total(hyperparameters={"trainable_tensors": [name]}) == params[name].numel()
