@@ -504,3 +504,14 @@ def test_unwritable_output_names_the_file(backend, tmp_path):
         random_sparse_delta(backend, density=0.01).save(target)
     with pytest.raises(OSError):  # still an OSError for callers that catch that
         random_sparse_delta(backend, density=0.01).save(target)
+
+
+@pytest.mark.parametrize("where", ["output", "report_dir", "checkpoint_dir"])
+def test_finetune_refuses_unwritable_outputs_before_reading_data(mace_model_path, tmp_path, where):
+    """From Python too: an output that could not be written stops the run before any work (the
+    training file does not even exist here), naming the file."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    options = {where: blocker / "out.safetensors" if where == "output" else blocker / "sub"}
+    with pytest.raises(OutputFileError, match=r"a_file/.*: cannot write here"):
+        finetune(mace_model_path, str(tmp_path / "absent.extxyz"), **options, **FAST)

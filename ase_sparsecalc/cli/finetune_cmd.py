@@ -135,18 +135,12 @@ def _density(text: str) -> float | None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the fine-tune and print a before/after summary."""
-    from ..delta_io import check_writable
     from ..finetune import finetune_with_report
-    from ..finetune.report import REPORT_NAME
-    from ..finetune.trainer import CHECKPOINT_NAME
 
     output = Path(args.output)
     stem = output.name.removesuffix(".safetensors")
     report_dir = Path(args.report_dir or output.with_name(f"{stem}_report"))
     checkpoint_dir = Path(args.checkpoint_dir or output.with_name(f"{stem}_checkpoint"))
-    # refuse an unwritable destination now, not after hours of training
-    for path in (output, report_dir / REPORT_NAME, checkpoint_dir / CHECKPOINT_NAME):
-        check_writable(path)
     config = FinetuneConfig(
         method=args.method,
         density=args.density,

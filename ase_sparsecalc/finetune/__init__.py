@@ -20,6 +20,7 @@ from ase import Atoms
 from ..backends import Backend, WeightInfo, load_backend
 from ..backends.base import PathSegment
 from ..delta import DeltaMetadata, SparseDelta
+from ..delta_io import check_writable
 from ..errors import EmptyDatasetError
 from ..graph import build_graph
 from .batches import make_batches, predict
@@ -157,6 +158,8 @@ def _finetune_in_session(
     callbacks: Sequence,
 ) -> FinetuneResult:
     started = time.monotonic()
+    if process.is_main:  # refuse an unwritable destination now, not after hours of training
+        _check_outputs_writable(output, report_dir, checkpoint_dir)
     torch.manual_seed(config.seed)
     keys = {
         "energy_key": energy_key,
@@ -298,6 +301,23 @@ def _finetune_in_session(
             )
         )
     return FinetuneResult(delta, report, paths)
+
+
+def _check_outputs_writable(
+    output: str | Path | None, report_dir: str | Path | None, checkpoint_dir: str | Path | None
+) -> None:
+    """Raise :class:`~ase_sparsecalc.errors.OutputFileError` naming the first file that could not
+    be written (the delta, the report or the checkpoint)."""
+    from .report import REPORT_NAME
+
+    paths = [
+        output,
+        Path(report_dir) / REPORT_NAME if report_dir is not None else None,
+        Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None,
+    ]
+    for path in paths:
+        if path is not None:
+            check_writable(path)
 
 
 def _frames(source: FrameSource, keys: dict) -> list[Frame]:
