@@ -98,7 +98,7 @@ class FinetuneConfig:
         which keeps their straight-through drift from raising the threshold over long runs
         (:class:`~ase_sparsecalc.finetune.methods.MethodOptions`); 0 turns it off.
     exclude_kinds : tuple of str
-        Weight kinds the delta may not touch (``"radial"``, ``"embedding"``, ...); ignored by
+        Weight kinds the delta may not touch (``"radial"``, ``"embedding"``, ...); not for
         ``full``, which trains every parameter.
     dense_kinds : tuple of str
         ``sparse``: weight kinds that change densely, outside the threshold, within the density
@@ -170,6 +170,10 @@ class FinetuneConfig:
             if unknown:
                 raise ConfigError(f"{name}: unknown weight kinds {unknown}; known: {', '.join(WEIGHT_KINDS)}")
             setattr(self, name, kinds)
+        if self.exclude_kinds and self.method == "full":
+            raise ConfigError("exclude_kinds does not apply to method 'full', which trains every parameter")
+        if self.dense_kinds and self.method != "sparse":
+            raise ConfigError(f"dense_kinds applies to method 'sparse' only, not {self.method!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if self.method == "sparse":  # record the automatic choices as what they resolve to
