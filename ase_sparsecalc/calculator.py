@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from .backends import Backend, load_backend
 from .delta import SparseDelta
-from .errors import StressUndefinedError
+from .errors import ConfigError, StressUndefinedError
 from .graph import build_graph, has_cell_volume
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,10 @@ MAX_ATOMS_PER_CALL = 2048
 def has_3d_cell(atoms: Atoms) -> bool:
     """True when the structure is periodic in all three directions with a non-zero volume."""
     return bool(atoms.pbc.all()) and has_cell_volume(atoms)
+
+
+ASE_CALCULATOR_ARGUMENTS = frozenset({"restart", "ignore_bad_restart_file", "label", "atoms", "directory"})
+"""Keyword arguments that go to ASE's ``Calculator`` itself."""
 
 
 class SparseCalc(Calculator):
@@ -94,9 +99,16 @@ class SparseCalc(Calculator):
         compile_mode: str | None = None,
         **kwargs,
     ) -> None:
+        unknown = sorted(set(kwargs) - ASE_CALCULATOR_ARGUMENTS)
+        if unknown:
+            hint = " (the dtype option is default_dtype)" if "dtype" in unknown else ""
+            raise ConfigError(
+                f"SparseCalc got unknown option(s) {', '.join(unknown)}{hint}; it takes base, delta, "
+                "device, default_dtype, strict, backend, head, enable_cueq, compile_mode"
+            )
         super().__init__(**kwargs)
         if enable_cueq and compile_mode is not None:
-            raise ValueError(
+            raise ConfigError(
                 "choose one of enable_cueq=True and compile_mode=...; together they are not supported"
             )
         delta_obj = _as_delta(delta)
@@ -106,6 +118,10 @@ class SparseCalc(Calculator):
             base, device=device, dtype=default_dtype, backend=backend, head=head
         )
         self.delta: SparseDelta | None = None
+        # what ASE records with results (calc.todict(): trajectories, databases)
+        self.parameters.update(
+            base=self.backend.model_name, default_dtype=str(default_dtype), device=str(self.backend.device)
+        )
         self.set_delta(delta_obj, strict=strict)
         if enable_cueq:
             self.backend.accelerate("cueq")
@@ -114,15 +130,39 @@ class SparseCalc(Calculator):
 
     # ------------------------------------------------------------------ deltas
     def set_delta(self, delta: str | Path | SparseDelta | None, strict: bool = True) -> None:
-        """Switch to another delta (or to the bare base with None) without reloading the base."""
+        """Switch to another delta (or to the bare base with None) without reloading the base.
+
+        A delta that cannot be applied (another base model, unknown tensors) raises and leaves the
+        calculator with the delta it had.
+        """
         new = _as_delta(delta)
-        if self.delta is not None:
-            self.delta.remove(self.backend)
-            self.delta = None
-        if new is not None:
-            new.apply(self.backend, strict=strict)
-            self.delta = new
+        old = self.delta
         self.reset()
+        if old is not None:
+            old.remove(self.backend)
+            self.delta = None
+        try:
+            if new is not None:
+                new.apply(self.backend, strict=strict)
+                self.delta = new
+            self.parameters["delta"] = _describe_delta(new)
+        except Exception:
+            if old is not None:  # it was applied before: its checks pass (and warned then)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    old.apply(self.backend, strict=False)
+                self.delta = old
+            raise
+
+    def set(self, **kwargs) -> dict:
+        """ASE's parameter setter. The model options are fixed when the calculator is made:
+        change the delta with :meth:`set_delta`, anything else with a new calculator."""
+        if kwargs:
+            raise ConfigError(
+                f"SparseCalc options cannot change after construction ({', '.join(sorted(kwargs))}); "
+                "use set_delta() for the delta, or make a new SparseCalc"
+            )
+        return {}
 
     @property
     def cutoff(self) -> float:
@@ -265,3 +305,10 @@ def _as_delta(delta: str | Path | SparseDelta | None) -> SparseDelta | None:
     if delta is None or isinstance(delta, SparseDelta):
         return delta
     return SparseDelta.load(delta)
+
+
+def _describe_delta(delta: SparseDelta | None) -> str | None:
+    """How the calculator's parameters name a delta: its file, or a note for one made in memory."""
+    if delta is None:
+        return None
+    return str(delta.source) if delta.source is not None else "(in memory)"

@@ -200,6 +200,19 @@ class SparseDelta:
         """The file the delta was read from (named in error messages), None if built in memory."""
         self._applied: weakref.WeakKeyDictionary[Any, _AppliedRecord] = weakref.WeakKeyDictionary()
 
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict:
+        """Pickle and deep-copy with the record of the models the delta is applied to, so that a
+        copied calculator's delta can be removed from the copied model."""
+        state = self.__dict__.copy()
+        state["_applied"] = list(self._applied.items())
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        applied = state.pop("_applied")
+        self.__dict__.update(state)
+        self._applied = weakref.WeakKeyDictionary(applied)
+
     # ------------------------------------------------------------------ size
     @property
     def nnz(self) -> int:

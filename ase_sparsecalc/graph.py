@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 from ase import Atoms
+from ase.neighborlist import primitive_neighbor_list
 from matscipy.neighbours import neighbour_list
 
 from .errors import AtomsTooCloseError, StructureError
@@ -22,6 +23,11 @@ MIN_DISTANCE = 0.1
 """Closest allowed approach of two atoms, Å; anything closer is treated as broken input."""
 
 _BOX_PADDING = 1.0  # Å added around non-periodic structures for the neighbour-list bins
+
+MAX_BINS = 1_000_000
+"""Most neighbour-list bins of one structure. An open structure spread over a huge region (two
+fragments flying apart) would otherwise allocate (extent / cutoff)³ bins; past this, ASE's
+neighbour list, which caps its bins, takes over."""
 
 
 @dataclass
@@ -92,10 +98,25 @@ def has_cell_volume(atoms: Atoms) -> bool:
     return atoms.cell.volume > 1e-8
 
 
-def neighbour_pairs(atoms: Atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def model_positions(atoms: Atoms) -> np.ndarray:
+    """The positions a model sees, (N, 3) Å in float64: wrapped into the cell along periodic
+    axes, then centred on their mean.
+
+    Neither changes energy, forces or stress (one moves an atom by a lattice vector, the other
+    moves all atoms together), but both keep the coordinates near the origin, so a float32
+    model keeps its precision however far a structure has drifted (ASE's MD never wraps).
+    """
+    positions = atoms.get_positions(wrap=bool(np.any(atoms.pbc)))
+    return positions - positions.mean(axis=0)
+
+
+def neighbour_pairs(
+    atoms: Atoms, cutoff: float, positions: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """All ordered pairs (i, j, S) with ``|r_j - r_i + S @ cell| < cutoff`` and their distances.
 
     Works for molecules (no cell), slabs and bulk; small periodic cells get every image.
+    ``positions`` (N, 3) Å replaces ``atoms.positions`` (e.g. :func:`model_positions`).
 
     Returns
     -------
@@ -105,12 +126,22 @@ def neighbour_pairs(atoms: Atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray
     """
     check_structure(atoms)
     pbc = np.asarray(atoms.pbc, dtype=bool)
-    positions = np.asarray(atoms.positions, dtype=np.float64)
+    positions = np.asarray(atoms.positions if positions is None else positions, dtype=np.float64)
     numbers = np.asarray(atoms.numbers, dtype=np.int32)
     cell = np.asarray(atoms.cell.array, dtype=np.float64)
     origin = None
     if not pbc.all():
         cell, origin = _bounding_cell(positions, cell, pbc)
+    if _n_bins(cell, cutoff) > MAX_BINS:
+        i, j, S, d = primitive_neighbor_list(
+            "ijSd",
+            pbc,
+            cell,
+            positions - (0.0 if origin is None else origin),
+            float(cutoff),
+            max_nbins=MAX_BINS,
+        )
+        return i, j, S, d
     i, j, S, d = neighbour_list(
         "ijSd",
         positions=positions,
@@ -148,6 +179,13 @@ def check_structure(atoms: Atoms, where: str = "structure") -> None:
                 f"{where}: periodic along {['xyz'[k] for k in periodic]} but the cell vectors "
                 f"{vectors.tolist()} are zero or linearly dependent; set a cell or pbc=False"
             )
+
+
+def _n_bins(cell: np.ndarray, cutoff: float) -> float:
+    """Bins of about ``cutoff`` size that a cell holds (from its heights)."""
+    volume = abs(np.linalg.det(cell))
+    heights = [volume / np.linalg.norm(np.cross(cell[(k + 1) % 3], cell[(k + 2) % 3])) for k in range(3)]
+    return float(np.prod([max(1.0, h // cutoff) for h in heights]))
 
 
 def _bounding_cell(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -203,14 +241,15 @@ def build_graph(
     for k, atoms in enumerate(structures):
         where = names[k] if names is not None else f"structure {k}"
         check_structure(atoms, where)
-        i, j, S, d = neighbour_pairs(atoms, cutoff)
+        local = model_positions(atoms)
+        i, j, S, d = neighbour_pairs(atoms, cutoff, local)
         if d.size and d.min() < MIN_DISTANCE:
             e = int(np.argmin(d))
             raise AtomsTooCloseError(
                 f"{where}: atoms {i[e]} and {j[e]} are {d[e]:.3g} Å apart (minimum {MIN_DISTANCE} Å)"
             )
         offset = ptr[-1]
-        positions.append(atoms.positions)
+        positions.append(local)
         numbers.append(atoms.numbers)
         batch.append(np.full(len(atoms), k))
         edges.append(np.stack([i, j]) + offset)

@@ -99,6 +99,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
             raise ConfigError(
                 f"device {device!r} is not a torch device; use cpu, cuda, cuda:N or auto"
             ) from exc
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {str(device)!r}: only cpu and cuda devices are supported")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {str(device)!r} asked for, but torch sees no CUDA device")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():

@@ -10,6 +10,7 @@ from ase import Atoms
 from ase_sparsecalc import SparseCalc
 from ase_sparsecalc.errors import (
     AtomsTooCloseError,
+    ConfigError,
     DeltaMismatchError,
     StressUndefinedError,
     UnknownElementError,
@@ -251,3 +252,84 @@ def test_float32_runs_close_to_float64(base_for, backend_kind, silicon):
     e32 = _evaluate(SparseCalc(base_for(backend_kind), default_dtype="float32"), silicon)
     assert e32["energy"] == pytest.approx(e64["energy"], abs=1e-3 * max(1, abs(e64["energy"])))
     np.testing.assert_allclose(e32["forces"], e64["forces"], atol=1e-3)
+
+
+def test_failed_set_delta_keeps_the_delta_it_had(mace_model_path, other_mace_model_path, silicon):
+    """A delta for another base is refused and the calculator goes on with its delta, not with
+    the bare base or results cached from before."""
+    calc = SparseCalc(mace_model_path)
+    delta = random_sparse_delta(calc.backend, density=0.03, relative_scale=0.3, seed=5)
+    calc.set_delta(delta)
+    before = _evaluate(calc, silicon)
+    foreign = random_sparse_delta(SparseCalc(other_mace_model_path).backend, density=0.01)
+    with pytest.raises(DeltaMismatchError):
+        calc.set_delta(foreign)
+    assert calc.delta is delta and calc.parameters["delta"] == "(in memory)"
+    moved = silicon.copy()
+    moved.positions[0, 0] += 1e-6  # a fresh evaluation, not a cached one
+    after = _evaluate(calc, moved)
+    assert after["energy"] == pytest.approx(before["energy"], abs=1e-4)
+    calc.set_delta(None)  # the delta is still properly applied: it comes off
+    assert _evaluate(calc, silicon)["energy"] != pytest.approx(before["energy"], abs=1e-3)
+
+
+def test_float32_results_do_not_depend_on_where_the_crystal_sits(base_for, backend_kind, silicon):
+    """MD never wraps positions: a crystal 10⁴ Å from the origin, with an atom several lattice
+    vectors away, gives the same float32 forces and stress (coordinates are wrapped and centred
+    in float64 before the cast; before, forces moved by 9 meV/Å)."""
+    calc = SparseCalc(base_for(backend_kind), default_dtype="float32")
+    reference = _evaluate(calc, silicon)
+    far = silicon.copy()
+    far.positions += 1.0e4
+    far.positions[3] += far.cell[0] * 7 - far.cell[2] * 3
+    moved = _evaluate(calc, far)
+    np.testing.assert_allclose(moved["forces"], reference["forces"], atol=2e-5)
+    np.testing.assert_allclose(moved["stress"], reference["stress"], atol=1e-6)
+    assert moved["energy"] == pytest.approx(reference["energy"], abs=1e-4)
+
+
+def test_fragments_far_apart(base_for, backend_kind):
+    """Two molecules 17 000 Å apart (a gas, the fragments of a collision) need no
+    (extent / cutoff)³ neighbour-list bins and give twice one molecule's energy."""
+    calc = SparseCalc(base_for(backend_kind))
+    water = Atoms("H2O", positions=[[0.0, 0.76, -0.48], [0.0, -0.76, -0.48], [0.0, 0.0, 0.12]])
+    pair = water + water
+    pair.positions[3:] += 1.0e4
+    single, double = calc.batch_evaluate([water, pair])
+    assert double["energy"] == pytest.approx(2 * single["energy"], abs=1e-8)
+    np.testing.assert_allclose(double["forces"][3:], single["forces"], atol=1e-10)
+
+
+def test_options_are_checked_and_recorded(base_for, backend_kind):
+    """Misspelt options are refused, not swallowed; what the calculator is made of is in
+    ``todict()`` (written into ASE trajectories and databases) and cannot be changed with set()."""
+    base = base_for(backend_kind)
+    with pytest.raises(ConfigError, match="dtype option is default_dtype"):
+        SparseCalc(base, dtype="float32")
+    with pytest.raises(ConfigError, match="only cpu and cuda"):
+        SparseCalc(base, device="mps")
+    with pytest.raises(ConfigError, match="backend must be one of mace, sevennet"):
+        SparseCalc(base, backend="nequip")
+    calc = SparseCalc(base, default_dtype="float32")
+    recorded = calc.todict()
+    assert recorded["base"] == calc.backend.model_name and recorded["default_dtype"] == "float32"
+    assert recorded["device"] == "cpu" and recorded["delta"] is None
+    with pytest.raises(ConfigError, match="cannot change after construction"):
+        calc.set(default_dtype="float64")
+
+
+def test_calculator_with_delta_survives_deepcopy_and_pickle(base_for, backend_kind, silicon):
+    """Atoms carrying the calculator can be deep-copied and pickled (multiprocessing, joblib);
+    the copy gives the same results and its delta comes off its own model only."""
+    import copy
+    import pickle
+
+    calc = _calc_with_delta(base_for(backend_kind))
+    with_delta = _evaluate(calc, silicon)
+    bare = _evaluate(SparseCalc(base_for(backend_kind), default_dtype="float64"), silicon)
+    for clone in (copy.deepcopy(calc), pickle.loads(pickle.dumps(calc))):
+        assert _evaluate(clone, silicon)["energy"] == pytest.approx(with_delta["energy"], abs=1e-10)
+        clone.set_delta(None)
+        assert _evaluate(clone, silicon)["energy"] == pytest.approx(bare["energy"], abs=1e-10)
+    calc.reset()
+    assert _evaluate(calc, silicon)["energy"] == pytest.approx(with_delta["energy"], abs=1e-10)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BackendNotInstalledError, BaseModelError, ModelNotFoundError
+from ..errors import BackendNotInstalledError, BaseModelError, ConfigError, ModelNotFoundError
 from ..torch_setup import resolve_device, resolve_dtype
 from . import foundation_models
 from .base import Backend, ModelOutput, PathSegment, WeightInfo
@@ -58,6 +58,9 @@ def sniff_backend(path: str | Path) -> str:
     return "sevennet"
 
 
+BACKEND_NAMES = ("mace", "sevennet")
+
+
 def load_backend(
     base: str | Path | Backend | None = None,
     *,
@@ -83,10 +86,14 @@ def load_backend(
     """
     device_ = resolve_device(device)
     dtype_ = resolve_dtype(dtype)
+    if backend is not None and backend not in BACKEND_NAMES:
+        raise ConfigError(f"backend must be one of {', '.join(BACKEND_NAMES)}; got {backend!r}")
     if isinstance(base, Backend):
         return base.copy(device_, dtype_)
     base = default_base() if base is None else base
     path, model_name, kind = _resolve(base, backend)
+    if head is not None and kind != "mace":
+        raise ConfigError(f"{model_name}: head={head!r} applies to multi-head MACE models only")
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, kind, head)
     if key not in _CACHE:

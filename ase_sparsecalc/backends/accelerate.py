@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import BackendNotInstalledError, BaseModelError
+from ..errors import BackendNotInstalledError, BaseModelError, ConfigError
 
 if TYPE_CHECKING:
     from .base import Backend
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ACCELERATIONS = ("cueq", "compile")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""The modes ``torch.compile`` accepts."""
 
 
 def weights_version(model: torch.nn.Module) -> tuple:
@@ -180,15 +182,17 @@ def make_accelerator(backend: Backend, kind: str, compile_mode: str | None = Non
 
     Raises
     ------
-    ValueError
-        Unknown ``kind``.
+    ConfigError
+        Unknown ``kind`` or ``compile_mode``.
     BaseModelError
         The backend is not a MACE model (SevenNet has neither path in sevenn 0.10.4).
     BackendNotInstalledError
         ``cueq`` without the cuequivariance packages.
     """
     if kind not in ACCELERATIONS:
-        raise ValueError(f"acceleration must be one of {ACCELERATIONS}, got {kind!r}")
+        raise ConfigError(f"acceleration must be one of {ACCELERATIONS}, got {kind!r}")
+    if kind == "compile" and compile_mode is not None and compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}; got {compile_mode!r}")
     if backend.name != "mace":
         raise BaseModelError(
             f"{kind} acceleration is implemented for MACE bases only; {backend.model_name!r} is a "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -337,7 +338,7 @@ class Backend(ABC):
             )
             raise UnknownElementError(
                 f"{where}: element(s) {symbols} unknown to base model {self.model_name!r} "
-                f"(it knows {len(self.atomic_numbers)} elements)"
+                f"(it knows {_element_list(self.atomic_numbers)})"
             )
 
     def _check_graph_elements(self, graph: AtomicGraph) -> None:
@@ -405,3 +406,11 @@ class Backend(ABC):
             f"{len(self.atomic_numbers)} elements, {sum(p.numel() for p in self.model.parameters())}"
             f" parameters, {dtype_name(self.dtype)} on {self.device}"
         )
+
+
+def _element_list(numbers: Iterable[int], shown: int = 20) -> str:
+    """``"H, C, N, O"``, or for a long list ``"89 elements between H and Pu"``."""
+    symbols = [chemical_symbols[int(z)] for z in sorted(numbers)]
+    if len(symbols) <= shown:
+        return ", ".join(symbols)
+    return f"{len(symbols)} elements between {symbols[0]} and {symbols[-1]}"

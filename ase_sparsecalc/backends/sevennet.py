@@ -5,6 +5,7 @@ SevenNet-0 ships inside the sevenn wheel, so this backend works offline.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,11 +121,12 @@ def _kind_of(module_name: str) -> str:
     return "linear"
 
 
-def _make_onehot_follow_dtype(model: torch.nn.Module) -> None:
-    """sevenn's one-hot embedding always emits float32; make it follow the model's dtype.
+@functools.cache
+def _dtype_following_onehot() -> type:
+    """sevenn's ``OnehotEmbedding`` with its outputs cast to the module's dtype.
 
-    The replacement keeps the module's attributes and adds only a non-persistent zero-size
-    buffer (so ``state_dict`` and the fingerprint are unchanged) that ``.to(dtype)`` casts.
+    Made on first use (sevenn is optional) and reachable as this module's
+    ``DtypeFollowingOnehot`` attribute, so that models holding it can be pickled and copied.
     """
     from sevenn.nn.node_embedding import OnehotEmbedding
 
@@ -135,9 +137,30 @@ def _make_onehot_follow_dtype(model: torch.nn.Module) -> None:
                 data[key] = data[key].to(self.dtype_probe.dtype)
             return data
 
+    DtypeFollowingOnehot.__module__ = __name__
+    DtypeFollowingOnehot.__qualname__ = "DtypeFollowingOnehot"
+    return DtypeFollowingOnehot
+
+
+def __getattr__(name: str):
+    """``DtypeFollowingOnehot`` on demand (pickle looks it up here)."""
+    if name == "DtypeFollowingOnehot":
+        return _dtype_following_onehot()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _make_onehot_follow_dtype(model: torch.nn.Module) -> None:
+    """sevenn's one-hot embedding always emits float32; make it follow the model's dtype.
+
+    The replacement keeps the module's attributes and adds only a non-persistent zero-size
+    buffer (so ``state_dict`` and the fingerprint are unchanged) that ``.to(dtype)`` casts.
+    """
+    from sevenn.nn.node_embedding import OnehotEmbedding
+
+    following = _dtype_following_onehot()
     for name, module in model.named_children():
         if type(module) is OnehotEmbedding:
-            module.__class__ = DtypeFollowingOnehot
+            module.__class__ = following
             module.register_buffer("dtype_probe", torch.zeros(0), persistent=False)
             model._modules[name] = module
 
