@@ -11,7 +11,7 @@ import torch
 
 from ase_sparsecalc import load_backend
 from ase_sparsecalc.backends import foundation_models
-from ase_sparsecalc.errors import ChecksumError, ModelNotFoundError, UnsafeCheckpointError
+from ase_sparsecalc.errors import BaseModelError, ChecksumError, ModelNotFoundError, UnsafeCheckpointError
 
 
 def test_loading_mace_keeps_weights_only_on(mace_model_path):
@@ -109,3 +109,10 @@ def test_backends_are_independent_copies(mace_model_path):
         param.add_(1.0)
     assert not torch.equal(param, dict(b.model.named_parameters())[name])
     assert a.fingerprint == b.fingerprint
+
+
+def test_forcing_the_wrong_backend_names_the_model_kind(mace_model_path):
+    """A MACE file loaded with backend='sevennet' says what the file holds (not a list of
+    unsafe globals, which would suggest a security problem)."""
+    with pytest.raises(BaseModelError, match=r"backend='sevennet' asked for, but the file holds a MACE"):
+        load_backend(mace_model_path, backend="sevennet")

@@ -104,7 +104,10 @@ def load_backend(
 def _resolve(base: str | Path, backend: str | None) -> tuple[Path, str, str]:
     path = Path(base)
     if path.is_file():
-        return path, str(base), backend or sniff_backend(path)
+        found = sniff_backend(path)
+        if backend == "sevennet" and found == "mace":  # not a safety problem: the wrong loader
+            raise BaseModelError(f"{path}: backend='sevennet' asked for, but the file holds a MACE model")
+        return path, str(base), backend or found
     named = foundation_models.lookup(str(base))
     if named is not None:
         return foundation_models.fetch(named), named.name, named.backend
