@@ -300,3 +300,15 @@ def test_eval_leaves_tagged_isolated_atoms_out(mace_model_path, tmp_path, capsys
     assert only_atoms["frames"] == len(isolated)
     assert main(["eval", str(tmp_path / "with_atoms.xyz"), "--base", mace_model_path]) == 0
     assert f"left out {len(isolated)} isolated-atom" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("index", ["2:5", "10::5", "-3:", "::-30", "-1"])
+def test_frames_are_named_by_their_place_in_the_file(index):
+    """Messages name frames by their position in the file, also for steps and negative indices."""
+    import ase.io
+    from ase.io.formats import string2index
+
+    positions = range(len(ase.io.read(SI_DATA, ":")))[string2index(index)]
+    expected = [positions] if isinstance(positions, int) else list(positions)
+    frames = read_frames(f"{SI_DATA}@{index}")
+    assert [int(f.source.rsplit("frame ", 1)[1]) for f in frames] == expected

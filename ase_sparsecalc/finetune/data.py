@@ -166,19 +166,32 @@ def _read_structures(spec: str | Path | Atoms, index: str | int) -> Iterable[tup
         images = [images]
     if len(images) == 0:
         raise EmptyDatasetError(f"{path}: no frames (index {idx!r})")
-    start = _slice_start(idx)
-    for k, atoms in enumerate(images):
-        yield atoms, f"{path}:frame {start + k if start is not None else k}"
+    numbers = _frame_numbers(path, idx, len(images))
+    for k, atoms in zip(numbers, images, strict=True):
+        yield atoms, f"{path}:frame {k}"
 
 
-def _slice_start(idx: str | int) -> int | None:
-    if isinstance(idx, int):
-        return idx
-    head = str(idx).split(":")[0]
+def _frame_numbers(path: Path, idx: str | int, n_read: int) -> Sequence[int]:
+    """The positions in the file of the ``n_read`` frames that ``idx`` selected (for messages).
+
+    A plain ``start:stop`` needs nothing more; a step or a negative index needs the number of
+    frames in the file, which costs a second read.
+    """
+    from ase.io.formats import string2index
+
     try:
-        return int(head) if head else 0
+        selected = string2index(idx) if isinstance(idx, str) else idx
     except ValueError:
-        return None
+        return range(n_read)
+    if isinstance(selected, int) and selected >= 0:
+        return [selected]
+    if isinstance(selected, slice) and (selected.start or 0) >= 0 and selected.step in (None, 1):
+        return range(selected.start or 0, (selected.start or 0) + n_read)
+    import ase.io
+
+    total = len(ase.io.read(str(path), index=":"))
+    chosen = range(total)[selected]
+    return [chosen] if isinstance(chosen, int) else chosen
 
 
 def frame_from_atoms(
