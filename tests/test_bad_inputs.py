@@ -517,3 +517,22 @@ def test_finetune_refuses_unwritable_outputs_before_reading_data(mace_model_path
     options = {where: blocker / "out.safetensors" if where == "output" else blocker / "sub"}
     with pytest.raises(OutputFileError, match=r"a_file/.*: cannot write here"):
         finetune(mace_model_path, str(tmp_path / "absent.extxyz"), **options, **FAST)
+
+
+def test_elements_only_in_validation_frames(mace_model_path, tmp_path):
+    """An element that only validation frames hold would get no energy shift and no training:
+    a random split keeps such frames in training; a validation file with them is refused."""
+    from ase_sparsecalc.errors import DataFileError
+    from ase_sparsecalc.finetune.data import split_frames
+
+    methane = labelled(molecule("CH4"), energy=-24.0)
+    frames = [frame_from_atoms(a, f"w{k}") for k, a in enumerate(water_frames(9))]
+    frames.append(frame_from_atoms(methane, "methane"))
+    for seed in range(8):
+        train, valid = split_frames(frames, 0.5, seed)
+        assert "methane" in [f.source for f in train] and len(train) + len(valid) == len(frames)
+        assert {f.source for f in train}.isdisjoint(f.source for f in valid)
+    write(tmp_path / "train.extxyz", water_frames(4))
+    write(tmp_path / "valid.extxyz", [*water_frames(6)[4:], methane])
+    with pytest.raises(DataFileError, match=r"valid\.extxyz:frame 2: element\(s\) C appear in validation"):
+        finetune(mace_model_path, str(tmp_path / "train.extxyz"), str(tmp_path / "valid.extxyz"), **FAST)

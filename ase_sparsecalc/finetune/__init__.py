@@ -29,6 +29,7 @@ from .config import FinetuneConfig
 from .data import (
     Frame,
     check_duplicates,
+    check_elements_in_training,
     dataset_summary,
     drop_duplicate_frames,
     read_frames,
@@ -186,6 +187,7 @@ def _finetune_in_session(
     if valid_frames is None:
         train_frames, valid_frames = split_frames(train_frames, config.valid_fraction, config.seed)
     check_duplicates(train_frames + valid_frames)
+    check_elements_in_training(train_frames, valid_frames)
     if 0 < len(valid_frames) < FEW_VALID_FRAMES:
         logger.warning(
             "only %d validation frame(s): the best epoch (restored at the end) and early stopping "

@@ -448,16 +448,47 @@ def dataset_summary(frames: Sequence[Frame], files: Sequence[str] = ()) -> dict:
 def split_frames(
     frames: Sequence[Frame], valid_fraction: float, seed: int
 ) -> tuple[list[Frame], list[Frame]]:
-    """Random train/validation split (at least one validation frame when the fraction is > 0)."""
+    """Random train/validation split (at least one validation frame when the fraction is > 0).
+
+    A validation frame holding an element that no training frame holds (the one frame with a
+    dopant, say) goes to training instead: shifts and weights are fitted on training frames.
+    """
     if not 0.0 <= valid_fraction < 1.0:
         raise ConfigError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
     n_valid = round(valid_fraction * len(frames))
     if valid_fraction > 0 and len(frames) > 1:
         n_valid = max(1, n_valid)
     order = np.random.default_rng(seed).permutation(len(frames))
-    valid = [frames[i] for i in sorted(order[:n_valid])]
-    train = [frames[i] for i in sorted(order[n_valid:])]
+    chosen = sorted(order[:n_valid])
+    in_train = {int(z) for i in order[n_valid:] for z in frames[i].atoms.numbers}
+    for i in list(chosen):
+        numbers = set(frames[i].atoms.numbers.tolist())
+        if not numbers <= in_train:
+            chosen.remove(i)
+            in_train |= numbers
+    valid_set = set(chosen)
+    valid = [frames[i] for i in chosen]
+    train = [frames[i] for i in range(len(frames)) if i not in valid_set]
     return train, valid
+
+
+def check_elements_in_training(train: Sequence[Frame], valid: Sequence[Frame]) -> None:
+    """Refuse validation frames with an element that no training frame holds.
+
+    Raises
+    ------
+    DataFileError
+        Naming the first such frame and the elements.
+    """
+    in_train = {int(z) for frame in train for z in frame.atoms.numbers}
+    for frame in valid:
+        missing = sorted(set(frame.atoms.numbers.tolist()) - in_train)
+        if missing:
+            symbols = ", ".join(chemical_symbols[z] for z in missing)
+            raise DataFileError(
+                f"{frame.source}: element(s) {symbols} appear in validation frames but in no training "
+                "frame; their energy shifts and weights are fitted on training frames, so add some"
+            )
 
 
 def read_isolated_atom_energies(source: str | Path | dict) -> dict[str, float]:
