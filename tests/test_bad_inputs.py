@@ -536,3 +536,43 @@ def test_elements_only_in_validation_frames(mace_model_path, tmp_path):
     write(tmp_path / "valid.extxyz", [*water_frames(6)[4:], methane])
     with pytest.raises(DataFileError, match=r"valid\.extxyz:frame 2: element\(s\) C appear in validation"):
         finetune(mace_model_path, str(tmp_path / "train.extxyz"), str(tmp_path / "valid.extxyz"), **FAST)
+
+
+def test_label_slopes_name_wrong_units_and_per_atom_energies():
+    """Slopes of labels against a model that is right in scale: near one for eV labels, far
+    from it for Hartree, kcal/mol, per-atom energies or the pressure-positive stress sign."""
+    from ase_sparsecalc.finetune.label_checks import label_slopes, warn_about_label_scales
+
+    frames = read_frames(str(Path(__file__).parents[1] / "examples" / "data" / "si_pbesol.extxyz@:10"))
+    model = {k: {"energy": f.energy, "forces": f.forces, "stress": f.stress} for k, f in enumerate(frames)}
+    right = label_slopes(frames, model)
+    assert set(right) == {"forces", "stress", "energy"}
+    assert all(s == pytest.approx(1.0) for s in right.values())
+    assert warn_about_label_scales(right, "si") == []
+    wrong = [Frame(f.atoms, f.energy / len(f.atoms), f.forces / 51.422, -f.stress, f.source) for f in frames]
+    slopes = label_slopes(wrong, model)
+    assert slopes["forces"] == pytest.approx(1 / 51.422) and slopes["stress"] == pytest.approx(-1.0)
+    assert slopes["energy"] == pytest.approx(1 / 8)  # 8 atoms per frame
+    messages = warn_about_label_scales(slopes, "si.xyz")
+    assert len(messages) == 3 and all(m.startswith("si.xyz: the DFT") for m in messages)
+    assert any("Hartree/Bohr" in m for m in messages) and any("per atom" in m for m in messages)
+
+
+def test_finetune_warns_about_units_and_single_stoichiometry(mace_model_path, tmp_path, caplog):
+    """Forces in Hartree/Bohr are flagged before training, and so are shifts that one
+    stoichiometry cannot fix; the report keeps both."""
+    images = []
+    for k, atoms in enumerate(water_frames(6)):
+        base = SparseCalc(mace_model_path)
+        atoms = atoms.copy()
+        atoms.calc = base
+        forces, energy = atoms.get_forces() / 51.422, atoms.get_potential_energy() - 0.01 * k
+        images.append(labelled(atoms, energy=energy, forces=forces))
+    write(tmp_path / "hartree.extxyz", images)
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        result = finetune_with_report(mace_model_path, str(tmp_path / "hartree.extxyz"), method="shift")
+    assert "hartree.extxyz: the DFT forces are 0.0194 times" in caplog.text
+    assert "1 independent composition(s) for 2 elements (H, O)" in caplog.text
+    checks = result.report["data_checks"]
+    assert checks["label_slopes"]["forces"] == pytest.approx(1 / 51.422, rel=1e-6)
+    assert len(checks["warnings"]) == 2

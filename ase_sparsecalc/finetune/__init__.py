@@ -38,6 +38,7 @@ from .data import (
     take_isolated_atoms,
 )
 from .distributed import ProcessInfo, distributed_session
+from .label_checks import label_slopes, warn_about_label_scales, warn_if_shifts_underdetermined
 from .methods import METHODS, MethodOptions
 from .metrics import error_metrics
 from .reference import fit_energy_shifts, shifted_energies
@@ -213,6 +214,12 @@ def _finetune_in_session(
         prior = _isolated_atom_prior(backend, isolated, present)
     shifts = fit_energy_shifts(train_frames, _energies(base_train, len(train_frames)), prior)
     backend.add_energy_shifts(shifts)
+    slopes, data_warnings = {}, []
+    if process.is_main:
+        slopes = label_slopes(train_frames, base_train)
+        data_warnings += warn_about_label_scales(slopes, _describe(train))
+        underdetermined = warn_if_shifts_underdetermined(train_frames, isolated)
+        data_warnings += [underdetermined] if underdetermined else []
     before = {
         "train": error_metrics(train_frames, _with_shifts(base_train, train_frames, shifts)),
         "valid": error_metrics(valid_frames, _with_shifts(base_valid, valid_frames, shifts))
@@ -284,6 +291,7 @@ def _finetune_in_session(
         "wall_time_s": time.monotonic() - started,
         "config": config.to_dict(),
         "data": delta.metadata.training_data,
+        "data_checks": {"label_slopes": slopes, "warnings": data_warnings},
         "history": history,
     }
     paths: dict[str, Path] = {}
