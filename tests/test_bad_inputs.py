@@ -576,3 +576,26 @@ def test_finetune_warns_about_units_and_single_stoichiometry(mace_model_path, tm
     checks = result.report["data_checks"]
     assert checks["label_slopes"]["forces"] == pytest.approx(1 / 51.422, rel=1e-6)
     assert len(checks["warnings"]) == 2
+
+
+def test_isolated_atom_file_reads_like_the_training_data(tmp_path):
+    """The isolated-atom file honours the energy key, refuses two energies of one element, and
+    a dict takes symbols or atomic numbers only."""
+    from ase_sparsecalc.errors import DataFileError
+    from ase_sparsecalc.finetune.data import read_isolated_atom_energies
+
+    atoms = []
+    for symbol, energy in (("H", -13.6), ("O", -432.0), ("H", -13.6)):
+        single = Atoms(symbol, positions=[[0, 0, 0]])
+        single.info["REF_energy"] = energy
+        atoms.append(single)
+    write(tmp_path / "e0s.xyz", atoms, format="extxyz")
+    energies = read_isolated_atom_energies(tmp_path / "e0s.xyz", energy_key="REF_energy")
+    assert energies == {"H": -13.6, "O": -432.0}
+    atoms[2].info["REF_energy"] = -12.0
+    write(tmp_path / "e0s.xyz", atoms, format="extxyz")
+    with pytest.raises(DataFileError, match=r"e0s\.xyz:frame 2: isolated H atom at -12\.000000 eV"):
+        read_isolated_atom_energies(tmp_path / "e0s.xyz", energy_key="REF_energy")
+    assert read_isolated_atom_energies({1: -13.6, "O": -432.0}) == {"H": -13.6, "O": -432.0}
+    with pytest.raises(ConfigError, match="'h' is not an element symbol"):
+        read_isolated_atom_energies({"h": -13.6})

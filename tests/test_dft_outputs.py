@@ -204,6 +204,7 @@ def test_virials_become_stresses(tmp_path):
     """A file with MACE-style ``REF_virial`` (eV, 3x3) and no stress: ``virial_key`` gives
     stress = -virial / volume, the stress the DFT code reported."""
     import ase.io
+    from ase.build import molecule
     from ase.calculators.singlepoint import SinglePointCalculator
 
     from ase_sparsecalc.errors import ConfigError, MissingLabelError
@@ -223,8 +224,15 @@ def test_virials_become_stresses(tmp_path):
     frames = read_frames(str(path), virial_key="REF_virial")
     for frame, atoms in zip(frames, images, strict=True):
         np.testing.assert_allclose(frame.stress, atoms.get_stress(voigt=False), atol=1e-10)
-    with pytest.raises(MissingLabelError, match=r"virials\.extxyz.*no virial under 'virial'"):
+    with pytest.raises(MissingLabelError, match=r"virials\.extxyz: no frame has a virial under 'virial'"):
         read_frames(str(path), virial_key="virial")
+    with pytest.raises(MissingLabelError, match=r"no frame has a stress under 'REF_stres'"):
+        read_frames(str(path), stress_key="REF_stres")
+    water = molecule("H2O")  # a molecule beside the crystals: energy and forces, no virial
+    water.calc = SinglePointCalculator(water, energy=-14.0, forces=np.zeros((3, 3)))
+    ase.io.write(path, [*relabelled, water])
+    mixed = read_frames(str(path), virial_key="REF_virial")
+    assert [f.stress is None for f in mixed] == [False, False, False, True]
     with pytest.raises(ConfigError, match="stress_key or virial_key"):
         read_frames(str(path), stress_key="stress", virial_key="REF_virial")
 

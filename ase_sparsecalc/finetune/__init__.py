@@ -179,7 +179,7 @@ def _finetune_in_session(
         valid_frames = kept_valid
     if not train_frames:
         raise EmptyDatasetError(f"{_describe(train)}: only isolated-atom frames, nothing to train on")
-    isolated = _isolated_atom_energies(tagged, isolated_atoms)
+    isolated = _isolated_atom_energies(tagged, isolated_atoms, energy_key)
     if drop_duplicates:  # before the split, so that no pair straddles train and validation
         keep = "first" if drop_duplicates is True else drop_duplicates
         train_frames, kept_valid = drop_duplicate_frames(train_frames, valid_frames or [], keep=keep)
@@ -406,12 +406,14 @@ def _describe(source: FrameSource) -> str:
     return ", ".join(names) if names else f"the {len(items)} structures given"
 
 
-def _isolated_atom_energies(tagged: dict[str, float], given: str | Path | dict | None) -> dict[str, float]:
+def _isolated_atom_energies(
+    tagged: dict[str, float], given: str | Path | dict | None, energy_key: str | None = None
+) -> dict[str, float]:
     """Isolated-atom DFT energies (eV) by element: those given explicitly, else those tagged in the data.
 
     An explicit value that disagrees with a tagged one by more than 1 meV wins, with a warning.
     """
-    explicit = read_isolated_atom_energies(given) if given is not None else {}
+    explicit = read_isolated_atom_energies(given, energy_key) if given is not None else {}
     if tagged:
         logger.warning(
             "isolated-atom frames in the data (%s) are used as isolated-atom energies, not trained on",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
+from ase.data import atomic_numbers as symbol_to_number
 from ase.data import chemical_symbols
 
 from ..errors import (
@@ -138,6 +139,12 @@ def read_frames(
             )
     if not frames:
         raise EmptyDatasetError(f"{', '.join(map(str, sources))}: no frames to read")
+    named = virial_key or stress_key
+    if named and all(f.stress is None for f in frames):
+        raise MissingLabelError(
+            f"{', '.join(map(str, sources))}: no frame has a {'virial' if virial_key else 'stress'} "
+            f"under {named!r} (or none has a cell with a volume); check the key"
+        )
     return frames
 
 
@@ -294,9 +301,7 @@ def _key_hint(atoms: Atoms, what: str) -> str:
 def _stress_from_virial(atoms: Atoms, results: dict, key: str, where: str) -> np.ndarray | None:
     """Stress (3, 3) eV/Å³ from a virial label (eV): -virial / volume, MACE's convention."""
     virial = _label(atoms, results, key, (key,), where, "virial", required=False)
-    if virial is None:
-        raise MissingLabelError(f"{where}: no virial under {key!r}")
-    if not has_cell_volume(atoms):
+    if virial is None or not has_cell_volume(atoms):  # like a missing stress: energy and forces only
         return None
     matrix = _stress_matrix(_as_float_array(virial, where, "virial"), where)
     return -matrix / atoms.cell.volume
@@ -491,13 +496,40 @@ def check_elements_in_training(train: Sequence[Frame], valid: Sequence[Frame]) -
             )
 
 
-def read_isolated_atom_energies(source: str | Path | dict) -> dict[str, float]:
-    """Isolated-atom DFT energies (eV) by element, from a dict or a file of single-atom frames."""
+def read_isolated_atom_energies(source: str | Path | dict, energy_key: str | None = None) -> dict[str, float]:
+    """Isolated-atom DFT energies (eV) by element symbol.
+
+    ``source`` is a dict (keys: symbols such as ``"Si"`` or atomic numbers) or a file of
+    single-atom frames, whose energies are read as the training frames' are (``energy_key``).
+
+    Raises
+    ------
+    DataFileError
+        A frame with more than one atom, or two frames of one element more than 1 meV apart.
+    ConfigError
+        A dict key that is no element.
+    """
     if isinstance(source, dict):
-        return {str(k): float(v) for k, v in source.items()}
-    out = {}
-    for frame in read_frames(source, require_forces=False):
+        out = {}
+        for key, value in source.items():
+            number = int(key) if isinstance(key, (int, np.integer)) else symbol_to_number.get(str(key))
+            if number is None or not 0 < number < len(chemical_symbols):
+                raise ConfigError(
+                    f"isolated-atom energies: {key!r} is not an element symbol (e.g. 'Si') or number"
+                )
+            out[chemical_symbols[number]] = float(value)
+        return out
+    out: dict[str, float] = {}
+    first: dict[str, Frame] = {}
+    for frame in read_frames(source, energy_key=energy_key, require_forces=False):
         if frame.n_atoms != 1:
             raise DataFileError(f"{frame.source}: isolated-atom file holds a {frame.n_atoms}-atom frame")
-        out[frame.atoms.get_chemical_symbols()[0]] = frame.energy
+        symbol = frame.atoms.get_chemical_symbols()[0]
+        earlier = first.setdefault(symbol, frame)
+        if abs(earlier.energy - frame.energy) > 1e-3:
+            raise DataFileError(
+                f"{frame.source}: isolated {symbol} atom at {frame.energy:.6f} eV, but "
+                f"{earlier.source} gives {earlier.energy:.6f} eV; keep one"
+            )
+        out[symbol] = earlier.energy
     return out
