@@ -599,3 +599,15 @@ def test_isolated_atom_file_reads_like_the_training_data(tmp_path):
     assert read_isolated_atom_energies({1: -13.6, "O": -432.0}) == {"H": -13.6, "O": -432.0}
     with pytest.raises(ConfigError, match="'h' is not an element symbol"):
         read_isolated_atom_energies({"h": -13.6})
+
+
+def test_dataset_hash_covers_every_label():
+    """Resuming checks the data by this hash: stress labels and tags change it."""
+    from ase_sparsecalc.finetune.data import dataset_summary
+
+    frames = read_frames(str(Path(__file__).parents[1] / "examples" / "data" / "si_pbesol.extxyz@:3"))
+    reference = dataset_summary(frames)["sha256"]
+    no_stress = [Frame(f.atoms, f.energy, f.forces, None, f.source) for f in frames]
+    tagged = [Frame(f.atoms, f.energy, f.forces, f.stress, f.source, "bulk") for f in frames]
+    assert len({reference, dataset_summary(no_stress)["sha256"], dataset_summary(tagged)["sha256"]}) == 3
+    assert dataset_summary(list(frames))["sha256"] == reference

@@ -431,13 +431,16 @@ def take_isolated_atoms(*groups: Sequence[Frame]) -> tuple[tuple[list[Frame], ..
 
 
 def dataset_summary(frames: Sequence[Frame], files: Sequence[str] = ()) -> dict:
-    """A JSON-ready summary: frame and atom counts, elements, labels present, SHA-256 of all."""
+    """A JSON-ready summary: frame and atom counts, elements, labels present, and a SHA-256 of
+    every structure and label (energy, forces, stress, ``config_type``), so that a checkpoint
+    of other labels is never resumed."""
     digest = hashlib.sha256()
     for frame in frames:
         digest.update(frame_hash(frame).encode())
         digest.update(np.float64(frame.energy).tobytes())
-        if frame.forces is not None:
-            digest.update(np.round(frame.forces, 8).tobytes())
+        for label in (frame.forces, frame.stress):
+            digest.update(b"-" if label is None else np.round(label, 8).tobytes())
+        digest.update(str(frame.config_type).encode())
     elements = sorted({int(z) for f in frames for z in f.atoms.numbers})
     return {
         "frames": len(frames),
