@@ -611,3 +611,24 @@ def test_dataset_hash_covers_every_label():
     tagged = [Frame(f.atoms, f.energy, f.forces, f.stress, f.source, "bulk") for f in frames]
     assert len({reference, dataset_summary(no_stress)["sha256"], dataset_summary(tagged)["sha256"]}) == 3
     assert dataset_summary(list(frames))["sha256"] == reference
+
+
+def test_frames_without_forces_train_on_request(mace_model_path, tmp_path):
+    """Energy-only single points are refused by name unless allowed; then they train on their
+    energies beside frames with forces, and the report counts the force components that exist."""
+    frames = water_frames(6)
+    for atoms in frames[3:]:
+        atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy())
+    write(tmp_path / "mixed.extxyz", frames)
+    with pytest.raises(MissingLabelError, match=r"mixed\.extxyz:frame 3: no forces"):
+        finetune(mace_model_path, str(tmp_path / "mixed.extxyz"), **FAST)
+    result = finetune_with_report(
+        mace_model_path,
+        str(tmp_path / "mixed.extxyz"),
+        allow_missing_forces=True,
+        report_dir=tmp_path / "r",
+        **FAST,
+    )
+    assert result.report["data"]["frames"] == 6
+    assert np.isfinite(result.report["after"]["train"]["forces_mae"])
+    assert (tmp_path / "r" / "parity.png").is_file()

@@ -35,6 +35,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--forces-key", help="arrays key (or calculator result) holding forces")
     p.add_argument("--stress-key", help="info key (or calculator result) holding stresses")
     p.add_argument("--virial-key", help="info key holding virials (eV); stress = -virial / volume")
+    p.add_argument(
+        "--allow-missing-forces",
+        action="store_true",
+        help="train frames without forces on their energies (and stresses) instead of stopping",
+    )
     duplicates = p.add_mutually_exclusive_group()
     duplicates.add_argument(
         "--drop-duplicates",
@@ -182,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         stress_key=args.stress_key,
         virial_key=args.virial_key,
         drop_duplicates=args.drop_duplicates or False,
+        allow_missing_forces=args.allow_missing_forces,
     )
     from ..finetune.distributed import is_main_process
 

@@ -78,7 +78,7 @@ def finetune(
         :class:`FinetuneConfig` fields (``method``, ``density``, ``epochs``, ``lr``, ...) and
         ``output`` (delta path), ``report_dir``, ``checkpoint_dir``, ``resume``, ``progress``,
         ``isolated_atoms``, ``energy_key``, ``forces_key``, ``stress_key``, ``virial_key``,
-        ``drop_duplicates``.
+        ``drop_duplicates``, ``allow_missing_forces``.
 
     Returns
     -------
@@ -104,6 +104,7 @@ def finetune_with_report(
     stress_key: str | None = None,
     virial_key: str | None = None,
     drop_duplicates: bool | str = False,
+    allow_missing_forces: bool = False,
     config: FinetuneConfig | None = None,
     callbacks: Sequence = (),
     **options,
@@ -112,9 +113,10 @@ def finetune_with_report(
 
     ``drop_duplicates=True`` (or ``"first"``) keeps the first of repeated structures (a
     restarted run's first frame, say) instead of refusing them; ``"last"`` keeps the last (the
-    final SCF of a Quantum ESPRESSO ``vc-relax``). Under ``torchrun`` (``WORLD_SIZE > 1``) the processes
-    train data-parallel (see :mod:`.distributed`); every rank returns the same delta and only
-    rank 0 writes files.
+    final SCF of a Quantum ESPRESSO ``vc-relax``). ``allow_missing_forces=True`` trains frames
+    without forces on their energies (and stresses) instead of refusing them. Under ``torchrun``
+    (``WORLD_SIZE > 1``) the processes train data-parallel (see :mod:`.distributed`); every rank
+    returns the same delta and only rank 0 writes files.
     """
     config = config or FinetuneConfig(**options)
     with distributed_session(config.device) as process:
@@ -134,6 +136,7 @@ def finetune_with_report(
             stress_key=stress_key,
             virial_key=virial_key,
             drop_duplicates=drop_duplicates,
+            allow_missing_forces=allow_missing_forces,
             config=config,
             callbacks=callbacks,
         )
@@ -156,6 +159,7 @@ def _finetune_in_session(
     stress_key: str | None,
     virial_key: str | None,
     drop_duplicates: bool | str,
+    allow_missing_forces: bool,
     config: FinetuneConfig,
     callbacks: Sequence,
 ) -> FinetuneResult:
@@ -168,6 +172,7 @@ def _finetune_in_session(
         "forces_key": forces_key,
         "stress_key": stress_key,
         "virial_key": virial_key,
+        "require_forces": not allow_missing_forces,
     }
     backend = load_backend(base, device=process.device, dtype=config.dtype)
     train_frames = _frames(train, keys)
