@@ -420,14 +420,19 @@ def take_isolated_atoms(*groups: Sequence[Frame]) -> tuple[tuple[list[Frame], ..
                     f"{frame.source}: tagged config_type={frame.config_type} but holds "
                     f"{frame.n_atoms} atoms; an isolated-atom reference holds one"
                 )
-            symbol = frame.atoms.get_chemical_symbols()[0]
-            first = energies.setdefault(symbol, frame)
-            if abs(first.energy - frame.energy) > 1e-3:
-                raise DataFileError(
-                    f"{frame.source}: isolated {symbol} atom at {frame.energy:.6f} eV, but "
-                    f"{first.source} gives {first.energy:.6f} eV; keep one"
-                )
+            _add_isolated_atom(energies, frame)
     return tuple(kept), {symbol: frame.energy for symbol, frame in energies.items()}
+
+
+def _add_isolated_atom(first_by_element: dict[str, Frame], frame: Frame) -> None:
+    """Record a single-atom frame by element; a second one more than 1 meV off is refused."""
+    symbol = frame.atoms.get_chemical_symbols()[0]
+    first = first_by_element.setdefault(symbol, frame)
+    if abs(first.energy - frame.energy) > 1e-3:
+        raise DataFileError(
+            f"{frame.source}: isolated {symbol} atom at {frame.energy:.6f} eV, but "
+            f"{first.source} gives {first.energy:.6f} eV; keep one"
+        )
 
 
 def dataset_summary(frames: Sequence[Frame], files: Sequence[str] = ()) -> dict:
@@ -522,17 +527,9 @@ def read_isolated_atom_energies(source: str | Path | dict, energy_key: str | Non
                 )
             out[chemical_symbols[number]] = float(value)
         return out
-    out: dict[str, float] = {}
     first: dict[str, Frame] = {}
     for frame in read_frames(source, energy_key=energy_key, require_forces=False):
         if frame.n_atoms != 1:
             raise DataFileError(f"{frame.source}: isolated-atom file holds a {frame.n_atoms}-atom frame")
-        symbol = frame.atoms.get_chemical_symbols()[0]
-        earlier = first.setdefault(symbol, frame)
-        if abs(earlier.energy - frame.energy) > 1e-3:
-            raise DataFileError(
-                f"{frame.source}: isolated {symbol} atom at {frame.energy:.6f} eV, but "
-                f"{earlier.source} gives {earlier.energy:.6f} eV; keep one"
-            )
-        out[symbol] = earlier.energy
-    return out
+        _add_isolated_atom(first, frame)
+    return {symbol: frame.energy for symbol, frame in first.items()}
