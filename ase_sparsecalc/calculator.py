@@ -60,7 +60,7 @@ class SparseCalc(Calculator):
         on NVIDIA GPUs). The delta is merged into the e3nn weights, which are then mapped to
         the cuEquivariance model; :meth:`set_delta` keeps both in step.
     compile_mode : str, optional
-        MACE only: evaluate through ``torch.compile`` with this mode (``"default"``,
+        Evaluate through ``torch.compile`` with this mode (``"default"``,
         ``"reduce-overhead"``, ``"max-autotune"``). Opt-in: the first call per shape compiles
         (minutes on a CPU); see ``docs/performance.md``.
 

@@ -204,8 +204,9 @@ def main() -> None:
     for md in sorted(args.out.glob("speed_compile_*.md")):
         model, _, size = md.stem.removeprefix("speed_compile_").partition("_")  # "medium", "si512"
         atoms = f", {size.replace('si', 'Si ')} atoms" if size else ""
+        family = "SevenNet-0" if model == "sevennet" else f"{model} MACE model"
         parts += [
-            f"### torch.compile ({model} MACE model{atoms})",
+            f"### torch.compile ({family}{atoms})",
             "",
             md.read_text().strip(),
             "",
@@ -213,7 +214,7 @@ def main() -> None:
     parts.append(
         "Per-script commands: `python bench/<script>.py --device cpu|cuda [--quick]` for "
         + ", ".join(f"`{s}`" for s in SCRIPTS)
-        + " (and `speed_compile.py --model small|medium`, not part of the driver because compiling "
+        + " (and `speed_compile.py --model small|medium|sevennet`, not part of the driver because compiling "
         f"takes many minutes on a CPU); each writes `{portable(str(args.out))}/speed_<name>.json` and `.md`."
     )
     section = args.section or ("speed-gpu" if on_gpu else "speed")

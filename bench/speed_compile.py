@@ -1,27 +1,31 @@
-"""``SparseCalc(compile_mode=...)`` against eager SparseCalc and MACECalculator: compile cost, time per call.
+"""``SparseCalc(compile_mode=...)`` against eager SparseCalc and the backend's own calculator.
 
-One process, one MACE model, a diamond Si supercell (64 atoms by default; new displacements
-every round, so the number of edges changes), energy + forces + stress through the ASE
-interface, float64. Three calculators, timed round-robin in an order that rotates every round:
-``compiled`` (SparseCalc with ``compile_mode``), ``eager`` (SparseCalc) and ``own``
-(``MACECalculator`` on the same model file, its defaults: eager), all with the same 3 % delta
-except ``own``, which runs the bare file (same cost per call). Reports the first compiled call
-(compilation included), medians of the following rounds, paired ratios and the largest force
-difference between compiled and eager. The compiled model is built with MACE's own recipe
-(``mace.tools.compile.prepare``, ``torch.compile(fullgraph=True, dynamic=True)``).
+One process, one model, diamond Si supercells (64 atoms by default; new displacements every
+round, so the number of edges changes), energy + forces + stress through the ASE interface.
+Three calculators, timed round-robin in an order that rotates every round: ``compiled``
+(SparseCalc with ``compile_mode``), ``eager`` (SparseCalc) and ``own`` (``MACECalculator`` on
+the same model file, or ``SevenNetCalculator``; their defaults: eager), all with the same 3 %
+delta except ``own``, which runs the bare model (same cost per call). Reports the first
+compiled call of each size (compilation included), medians of the following rounds, paired
+ratios and the largest force difference between compiled and eager. Several sizes
+(``--supercells 2 4``) run in one process, so the second size shows the cost of a new shape
+after the first compile.
+
+Models: ``small`` (the test-suite MACE: 8x0e+8x1o+8x2e) and ``medium`` (the
+MACE-MP-0-medium shape), both float64; ``sevennet`` (SevenNet-0 from the sevenn wheel,
+float32, the dtype ``SevenNetCalculator`` runs). MACE is compiled with MACE's own recipe
+(``mace.tools.compile.prepare``, one graph); SevenNet is rebuilt without TorchScript and
+compiled as a few graphs (see ``ase_sparsecalc/backends/accelerate.py``).
 
 The first call is timed with an empty inductor cache (unless ``--warm-cache``), in wall-clock
 time too, because inductor compiles in worker processes whose CPU time the benchmark process
 does not see.
 
-Models: ``small`` (the test-suite MACE: 8x0e+8x1o+8x2e) and ``medium`` (the MACE-MP-0-medium
-shape). Compilation of ``medium`` takes a long time on a small CPU.
-
 Examples
 --------
 python bench/speed_compile.py --model small
-python bench/speed_compile.py --model medium --device cuda
-python bench/speed_compile.py --model medium --device cuda --supercell 4   # 512 atoms
+python bench/speed_compile.py --model medium --device cuda --supercells 2 4   # 64 and 512 atoms
+python bench/speed_compile.py --model sevennet --device cuda --supercells 2 4
 """
 
 from __future__ import annotations
@@ -37,44 +41,57 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _speed import mace_medium_model_file, markdown_table, median, parse_args, wall_timed, write_results
 from speed_calculator import call, own_calculator
 
+DTYPES = {"small": "float64", "medium": "float64", "sevennet": "float32"}
+OWN_NAMES = {"small": "MACECalculator", "medium": "MACECalculator", "sevennet": "SevenNetCalculator"}
+
 
 def _extra(parser) -> None:
-    parser.add_argument("--model", default="small", choices=["small", "medium"])
+    parser.add_argument("--model", default="small", choices=sorted(DTYPES))
     parser.add_argument("--calls", type=int, default=6, help="timed rounds after the first (default 6)")
     parser.add_argument(
-        "--supercell", type=int, default=2, help="n x n x n cubic diamond cells: 8 n^3 atoms (default 2: 64)"
+        "--supercells",
+        type=int,
+        nargs="+",
+        default=[2],
+        help="n x n x n cubic diamond cells, 8 n^3 atoms each, in this order (default 2: 64)",
     )
-    parser.add_argument("--no-own", action="store_true", help="leave MACECalculator out")
+    parser.add_argument("--no-own", action="store_true", help="leave the backend's own calculator out")
     parser.add_argument("--mode", default="default", help="torch.compile mode (default: default)")
     parser.add_argument(
         "--warm-cache", action="store_true", help="reuse torch's inductor cache (default: start empty)"
     )
 
 
-def main() -> None:
-    if "--warm-cache" not in sys.argv:
-        # a private, empty inductor cache: the first call then shows the real compile cost
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_")
-    args = parse_args(__doc__.splitlines()[0], _extra)
-    from ase.build import bulk
-
+def calculators(args) -> dict:
+    """``compiled``, ``eager`` (both with one 3 % delta) and, unless --no-own, ``own``."""
     from ase_sparsecalc import SparseCalc
     from ase_sparsecalc.testing import random_sparse_delta, save_mace_model
 
-    if args.model == "medium":
-        path = mace_medium_model_file()
+    dtype = DTYPES[args.model]
+    if args.model == "sevennet":
+        base = path = "sevennet-0"
+    elif args.model == "medium":
+        base = path = str(mace_medium_model_file())
     else:
-        path = save_mace_model(Path(tempfile.mkdtemp()) / "small.model", seed=1)
-    eager = SparseCalc(str(path), device=args.device)
-    compiled = SparseCalc(str(path), device=args.device, compile_mode=args.mode)
+        base = path = str(save_mace_model(Path(tempfile.mkdtemp()) / "small.model", seed=1))
+    eager = SparseCalc(base, device=args.device, default_dtype=dtype)
+    compiled = SparseCalc(base, device=args.device, default_dtype=dtype, compile_mode=args.mode)
     delta = random_sparse_delta(eager.backend, density=0.03, seed=0)
     eager.set_delta(delta)
     compiled.set_delta(delta)  # applied after compiling: the compiled copy must follow it
     calcs = {"compiled": compiled, "eager": eager}
     if not args.no_own:
-        calcs["own"] = own_calculator("mace", "float64", args.device, path)
-    base = bulk("Si", "diamond", a=5.43, cubic=True).repeat((args.supercell,) * 3)
-    rng = np.random.default_rng(0)
+        kind = "sevennet" if args.model == "sevennet" else "mace"
+        calcs["own"] = own_calculator(kind, dtype, args.device, Path(path))
+    return calcs
+
+
+def bench_size(calcs: dict, supercell: int, args) -> dict:
+    """Time the calculators round-robin on one Si supercell; the first compiled call apart."""
+    from ase.build import bulk
+
+    base = bulk("Si", "diamond", a=5.43, cubic=True).repeat((supercell,) * 3)
+    rng = np.random.default_rng(supercell)
 
     def clock(calc, positions):
         atoms = base.copy()
@@ -83,7 +100,7 @@ def main() -> None:
         return (wall if args.device == "cuda" else cpu), wall, out
 
     start = base.positions + rng.normal(0.0, 0.05, base.positions.shape)
-    first_compiled, first_wall, _ = clock(compiled, start)
+    first_compiled, first_wall, _ = clock(calcs["compiled"], start)
     for name in calcs:
         if name != "compiled":
             clock(calcs[name], start)  # warm-up
@@ -104,19 +121,24 @@ def main() -> None:
         if b in times
     }
     result = {
-        "model": args.model,
-        "mode": args.mode,
         "atoms": len(base),
         "first_compiled_call_s": first_compiled,
         "first_compiled_call_wall_s": first_wall,
         "ms": ms,
+        "ms_all": {name: [1e3 * t for t in ts] for name, ts in times.items()},
         "ratios": ratios,
         "eager_ms": ms["eager"],
         "compiled_ms": ms["compiled"],
         "speedup": 1.0 / ratios["compiled/eager"],
         "max_force_difference": max(diffs),
     }
-    print(result)
+    print(result, flush=True)
+    return result
+
+
+def write(sizes: list[dict], args) -> None:
+    """Write the results of the sizes measured so far (after each size: a run cut short keeps them)."""
+    own = OWN_NAMES[args.model]
     table = markdown_table(
         [
             "model",
@@ -125,30 +147,44 @@ def main() -> None:
             "first call: CPU s / wall s (compiles)",
             "eager ms",
             "compiled ms",
-            "MACECalculator ms",
+            f"{own} ms",
             "compiled / eager",
-            "compiled / MACECalculator",
+            f"compiled / {own}",
             "max abs ΔF (eV/Å)",
         ],
         [
             [
                 args.model,
-                len(base),
+                size["atoms"],
                 args.mode,
-                f"{first_compiled:.0f} / {first_wall:.0f}",
-                ms["eager"],
-                ms["compiled"],
-                ms.get("own", "–"),
-                ratios["compiled/eager"],
-                ratios.get("compiled/own", "–"),
-                result["max_force_difference"],
+                f"{size['first_compiled_call_s']:.0f} / {size['first_compiled_call_wall_s']:.0f}",
+                size["ms"]["eager"],
+                size["ms"]["compiled"],
+                size["ms"].get("own", "–"),
+                size["ratios"]["compiled/eager"],
+                size["ratios"].get("compiled/own", "–"),
+                size["max_force_difference"],
             ]
+            for size in sizes
         ],
     )
-    suffix = "" if args.supercell == 2 else f"_si{len(base)}"
-    title = f"torch.compile, MACE, Si {len(base)}, float64"
-    write_results(f"compile_{args.model}{suffix}", args, result, [(title, table)])
-    print(table)
+    result = {"model": args.model, "mode": args.mode, "dtype": DTYPES[args.model], "sizes": sizes}
+    atoms = ", ".join(str(size["atoms"]) for size in sizes)
+    title = f"torch.compile, {args.model}, Si {atoms} atoms, {DTYPES[args.model]} (one process, this order)"
+    write_results(f"compile_{args.model}", args, result, [(title, table)])
+    print(table, flush=True)
+
+
+def main() -> None:
+    if "--warm-cache" not in sys.argv:
+        # a private, empty inductor cache: the first call then shows the real compile cost
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_")
+    args = parse_args(__doc__.splitlines()[0], _extra)
+    calcs = calculators(args)
+    sizes: list[dict] = []
+    for n in args.supercells:
+        sizes.append(bench_size(calcs, n, args))
+        write(sizes, args)
 
 
 if __name__ == "__main__":

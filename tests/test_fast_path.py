@@ -128,7 +128,7 @@ def test_mace_molecule_in_a_stress_batch_gives_finite_gradients(mace_model_path)
 # ---------------------------------------------------------------------- accelerated paths
 def test_accelerations_are_refused_for_sevennet():
     pytest.importorskip("sevenn")
-    with pytest.raises(BaseModelError, match="MACE bases only"):
+    with pytest.raises(BaseModelError, match="implemented for mace bases"):
         SparseCalc("sevennet-0", default_dtype="float32", enable_cueq=True)
 
 
@@ -225,3 +225,49 @@ def test_compiled_mace_matches_eager_with_a_delta(mace_model_path):
     fast.set_delta(delta)
     _assert_same_results(reference, fast, _small_crystal(), atol=1e-9)
     assert fast.backend.accelerator.name == "compile"
+
+
+def _sevennet_compile_through_dynamo_only(monkeypatch) -> None:
+    """torch.compile with dynamo's tracing and guards but no inductor code generation (fast)."""
+    import functools
+
+    from ase_sparsecalc.backends import accelerate
+
+    monkeypatch.setattr(accelerate.torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+
+
+def test_sevennet_rebuilt_for_compile_traces_and_follows_deltas(monkeypatch):
+    """The SevenNet copy made for torch.compile (rebuilt from its configuration without
+    TorchScript, activations fx-traced) goes through dynamo and matches e3nn with a delta, after
+    switching deltas, and for the bare base, with stress (dynamo alone takes about a minute)."""
+    pytest.importorskip("sevenn")
+    _sevennet_compile_through_dynamo_only(monkeypatch)
+    reference = SparseCalc("sevennet-0")
+    fast = SparseCalc("sevennet-0", compile_mode="default")
+    assert fast.backend.accelerator.name == "compile"
+    atoms = _small_crystal()
+    for seed in (1, 2, None):
+        delta = None if seed is None else random_sparse_delta(reference.backend, 0.05, 0.5, seed=seed)
+        reference.set_delta(delta)
+        fast.set_delta(delta)
+        _assert_same_results(reference, fast, atoms, atol=1e-9)
+    assert not any(p.requires_grad for p in fast.backend.accelerator.module.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("SPARSECALC_TEST_COMPILE") != "1",
+    reason="compiling SevenNet-0 takes minutes on a small CPU; set SPARSECALC_TEST_COMPILE=1",
+)
+def test_compiled_sevennet_matches_eager_with_a_delta():
+    pytest.importorskip("sevenn")
+    reference = SparseCalc("sevennet-0", default_dtype="float32")
+    fast = SparseCalc("sevennet-0", default_dtype="float32", compile_mode="default")
+    delta = random_sparse_delta(reference.backend, density=0.05, relative_scale=0.5, seed=1)
+    reference.set_delta(delta)
+    fast.set_delta(delta)
+    _assert_same_results(reference, fast, _small_crystal(), atol=1e-5)
+    ethanol = molecule("CH3CH2OH")
+    results = [calc.batch_evaluate([ethanol], ("energy", "forces"))[0] for calc in (reference, fast)]
+    np.testing.assert_allclose(results[1]["forces"], results[0]["forces"], atol=1e-5)

@@ -1,4 +1,4 @@
-"""Faster inference copies of a model: cuEquivariance kernels and ``torch.compile`` (MACE, opt-in).
+"""Faster inference copies of a model: cuEquivariance kernels (MACE) and ``torch.compile`` (opt-in).
 
 A backend keeps its plain e3nn model as the one true set of weights: deltas are merged into it,
 fine-tuning differentiates it, fingerprints are taken from it. An accelerator holds a second,
@@ -13,10 +13,13 @@ removed in any way is always seen.
   copied). Needs ``cuequivariance`` and ``cuequivariance-torch``, and on GPUs
   ``cuequivariance-ops-torch-cu12`` for the fused kernels: ``pip install 'ase_sparsecalc[cuda]'``.
   It also runs (slowly, without fused kernels) on the CPU, which is how it is tested.
-* ``compile``: MACE rebuilt without e3nn's TorchScript code generation
-  (``mace.tools.compile.prepare``) and wrapped in ``torch.compile(dynamic=True)``. The first
-  call of each new shape class compiles (tens of seconds to minutes); see
-  ``docs/performance.md`` for when it pays off.
+* ``compile``: the model rebuilt without e3nn's TorchScript code generation and wrapped in
+  ``torch.compile(dynamic=True)``. MACE is prepared by its own recipe
+  (``mace.tools.compile.prepare``, one graph); SevenNet is rebuilt from its checkpoint
+  configuration with e3nn's ``Activation`` modules traced by ``torch.fx`` (its forward has
+  data-dependent sizes, so dynamo splits it into a few graphs). The first call of each new
+  shape class compiles (tens of seconds to minutes); see ``docs/performance.md`` for when it
+  pays off.
 """
 
 from __future__ import annotations
@@ -136,25 +139,28 @@ class CueqAccelerator(Accelerator):
 
 
 class CompiledAccelerator(Accelerator):
-    """MACE prepared for and wrapped in ``torch.compile`` (inference)."""
+    """A model rebuilt for and wrapped in ``torch.compile`` (inference); one subclass per family."""
 
     name = "compile"
+    family = ""
+    fullgraph = True
 
     def __init__(self, source, device, dtype, mode: str | None = None) -> None:
         self.mode = mode
         super().__init__(source, device, dtype)
 
-    def _build(self, source):
-        from mace.tools.compile import prepare
-        from mace.tools.scripts_utils import extract_model
+    @abstractmethod
+    def _prepare(self, source: torch.nn.Module) -> torch.nn.Module:
+        """An uncompiled copy of ``source`` without TorchScript parts (weights copied later)."""
 
-        with _default_dtype(self.dtype):
-            prepared = prepare(extract_model)(model=copy.deepcopy(source), map_location=self.device.type)
+    def _build(self, source):
+        with _default_dtype(self.dtype), _e3nn_codegen_off():
+            prepared = self._prepare(source)
         self.prepared = prepared.to(self.device, self.dtype)
         for p in self.prepared.parameters():
             p.requires_grad_(False)
         self._copy_weights(source)
-        return torch.compile(self.prepared, mode=self.mode, fullgraph=True, dynamic=True)
+        return torch.compile(self.prepared, mode=self.mode, fullgraph=self.fullgraph, dynamic=True)
 
     def _copy_weights(self, source):
         # load_state_dict copies in place, so the compiled graphs (which take the parameters
@@ -163,8 +169,20 @@ class CompiledAccelerator(Accelerator):
         result = self.prepared.load_state_dict(source.state_dict(), strict=False)
         if result.missing_keys:
             raise BaseModelError(
-                f"torch.compile copy of the MACE model lacks weights for {result.missing_keys[:5]}"
+                f"torch.compile copy of the {self.family} model lacks weights for {result.missing_keys[:5]}"
             )
+
+
+class CompiledMace(CompiledAccelerator):
+    """MACE prepared by ``mace.tools.compile.prepare`` (one graph, autograd inside it)."""
+
+    family = "MACE"
+
+    def _prepare(self, source):
+        from mace.tools.compile import prepare
+        from mace.tools.scripts_utils import extract_model
+
+        return prepare(extract_model)(model=copy.deepcopy(source), map_location=self.device.type)
 
     def __call__(self, source, data, **kwargs):
         # as MACE's own calculator calls a compiled model: the inputs that forces and stresses
@@ -177,15 +195,76 @@ class CompiledAccelerator(Accelerator):
         return super().__call__(source, data, **kwargs)
 
 
+class CompiledSevenNet(CompiledAccelerator):
+    """SevenNet rebuilt from its checkpoint configuration, ``Activation`` modules fx-traced.
+
+    SevenNet's forward reads sizes from tensors (``int(batch.max())``), so dynamo compiles it
+    as a few graphs (``fullgraph=False``); forces and stresses come from the model's own
+    ``autograd.grad`` on the edge vectors, as in eager mode.
+    """
+
+    family = "SevenNet"
+    fullgraph = False
+
+    def __init__(self, source, device, dtype, mode: str | None = None, config: dict | None = None) -> None:
+        if not config:
+            raise BaseModelError(
+                "torch.compile of a SevenNet model needs the configuration of its checkpoint; "
+                "load the model with load_backend/SparseCalc"
+            )
+        self.config = config
+        super().__init__(source, device, dtype, mode)
+
+    def _prepare(self, source):
+        from e3nn.nn import Activation
+        from sevenn.model_build import build_E3_equivariant_model
+
+        from .sevennet import prepare_for_calculation
+
+        model = build_E3_equivariant_model(copy.deepcopy(self.config))
+        _trace_modules(model, (Activation,))
+        prepare_for_calculation(model)
+        return model
+
+
+def _trace_modules(module: torch.nn.Module, types: tuple[type, ...]) -> None:
+    """Replace every submodule of one of ``types`` by its ``torch.fx`` trace (in place).
+
+    A traced module has no Python attributes left for dynamo to guard on (e3nn's ``Irreps``
+    cannot be guarded: their ``len`` is undefined).
+    """
+    from torch.fx import symbolic_trace
+
+    for name, child in module.named_children():
+        if isinstance(child, types):
+            setattr(module, name, symbolic_trace(child))
+        else:
+            _trace_modules(child, types)
+
+
+@contextlib.contextmanager
+def _e3nn_codegen_off() -> Iterator[None]:
+    """Build e3nn modules as plain ``torch.fx`` code instead of TorchScript (for dynamo)."""
+    from e3nn import get_optimization_defaults, set_optimization_defaults
+
+    previous = get_optimization_defaults()["jit_script_fx"]
+    set_optimization_defaults(jit_script_fx=False)
+    try:
+        yield
+    finally:
+        set_optimization_defaults(jit_script_fx=previous)
+
+
 def make_accelerator(backend: Backend, kind: str, compile_mode: str | None = None) -> Accelerator:
-    """An accelerator of ``kind`` (``"cueq"`` or ``"compile"``) for a MACE backend.
+    """An accelerator of ``kind`` (``"cueq"``: MACE; ``"compile"``: MACE or SevenNet) for a backend.
 
     Raises
     ------
     ConfigError
         Unknown ``kind`` or ``compile_mode``.
     BaseModelError
-        The backend is not a MACE model (SevenNet has neither path in sevenn 0.10.4).
+        ``cueq`` for a model that is not MACE (sevenn 0.10.4 has its own cuEquivariance path,
+        not reachable from here).
     BackendNotInstalledError
         ``cueq`` without the cuequivariance packages.
     """
@@ -193,14 +272,20 @@ def make_accelerator(backend: Backend, kind: str, compile_mode: str | None = Non
         raise ConfigError(f"acceleration must be one of {ACCELERATIONS}, got {kind!r}")
     if kind == "compile" and compile_mode is not None and compile_mode not in COMPILE_MODES:
         raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}; got {compile_mode!r}")
-    if backend.name != "mace":
+    supported = {"cueq": ("mace",), "compile": ("mace", "sevennet")}[kind]
+    if backend.name not in supported:
+        option = "enable_cueq" if kind == "cueq" else "compile_mode"
         raise BaseModelError(
-            f"{kind} acceleration is implemented for MACE bases only; {backend.model_name!r} is a "
-            f"{backend.name!r} model (run it without enable_cueq/compile_mode)"
+            f"{kind} acceleration is implemented for {' and '.join(supported)} bases; "
+            f"{backend.model_name!r} is a {backend.name!r} model (run it without {option})"
         )
     if kind == "cueq":
         return CueqAccelerator(backend.model, backend.device, backend.dtype)
-    return CompiledAccelerator(backend.model, backend.device, backend.dtype, compile_mode)
+    if backend.name == "sevennet":
+        return CompiledSevenNet(
+            backend.model, backend.device, backend.dtype, compile_mode, config=backend.config
+        )
+    return CompiledMace(backend.model, backend.device, backend.dtype, compile_mode)
 
 
 def _require_modules(names: tuple[str, ...], message: str) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,9 +34,14 @@ def import_sevenn() -> None:
 
 @dataclass
 class SevenNetBackend(Backend):
-    """A SevenNet model (``AtomGraphSequential``) behind the backend interface."""
+    """A SevenNet model (``AtomGraphSequential``) behind the backend interface.
+
+    ``config`` is the checkpoint's model configuration (plain data), kept to rebuild the model
+    for ``torch.compile`` (see :mod:`.accelerate`).
+    """
 
     name = "sevennet"
+    config: dict = field(default_factory=dict, repr=False)
 
     def _model_outputs(self, graph, compute_forces, compute_stress, training, parameters):
         import sevenn._keys as KEY
@@ -165,6 +170,17 @@ def _make_onehot_follow_dtype(model: torch.nn.Module) -> None:
             model._modules[name] = module
 
 
+def prepare_for_calculation(model: torch.nn.Module) -> None:
+    """Set a freshly built SevenNet model up as this backend calls it (in place).
+
+    Batched input, atomic numbers mapped to the model's types, one-hot embedding in the model's
+    dtype.
+    """
+    model.set_is_batch_data(True)
+    model.eval_type_map = True
+    _make_onehot_follow_dtype(model)
+
+
 def load_sevennet(
     path: str | Path, model_name: str, device: torch.device, dtype: torch.dtype
 ) -> SevenNetBackend:
@@ -179,9 +195,7 @@ def load_sevennet(
         model, config = model_from_checkpoint(checkpoint)
     except Exception as exc:
         raise BaseModelError(f"{path}: cannot build the SevenNet model ({exc})") from exc
-    model.set_is_batch_data(True)
-    model.eval_type_map = True
-    _make_onehot_follow_dtype(model)
+    prepare_for_calculation(model)
     return SevenNetBackend(
         model=model,
         model_name=model_name,
@@ -190,4 +204,5 @@ def load_sevennet(
         atomic_numbers=tuple(sorted(int(z) for z in config["_type_map"])),
         device=device,
         dtype=dtype,
+        config=config,
     )
