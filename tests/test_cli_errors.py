@@ -95,6 +95,14 @@ CASES = {
         ["foreign.safetensors", "fingerprint"],
     ),
     "eval_bad_device": (["eval", "{good_extxyz}", "--base", "{model}", "--device", "gpu"], ["gpu", "device"]),
+    "eval_unknown_compile_mode": (
+        ["eval", "{good_extxyz}", "--base", "{model}", "--compile", "fastest"],
+        ["compile_mode", "fastest", "reduce-overhead"],
+    ),
+    "eval_compile_and_cueq": (
+        ["eval", "{good_extxyz}", "--base", "{model}", "--compile", "--cueq"],
+        ["choose one", "enable_cueq"],
+    ),
     "eval_model_is_not_a_model": (
         ["eval", "{good_extxyz}", "--base", "{good_extxyz}"],
         ["good.extxyz", "checkpoint"],

@@ -3,6 +3,7 @@ and the opt-in accelerated MACE paths (cuEquivariance, torch.compile) agreeing w
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -13,6 +14,7 @@ from ase.build import bulk, molecule
 
 from ase_sparsecalc import SparseCalc
 from ase_sparsecalc import calculator as calculator_module
+from ase_sparsecalc.backends import load_backend
 from ase_sparsecalc.calculator import chunk_indices
 from ase_sparsecalc.errors import BackendNotInstalledError, BaseModelError
 from ase_sparsecalc.testing import random_sparse_delta
@@ -227,32 +229,47 @@ def test_compiled_mace_matches_eager_with_a_delta(mace_model_path):
     assert fast.backend.accelerator.name == "compile"
 
 
-def _sevennet_compile_through_dynamo_only(monkeypatch) -> None:
-    """torch.compile with dynamo's tracing and guards but no inductor code generation (fast)."""
-    import functools
-
+def test_sevennet_rebuilt_for_compile_is_one_graph_and_follows_deltas(monkeypatch):
+    """The SevenNet copy made for torch.compile (rebuilt without TorchScript, activations
+    fx-traced, force output run after it) reaches dynamo as one graph for crystals of two sizes
+    and a molecule, and matches e3nn with a delta, after switching deltas, and for the bare base.
+    Dynamo traces, but no code is generated (fast)."""
+    pytest.importorskip("sevenn")
     from ase_sparsecalc.backends import accelerate
 
-    monkeypatch.setattr(accelerate.torch, "compile", functools.partial(torch.compile, backend="eager"))
+    graphs = []
+
+    def count_graphs(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    monkeypatch.setattr(accelerate.torch, "compile", functools.partial(torch.compile, backend=count_graphs))
     torch._dynamo.reset()
-
-
-def test_sevennet_rebuilt_for_compile_traces_and_follows_deltas(monkeypatch):
-    """The SevenNet copy made for torch.compile (rebuilt from its configuration without
-    TorchScript, activations fx-traced) goes through dynamo and matches e3nn with a delta, after
-    switching deltas, and for the bare base, with stress (dynamo alone takes about a minute)."""
-    pytest.importorskip("sevenn")
-    _sevennet_compile_through_dynamo_only(monkeypatch)
     reference = SparseCalc("sevennet-0")
     fast = SparseCalc("sevennet-0", compile_mode="default")
     assert fast.backend.accelerator.name == "compile"
-    atoms = _small_crystal()
+    crystal = _small_crystal()
     for seed in (1, 2, None):
         delta = None if seed is None else random_sparse_delta(reference.backend, 0.05, 0.5, seed=seed)
         reference.set_delta(delta)
         fast.set_delta(delta)
-        _assert_same_results(reference, fast, atoms, atol=1e-9)
+        _assert_same_results(reference, fast, crystal, atol=1e-9)
+    _assert_same_results(reference, fast, crystal.repeat((2, 1, 1)), atol=1e-9)
+    ethanol = molecule("CH3CH2OH")
+    results = [calc.batch_evaluate([ethanol], ("energy", "forces"))[0] for calc in (reference, fast)]
+    np.testing.assert_allclose(results[1]["forces"], results[0]["forces"], atol=1e-9)
+    assert len(graphs) == 1  # dynamic shapes: no recompilation for another size or a molecule
     assert not any(p.requires_grad for p in fast.backend.accelerator.module.parameters())
+
+
+def test_sevennet_without_a_force_output_last_is_not_compiled():
+    pytest.importorskip("sevenn")
+    from ase_sparsecalc.backends.accelerate import _take_gradient_output
+
+    model = load_backend("sevennet-0").model
+    model.delete_module_by_key("force_output")
+    with pytest.raises(BaseModelError, match="not the force output"):
+        _take_gradient_output(model)
 
 
 @pytest.mark.slow

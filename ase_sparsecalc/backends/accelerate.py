@@ -196,15 +196,19 @@ class CompiledMace(CompiledAccelerator):
 
 
 class CompiledSevenNet(CompiledAccelerator):
-    """SevenNet rebuilt from its checkpoint configuration, ``Activation`` modules fx-traced.
+    """SevenNet's energy part compiled as one graph; its force/stress output run eagerly.
 
-    SevenNet's forward reads sizes from tensors (``int(batch.max())``), so dynamo compiles it
-    as a few graphs (``fullgraph=False``); forces and stresses come from the model's own
-    ``autograd.grad`` on the edge vectors, as in eager mode.
+    The model is rebuilt from its checkpoint configuration with e3nn's ``Activation`` modules
+    traced by ``torch.fx``. Its last module (forces and stresses by ``torch.autograd.grad`` on
+    the edge vectors) is taken out and called after the compiled part, so the gradient runs
+    through the compiled backward. Kept inside, the ``autograd.grad`` would break dynamo's
+    trace inside the model's loop over its modules, and dynamo would then compile each module
+    on its own (33 graphs for SevenNet-0, recompiled per layer shape). The sizes SevenNet reads
+    from tensors (``int(batch.max())``) are captured as symbolic integers.
     """
 
     family = "SevenNet"
-    fullgraph = False
+    fullgraph = False  # a later sevenn that breaks the graph falls back to eager parts, not errors
 
     def __init__(self, source, device, dtype, mode: str | None = None, config: dict | None = None) -> None:
         if not config:
@@ -224,7 +228,30 @@ class CompiledSevenNet(CompiledAccelerator):
         model = build_E3_equivariant_model(copy.deepcopy(self.config))
         _trace_modules(model, (Activation,))
         prepare_for_calculation(model)
+        self.gradient_output = _take_gradient_output(model).eval()
         return model
+
+    def __call__(self, source, data, **kwargs):
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            data = super().__call__(source, data, **kwargs)
+        return self.gradient_output(data)
+
+
+def _take_gradient_output(model: torch.nn.Module) -> torch.nn.Module:
+    """Remove and return a SevenNet model's last module, which differentiates the energy.
+
+    The model then returns energies only and no longer sets ``requires_grad`` on its inputs
+    (the backend passes edge vectors that require it).
+    """
+    name, module = next(reversed(model._modules.items()))
+    if not hasattr(module, "get_grad_key") or module.get_grad_key() != model.key_grad:
+        raise BaseModelError(
+            f"cannot compile this SevenNet model: its last module {name!r} is not the force output "
+            "(run it without compile_mode)"
+        )
+    model.delete_module_by_key(name)
+    model.key_grad = None
+    return module
 
 
 def _trace_modules(module: torch.nn.Module, types: tuple[type, ...]) -> None:

@@ -89,6 +89,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--head", help="output head of a multi-head MACE model")
     group.add_argument("--no-strict", action="store_true", help="apply a delta made for another base")
+    group.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        metavar="MODE",
+        help="evaluate through torch.compile (MODE: default, reduce-overhead, max-autotune, "
+        "max-autotune-no-cudagraphs; bare --compile: default). The first step compiles for "
+        "minutes: for long runs",
+    )
+    group.add_argument(
+        "--cueq", action="store_true", help="MACE: cuEquivariance kernels (needs the cuda extra)"
+    )
 
 
 def make_calculator(args: argparse.Namespace):
@@ -102,6 +114,8 @@ def make_calculator(args: argparse.Namespace):
         default_dtype=args.dtype,
         head=args.head,
         strict=not args.no_strict,
+        enable_cueq=args.cueq,
+        compile_mode=args.compile,
     )
 
 
