@@ -120,8 +120,9 @@ def trainable_names(
     infos : sequence of WeightInfo
         The base backend's weight infos.
     trainable : None, "auto", "all", collection of str or callable
-        None reads the delta's record (``hyperparameters["trainable_tensors"]`` if present,
-        else ``"auto"``). ``"auto"`` follows what :mod:`ase_sparsecalc.finetune` trains: every
+        None reads the delta's record (``hyperparameters["trainable_tensors"]``, which
+        :func:`ase_sparsecalc.finetune` writes), else ``"auto"`` (deltas made by other tools
+        or without the record). ``"auto"`` follows what :mod:`ase_sparsecalc.finetune` trains: every
         weight info except readouts (readouts too when ``hyperparameters["train_readouts"]``)
         and the kinds in ``hyperparameters["exclude_kinds"]``; every floating parameter in
         ``params`` for ``method == "full"``. ``"all"``: every

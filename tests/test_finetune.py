@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ase_sparsecalc import SparseCalc, SparseDelta, load_backend
+from ase_sparsecalc.analysis import delta_pattern
 from ase_sparsecalc.finetune import (
     FinetuneConfig,
     finetune,
@@ -74,6 +75,12 @@ def test_sparse_finetune_lowers_loss_and_hits_density(mace_model_path, frames, t
     assert delta.density == pytest.approx(0.05, rel=0.02)
     assert delta.metadata.method == "sparse" and delta.metadata.training_data["frames"] == 12
     assert set(delta.metadata.energy_shifts) == {"H", "C", "O"}
+    # the tensors it could change are recorded by name, and inspect counts exactly those
+    backend = load_backend(mace_model_path)
+    infos = {i.name: i.numel for i in backend.weight_infos() if not i.is_readout}
+    assert delta.metadata.hyperparameters["trainable_tensors"] == sorted(infos)
+    assert delta.metadata.trainable_numel == sum(infos.values())
+    assert sum(r["total"] for r in delta_pattern(delta, backend, by="kind")) == sum(infos.values())
     for name in ("report.json", "parity.png", "learning_curves.png", "sparsity.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
 

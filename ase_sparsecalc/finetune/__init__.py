@@ -23,6 +23,7 @@ from ..delta import DeltaMetadata, SparseDelta
 from ..delta_io import check_writable
 from ..errors import EmptyDatasetError
 from ..graph import build_graph
+from ..weight_map import TRAINABLE_KEY
 from .batches import make_batches, predict
 from .budget import plan_epochs
 from .config import FinetuneConfig
@@ -232,10 +233,10 @@ def _finetune_in_session(
         else {},
     }
 
-    history, state_info, tensors, trainable = [], {}, {}, 0
+    history, state_info, tensors, trainable = [], {}, {}, []
     if config.method != "shift":
         infos = trainable_infos(backend, config)
-        trainable = sum(i.numel for i in infos)
+        trainable = infos
         method = _make_method(backend, infos, config)
         data_id = dataset_summary(train_frames)["sha256"] + dataset_summary(valid_frames)["sha256"]
         trainer = Trainer(
@@ -288,7 +289,7 @@ def _finetune_in_session(
         "method": config.method,
         "density": delta.density,
         "nnz": delta.nnz,
-        "trainable_weights": trainable,
+        "trainable_weights": sum(i.numel for i in trainable),
         "energy_shifts_eV": delta.metadata.energy_shifts,
         "before": before,
         "after": after,
@@ -463,6 +464,9 @@ def _refit_shifts(backend: Backend, delta: SparseDelta, frames: list[Frame], bat
 def _metadata(
     backend, config, shifts, train_frames, valid_frames, train_source, trainable, isolated
 ) -> DeltaMetadata:
+    """The delta's metadata; ``trainable`` (the weight infos the method could change) is recorded
+    by name under ``hyperparameters["trainable_tensors"]`` (read by ``inspect``) and counted in
+    ``trainable_numel`` (the denominator of the density)."""
     files = [
         str(s)
         for s in (
@@ -476,13 +480,16 @@ def _metadata(
     if isolated:
         used = {s: isolated[s] for s in summary["elements"] if s in isolated}  # by atomic number
         summary["isolated_atom_energies_eV"] = used
+    hyperparameters = config.to_dict()
+    if trainable:
+        hyperparameters[TRAINABLE_KEY] = sorted(i.name for i in trainable)
     meta = DeltaMetadata(
         dtype=config.dtype,
         energy_shifts=dict(shifts),
         method=config.method,
-        hyperparameters=config.to_dict(),
+        hyperparameters=hyperparameters,
         training_data=summary,
-        trainable_numel=trainable or None,
+        trainable_numel=sum(i.numel for i in trainable) or None,
     )
     return backend.fill_metadata(meta)
 
