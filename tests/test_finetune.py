@@ -526,3 +526,29 @@ def test_bad_tagged_isolated_atoms_are_refused(mace_model_path, dft_frames, tmp_
         EmptyDatasetError, match=r"only_atoms\.xyz: only isolated-atom frames, nothing to validate"
     ):
         finetune(mace_model_path, dft_frames, str(only), method="shift")
+
+
+def test_all_electron_sized_energies_keep_their_precision_in_float32(mace_model_path, frames):
+    """Energy shifts are added and energy errors formed in float64: with -1e6 eV/atom offsets
+    (all-electron totals of heavy elements reach -1e7 eV per cell, where float32 resolves
+    about 1 eV) a float32 model's energies move by exactly the offsets and its energy loss on
+    labels carrying the same offsets is unchanged."""
+    import dataclasses
+
+    from ase_sparsecalc.finetune.batches import LossWeights, batch_loss
+
+    backend = load_backend(mace_model_path, dtype="float32")
+    batch = make_batches(frames[:4], backend, 4, seed=0)[0]
+    plain = backend.evaluate(batch.graph)
+    offset = -1.0e6
+    backend.add_energy_shifts({"H": offset, "C": offset, "O": offset})
+    shifted = backend.evaluate(batch.graph)
+    n_atoms = batch.n_atoms.double()
+    assert shifted.energy.dtype == torch.float64
+    moved = (shifted.energy.double() - plain.energy.double()).detach().numpy()
+    np.testing.assert_allclose(moved, offset * n_atoms.numpy(), rtol=0, atol=1e-6)
+    energy_only = LossWeights(energy=1.0, forces=0.0, stress=0.0)
+    offset_labels = dataclasses.replace(batch, energy=batch.energy + offset * n_atoms)
+    assert batch_loss(shifted, offset_labels, energy_only).item() == pytest.approx(
+        batch_loss(plain, batch, energy_only).item(), rel=1e-9
+    )

@@ -165,12 +165,12 @@ class ModelOutput:
 
     Attributes
     ----------
-    energy : (G,) tensor, eV
+    energy : (G,) tensor, eV (float64 after :meth:`Backend.evaluate` adds the energy shifts)
     forces : (N, 3) tensor, eV/Å, or None
     stress : (G, 3, 3) tensor, eV/Å³ (ASE sign: positive under tension), or None
     atom_energies : (N,) tensor, eV, or None
         The model's per-atom energies, which sum to ``energy`` per structure (MACE's node
-        energies with their E0, SevenNet's atomic energies).
+        energies with their E0, SevenNet's atomic energies); float64 after shifts.
     """
 
     energy: torch.Tensor
@@ -225,7 +225,7 @@ class Backend(ABC):
         self.device = torch.device(device) if device is not None else self.device
         self.dtype = dtype or self.dtype
         self.model.to(device=self.device, dtype=self.dtype)
-        self._device_shift_table = self._shift_table.to(self.device, self.dtype)
+        self._device_shift_table = self._shift_table.to(self.device)  # float64: see evaluate
         self._device_known = self._known.to(self.device)
         if self.accelerator is not None and (
             self.accelerator.device != self.device or self.accelerator.dtype != self.dtype
@@ -293,10 +293,13 @@ class Backend(ABC):
         if self.model.training != training:
             self.model.train(training)
         out = self._model_outputs(graph, compute_forces, compute_stress, training, parameters)
+        # shifts are added in float64 whatever the model's dtype: total energies of all-electron
+        # codes reach -1e7 eV, where float32 resolves only about 1 eV
         shifts = self._device_shift_table[graph.numbers]
-        out.energy = out.energy + torch.zeros_like(out.energy).index_add_(0, graph.batch, shifts)
+        energy = out.energy.to(torch.float64)
+        out.energy = energy + torch.zeros_like(energy).index_add_(0, graph.batch, shifts)
         if out.atom_energies is not None:  # each atom carries its element's shift
-            out.atom_energies = out.atom_energies.reshape(-1) + shifts
+            out.atom_energies = out.atom_energies.reshape(-1).to(torch.float64) + shifts
         return out
 
     def _call_model(self, parameters: dict[str, torch.Tensor] | None, *args, **kwargs):
@@ -365,7 +368,7 @@ class Backend(ABC):
         self._shift_table.zero_()
         for z, value in shifts.items():
             self._shift_table[int(z)] = float(value)
-        self._device_shift_table = self._shift_table.to(self.device, self.dtype)
+        self._device_shift_table = self._shift_table.to(self.device)  # float64: see evaluate
 
     def add_energy_shifts(self, shifts_by_symbol: dict[str, float]) -> None:
         """Add per-element shifts (eV/atom, keyed by chemical symbol) to the current ones."""

@@ -26,7 +26,7 @@ class LabelledBatch:
     Attributes
     ----------
     graph : AtomicGraph
-    energy : (G,) eV
+    energy : (G,) eV, float64 (total energies; see :meth:`Backend.evaluate`)
     n_atoms : (G,) atoms per structure
     forces : (N, 3) eV/Å (zeros where a frame has none)
     force_mask : (N,) bool, atoms whose frame has forces
@@ -157,7 +157,7 @@ def _labelled_batch(
     as_float = {"dtype": backend.dtype, "device": backend.device}
     return LabelledBatch(
         graph=graph,
-        energy=torch.tensor([f.energy for f in chosen], **as_float),
+        energy=torch.tensor([f.energy for f in chosen], dtype=torch.float64, device=backend.device),
         n_atoms=torch.tensor([f.n_atoms for f in chosen], **as_float),
         forces=torch.as_tensor(forces, **as_float),
         force_mask=torch.as_tensor(force_mask, device=backend.device),
@@ -184,7 +184,7 @@ def _empty_batch(backend: Backend, counts: LossCounts | None) -> LabelledBatch:
     )
     return LabelledBatch(
         graph=graph,
-        energy=torch.zeros(0, **f),
+        energy=torch.zeros(0, dtype=torch.float64, device=backend.device),
         n_atoms=torch.zeros(0, **f),
         forces=torch.zeros(0, 3, **f),
         force_mask=torch.zeros(0, dtype=torch.bool, device=backend.device),
