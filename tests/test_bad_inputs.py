@@ -42,7 +42,7 @@ from ase_sparsecalc.errors import (
     UnknownElementError,
 )
 from ase_sparsecalc.finetune import FinetuneConfig, finetune, finetune_with_report, read_frames
-from ase_sparsecalc.finetune.data import Frame, drop_duplicate_frames, frame_from_atoms
+from ase_sparsecalc.finetune.data import Frame, check_duplicates, drop_duplicate_frames, frame_from_atoms
 from ase_sparsecalc.graph import build_graph
 from ase_sparsecalc.testing import random_sparse_delta
 
@@ -446,6 +446,27 @@ def test_drop_duplicates_keeps_first_or_last_copy():
     last = drop_duplicate_frames(train, valid, keep="last")
     assert [[f.source for f in group] for group in first] == [["f0", "f1"], ["f3"]]
     assert [[f.source for f in group] for group in last] == [["f1"], ["f3", "f4"]]
+
+
+def test_copies_written_differently_are_found_and_near_structures_are_not():
+    """A copy of a crystal with its atoms reordered, one atom moved by a lattice vector and the
+    positions perturbed below the printed precision is the same structure; a displacement of
+    1e-3 Å (an MD step) is not."""
+    crystal = bulk("Si", "diamond", a=5.43, cubic=True)
+    crystal.rattle(0.05, seed=1)
+    copy = crystal[[3, 0, 7, 1, 2, 6, 5, 4]]
+    copy.positions[0] += crystal.cell[0] - crystal.cell[2]
+    copy.positions += np.random.default_rng(2).uniform(-5e-8, 5e-8, copy.positions.shape)
+    moved = crystal.copy()
+    moved.positions[4] += [1e-3, 0.0, 0.0]
+    frames = [
+        Frame(atoms, -40.0, None, None, source=name)
+        for atoms, name in ((crystal, "original"), (copy, "copy"), (moved, "moved"))
+    ]
+    with pytest.raises(DuplicateFrameError, match="copy: same structure as original"):
+        check_duplicates(frames)
+    (kept,) = drop_duplicate_frames(frames)
+    assert [f.source for f in kept] == ["original", "moved"]
 
 
 def test_unusable_checkpoint_on_resume(mace_model_path, tmp_path):

@@ -332,14 +332,81 @@ def frame_hash(frame: Frame, decimals: int = 6) -> str:
     return digest.hexdigest()
 
 
+DUPLICATE_TOLERANCE = 1e-5
+"""Å: two frames whose atoms all lie this close (after matching) hold the same structure."""
+
+_DUPLICATE_GRID = 1e-3  # Å: coarse rounding that sorts atoms and finds candidate copies
+
+
+@dataclass(frozen=True)
+class _CanonicalStructure:
+    """A frame's atoms in an order and place that do not depend on how the file wrote them.
+
+    Atoms are moved by lattice vectors into the cell along periodic axes and sorted by element
+    and coarsely rounded position, so copies written in another atom order, with atoms wrapped
+    differently or with positions rounded to another number of digits agree. ``key`` is equal
+    for copies (apart from atoms on a rounding boundary); :meth:`same_as` decides.
+    """
+
+    key: bytes
+    positions: np.ndarray  # (N, 3) Å, in canonical order
+    atoms: Atoms
+
+    @classmethod
+    def of(cls, frame: Frame) -> _CanonicalStructure:
+        atoms = frame.atoms
+        positions = atoms.positions.copy()
+        if _periodic(atoms):
+            fractional = atoms.cell.scaled_positions(positions)
+            fractional[:, atoms.pbc] %= 1.0
+            positions = atoms.cell.cartesian_positions(fractional)
+        coarse = np.round(positions / _DUPLICATE_GRID).astype(np.int64)
+        order = np.lexsort((coarse[:, 2], coarse[:, 1], coarse[:, 0], atoms.numbers))
+        digest = hashlib.sha256()
+        for part in (
+            atoms.numbers[order].astype(np.int64),
+            coarse[order],
+            np.round(atoms.cell.array / _DUPLICATE_GRID).astype(np.int64),
+            atoms.pbc.astype(np.int8),
+        ):
+            digest.update(part.tobytes())
+        return cls(digest.digest(), positions[order], atoms)
+
+    def same_as(self, other: _CanonicalStructure) -> bool:
+        """Same key, cells within :data:`DUPLICATE_TOLERANCE`, and every atom within it of its
+        counterpart (minimum image along periodic axes)."""
+        if self.key != other.key:
+            return False
+        if not np.allclose(self.atoms.cell.array, other.atoms.cell.array, rtol=0, atol=DUPLICATE_TOLERANCE):
+            return False
+        difference = other.positions - self.positions
+        if _periodic(self.atoms):  # an atom may sit just inside the opposite face of the cell
+            fractional = self.atoms.cell.scaled_positions(difference)
+            fractional[:, self.atoms.pbc] -= np.round(fractional[:, self.atoms.pbc])
+            difference = self.atoms.cell.cartesian_positions(fractional)
+        return bool(np.all(np.linalg.norm(difference, axis=1) < DUPLICATE_TOLERANCE))
+
+
+def _periodic(atoms: Atoms) -> bool:
+    return bool(atoms.pbc.any()) and has_cell_volume(atoms)
+
+
 def _earlier_copies(frames: Sequence[Frame]) -> list[Frame | None]:
-    """For each frame, the earlier frame with the same structure, or None."""
-    seen: dict[str, Frame] = {}
+    """For each frame, the earlier frame with the same structure, or None.
+
+    The same structure: same elements, cell and periodicity, and atoms within
+    :data:`DUPLICATE_TOLERANCE` of each other in some order, lattice translations of single
+    atoms allowed (see :class:`_CanonicalStructure`).
+    """
+    seen: dict[bytes, list[tuple[_CanonicalStructure, Frame]]] = {}
     earlier: list[Frame | None] = []
     for frame in frames:
-        key = frame_hash(frame)
-        earlier.append(seen.get(key))
-        seen.setdefault(key, frame)
+        canonical = _CanonicalStructure.of(frame)
+        candidates = seen.setdefault(canonical.key, [])
+        match = next((f for c, f in candidates if c.same_as(canonical)), None)
+        earlier.append(match)
+        if match is None:
+            candidates.append((canonical, frame))
     return earlier
 
 
