@@ -599,6 +599,30 @@ def test_finetune_warns_about_units_and_single_stoichiometry(mace_model_path, tm
     assert len(checks["warnings"]) == 2
 
 
+def test_mixed_free_energies_and_energies_are_flagged(tmp_path, caplog):
+    """One file with free energies (VASP-like: free_energy and energy) and one with energies
+    only: warned about, naming a frame of each; one key read everywhere: no warning."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from ase_sparsecalc.finetune.label_checks import warn_if_energy_labels_mixed
+
+    smeared, plain = water_frames(4)[:2], water_frames(4)[2:]
+    for atoms in smeared:
+        atoms.calc = SinglePointCalculator(atoms, energy=-14.0, free_energy=-14.01, forces=atoms.get_forces())
+    write(tmp_path / "vasp.extxyz", smeared)
+    write(tmp_path / "other.extxyz", plain)
+    files = [str(tmp_path / "vasp.extxyz"), str(tmp_path / "other.extxyz")]
+    frames = read_frames(files)
+    assert [f.energy_label for f in frames] == ["free_energy", "free_energy", "energy", "energy"]
+    assert frames[0].energy == -14.01
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        message = warn_if_energy_labels_mixed(frames)
+    assert message is not None and "vasp.extxyz:frame 0" in message and "other.extxyz:frame 0" in message
+    assert "--energy-key" in caplog.text
+    assert warn_if_energy_labels_mixed(read_frames(files, energy_key="energy")) is None
+    assert warn_if_energy_labels_mixed(read_frames(files[1:])) is None
+
+
 def test_isolated_atom_file_reads_like_the_training_data(tmp_path):
     """The isolated-atom file honours the energy key, refuses two energies of one element, and
     a dict takes symbols or atomic numbers only."""

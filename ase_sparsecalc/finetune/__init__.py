@@ -39,7 +39,12 @@ from .data import (
     take_isolated_atoms,
 )
 from .distributed import ProcessInfo, distributed_session
-from .label_checks import label_slopes, warn_about_label_scales, warn_if_shifts_underdetermined
+from .label_checks import (
+    label_slopes,
+    warn_about_label_scales,
+    warn_if_energy_labels_mixed,
+    warn_if_shifts_underdetermined,
+)
 from .methods import METHODS, MethodOptions
 from .metrics import error_metrics
 from .reference import fit_energy_shifts, shifted_energies
@@ -224,8 +229,11 @@ def _finetune_in_session(
     if process.is_main:
         slopes = label_slopes(train_frames, base_train)
         data_warnings += warn_about_label_scales(slopes, _describe(train))
-        underdetermined = warn_if_shifts_underdetermined(train_frames, isolated)
-        data_warnings += [underdetermined] if underdetermined else []
+        for message in (
+            warn_if_shifts_underdetermined(train_frames, isolated),
+            warn_if_energy_labels_mixed(train_frames),
+        ):
+            data_warnings += [message] if message else []
     before = {
         "train": error_metrics(train_frames, _with_shifts(base_train, train_frames, shifts)),
         "valid": error_metrics(valid_frames, _with_shifts(base_valid, valid_frames, shifts))

@@ -50,6 +50,9 @@ class Frame:
         ``"file:index"``, used in error messages.
     config_type : str or None
         The file's ``config_type`` tag (``atoms.info``), if any; see :func:`take_isolated_atoms`.
+    energy_label : str or None
+        The key the energy was read from (``"free_energy"``, ``"energy"`` or ``--energy-key``);
+        None for frames built by hand.
 
     Frames built by hand get the same shape checks as those read from files
     (:class:`~ase_sparsecalc.errors.MissingLabelError` names the frame's ``source``).
@@ -61,6 +64,7 @@ class Frame:
     stress: np.ndarray | None
     source: str
     config_type: str | None = None
+    energy_label: str | None = None
 
     def __post_init__(self) -> None:
         """Labels as float arrays of the documented shapes."""
@@ -219,7 +223,8 @@ def frame_from_atoms(
     config_type = atoms.info.get("config_type")
     if _is_isolated_atom_tag(config_type):
         require_forces = False  # an isolated atom's forces vanish by symmetry; files often omit them
-    energy = _label(atoms, results, energy_key, ("free_energy", "energy"), where, "energy")
+    energy_names = ("free_energy", "energy")
+    energy_label, energy = _named_label(atoms, results, energy_key, energy_names, where, "energy")
     if energy is None:
         raise MissingLabelError(
             f"{where}: no energy (looked for {energy_key or 'free_energy/energy'})"
@@ -251,7 +256,7 @@ def frame_from_atoms(
             raise NonFiniteLabelError(f"{where}: {name} contains NaN or inf")
     clean = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
     tag = str(config_type) if config_type is not None else None
-    return Frame(clean, energy, forces, stress, where, tag)
+    return Frame(clean, energy, forces, stress, where, tag, energy_label)
 
 
 def _as_float_array(value, where: str, what: str) -> np.ndarray:
@@ -263,19 +268,24 @@ def _as_float_array(value, where: str, what: str) -> np.ndarray:
 
 
 def _label(atoms, results, key, defaults, where, what, required=True):
+    return _named_label(atoms, results, key, defaults, where, what, required)[1]
+
+
+def _named_label(atoms, results, key, defaults, where, what, required=True) -> tuple[str | None, object]:
+    """The first of ``key`` (or else ``defaults``) the frame has, as ``(name, value)``."""
     names = (key,) if key else defaults
     for name in names:
         if name in results and results[name] is not None:
-            return results[name]
+            return name, results[name]
         if name in atoms.info:
-            return atoms.info[name]
+            return name, atoms.info[name]
         if name in atoms.arrays:
-            return atoms.arrays[name]
+            return name, atoms.arrays[name]
     if required and what != "energy":
         raise MissingLabelError(
             f"{where}: no {what} (looked for {', '.join(names)})" + _key_hint(atoms, what)
         )
-    return None
+    return None, None
 
 
 def _key_hint(atoms: Atoms, what: str) -> str:

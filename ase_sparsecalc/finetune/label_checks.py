@@ -116,3 +116,29 @@ def warn_if_shifts_underdetermined(
     )
     logger.warning(message)
     return message
+
+
+def warn_if_energy_labels_mixed(frames: Sequence[Frame]) -> str | None:
+    """Warn when some energies are free energies and others are not.
+
+    Without ``--energy-key`` each frame's energy is its ``free_energy`` where it has one, else
+    its ``energy``. VASP's ``free_energy`` (TOTEN) holds the electronic entropy term of a smeared
+    calculation and its ``energy`` the sigma -> 0 extrapolation; for metals they differ by meV
+    to tens of meV per atom, so files of both kinds in one training set disagree by that much.
+    Returns the message, or None.
+    """
+    by_label: dict[str, list[str]] = {}
+    for frame in frames:
+        if frame.energy_label is not None:
+            by_label.setdefault(frame.energy_label, []).append(frame.source)
+    if not {"free_energy", "energy"} <= set(by_label):
+        return None
+    free, plain = by_label["free_energy"], by_label["energy"]
+    message = (
+        f"{len(free)} training frame(s) have free energies (free_energy, e.g. {free[0]}) and "
+        f"{len(plain)} have only an energy (energy, e.g. {plain[0]}): for smeared (metallic) "
+        "calculations the two differ by the electronic entropy term; pass --energy-key to read "
+        "one kind everywhere (energy_key= in Python)"
+    )
+    logger.warning(message)
+    return message
