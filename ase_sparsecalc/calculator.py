@@ -13,7 +13,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
 from .backends import Backend, load_backend
-from .backends.accelerate import COMPILE_MODES
+from .backends.accelerate import check_compile_mode
 from .delta import SparseDelta
 from .errors import ConfigError, StressUndefinedError
 from .graph import build_graph, has_cell_volume
@@ -112,8 +112,7 @@ class SparseCalc(Calculator):
             raise ConfigError(
                 "choose one of enable_cueq=True and compile_mode=...; together they are not supported"
             )
-        if compile_mode is not None and compile_mode not in COMPILE_MODES:
-            raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}; got {compile_mode!r}")
+        check_compile_mode(compile_mode)  # before the (slow) loading of the base
         delta_obj = _as_delta(delta)
         if base is None and delta_obj is not None and delta_obj.metadata.base_model:
             base = delta_obj.metadata.base_model

@@ -69,11 +69,11 @@ def calculators(args) -> dict:
 
     dtype = DTYPES[args.model]
     if args.model == "sevennet":
-        base = path = "sevennet-0"
+        base = "sevennet-0"
     elif args.model == "medium":
-        base = path = str(mace_medium_model_file())
+        base = str(mace_medium_model_file())
     else:
-        base = path = str(save_mace_model(Path(tempfile.mkdtemp()) / "small.model", seed=1))
+        base = str(save_mace_model(Path(tempfile.mkdtemp()) / "small.model", seed=1))
     eager = SparseCalc(base, device=args.device, default_dtype=dtype)
     compiled = SparseCalc(base, device=args.device, default_dtype=dtype, compile_mode=args.mode)
     delta = random_sparse_delta(eager.backend, density=0.03, seed=0)
@@ -82,7 +82,7 @@ def calculators(args) -> dict:
     calcs = {"compiled": compiled, "eager": eager}
     if not args.no_own:
         kind = "sevennet" if args.model == "sevennet" else "mace"
-        calcs["own"] = own_calculator(kind, dtype, args.device, Path(path))
+        calcs["own"] = own_calculator(kind, dtype, args.device, Path(base))  # path unused for sevennet
     return calcs
 
 

@@ -16,10 +16,10 @@ removed in any way is always seen.
 * ``compile``: the model rebuilt without e3nn's TorchScript code generation and wrapped in
   ``torch.compile(dynamic=True)``. MACE is prepared by its own recipe
   (``mace.tools.compile.prepare``, one graph); SevenNet is rebuilt from its checkpoint
-  configuration with e3nn's ``Activation`` modules traced by ``torch.fx`` (its forward has
-  data-dependent sizes, so dynamo splits it into a few graphs). The first call of each new
-  shape class compiles (tens of seconds to minutes); see ``docs/performance.md`` for when it
-  pays off.
+  configuration with e3nn's ``Activation`` modules traced by ``torch.fx``, its energy compiled
+  as one graph and its force output run after it (:class:`CompiledSevenNet`). The first call of
+  each new shape class compiles (tens of seconds to minutes); see ``docs/performance.md`` for
+  when it pays off.
 """
 
 from __future__ import annotations
@@ -282,6 +282,12 @@ def _e3nn_codegen_off() -> Iterator[None]:
         set_optimization_defaults(jit_script_fx=previous)
 
 
+def check_compile_mode(mode: str | None) -> None:
+    """Raise :class:`ConfigError` unless ``mode`` is None or one of :data:`COMPILE_MODES`."""
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}; got {mode!r}")
+
+
 def make_accelerator(backend: Backend, kind: str, compile_mode: str | None = None) -> Accelerator:
     """An accelerator of ``kind`` (``"cueq"``: MACE; ``"compile"``: MACE or SevenNet) for a backend.
 
@@ -297,8 +303,8 @@ def make_accelerator(backend: Backend, kind: str, compile_mode: str | None = Non
     """
     if kind not in ACCELERATIONS:
         raise ConfigError(f"acceleration must be one of {ACCELERATIONS}, got {kind!r}")
-    if kind == "compile" and compile_mode is not None and compile_mode not in COMPILE_MODES:
-        raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}; got {compile_mode!r}")
+    if kind == "compile":
+        check_compile_mode(compile_mode)
     supported = {"cueq": ("mace",), "compile": ("mace", "sevennet")}[kind]
     if backend.name not in supported:
         option = "enable_cueq" if kind == "cueq" else "compile_mode"

@@ -229,11 +229,11 @@ def _finetune_in_session(
     if process.is_main:
         slopes = label_slopes(train_frames, base_train)
         data_warnings += warn_about_label_scales(slopes, _describe(train))
-        for message in (
+        further = (
             warn_if_shifts_underdetermined(train_frames, isolated),
             warn_if_energy_labels_mixed(train_frames),
-        ):
-            data_warnings += [message] if message else []
+        )
+        data_warnings += [message for message in further if message]
     before = {
         "train": error_metrics(train_frames, _with_shifts(base_train, train_frames, shifts)),
         "valid": error_metrics(valid_frames, _with_shifts(base_valid, valid_frames, shifts))
@@ -243,9 +243,8 @@ def _finetune_in_session(
 
     history, state_info, tensors, trainable = [], {}, {}, []
     if config.method != "shift":
-        infos = trainable_infos(backend, config)
-        trainable = infos
-        method = _make_method(backend, infos, config)
+        trainable = trainable_infos(backend, config)
+        method = _make_method(backend, trainable, config)
         data_id = dataset_summary(train_frames)["sha256"] + dataset_summary(valid_frames)["sha256"]
         trainer = Trainer(
             backend,

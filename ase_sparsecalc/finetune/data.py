@@ -18,6 +18,7 @@ import numpy as np
 from ase import Atoms
 from ase.data import atomic_numbers as symbol_to_number
 from ase.data import chemical_symbols
+from ase.geometry import find_mic
 
 from ..errors import (
     ConfigError,
@@ -365,11 +366,7 @@ class _CanonicalStructure:
     @classmethod
     def of(cls, frame: Frame) -> _CanonicalStructure:
         atoms = frame.atoms
-        positions = atoms.positions.copy()
-        if _periodic(atoms):
-            fractional = atoms.cell.scaled_positions(positions)
-            fractional[:, atoms.pbc] %= 1.0
-            positions = atoms.cell.cartesian_positions(fractional)
+        positions = atoms.get_positions(wrap=_periodic(atoms))
         coarse = np.round(positions / _DUPLICATE_GRID).astype(np.int64)
         order = np.lexsort((coarse[:, 2], coarse[:, 1], coarse[:, 0], atoms.numbers))
         digest = hashlib.sha256()
@@ -391,9 +388,7 @@ class _CanonicalStructure:
             return False
         difference = other.positions - self.positions
         if _periodic(self.atoms):  # an atom may sit just inside the opposite face of the cell
-            fractional = self.atoms.cell.scaled_positions(difference)
-            fractional[:, self.atoms.pbc] -= np.round(fractional[:, self.atoms.pbc])
-            difference = self.atoms.cell.cartesian_positions(fractional)
+            difference, _ = find_mic(difference, self.atoms.cell, self.atoms.pbc)
         return bool(np.all(np.linalg.norm(difference, axis=1) < DUPLICATE_TOLERANCE))
 
 
