@@ -16,7 +16,7 @@ from .backends import Backend, load_backend
 from .backends.accelerate import check_compile_mode
 from .delta import SparseDelta
 from .errors import ConfigError, StressUndefinedError
-from .graph import build_graph, has_cell_volume
+from .graph import build_graph, charge_and_spin, has_cell_volume
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +172,19 @@ class SparseCalc(Calculator):
         return self.backend.cutoff
 
     # ------------------------------------------------------------------ ASE contract
+    def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
+        """ASE's changes since the last calculation, plus ``"charge_and_spin"`` when the model
+        takes them and ``atoms.info["charge"]`` or ``["spin"]`` changed (ASE compares only
+        positions, numbers, cell, pbc and initial magnetic moments and charges)."""
+        changes = super().check_state(atoms, tol)
+        if (
+            not changes
+            and self.backend.takes_charge_and_spin
+            and charge_and_spin(atoms) != charge_and_spin(self.atoms)
+        ):
+            changes.append("charge_and_spin")
+        return changes
+
     def calculate(
         self,
         atoms: Atoms | None = None,
@@ -229,6 +242,7 @@ class SparseCalc(Calculator):
                     f"independent cell vectors); the cell is {atoms.cell.array.round(6).tolist()}"
                 )
             self.backend.check_elements(atoms.numbers, name)
+            self.backend.check_charge_and_spin(atoms, name)
         results: list[dict] = []
         for chunk in chunk_indices([len(a) for a in structures], batch_size, max_atoms):
             results.extend(self._evaluate_chunk([structures[k] for k in chunk], [names[k] for k in chunk]))

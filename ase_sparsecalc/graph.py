@@ -44,6 +44,8 @@ class AtomicGraph:
     unit_shifts : (E, 3) float, integer cell-image offsets of each edge
     cell : (G, 3, 3) float, Å (rows are lattice vectors; zero for molecules)
     pbc : (G, 3) bool
+    total_charge : (G,) float, total charge in units of e (see :func:`charge_and_spin`)
+    total_spin : (G,) float, spin multiplicity 2S + 1
     """
 
     positions: torch.Tensor
@@ -54,6 +56,8 @@ class AtomicGraph:
     unit_shifts: torch.Tensor
     cell: torch.Tensor
     pbc: torch.Tensor
+    total_charge: torch.Tensor
+    total_spin: torch.Tensor
 
     @property
     def n_graphs(self) -> int:
@@ -86,6 +90,41 @@ class AtomicGraph:
             t = getattr(self, f.name)
             moved[f.name] = t.to(device, dtype) if t.is_floating_point() else t.to(device)
         return AtomicGraph(**moved)
+
+
+CHARGE_KEY = "charge"
+"""``atoms.info`` key of a structure's total charge (e), as in MACE's calculator and fairchem."""
+
+SPIN_KEY = "spin"
+"""``atoms.info`` key of a structure's spin multiplicity 2S + 1, as in MACE's calculator and fairchem."""
+
+NEUTRAL_SINGLET = (0.0, 1.0)
+"""Total charge and spin multiplicity of a structure whose ``atoms.info`` names neither."""
+
+
+def charge_and_spin(atoms: Atoms, where: str = "structure") -> tuple[float, float]:
+    """Total charge (e) and spin multiplicity (2S + 1) of a structure.
+
+    Read from ``atoms.info["charge"]`` and ``atoms.info["spin"]``; an absent key means a
+    neutral singlet (0 and 1). Only models conditioned on charge and spin (MACE models with
+    charge and spin embeddings, such as MACE-OMOL) use them.
+
+    Raises
+    ------
+    StructureError
+        A value that is not a finite number.
+    """
+    values = []
+    for key, default in zip((CHARGE_KEY, SPIN_KEY), NEUTRAL_SINGLET, strict=True):
+        raw = atoms.info.get(key, default)
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not np.isfinite(value):
+            raise StructureError(f"{where}: atoms.info[{key!r}] = {raw!r} is not a finite number")
+        values.append(value)
+    return values[0], values[1]
 
 
 def has_cell_volume(atoms: Atoms) -> bool:
@@ -238,9 +277,11 @@ def build_graph(
         No atoms, non-finite positions or cell, or a periodic axis without a cell vector.
     """
     positions, numbers, batch, edges, shifts, cells, pbcs, ptr = [], [], [], [], [], [], [], [0]
+    charges_and_spins = []
     for k, atoms in enumerate(structures):
         where = names[k] if names is not None else f"structure {k}"
         check_structure(atoms, where)
+        charges_and_spins.append(charge_and_spin(atoms, where))
         local = model_positions(atoms)
         i, j, S, d = neighbour_pairs(atoms, cutoff, local)
         if d.size and d.min() < MIN_DISTANCE:
@@ -268,4 +309,6 @@ def build_graph(
         unit_shifts=torch.as_tensor(np.concatenate(shifts), **as_float),
         cell=torch.as_tensor(np.stack(cells), **as_float),
         pbc=torch.as_tensor(np.stack(pbcs), dtype=torch.bool, device=device),
+        total_charge=torch.as_tensor([c for c, _ in charges_and_spins], **as_float),
+        total_spin=torch.as_tensor([s for _, s in charges_and_spins], **as_float),
     )

@@ -17,6 +17,21 @@ from .backends.base import Backend
 from .delta import DeltaMetadata, SparseDelta, TensorDelta
 from .torch_setup import import_keeping_weights_only
 
+_CHARGE_AND_SPIN_EMBEDDINGS = {
+    "embedding_specs": {
+        "total_spin": {"type": "categorical", "per": "graph", "in_dim": 1, "emb_dim": 16, "num_classes": 101},
+        "total_charge": {
+            "type": "categorical",
+            "per": "graph",
+            "in_dim": 1,
+            "emb_dim": 16,
+            "num_classes": 201,
+            "offset": 100,
+        },
+    },
+    "use_embedding_readout": True,
+}
+
 
 def build_mace_model(
     atomic_numbers: Sequence[int] = (1, 6, 8, 14, 29),
@@ -27,6 +42,8 @@ def build_mace_model(
     num_interactions: int = 2,
     r_max: float = 5.0,
     atomic_energies: Sequence[float] | None = None,
+    charge_and_spin: bool = False,
+    heads: Sequence[str] | None = None,
     seed: int = 0,
 ) -> torch.nn.Module:
     """A small ``ScaleShiftMACE`` with random weights (float64).
@@ -41,6 +58,13 @@ def build_mace_model(
         Highest spherical harmonic of the edge attributes (3 gives f channels).
     atomic_energies : sequence of float, optional
         Isolated-atom energies E0 in eV, one per element (default: -1 eV each).
+    charge_and_spin : bool
+        Condition the model on each structure's total charge and spin multiplicity through
+        categorical embeddings with an energy readout, as MACE-OMOL is (charges -100 to 100,
+        multiplicities 0 to 100).
+    heads : sequence of str, optional
+        Output heads of a multi-head model (head k's isolated-atom energies are those of
+        ``atomic_energies`` minus k eV); default: one head.
     seed : int
         Seed of the weight initialisation.
     """
@@ -49,6 +73,11 @@ def build_mace_model(
 
     torch.manual_seed(seed)
     energies = np.asarray(atomic_energies if atomic_energies is not None else [-1.0] * len(atomic_numbers))
+    per_head = {}
+    if heads is not None:
+        energies = np.stack([energies - k for k in range(len(heads))])
+        per_head = {"heads": list(heads), "atomic_inter_scale": [1.0] * len(heads)}
+        per_head["atomic_inter_shift"] = [0.0] * len(heads)
     block = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
@@ -69,8 +98,8 @@ def build_mace_model(
             atomic_numbers=list(atomic_numbers),
             correlation=correlation,
             gate=torch.nn.functional.silu,
-            atomic_inter_scale=1.0,
-            atomic_inter_shift=0.0,
+            **({"atomic_inter_scale": 1.0, "atomic_inter_shift": 0.0} | per_head),
+            **(_CHARGE_AND_SPIN_EMBEDDINGS if charge_and_spin else {}),
         )
     finally:
         torch.set_default_dtype(previous)

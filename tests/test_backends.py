@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from ase_sparsecalc import load_backend
+from ase_sparsecalc import SparseCalc, load_backend
 from ase_sparsecalc.backends import foundation_models
 from ase_sparsecalc.errors import BaseModelError, ChecksumError, ModelNotFoundError, UnsafeCheckpointError
+from ase_sparsecalc.testing import save_mace_model
 
 
 def test_loading_mace_keeps_weights_only_on(mace_model_path):
@@ -78,6 +79,25 @@ def test_named_mace_model_offline_says_where_to_put_it(tmp_path, monkeypatch):
     with pytest.raises(ModelNotFoundError, match=str(named.path)):
         foundation_models.fetch(offline, timeout=2)
     assert not named.path.exists() and not list(tmp_path.glob("mace/*.part"))
+
+
+def test_mace_omol_is_used_through_its_omol_head(tmp_path, monkeypatch, ethanol):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    named = foundation_models.lookup("MACE-OMOL")
+    assert named.name == "mace-omol-0-extra-large" and named.head == "omol"
+    assert named.url.startswith("https://") and named.path == tmp_path / "mace" / Path(named.url).name
+    # a stand-in file at the cache path (the real one cannot be downloaded here): two heads,
+    # neither called "default", so only the named model's default head picks one
+    save_mace_model(named.path, atomic_numbers=(1, 6, 8), heads=["pbe", "omol"], charge_and_spin=True)
+    by_name = load_backend("mace-omol")
+    assert by_name.head == "omol" and by_name.takes_charge_and_spin
+    assert load_backend("mace-omol", head="pbe").head == "pbe"
+    with pytest.raises(BaseModelError, match="choose a head"):
+        load_backend(named.path)
+    energies = {
+        h: SparseCalc(load_backend(named.path, head=h)).get_potential_energy(ethanol) for h in ("pbe", "omol")
+    }
+    assert SparseCalc(by_name).get_potential_energy(ethanol) == energies["omol"] != energies["pbe"]
 
 
 def test_named_model_checksum_is_enforced(tmp_path, monkeypatch, mace_model_path):

@@ -91,7 +91,8 @@ def load_backend(
     if isinstance(base, Backend):
         return base.copy(device_, dtype_)
     base = default_base() if base is None else base
-    path, model_name, kind = _resolve(base, backend)
+    path, model_name, kind, default_head = _resolve(base, backend)
+    head = head if head is not None else default_head
     if head is not None and kind != "mace":
         raise ConfigError(f"{model_name}: head={head!r} applies to multi-head MACE models only")
     stat = path.stat()
@@ -101,16 +102,17 @@ def load_backend(
     return _CACHE[key].copy(device_, dtype_)
 
 
-def _resolve(base: str | Path, backend: str | None) -> tuple[Path, str, str]:
+def _resolve(base: str | Path, backend: str | None) -> tuple[Path, str, str, str | None]:
+    """The model file, its name, its backend kind and its default head (None: the usual rule)."""
     path = Path(base)
     if path.is_file():
         found = sniff_backend(path)
         if backend == "sevennet" and found == "mace":  # not a safety problem: the wrong loader
             raise BaseModelError(f"{path}: backend='sevennet' asked for, but the file holds a MACE model")
-        return path, str(base), backend or found
+        return path, str(base), backend or found, None
     named = foundation_models.lookup(str(base))
     if named is not None:
-        return foundation_models.fetch(named), named.name, named.backend
+        return foundation_models.fetch(named), named.name, named.backend, named.head
     raise ModelNotFoundError(
         f"{base}: neither a model file nor a known model name "
         f"(known: {', '.join(foundation_models.named_models())})"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,11 +28,16 @@ from ase.data import atomic_numbers as symbol_to_number
 from ase.data import chemical_symbols
 
 from ..errors import UnknownElementError
+from ..graph import NEUTRAL_SINGLET, charge_and_spin
 from ..torch_setup import dtype_name
 
 if TYPE_CHECKING:
+    from ase import Atoms
+
     from ..delta import DeltaMetadata, SparseDelta
     from ..graph import AtomicGraph
+
+logger = logging.getLogger(__name__)
 
 N_ELEMENTS_TABLE = 119  # atomic numbers 0..118
 
@@ -216,6 +222,7 @@ class Backend(ABC):
         self._known = torch.zeros(N_ELEMENTS_TABLE, dtype=torch.bool)
         self._known[list(self.atomic_numbers)] = True
         self.accelerator = None  # a faster inference copy of the model (backends/accelerate.py)
+        self._said_charge_ignored = False
         self.to(self.device, self.dtype)
         self.set_training(False)
 
@@ -343,6 +350,42 @@ class Backend(ABC):
                 f"{where}: element(s) {symbols} unknown to base model {self.model_name!r} "
                 f"(it knows {_element_list(self.atomic_numbers)})"
             )
+
+    # ------------------------------------------------------------------ charge and spin
+    @property
+    def takes_charge_and_spin(self) -> bool:
+        """Whether the model is conditioned on each structure's total charge and spin."""
+        return False
+
+    def check_charge_and_spin(self, atoms: Atoms, where: str = "structure") -> None:
+        """Check a structure's ``atoms.info["charge"]`` and ``["spin"]`` against the model.
+
+        A model conditioned on them refuses values it has no embedding for
+        (:meth:`_check_charge_and_spin_values`); any other model ignores them, and says so once
+        per backend when a structure is not a neutral singlet.
+
+        Raises
+        ------
+        StructureError
+            A value that is not a number, or one the model cannot take.
+        """
+        charge, spin = charge_and_spin(atoms, where)
+        if self.takes_charge_and_spin:
+            self._check_charge_and_spin_values(charge, spin, where)
+        elif (charge, spin) != NEUTRAL_SINGLET and not self._said_charge_ignored:
+            self._said_charge_ignored = True
+            logger.warning(
+                "%s: charge %g and spin multiplicity %g (atoms.info) are ignored: base model %r "
+                "takes no charge or spin input and treats every structure alike",
+                where,
+                charge,
+                spin,
+                self.model_name,
+            )
+
+    def _check_charge_and_spin_values(self, charge: float, spin: float, where: str) -> None:
+        """Raise StructureError for a charge or spin a conditioned model cannot take."""
+        raise NotImplementedError(f"{type(self).__name__} takes charge and spin but does not check them")
 
     def _check_graph_elements(self, graph: AtomicGraph) -> None:
         """Every public evaluation path refuses unknown elements with :class:`UnknownElementError`.

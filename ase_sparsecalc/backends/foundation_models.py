@@ -42,12 +42,23 @@ _MACE_NAMES: dict[str, tuple[str, str]] = {
     "mace-off23-small": ("off", "small"),
     "mace-off23-medium": ("off", "medium"),
     "mace-off23-large": ("off", "large"),
+    "mace-omol-0-extra-large": ("omol", "extra_large"),
 }
+# mace-torch keeps the MACE-OMOL address inside ``mace_omol()`` rather than in a table
+_MACE_OMOL_URLS = {
+    "extra_large": "https://github.com/ACEsuit/mace-foundations/releases/download/mace_omol_0/"
+    "MACE-omol-0-extra-large-1024.model",
+}
+# the head a named multi-head model is used through unless head=... says otherwise (as in
+# mace-torch's mace_omol())
+_DEFAULT_HEADS = {"mace-omol-0-extra-large": "omol"}
 _ALIASES = {
     "mace-mp-0": "mace-mp-0-medium",
     "mace-mpa-0": "mace-mpa-0-medium",
     "mace-omat-0": "mace-omat-0-medium",
     "mace-off23": "mace-off23-medium",
+    "mace-omol": "mace-omol-0-extra-large",
+    "mace-omol-0": "mace-omol-0-extra-large",
     "7net-0": "sevennet-0",
     "sevennet-0-11jul2024": "sevennet-0",
     "7net-0-22may2024": "sevennet-0-22may2024",
@@ -120,12 +131,15 @@ class NamedModel:
         Download address (MACE), None for models shipped in a wheel.
     path : Path
         Where the file is (or will be cached).
+    head : str or None
+        Output head used unless one is chosen (multi-head models such as MACE-OMOL).
     """
 
     name: str
     backend: str
     url: str | None
     path: Path
+    head: str | None = None
 
 
 def canonical_name(name: str) -> str:
@@ -146,7 +160,7 @@ def lookup(name: str) -> NamedModel | None:
         return NamedModel(key, "sevennet", None, _sevennet_path(key))
     if key in _MACE_NAMES:
         url, path = _mace_url_and_cache(*_MACE_NAMES[key])
-        return NamedModel(key, "mace", url, path)
+        return NamedModel(key, "mace", url, path, _DEFAULT_HEADS.get(key))
     return None
 
 
@@ -169,7 +183,7 @@ def _mace_url_and_cache(table: str, key: str) -> tuple[str, Path]:
         url = fm.mace_mp_urls[key]
         file_name = "".join(c for c in os.path.basename(url) if c.isalnum() or c in "_")
     else:
-        url = fm.mace_off_urls[key]
+        url = fm.mace_off_urls[key] if table == "off" else _MACE_OMOL_URLS[key]
         file_name = os.path.basename(url).split("?")[0]
     if table == "mp" and key == "medium-mpa-0" and os.path.isfile(fm.local_model_path):
         return url, Path(fm.local_model_path)

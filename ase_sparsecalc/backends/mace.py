@@ -8,12 +8,16 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BaseModelError
+from ..errors import BaseModelError, StructureError
 from ..torch_setup import import_keeping_weights_only
 from .base import Backend, ModelOutput, WeightInfo
 from .safe_load import MACE_ALLOWED, load_checkpoint
 
 _LAYER = re.compile(r"^(interactions|products|readouts)\.(\d+)\.(.*)$")
+
+# Graph-level inputs a MACE model may be conditioned on (its ``embedding_specs``), and the
+# AtomicGraph field and atoms.info key that supply each.
+_CONDITIONING = {"total_charge": ("total_charge", "charge"), "total_spin": ("total_spin", "spin")}
 
 
 def import_mace() -> None:
@@ -29,6 +33,10 @@ class MaceBackend(Backend):
     ----------
     head : str
         The output head used (multi-head models); ``"default"`` for single-head ones.
+
+    A model with charge and spin embeddings (``embedding_specs``, as in MACE-OMOL) gets each
+    structure's ``atoms.info["charge"]`` and ``atoms.info["spin"]`` (spin multiplicity), as
+    with MACE's own calculator.
     """
 
     name = "mace"
@@ -37,6 +45,7 @@ class MaceBackend(Backend):
     def __post_init__(self) -> None:
         heads = [str(h) for h in getattr(self.model, "heads", ["default"])]
         self._head_index = heads.index(self.head) if self.head in heads else 0
+        self._embedding_specs = conditioning_specs(self.model, self.model_name)
         self._z_to_index = torch.full((119,), -1, dtype=torch.int64)
         for k, z in enumerate(self.atomic_numbers):
             self._z_to_index[z] = k
@@ -61,6 +70,8 @@ class MaceBackend(Backend):
             "ptr": graph.ptr,
             "head": torch.full((graph.n_graphs,), self._head_index, dtype=torch.int64, device=self.device),
         }
+        for name in self._embedding_specs:
+            data[name] = getattr(graph, _CONDITIONING[name][0])
         out = self._call_model(
             parameters,
             data,
@@ -75,6 +86,23 @@ class MaceBackend(Backend):
             stress=None if stress is None else stress.reshape(-1, 3, 3),
             atom_energies=out.get("node_energy"),
         )
+
+    @property
+    def takes_charge_and_spin(self) -> bool:
+        return bool(self._embedding_specs)
+
+    def _check_charge_and_spin_values(self, charge: float, spin: float, where: str) -> None:
+        values = {"total_charge": charge, "total_spin": spin}
+        for name, spec in self._embedding_specs.items():
+            if spec.get("type") != "categorical":
+                continue
+            value, offset, classes = values[name], int(spec.get("offset", 0)), int(spec["num_classes"])
+            if value != round(value) or not 0 <= value + offset < classes:
+                raise StructureError(
+                    f"{where}: atoms.info[{_CONDITIONING[name][1]!r}] = {value:g}, but base model "
+                    f"{self.model_name!r} takes {name} only as an integer from {-offset} to "
+                    f"{classes - 1 - offset}"
+                )
 
     def weight_infos(self) -> list[WeightInfo]:
         from e3nn import o3
@@ -170,6 +198,26 @@ def load_mace_model(path: str | Path) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "atomic_numbers"):
         raise BaseModelError(f"{path}: not a MACE model file (got {type(model).__name__})")
     return model
+
+
+def conditioning_specs(model: torch.nn.Module, model_name: str) -> dict[str, dict]:
+    """The model's charge and spin embeddings (``embedding_specs``; empty when it has none).
+
+    Raises
+    ------
+    BaseModelError
+        The model is conditioned on an input other than total charge and spin.
+    """
+    if not hasattr(model, "joint_embedding"):
+        return {}
+    specs = dict(getattr(model, "embedding_specs", None) or {})
+    unsupported = sorted(set(specs) - set(_CONDITIONING))
+    if unsupported:
+        raise BaseModelError(
+            f"{model_name}: the model is conditioned on {', '.join(unsupported)}; only total_charge "
+            "and total_spin (atoms.info['charge'] and ['spin']) can be supplied"
+        )
+    return specs
 
 
 def mace_backend_from_module(

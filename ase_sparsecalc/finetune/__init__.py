@@ -42,6 +42,7 @@ from .distributed import ProcessInfo, distributed_session
 from .label_checks import (
     label_slopes,
     warn_about_label_scales,
+    warn_if_charge_states_mixed,
     warn_if_energy_labels_mixed,
     warn_if_shifts_underdetermined,
 )
@@ -232,6 +233,7 @@ def _finetune_in_session(
         further = (
             warn_if_shifts_underdetermined(train_frames, isolated),
             warn_if_energy_labels_mixed(train_frames),
+            warn_if_charge_states_mixed(train_frames + valid_frames, backend.takes_charge_and_spin),
         )
         data_warnings += [message for message in further if message]
     before = {

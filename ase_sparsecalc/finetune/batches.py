@@ -127,6 +127,7 @@ def make_batches(
     order = np.arange(len(frames)) if seed is None else np.random.default_rng(seed).permutation(len(frames))
     for frame in frames:
         backend.check_elements(frame.atoms.numbers, frame.source)
+        backend.check_charge_and_spin(frame.atoms, frame.source)
     batches = []
     for start in range(0, len(frames), batch_size):
         ids = [int(i) for i in order[start : start + batch_size]]
@@ -181,6 +182,8 @@ def _empty_batch(backend: Backend, counts: LossCounts | None) -> LabelledBatch:
         unit_shifts=torch.zeros(0, 3, **f),
         cell=torch.zeros(0, 3, 3, **f),
         pbc=torch.zeros(0, 3, dtype=torch.bool, device=backend.device),
+        total_charge=torch.zeros(0, **f),
+        total_spin=torch.zeros(0, **f),
     )
     return LabelledBatch(
         graph=graph,

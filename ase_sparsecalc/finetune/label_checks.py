@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ..graph import charge_and_spin
 from .data import Frame
 from .reference import composition_matrix
 
@@ -139,6 +140,30 @@ def warn_if_energy_labels_mixed(frames: Sequence[Frame]) -> str | None:
         f"{len(plain)} have only an energy (energy, e.g. {plain[0]}): for smeared (metallic) "
         "calculations the two differ by the electronic entropy term; pass --energy-key to read "
         "one kind everywhere (energy_key= in Python)"
+    )
+    logger.warning(message)
+    return message
+
+
+def warn_if_charge_states_mixed(frames: Sequence[Frame], takes_charge_and_spin: bool) -> str | None:
+    """Warn when training frames differ in total charge or spin and the base model ignores both.
+
+    A model without charge and spin inputs sees a cation and the neutral molecule at the same
+    geometry as one structure with two energies; a delta cannot fit both. Returns the message,
+    or None.
+    """
+    if takes_charge_and_spin:
+        return None
+    by_state: dict[tuple[float, float], str] = {}
+    for frame in frames:
+        by_state.setdefault(charge_and_spin(frame.atoms, frame.source), frame.source)
+    if len(by_state) < 2:
+        return None
+    examples = "; ".join(f"charge {c:g}, spin {s:g} (e.g. {source})" for (c, s), source in by_state.items())
+    message = (
+        f"training frames come in {len(by_state)} charge and spin states ({examples}), but the base "
+        "model takes no charge or spin input: it sees each state as the same kind of structure; "
+        "train on one state, or use a base model with charge and spin embeddings"
     )
     logger.warning(message)
     return message
