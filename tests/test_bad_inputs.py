@@ -469,6 +469,28 @@ def test_copies_written_differently_are_found_and_near_structures_are_not():
     assert [f.source for f in kept] == ["original", "moved"]
 
 
+def test_molecule_moved_as_a_whole_is_a_copy_but_another_charge_state_is_not():
+    """A molecule translated as a whole (and written in another atom order) has the same energy
+    and forces: a copy. A rotated molecule has rotated forces, and a cation at the same
+    geometry another energy: neither is a copy."""
+    ethanol = molecule("CH3CH2OH")
+    ethanol.rattle(0.02, seed=5)
+    moved = ethanol[::-1]
+    moved.positions += [3.7, -1.2, 0.45]
+    rotated = ethanol.copy()
+    rotated.rotate(30, "z", center="COM")
+    cation = ethanol.copy()
+    cation.info.update(charge=1, spin=2)
+    frames = [
+        Frame(atoms, -4200.0, None, None, source=name)
+        for atoms, name in ((ethanol, "neutral"), (rotated, "rotated"), (cation, "cation"), (moved, "moved"))
+    ]
+    with pytest.raises(DuplicateFrameError, match="moved: same structure as neutral"):
+        check_duplicates(frames)
+    (kept,) = drop_duplicate_frames(frames)
+    assert [f.source for f in kept] == ["neutral", "rotated", "cation"]
+
+
 def test_unusable_checkpoint_on_resume(mace_model_path, tmp_path):
     path = tmp_path / "train.extxyz"
     write(path, water_frames(4))

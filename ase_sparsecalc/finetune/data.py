@@ -29,7 +29,7 @@ from ..errors import (
     NonFiniteLabelError,
     StructureError,
 )
-from ..graph import has_cell_volume
+from ..graph import NEUTRAL_SINGLET, charge_and_spin, has_cell_volume
 
 logger = logging.getLogger(__name__)
 
@@ -334,12 +334,16 @@ DUPLICATE_POLICIES = ("first", "last")
 
 
 def frame_hash(frame: Frame, decimals: int = 6) -> str:
-    """SHA-256 of a frame's structure (numbers, positions, cell, pbc rounded to 1e-6 Å)."""
+    """SHA-256 of a frame's structure (numbers, positions, cell, pbc rounded to 1e-6 Å, and the
+    total charge and spin multiplicity where they are not a neutral singlet's)."""
     digest = hashlib.sha256()
     digest.update(frame.atoms.numbers.astype(np.int64).tobytes())
     digest.update(np.round(frame.atoms.positions, decimals).tobytes())
     digest.update(np.round(frame.atoms.cell.array, decimals).tobytes())
     digest.update(frame.atoms.pbc.astype(np.int8).tobytes())
+    state = charge_and_spin(frame.atoms, frame.source)
+    if state != NEUTRAL_SINGLET:
+        digest.update(np.asarray(state, dtype=np.float64).tobytes())
     return digest.hexdigest()
 
 
@@ -353,10 +357,12 @@ _DUPLICATE_GRID = 1e-3  # Å: coarse rounding that sorts atoms and finds candida
 class _CanonicalStructure:
     """A frame's atoms in an order and place that do not depend on how the file wrote them.
 
-    Atoms are moved by lattice vectors into the cell along periodic axes and sorted by element
-    and coarsely rounded position, so copies written in another atom order, with atoms wrapped
-    differently or with positions rounded to another number of digits agree. ``key`` is equal
-    for copies (apart from atoms on a rounding boundary); :meth:`same_as` decides.
+    Atoms are moved by lattice vectors into the cell along periodic axes (a structure without
+    periodic axes is centred on its mean position instead) and sorted by element and coarsely
+    rounded position, so copies written in another atom order, with atoms wrapped differently,
+    a molecule moved as a whole, or positions rounded to another number of digits agree. The
+    total charge and spin are part of the structure. ``key`` is equal for copies (apart from
+    atoms on a rounding boundary); :meth:`same_as` decides.
     """
 
     key: bytes
@@ -366,7 +372,10 @@ class _CanonicalStructure:
     @classmethod
     def of(cls, frame: Frame) -> _CanonicalStructure:
         atoms = frame.atoms
-        positions = atoms.get_positions(wrap=_periodic(atoms))
+        if _periodic(atoms):
+            positions = atoms.get_positions(wrap=True)
+        else:  # energy and forces do not change when a molecule moves as a whole
+            positions = atoms.positions - atoms.positions.mean(axis=0)
         coarse = np.round(positions / _DUPLICATE_GRID).astype(np.int64)
         order = np.lexsort((coarse[:, 2], coarse[:, 1], coarse[:, 0], atoms.numbers))
         digest = hashlib.sha256()
@@ -375,6 +384,7 @@ class _CanonicalStructure:
             coarse[order],
             np.round(atoms.cell.array / _DUPLICATE_GRID).astype(np.int64),
             atoms.pbc.astype(np.int8),
+            np.asarray(charge_and_spin(atoms, frame.source), dtype=np.float64),
         ):
             digest.update(part.tobytes())
         return cls(digest.digest(), positions[order], atoms)
