@@ -55,7 +55,8 @@ class SparseCalc(Calculator):
     backend : {"mace", "sevennet"}, optional
         Backend of a model file when it cannot be guessed.
     head : str, optional
-        Output head of a multi-head MACE model.
+        Output head of a multi-head MACE model (default: the head the delta was fitted
+        through, else the model's default head).
     enable_cueq : bool
         MACE only: evaluate through cuEquivariance kernels (needs the ``cuda`` extra; fastest
         on NVIDIA GPUs). The delta is merged into the e3nn weights, which are then mapped to
@@ -116,6 +117,8 @@ class SparseCalc(Calculator):
         delta_obj = _as_delta(delta)
         if base is None and delta_obj is not None and delta_obj.metadata.base_model:
             base = delta_obj.metadata.base_model
+        if head is None and delta_obj is not None:  # a delta fitted through one head of a model
+            head = delta_obj.metadata.head
         self.backend: Backend = load_backend(
             base, device=device, dtype=default_dtype, backend=backend, head=head
         )

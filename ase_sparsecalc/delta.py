@@ -114,6 +114,9 @@ class DeltaMetadata:
         Human-readable name of the base model (a named foundation model or a file name).
     base_fingerprint : str
         SHA-256 of the base model's state dict (see :func:`backends.base.state_dict_fingerprint`).
+    head : str or None
+        The output head of a multi-head base model the delta was fitted through (its energy
+        shifts belong to that head); None for single-head models.
     dtype : str
         dtype of the stored values, ``"float32"`` or ``"float64"``.
     energy_shifts : dict
@@ -140,6 +143,7 @@ class DeltaMetadata:
     backend: str = ""
     base_model: str = ""
     base_fingerprint: str = ""
+    head: str | None = None
     dtype: str = "float32"
     energy_shifts: dict[str, float] = field(default_factory=dict)
     method: str = "manual"
@@ -424,8 +428,6 @@ def check_energy_shifts(shifts: Any) -> None:
 
 def check_fingerprint(delta: SparseDelta, fingerprint: str, model_name: str, strict: bool) -> None:
     """Refuse (or, with ``strict=False``, warn about) a delta made for another base model."""
-    import warnings
-
     meta = delta.metadata
     if not meta.base_fingerprint or meta.base_fingerprint == fingerprint:
         return
@@ -434,6 +436,13 @@ def check_fingerprint(delta: SparseDelta, fingerprint: str, model_name: str, str
         f"{meta.base_fingerprint[:12]}…), but the loaded base is {model_name!r} "
         f"(fingerprint {fingerprint[:12]}…)"
     )
+    refuse_or_warn(message, strict, stacklevel=4)
+
+
+def refuse_or_warn(message: str, strict: bool, stacklevel: int = 4) -> None:
+    """Raise :class:`DeltaMismatchError` with ``message``, or with ``strict=False`` warn."""
+    import warnings
+
     if strict:
         raise DeltaMismatchError(message + "; pass strict=False to apply it anyway")
-    warnings.warn(message + "; applying anyway because strict=False", stacklevel=3)
+    warnings.warn(message + "; applying anyway because strict=False", stacklevel=stacklevel)

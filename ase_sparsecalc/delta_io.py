@@ -221,6 +221,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "backend": (str,),
     "base_model": (str,),
     "base_fingerprint": (str,),
+    "head": (str, type(None)),
     "dtype": (str,),
     "method": (str,),
     "package_version": (str,),

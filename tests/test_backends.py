@@ -100,6 +100,20 @@ def test_mace_omol_is_used_through_its_omol_head(tmp_path, monkeypatch, ethanol)
     assert SparseCalc(by_name).get_potential_energy(ethanol) == energies["omol"] != energies["pbe"]
 
 
+def test_delta_fitted_through_one_head_is_refused_on_another(tmp_path, mace_model_path):
+    from ase_sparsecalc.errors import DeltaMismatchError
+    from ase_sparsecalc.testing import random_sparse_delta
+
+    path = save_mace_model(tmp_path / "two_heads.model", atomic_numbers=(1, 6, 8), heads=["pbe", "omol"])
+    delta = random_sparse_delta(load_backend(path, head="omol"), density=0.05, seed=1)
+    assert delta.metadata.head == "omol"
+    saved = delta.save(tmp_path / "omol_delta.safetensors")
+    with pytest.raises(DeltaMismatchError, match=r"fitted through head 'omol'.*head='omol'"):
+        SparseCalc(path, delta=saved, head="pbe")
+    assert SparseCalc(path, delta=saved).backend.head == "omol"  # the delta's head by default
+    assert random_sparse_delta(load_backend(mace_model_path), seed=2).metadata.head is None
+
+
 def test_named_model_checksum_is_enforced(tmp_path, monkeypatch, mace_model_path):
     cached = tmp_path / "model.model"
     cached.write_bytes(Path(mace_model_path).read_bytes())

@@ -87,6 +87,26 @@ class MaceBackend(Backend):
             atom_energies=out.get("node_energy"),
         )
 
+    def fill_metadata(self, meta):
+        """As the base class, and for a multi-head model the head."""
+        super().fill_metadata(meta)
+        meta.head = self.head if len(getattr(self.model, "heads", ["default"])) > 1 else None
+        return meta
+
+    def check_delta_compatible(self, delta, strict: bool = True) -> None:
+        """As the base class, and refuse a delta fitted through another head of the model
+        (its energy shifts and readout changes belong to that head)."""
+        super().check_delta_compatible(delta, strict)
+        head = delta.metadata.head
+        if head is not None and head != self.head:
+            from ..delta import refuse_or_warn
+
+            refuse_or_warn(
+                f"delta was fitted through head {head!r} of {delta.metadata.base_model!r}, but the "
+                f"loaded base uses head {self.head!r} (load it with head={head!r})",
+                strict,
+            )
+
     @property
     def takes_charge_and_spin(self) -> bool:
         return bool(self._embedding_specs)
