@@ -18,6 +18,7 @@ from ase_sparsecalc.errors import BaseModelError, StructureError
 from ase_sparsecalc.finetune import finetune_with_report, read_frames
 from ase_sparsecalc.finetune.data import Frame
 from ase_sparsecalc.finetune.label_checks import warn_if_charge_states_mixed
+from ase_sparsecalc.graph import charge_and_spin
 from ase_sparsecalc.testing import build_mace_model, random_rotation, random_sparse_delta, save_mace_model
 
 STATES = [(0, 1), (1, 2), (-1, 2), (0, 3)]  # (charge, spin multiplicity)
@@ -138,6 +139,24 @@ def test_mixed_charge_states_are_flagged_for_a_model_without_charge_input(ethano
     assert message is not None and "2 charge and spin states" in message and "ions.xyz:1" in message
     assert warn_if_charge_states_mixed(frames, takes_charge_and_spin=True) is None
     assert warn_if_charge_states_mixed(frames[::2], takes_charge_and_spin=False) is None
+
+
+def test_frames_read_from_a_file_keep_their_charge_and_spin(tmp_path, ethanol):
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    structures = [_with_state(ethanol, 0, 1), _with_state(ethanol, 1, 2), ethanol.copy()]
+    for k, atoms in enumerate(structures):
+        atoms.calc = SinglePointCalculator(atoms, energy=-4200.0 - k, forces=np.zeros((len(atoms), 3)))
+    path = tmp_path / "ions.extxyz"
+    write(path, structures)
+    assert "charge=1 spin=2" in path.read_text()  # the comment line of the cation
+    frames = read_frames(str(path))
+    assert [charge_and_spin(f.atoms) for f in frames] == [(0, 1), (1, 2), (0, 1)]
+    structures[1].info["charge"] = "plus one"
+    write(path, structures)
+    with pytest.raises(StructureError, match=r"ions.extxyz.*1.*atoms.info\['charge'\] = 'plus one'"):
+        read_frames(str(path))
 
 
 def test_finetune_learns_charge_dependent_labels(charged_model_path):

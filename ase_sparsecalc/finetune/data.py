@@ -29,7 +29,7 @@ from ..errors import (
     NonFiniteLabelError,
     StructureError,
 )
-from ..graph import NEUTRAL_SINGLET, charge_and_spin, has_cell_volume
+from ..graph import CHARGE_KEY, NEUTRAL_SINGLET, SPIN_KEY, charge_and_spin, has_cell_volume
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +256,8 @@ def frame_from_atoms(
         if value is not None and not np.all(np.isfinite(value)):
             raise NonFiniteLabelError(f"{where}: {name} contains NaN or inf")
     clean = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    clean.info.update({k: atoms.info[k] for k in (CHARGE_KEY, SPIN_KEY) if k in atoms.info})
+    charge_and_spin(clean, where)  # a charge or spin that is not a number is named here
     tag = str(config_type) if config_type is not None else None
     return Frame(clean, energy, forces, stress, where, tag, energy_label)
 
