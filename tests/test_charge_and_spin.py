@@ -178,3 +178,26 @@ def test_finetune_learns_charge_dependent_labels(charged_model_path):
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
     assert result.report["after"]["train"]["forces_mae"] < result.report["before"]["train"]["forces_mae"]
     assert not any("charge and spin states" in w for w in result.report["data_checks"]["warnings"])
+
+
+def test_cli_relax_of_a_cation(charged_model_path, ethanol, tmp_path, capsys):
+    from ase.io import read, write
+
+    from ase_sparsecalc.cli import main
+
+    start, out = tmp_path / "ethanol.xyz", tmp_path / "cation.extxyz"
+    write(start, ethanol)  # plain XYZ: no charge in the file
+    args = ["relax", str(start), "--base", charged_model_path, "--steps", "3", "-o", str(out)]
+    assert main([*args, "--charge", "1", "--spin", "2"]) == 0
+    relaxed = read(out)
+    assert (relaxed.info["charge"], relaxed.info["spin"]) == (1, 2)
+    check = relaxed.copy()
+    check.calc = SparseCalc(charged_model_path)
+    assert relaxed.get_potential_energy() == pytest.approx(check.get_potential_energy(), abs=1e-8)
+    neutral = _with_state(relaxed, 0, 1)
+    neutral.calc = SparseCalc(charged_model_path)
+    assert abs(neutral.get_potential_energy() - check.get_potential_energy()) > 1e-3
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:  # argparse: a multiplicity is a whole number
+        main([*args, "--spin", "0.5"])
+    assert refused.value.code == 2 and "--spin" in capsys.readouterr().err

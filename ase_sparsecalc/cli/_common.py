@@ -17,9 +17,21 @@ def add_structure_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_charge_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--charge`` and ``--spin``: the structure's total charge and spin multiplicity."""
+    group = parser.add_argument_group("charge and spin (models with charge and spin inputs, e.g. MACE-OMOL)")
+    group.add_argument("--charge", type=int, help="total charge in units of e (default: the file's, else 0)")
+    group.add_argument("--spin", type=int, help="spin multiplicity 2S + 1 (default: the file's, else 1)")
+
+
 def load_structure(args: argparse.Namespace):
-    """The structure named on the command line (raises DataFileError naming the file)."""
-    return read_structure(args.structure, index=args.index)
+    """The structure named on the command line (raises DataFileError naming the file), with the
+    charge and spin of :func:`add_charge_arguments` where given."""
+    atoms = read_structure(args.structure, index=args.index)
+    for key in ("charge", "spin"):
+        if getattr(args, key, None) is not None:
+            atoms.info[key] = getattr(args, key)
+    return atoms
 
 
 def positive_float(text: str) -> float:
