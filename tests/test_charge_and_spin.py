@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ase_sparsecalc import SparseCalc
+from ase_sparsecalc import SparseCalc, load_backend
 from ase_sparsecalc.errors import BaseModelError, StructureError
 from ase_sparsecalc.finetune import finetune_with_report, read_frames
 from ase_sparsecalc.finetune.data import Frame
@@ -201,3 +201,21 @@ def test_cli_relax_of_a_cation(charged_model_path, ethanol, tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:  # argparse: a multiplicity is a whole number
         main([*args, "--spin", "0.5"])
     assert refused.value.code == 2 and "--spin" in capsys.readouterr().err
+
+
+def test_isolated_atom_references_are_taken_in_the_ground_state_spin(charged_model_path):
+    """For the per-element prior of the energy shifts, a model with a spin input sees a doublet
+    H and a triplet O (Hund's rule), as isolated-atom DFT energies are computed."""
+    from ase import Atoms
+
+    from ase_sparsecalc.finetune import _isolated_atom_prior
+
+    backend = load_backend(charged_model_path)
+    prior = _isolated_atom_prior(backend, {"H": -13.6, "O": -2042.0, "C": -1029.5}, {"H", "O"})
+    assert set(prior) == {"H", "O"}
+    calc = SparseCalc(charged_model_path)
+    for symbol, dft, multiplicity in (("H", -13.6, 2), ("O", -2042.0, 3)):
+        atom = Atoms(symbol, info={"spin": multiplicity})
+        assert prior[symbol] == pytest.approx(dft - calc.get_potential_energy(atom), abs=1e-9)
+        singlet = Atoms(symbol)
+        assert prior[symbol] != pytest.approx(dft - calc.get_potential_energy(singlet), abs=1e-6)

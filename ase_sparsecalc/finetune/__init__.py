@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from ase import Atoms
+from ase.data import ground_state_magnetic_moments
 
 from ..backends import Backend, WeightInfo, load_backend
 from ..backends.base import PathSegment
 from ..delta import DeltaMetadata, SparseDelta
 from ..delta_io import check_writable
 from ..errors import EmptyDatasetError
-from ..graph import build_graph
+from ..graph import SPIN_KEY, build_graph
 from ..weight_map import TRAINABLE_KEY
 from .batches import make_batches, predict
 from .budget import plan_epochs
@@ -448,11 +449,18 @@ def _isolated_atom_energies(
 def _isolated_atom_prior(
     backend: Backend, isolated: dict[str, float], elements: set[str]
 ) -> dict[str, float]:
-    """Isolated-atom DFT energy (eV) minus the model's isolated-atom energy, per element present."""
+    """Isolated-atom DFT energy (eV) minus the model's isolated-atom energy, per element present.
+
+    A model with a spin input evaluates each atom in its ground-state spin multiplicity
+    (Hund's rule, :data:`ase.data.ground_state_magnetic_moments` + 1: a doublet H, a triplet O),
+    the state isolated-atom DFT energies are computed in.
+    """
     dft = {s: e for s, e in isolated.items() if s in elements}
     atoms = [Atoms(symbol) for symbol in dft]
     for a in atoms:
         a.center(vacuum=10.0)
+        if backend.takes_charge_and_spin:
+            a.info[SPIN_KEY] = round(float(ground_state_magnetic_moments[a.numbers[0]])) + 1
     graph = build_graph(atoms, backend.cutoff, backend.device, backend.dtype)
     model = backend.evaluate(graph, compute_forces=False).energy.detach().double().cpu().numpy()
     return {symbol: dft[symbol] - float(e) for symbol, e in zip(dft, model, strict=True)}
