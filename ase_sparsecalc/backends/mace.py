@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ from ..errors import BaseModelError, StructureError
 from ..torch_setup import import_keeping_weights_only
 from .base import Backend, ModelOutput, WeightInfo
 from .safe_load import MACE_ALLOWED, load_checkpoint
+
+if TYPE_CHECKING:
+    from ..delta import DeltaMetadata, SparseDelta
 
 _LAYER = re.compile(r"^(interactions|products|readouts)\.(\d+)\.(.*)$")
 
@@ -87,13 +91,13 @@ class MaceBackend(Backend):
             atom_energies=out.get("node_energy"),
         )
 
-    def fill_metadata(self, meta):
+    def fill_metadata(self, meta: DeltaMetadata) -> DeltaMetadata:
         """As the base class, and for a multi-head model the head."""
         super().fill_metadata(meta)
         meta.head = self.head if len(getattr(self.model, "heads", ["default"])) > 1 else None
         return meta
 
-    def check_delta_compatible(self, delta, strict: bool = True) -> None:
+    def check_delta_compatible(self, delta: SparseDelta, strict: bool = True) -> None:
         """As the base class, and refuse a delta fitted through another head of the model
         (its energy shifts and readout changes belong to that head)."""
         super().check_delta_compatible(delta, strict)
