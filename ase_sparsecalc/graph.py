@@ -98,6 +98,10 @@ CHARGE_KEY = "charge"
 SPIN_KEY = "spin"
 """``atoms.info`` key of a structure's spin multiplicity 2S + 1, as in MACE's calculator and fairchem."""
 
+CHARGE_AND_SPIN_KEYS = {CHARGE_KEY: ("charge", "total_charge"), SPIN_KEY: ("spin", "total_spin")}
+"""The ``atoms.info`` keys read for each: MACE's calculator's names first, then the names of
+MACE's training files (``--total_charge_key``, ``--total_spin_key`` defaults)."""
+
 NEUTRAL_SINGLET = (0.0, 1.0)
 """Total charge and spin multiplicity of a structure whose ``atoms.info`` names neither."""
 
@@ -105,25 +109,33 @@ NEUTRAL_SINGLET = (0.0, 1.0)
 def charge_and_spin(atoms: Atoms, where: str = "structure") -> tuple[float, float]:
     """Total charge (e) and spin multiplicity (2S + 1) of a structure.
 
-    Read from ``atoms.info["charge"]`` and ``atoms.info["spin"]``; an absent key means a
-    neutral singlet (0 and 1). Only models conditioned on charge and spin (MACE models with
-    charge and spin embeddings, such as MACE-OMOL) use them.
+    Read from ``atoms.info["charge"]`` and ``atoms.info["spin"]`` (or, in files written for
+    MACE training, ``"total_charge"`` and ``"total_spin"``); an absent key means a neutral
+    singlet (0 and 1). Only models conditioned on charge and spin (MACE models with charge and
+    spin embeddings, such as MACE-OMOL) use them.
 
     Raises
     ------
     StructureError
-        A value that is not a finite number.
+        A value that is not a finite number, or two keys of one quantity that disagree.
     """
     values = []
-    for key, default in zip((CHARGE_KEY, SPIN_KEY), NEUTRAL_SINGLET, strict=True):
-        raw = atoms.info.get(key, default)
-        try:
-            value = float(raw)
-        except (TypeError, ValueError):
-            value = float("nan")
-        if not np.isfinite(value):
-            raise StructureError(f"{where}: atoms.info[{key!r}] = {raw!r} is not a finite number")
-        values.append(value)
+    for (quantity, keys), default in zip(CHARGE_AND_SPIN_KEYS.items(), NEUTRAL_SINGLET, strict=True):
+        found = {}
+        for key in keys:
+            if key not in atoms.info:
+                continue
+            raw = atoms.info[key]
+            try:
+                found[key] = float(raw)
+            except (TypeError, ValueError):
+                found[key] = float("nan")
+            if not np.isfinite(found[key]):
+                raise StructureError(f"{where}: atoms.info[{key!r}] = {raw!r} is not a finite number")
+        if len(set(found.values())) > 1:
+            given = ", ".join(f"{k}={v:g}" for k, v in found.items())
+            raise StructureError(f"{where}: atoms.info gives two values of the {quantity} ({given})")
+        values.append(next(iter(found.values()), default))
     return values[0], values[1]
 
 

@@ -153,6 +153,17 @@ def test_frames_read_from_a_file_keep_their_charge_and_spin(tmp_path, ethanol):
     assert "charge=1 spin=2" in path.read_text()  # the comment line of the cation
     frames = read_frames(str(path))
     assert [charge_and_spin(f.atoms) for f in frames] == [(0, 1), (1, 2), (0, 1)]
+    # files written for MACE training name them total_charge and total_spin
+    mace_style = [a.copy() for a in structures]
+    for atoms, original in zip(mace_style, structures, strict=True):
+        atoms.info = {"total_" + k: v for k, v in atoms.info.items()}
+        atoms.calc = SinglePointCalculator(atoms, **original.calc.results)
+    write(path, mace_style)
+    assert [charge_and_spin(f.atoms) for f in read_frames(str(path))] == [(0, 1), (1, 2), (0, 1)]
+    structures[1].info["total_charge"] = 2
+    with pytest.raises(StructureError, match=r"two values of the charge \(charge=1, total_charge=2\)"):
+        charge_and_spin(structures[1])
+    del structures[1].info["total_charge"]
     structures[1].info["charge"] = "plus one"
     write(path, structures)
     with pytest.raises(StructureError, match=r"ions.extxyz.*1.*atoms.info\['charge'\] = 'plus one'"):

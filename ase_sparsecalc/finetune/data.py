@@ -256,8 +256,9 @@ def frame_from_atoms(
         if value is not None and not np.all(np.isfinite(value)):
             raise NonFiniteLabelError(f"{where}: {name} contains NaN or inf")
     clean = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
-    clean.info.update({k: atoms.info[k] for k in (CHARGE_KEY, SPIN_KEY) if k in atoms.info})
-    charge_and_spin(clean, where)  # a charge or spin that is not a number is named here
+    charge, spin = charge_and_spin(atoms, where)  # a charge or spin that is not a number is named here
+    if (charge, spin) != NEUTRAL_SINGLET:
+        clean.info.update({CHARGE_KEY: charge, SPIN_KEY: spin})
     tag = str(config_type) if config_type is not None else None
     return Frame(clean, energy, forces, stress, where, tag, energy_label)
 
