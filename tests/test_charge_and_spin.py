@@ -7,6 +7,7 @@ calculator gives them; other models ignore them and say so.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +231,18 @@ def test_isolated_atom_references_are_taken_in_the_ground_state_spin(charged_mod
         assert prior[symbol] == pytest.approx(dft - calc.get_potential_energy(atom), abs=1e-9)
         singlet = Atoms(symbol)
         assert prior[symbol] != pytest.approx(dft - calc.get_potential_energy(singlet), abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("SPARSECALC_TEST_COMPILE") != "1",
+    reason="compiling MACE takes many minutes on a small CPU; set SPARSECALC_TEST_COMPILE=1",
+)
+def test_compiled_charged_model_matches_eager(charged_model_path, ethanol):
+    eager = SparseCalc(charged_model_path)
+    compiled = SparseCalc(charged_model_path, compile_mode="default")
+    structures = [_with_state(ethanol, c, s) for c, s in STATES]
+    pairs = zip(compiled.batch_evaluate(structures), eager.batch_evaluate(structures), strict=True)
+    for fast, reference in pairs:
+        assert fast["energy"] == pytest.approx(reference["energy"], abs=1e-9)
+        np.testing.assert_allclose(fast["forces"], reference["forces"], atol=1e-9)
