@@ -98,7 +98,7 @@ CHARGE_KEY = "charge"
 SPIN_KEY = "spin"
 """``atoms.info`` key of a structure's spin multiplicity 2S + 1, as in MACE's calculator and fairchem."""
 
-CHARGE_AND_SPIN_KEYS = {CHARGE_KEY: ("charge", "total_charge"), SPIN_KEY: ("spin", "total_spin")}
+CHARGE_AND_SPIN_KEYS = {"charge": (CHARGE_KEY, "total_charge"), "spin": (SPIN_KEY, "total_spin")}
 """The ``atoms.info`` keys read for each: MACE's calculator's names first, then the names of
 MACE's training files (``--total_charge_key``, ``--total_spin_key`` defaults)."""
 

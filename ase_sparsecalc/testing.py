@@ -73,11 +73,10 @@ def build_mace_model(
 
     torch.manual_seed(seed)
     energies = np.asarray(atomic_energies if atomic_energies is not None else [-1.0] * len(atomic_numbers))
-    per_head = {}
-    if heads is not None:
+    scale_shift = {"atomic_inter_scale": 1.0, "atomic_inter_shift": 0.0}
+    if heads is not None:  # one row of E0s and one scale and shift per head
         energies = np.stack([energies - k for k in range(len(heads))])
-        per_head = {"heads": list(heads), "atomic_inter_scale": [1.0] * len(heads)}
-        per_head["atomic_inter_shift"] = [0.0] * len(heads)
+        scale_shift = {k: [v] * len(heads) for k, v in scale_shift.items()} | {"heads": list(heads)}
     block = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
@@ -98,7 +97,7 @@ def build_mace_model(
             atomic_numbers=list(atomic_numbers),
             correlation=correlation,
             gate=torch.nn.functional.silu,
-            **({"atomic_inter_scale": 1.0, "atomic_inter_shift": 0.0} | per_head),
+            **scale_shift,
             **(_CHARGE_AND_SPIN_EMBEDDINGS if charge_and_spin else {}),
         )
     finally:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import BaseModelError, StructureError
+from ..graph import CHARGE_KEY, SPIN_KEY
 from ..torch_setup import import_keeping_weights_only
 from .base import Backend, ModelOutput, WeightInfo
 from .safe_load import MACE_ALLOWED, load_checkpoint
@@ -19,9 +20,9 @@ if TYPE_CHECKING:
 
 _LAYER = re.compile(r"^(interactions|products|readouts)\.(\d+)\.(.*)$")
 
-# Graph-level inputs a MACE model may be conditioned on (its ``embedding_specs``), and the
-# AtomicGraph field and atoms.info key that supply each.
-_CONDITIONING = {"total_charge": ("total_charge", "charge"), "total_spin": ("total_spin", "spin")}
+# Graph-level inputs a MACE model may be conditioned on (its ``embedding_specs``; the
+# AtomicGraph field of the same name supplies each), and the atoms.info key they come from.
+_CONDITIONING = {"total_charge": CHARGE_KEY, "total_spin": SPIN_KEY}
 
 
 def import_mace() -> None:
@@ -75,7 +76,7 @@ class MaceBackend(Backend):
             "head": torch.full((graph.n_graphs,), self._head_index, dtype=torch.int64, device=self.device),
         }
         for name in self._embedding_specs:
-            data[name] = getattr(graph, _CONDITIONING[name][0])
+            data[name] = getattr(graph, name)
         out = self._call_model(
             parameters,
             data,
@@ -123,7 +124,7 @@ class MaceBackend(Backend):
             value, offset, classes = values[name], int(spec.get("offset", 0)), int(spec["num_classes"])
             if value != round(value) or not 0 <= value + offset < classes:
                 raise StructureError(
-                    f"{where}: atoms.info[{_CONDITIONING[name][1]!r}] = {value:g}, but base model "
+                    f"{where}: atoms.info[{_CONDITIONING[name]!r}] = {value:g}, but base model "
                     f"{self.model_name!r} takes {name} only as an integer from {-offset} to "
                     f"{classes - 1 - offset}"
                 )
