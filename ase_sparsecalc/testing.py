@@ -7,6 +7,7 @@ which is how the test suite exercises the MACE backend offline.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def build_mace_model(
             correlation=correlation,
             gate=torch.nn.functional.silu,
             **scale_shift,
-            **(_CHARGE_AND_SPIN_EMBEDDINGS if charge_and_spin else {}),
+            **(copy.deepcopy(_CHARGE_AND_SPIN_EMBEDDINGS) if charge_and_spin else {}),  # models keep it
         )
     finally:
         torch.set_default_dtype(previous)
