@@ -12,10 +12,12 @@ ratios and the largest force difference between compiled and eager. Several size
 after the first compile.
 
 Models: ``small`` (the test-suite MACE: 8x0e+8x1o+8x2e) and ``medium`` (the
-MACE-MP-0-medium shape), both float64; ``sevennet`` (SevenNet-0 from the sevenn wheel,
-float32, the dtype ``SevenNetCalculator`` runs). MACE is compiled with MACE's own recipe
-(``mace.tools.compile.prepare``, one graph); SevenNet is rebuilt without TorchScript and
-compiled as a few graphs (see ``ase_sparsecalc/backends/accelerate.py``).
+MACE-MP-0-medium shape), float64 unless ``--dtype float32``; ``sevennet`` (SevenNet-0 from the
+sevenn wheel, float32, the dtype ``SevenNetCalculator`` runs). MACE is compiled with MACE's own
+recipe (``mace.tools.compile.prepare``, one graph); SevenNet is rebuilt without TorchScript and
+its energy compiled as one graph, differentiated after (see
+``ase_sparsecalc/backends/accelerate.py``). Results of a non-default dtype are written as
+``speed_compile_<model>_<dtype>``.
 
 The first call is timed with an empty inductor cache (unless ``--warm-cache``), in wall-clock
 time too, because inductor compiles in worker processes whose CPU time the benchmark process
@@ -58,6 +60,11 @@ def _extra(parser) -> None:
     parser.add_argument("--no-own", action="store_true", help="leave the backend's own calculator out")
     parser.add_argument("--mode", default="default", help="torch.compile mode (default: default)")
     parser.add_argument(
+        "--dtype",
+        choices=["float32", "float64"],
+        help="model dtype (default: float64 for MACE, float32 for SevenNet-0)",
+    )
+    parser.add_argument(
         "--warm-cache", action="store_true", help="reuse torch's inductor cache (default: start empty)"
     )
 
@@ -67,7 +74,7 @@ def calculators(args) -> dict:
     from ase_sparsecalc import SparseCalc
     from ase_sparsecalc.testing import random_sparse_delta, save_mace_model
 
-    dtype = DTYPES[args.model]
+    dtype = args.dtype
     if args.model == "sevennet":
         base = "sevennet-0"
     elif args.model == "medium":
@@ -82,7 +89,9 @@ def calculators(args) -> dict:
     calcs = {"compiled": compiled, "eager": eager}
     if not args.no_own:
         kind = "sevennet" if args.model == "sevennet" else "mace"
-        calcs["own"] = own_calculator(kind, dtype, args.device, Path(base))  # path unused for sevennet
+        own = own_calculator(kind, dtype, args.device, Path(base))  # path unused for sevennet
+        if own is not None:  # SevenNetCalculator runs float32 only
+            calcs["own"] = own
     return calcs
 
 
@@ -168,10 +177,11 @@ def write(sizes: list[dict], args) -> None:
             for size in sizes
         ],
     )
-    result = {"model": args.model, "mode": args.mode, "dtype": DTYPES[args.model], "sizes": sizes}
+    result = {"model": args.model, "mode": args.mode, "dtype": args.dtype, "sizes": sizes}
     atoms = ", ".join(str(size["atoms"]) for size in sizes)
-    title = f"torch.compile, {args.model}, Si {atoms} atoms, {DTYPES[args.model]} (one process, this order)"
-    write_results(f"compile_{args.model}", args, result, [(title, table)])
+    title = f"torch.compile, {args.model}, Si {atoms} atoms, {args.dtype} (one process, this order)"
+    name = f"compile_{args.model}" + ("" if args.dtype == DTYPES[args.model] else f"_{args.dtype}")
+    write_results(name, args, result, [(title, table)])
     print(table, flush=True)
 
 
@@ -180,6 +190,7 @@ def main() -> None:
         # a private, empty inductor cache: the first call then shows the real compile cost
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_")
     args = parse_args(__doc__.splitlines()[0], _extra)
+    args.dtype = args.dtype or DTYPES[args.model]
     calcs = calculators(args)
     sizes: list[dict] = []
     for n in args.supercells:
