@@ -1,4 +1,4 @@
-"""Batched atomic graphs: neighbour lists (matscipy) turned into torch tensors.
+"""Batched atomic graphs: neighbour lists (matscipy, or torch on a GPU) turned into torch tensors.
 
 One :class:`AtomicGraph` holds G structures with N atoms and E directed edges in all. Edge
 ``e`` goes from ``sender = edge_index[0, e]`` to ``receiver = edge_index[1, e]`` and its vector
@@ -17,6 +17,7 @@ from ase import Atoms
 from ase.neighborlist import primitive_neighbor_list
 from matscipy.neighbours import neighbour_list
 
+from .device_neighbours import device_neighbour_pairs, fits_on_device
 from .errors import AtomsTooCloseError, StructureError
 
 MIN_DISTANCE = 0.1
@@ -268,6 +269,7 @@ def build_graph(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float64,
     names: Sequence[str] | None = None,
+    neighbours: str = "auto",
 ) -> AtomicGraph:
     """Neighbour lists of several structures as one batched :class:`AtomicGraph`.
 
@@ -280,6 +282,12 @@ def build_graph(
         Where and in which floating dtype the tensors live.
     names : sequence of str, optional
         How to name each structure in error messages (defaults to ``structure {k}``).
+    neighbours : {"auto", "host", "device"}
+        Where the neighbour lists are computed: ``"host"``, matscipy's cell lists on the CPU;
+        ``"device"``, all pairs against every image with torch on ``device``
+        (:mod:`ase_sparsecalc.device_neighbours`; molecules and fully periodic cells only);
+        ``"auto"``, the device for each structure that fits it when ``device`` is a GPU, the
+        host otherwise. Both give the same pairs.
 
     Raises
     ------
@@ -288,6 +296,8 @@ def build_graph(
     StructureError
         No atoms, non-finite positions or cell, or a periodic axis without a cell vector.
     """
+    if neighbours not in ("auto", "host", "device"):
+        raise ValueError(f"neighbours must be 'auto', 'host' or 'device', got {neighbours!r}")
     positions, numbers, batch, edges, shifts, cells, pbcs, ptr = [], [], [], [], [], [], [], [0]
     charges_and_spins = []
     for k, atoms in enumerate(structures):
@@ -295,17 +305,23 @@ def build_graph(
         check_structure(atoms, where)
         charges_and_spins.append(charge_and_spin(atoms, where))
         local = model_positions(atoms)
-        i, j, S, d = neighbour_pairs(atoms, cutoff, local)
-        if d.size and d.min() < MIN_DISTANCE:
-            e = int(np.argmin(d))
+        if _lists_on_device(atoms, cutoff, device, neighbours):
+            on_device = torch.as_tensor(local, dtype=torch.float64, device=device)
+            i, j, S, d = device_neighbour_pairs(on_device, atoms.cell.array, atoms.pbc, cutoff)
+        else:
+            i, j, S, d = neighbour_pairs(atoms, cutoff, local)
+        if len(d) and d.min() < MIN_DISTANCE:
+            e = int(d.argmin())
             raise AtomsTooCloseError(
-                f"{where}: atoms {i[e]} and {j[e]} are {d[e]:.3g} Å apart (minimum {MIN_DISTANCE} Å)"
+                f"{where}: atoms {int(i[e])} and {int(j[e])} are {float(d[e]):.3g} Å apart "
+                f"(minimum {MIN_DISTANCE} Å)"
             )
         offset = ptr[-1]
         positions.append(local)
         numbers.append(atoms.numbers)
         batch.append(np.full(len(atoms), k))
-        edges.append(np.stack([i, j]) + offset)
+        pair = torch.stack([i, j]) if isinstance(i, torch.Tensor) else np.stack([i, j])
+        edges.append(pair + offset)
         shifts.append(S)
         cells.append(atoms.cell.array)  # open axes: no image shifts; the volume gives a stress
         pbcs.append(atoms.pbc)
@@ -317,10 +333,25 @@ def build_graph(
         numbers=torch.as_tensor(np.concatenate(numbers), **as_long),
         batch=torch.as_tensor(np.concatenate(batch), **as_long),
         ptr=torch.as_tensor(np.asarray(ptr), **as_long),
-        edge_index=torch.as_tensor(np.concatenate(edges, axis=1), **as_long),
-        unit_shifts=torch.as_tensor(np.concatenate(shifts), **as_float),
+        edge_index=_joined(edges, 1, as_long),
+        unit_shifts=_joined(shifts, 0, as_float),
         cell=torch.as_tensor(np.stack(cells), **as_float),
         pbc=torch.as_tensor(np.stack(pbcs), dtype=torch.bool, device=device),
         total_charge=torch.as_tensor([c for c, _ in charges_and_spins], **as_float),
         total_spin=torch.as_tensor([s for _, s in charges_and_spins], **as_float),
     )
+
+
+def _lists_on_device(atoms: Atoms, cutoff: float, device: torch.device | str, neighbours: str) -> bool:
+    """Whether :func:`build_graph` lists this structure's neighbours with torch on ``device``."""
+    if neighbours != "auto":
+        return neighbours == "device"
+    on_gpu = torch.device(device).type == "cuda"
+    return on_gpu and fits_on_device(len(atoms), atoms.cell.array, atoms.pbc, cutoff)
+
+
+def _joined(pieces: list, axis: int, where: dict) -> torch.Tensor:
+    """Host (numpy) and device (torch) pieces as one tensor: one copy when all are on the host."""
+    if all(isinstance(piece, np.ndarray) for piece in pieces):
+        return torch.as_tensor(np.concatenate(pieces, axis=axis), **where)
+    return torch.cat([torch.as_tensor(piece, **where) for piece in pieces], dim=axis)

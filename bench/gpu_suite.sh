@@ -16,7 +16,7 @@ out=${1:-bench/results/gpu}
 status=0
 run() { echo "== $(date +%T) $*"; "$@" || status=$?; }
 
-run python -m pytest -q -rs tests/test_gpu.py tests/test_calculator.py tests/test_fast_path.py -k "cuda or gpu or cueq"
+run python -m pytest -q -rs tests/test_gpu.py tests/test_calculator.py tests/test_fast_path.py tests/test_device_neighbours.py -k "cuda or gpu or cueq"
 run python bench/speed_compile.py --model sevennet --device cuda --supercells 2 4 --calls 10 --out "$out"
 run python bench/speed_compile.py --model medium --device cuda --supercells 2 4 --calls 10 --out "$out"
 run python bench/speed_all.py --device cuda --out "$out" --docs

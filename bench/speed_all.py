@@ -202,11 +202,13 @@ def main() -> None:
         if md.exists():
             parts += [f"### {TITLES[name]}", "", md.read_text().strip(), ""]
     for md in sorted(args.out.glob("speed_compile_*.md")):
-        model, _, size = md.stem.removeprefix("speed_compile_").partition("_")  # "medium", "si512"
-        atoms = f", {size.replace('si', 'Si ')} atoms" if size else ""
+        model, *tags = md.stem.removeprefix("speed_compile_").split("_")  # "medium", "float32"
         family = "SevenNet-0" if model == "sevennet" else f"{model} MACE model"
+        extra = "".join(
+            f", {tag.replace('si', 'Si ')} atoms" if tag.startswith("si") else f", {tag}" for tag in tags
+        )
         parts += [
-            f"### torch.compile ({family}{atoms})",
+            f"### torch.compile ({family}{extra})",
             "",
             md.read_text().strip(),
             "",

@@ -89,3 +89,25 @@ def test_finetune_on_cuda_lowers_the_error_and_the_delta_runs_on_cpu(mace_model_
         on_gpu, on_cpu = _results(gpu, frame.atoms), _results(cpu, frame.atoms)
         np.testing.assert_allclose(on_gpu["forces"], on_cpu["forces"], rtol=1e-9, atol=1e-9)
         assert on_gpu["energy"] == pytest.approx(on_cpu["energy"], abs=1e-8)
+
+
+def test_cuda_charged_mace_matches_cpu_across_charge_states(tmp_path, ethanol):
+    """Total charge and spin reach the model on CUDA: per state and in one mixed batch."""
+    from ase_sparsecalc.testing import save_mace_model
+
+    model = save_mace_model(tmp_path / "q.model", atomic_numbers=(1, 6, 8), charge_and_spin=True, seed=4)
+    path = str(model)
+    cpu = SparseCalc(path, device="cpu", default_dtype="float64")
+    gpu = SparseCalc(path, device="cuda", default_dtype="float64")
+    states = []
+    for charge, spin in [(0, 1), (1, 2), (-1, 2), (0, 3)]:
+        atoms = ethanol.copy()
+        atoms.info.update(charge=charge, spin=spin)
+        states.append(atoms)
+    on_cpu = [_results(cpu, atoms) for atoms in states]
+    assert len({float(r["energy"]) for r in on_cpu}) == len(states)  # the states differ
+    for atoms, ref, batched in zip(states, on_cpu, gpu.batch_evaluate(states), strict=True):
+        single = _results(gpu, atoms)
+        for got in (single, batched):
+            assert float(got["energy"]) == pytest.approx(float(ref["energy"]), abs=1e-9)
+            np.testing.assert_allclose(got["forces"], ref["forces"], atol=1e-9)

@@ -1,0 +1,101 @@
+"""Neighbour lists computed by torch on the model's device: all pairs against every cell image.
+
+On a GPU, listing neighbours on the host (matscipy's cell lists) and copying the edges over
+costs a few milliseconds per call at a few hundred atoms, as much as a compiled model's whole
+step. Testing every pair of atoms against every cell image that can hold a neighbour costs
+N² × images distances: a few million for a 512-atom cell, which a GPU evaluates in a handful of
+kernels, and the edges never leave the device. The work grows as N², so larger structures
+(past :data:`MAX_CANDIDATES`), slabs and wires keep the host's cell lists
+(:func:`ase_sparsecalc.graph.neighbour_pairs`), whose cost grows as N.
+
+The pairs are the same as the host's: ordered pairs (i, j, S) with
+``|r_j - r_i + S @ cell| < cutoff``, i ≠ j or S ≠ 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+MAX_CANDIDATES = 2**23
+"""Most pair-image candidates (N² × images) of one structure listed on the device: 8.4 million
+(a 512-atom cell with a 5-6 Å cutoff needs 27 images: 7.1 million). The candidates' squared
+distances take 8 bytes each, 67 MB at the limit."""
+
+
+def image_offsets(cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> np.ndarray:
+    """Every cell image that can hold a neighbour of an atom inside the cell.
+
+    With positions wrapped into the cell, fractional coordinate differences along a periodic
+    axis k lie in (-1, 1); a neighbour closer than ``cutoff`` then lies at most
+    ``ceil(cutoff / h_k)`` images away, where h_k is the spacing of the lattice planes
+    (``1 / |b_k|``, b_k the reciprocal vector).
+
+    Parameters
+    ----------
+    cell : (3, 3) float, Å, rows are lattice vectors
+    pbc : (3,) bool; all True or all False
+    cutoff : float, Å
+
+    Returns
+    -------
+    (S, 3) int64, image offsets in lattice vectors; ``[0, 0, 0]`` alone for a structure
+    without periodic axes.
+    """
+    if not np.any(pbc):
+        return np.zeros((1, 3), dtype=np.int64)
+    reciprocal_lengths = np.linalg.norm(np.linalg.inv(cell), axis=0)  # |b_k| = 1 / h_k
+    reach = np.ceil(cutoff * reciprocal_lengths).astype(np.int64)
+    axes = [np.arange(-n, n + 1) for n in reach]
+    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+
+
+def fits_on_device(n_atoms: int, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> bool:
+    """True for structures this module lists: no axis or all axes periodic, and at most
+    :data:`MAX_CANDIDATES` pair-image candidates."""
+    pbc = np.asarray(pbc, dtype=bool)
+    if pbc.any() and not pbc.all():
+        return False
+    return n_atoms * n_atoms * len(image_offsets(cell, pbc, cutoff)) <= MAX_CANDIDATES
+
+
+def device_neighbour_pairs(
+    positions: torch.Tensor, cell: np.ndarray, pbc: np.ndarray, cutoff: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All ordered pairs (i, j, S) with ``|r_j - r_i + S @ cell| < cutoff``, on ``positions``' device.
+
+    Parameters
+    ----------
+    positions : (N, 3) float64 tensor, Å, wrapped into the cell along periodic axes (as
+        :func:`ase_sparsecalc.graph.model_positions` gives them)
+    cell : (3, 3) float, Å
+    pbc : (3,) bool; all True or all False (see :func:`fits_on_device`)
+    cutoff : float, Å
+
+    Returns
+    -------
+    i, j : (E,) int64, sorted by i, then j
+    S : (E, 3) int64, cell-image offsets
+    d : (E,) float64, distances in Å
+    """
+    pbc = np.asarray(pbc, dtype=bool)
+    if pbc.any() and not pbc.all():
+        raise ValueError(f"neighbour lists on the device need pbc all True or all False, got {pbc.tolist()}")
+    device = positions.device
+    offsets = image_offsets(np.asarray(cell, dtype=np.float64), pbc, cutoff)
+    translations = torch.as_tensor(offsets @ np.asarray(cell, dtype=np.float64), device=device)  # (S, 3)
+    difference = positions[None, :, :] - positions[:, None, :]  # (N, N, 3): r_j - r_i
+    # |D + T|² = |D|² + 2 D·T + |T|², as (N, N, S) without an (N, N, S, 3) intermediate
+    squared = (
+        (difference * difference).sum(-1)[..., None]
+        + 2.0 * difference @ translations.T
+        + (translations * translations).sum(-1)
+    )
+    within = squared < cutoff * cutoff
+    home = int(np.flatnonzero(~offsets.any(axis=1))[0])  # the [0, 0, 0] image
+    atoms = torch.arange(len(positions), device=device)
+    within[atoms, atoms, home] = False  # an atom is not its own neighbour
+    i, j, image = within.nonzero(as_tuple=True)
+    distances = squared[i, j, image].clamp_min(0.0).sqrt()
+    shifts = torch.as_tensor(offsets, device=device)[image]
+    return i, j, shifts, distances
