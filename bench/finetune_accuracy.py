@@ -105,6 +105,7 @@ ABLATION = {
     "full, batch 2": {"method": "full", "batch_size": 2},
     "full, batch 1": {"method": "full", "batch_size": 1},
     "full, batch 1, lr x0.5": {"method": "full", "batch_size": 1, "lr_scale": 0.5},
+    "full, batch 1, lr x2": {"method": "full", "batch_size": 1, "lr_scale": 2.0},
     "gmp (magnitude pruning)": {"method": "gmp"},
     "l1 + one-shot pruning": {"method": "l1", "penalty": 1e-3},
 }
