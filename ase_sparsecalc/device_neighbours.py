@@ -66,8 +66,8 @@ def device_neighbour_pairs(
 
     Parameters
     ----------
-    positions : (N, 3) float64 tensor, Å, wrapped into the cell along periodic axes (as
-        :func:`ase_sparsecalc.graph.model_positions` gives them)
+    positions : (N, 3) float64 tensor, Å, anywhere (atoms outside the cell are wrapped for the
+        search; the offsets returned refer to the positions as given)
     cell : (3, 3) float, Å
     pbc : (3,) bool; all True or all False (see :func:`fits_on_device`)
     cutoff : float, Å
@@ -82,8 +82,16 @@ def device_neighbour_pairs(
     if pbc.any() and not pbc.all():
         raise ValueError(f"neighbour lists on the device need pbc all True or all False, got {pbc.tolist()}")
     device = positions.device
-    offsets = image_offsets(np.asarray(cell, dtype=np.float64), pbc, cutoff)
-    translations = torch.as_tensor(offsets @ np.asarray(cell, dtype=np.float64), device=device)  # (S, 3)
+    cell = np.asarray(cell, dtype=np.float64)
+    offsets = image_offsets(cell, pbc, cutoff)
+    translations = torch.as_tensor(offsets @ cell, device=device)  # (S, 3)
+    if pbc.all():
+        # home cell of each atom, (N, 3) int: image offsets are found for the wrapped positions
+        # w = r - n @ cell, then turned back into offsets of r (S = S_w + n_i - n_j)
+        home_cell = torch.floor(positions @ torch.as_tensor(np.linalg.inv(cell), device=device))
+        positions = positions - home_cell @ torch.as_tensor(cell, device=device)
+    else:
+        home_cell = torch.zeros_like(positions)
     difference = positions[None, :, :] - positions[:, None, :]  # (N, N, 3): r_j - r_i
     # |D + T|² = |D|² + 2 D·T + |T|², as (N, N, S) without an (N, N, S, 3) intermediate
     squared = (
@@ -97,5 +105,5 @@ def device_neighbour_pairs(
     within[atoms, atoms, home] = False  # an atom is not its own neighbour
     i, j, image = within.nonzero(as_tuple=True)
     distances = squared[i, j, image].clamp_min(0.0).sqrt()
-    shifts = torch.as_tensor(offsets, device=device)[image]
+    shifts = torch.as_tensor(offsets, device=device)[image] + (home_cell[i] - home_cell[j]).long()
     return i, j, shifts, distances

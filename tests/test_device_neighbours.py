@@ -75,6 +75,22 @@ def test_device_pairs_equal_the_cell_list_pairs(name, cutoff, device):
         assert listed[key] == pytest.approx(distance, abs=1e-10)
 
 
+def test_positions_far_outside_the_cell_give_offsets_for_those_positions():
+    """Positions as given (not wrapped first): the offsets refer to them, so the edge vectors
+    are those of the wrapped structure."""
+    atoms = _far_from_home()
+    cutoff = 5.0
+    wrapped = model_positions(atoms)
+    host = _pairs(*neighbour_pairs(atoms, cutoff, wrapped))
+    raw = torch.as_tensor(atoms.positions)
+    i, j, S, d = device_neighbour_pairs(raw, atoms.cell.array, atoms.pbc, cutoff)
+    cell = torch.as_tensor(atoms.cell.array)
+    vectors = raw[j] - raw[i] + S.double() @ cell
+    torch.testing.assert_close(vectors.norm(dim=1), d, rtol=0, atol=1e-10)
+    assert len(d) == len(host)
+    assert sorted(np.round(d.numpy(), 8)) == sorted(np.round(list(host.values()), 8))
+
+
 def test_device_pairs_come_sorted_by_sender():
     atoms = _skewed_cell()
     i, j, _, _ = device_neighbour_pairs(
