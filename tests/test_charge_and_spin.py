@@ -274,3 +274,28 @@ def test_compiled_charged_model_matches_eager(charged_model_path, ethanol):
     for fast, reference in pairs:
         assert fast["energy"] == pytest.approx(reference["energy"], abs=1e-9)
         np.testing.assert_allclose(fast["forces"], reference["forces"], atol=1e-9)
+
+
+def test_phonon_supercells_carry_the_cell_charge_and_spin_scaled():
+    """Charge and unpaired electrons are extensive: 8 copies of a +1 doublet are a +8 nonet."""
+    from ase.build import bulk
+    from ase.calculators.calculator import all_changes
+    from ase.calculators.emt import EMT
+
+    from ase_sparsecalc.workflows.phonons import phonons, supercell_charge_and_spin
+
+    seen = []
+
+    class RecordingEMT(EMT):
+        def calculate(self, atoms=None, properties=("energy",), system_changes=tuple(all_changes)):
+            seen.append(charge_and_spin(atoms))
+            super().calculate(atoms, properties, system_changes)
+
+    cell = bulk("Cu", "fcc", a=3.61)  # one atom
+    for state, expected in [((1, 2), (8.0, 9.0)), ((0, 1), (0.0, 1.0)), ((-2, 1), (-16.0, 1.0))]:
+        seen.clear()
+        charged = _with_state(cell, *state)
+        phonons(charged, RecordingEMT(), supercell=2, mesh=(2, 2, 2), plot=False)
+        assert seen and set(seen) == {expected}
+    assert supercell_charge_and_spin(cell, 27) == {}  # a neutral singlet adds no keys
+    assert supercell_charge_and_spin(_with_state(cell, 0, 3), 4) == {"charge": 0.0, "spin": 9.0}

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 
 from . import add_model_arguments, make_calculator
-from ._common import add_structure_arguments, announce, load_structure, positive_float, positive_int
+from ._common import (
+    add_charge_arguments,
+    add_structure_arguments,
+    announce,
+    load_structure,
+    positive_float,
+    positive_int,
+)
 
 PRIMITIVE_CHOICES = ("auto", "none", "P", "F", "I", "A", "C", "R")
 
@@ -24,6 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_structure_arguments(parser)
     add_model_arguments(parser)
+    add_charge_arguments(parser)
     ph = parser.add_argument_group("phonons")
     ph.add_argument(
         "--supercell",

@@ -30,6 +30,7 @@ from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 
 from ..errors import StructureError
+from ..graph import CHARGE_KEY, NEUTRAL_SINGLET, SPIN_KEY, charge_and_spin
 from ._periodicity import open_axes
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,8 @@ def phonons(
         Unit cell; relax it first (positions and cell). A 2-D material or a wire
         (``pbc=[True, True, False]``, the vacuum in the cell along the open axis) gets the
         supercell, q-mesh and band path of its periodic directions only (ASE's 2-D band paths).
+        A total charge or spin multiplicity in ``atoms.info`` (models with charge and spin
+        inputs) is scaled to the supercells, see :func:`supercell_charge_and_spin`.
     calc : ase Calculator
         A :class:`~ase_sparsecalc.SparseCalc` (its ``batch_evaluate`` evaluates all displaced
         supercells in batched model calls) or any ASE calculator (one call per supercell).
@@ -198,6 +201,9 @@ def phonons(
     structures = (
         [*displaced, to_ase_atoms(phonon.supercell, atoms.pbc)] if subtract_residual_forces else displaced
     )
+    state = supercell_charge_and_spin(atoms, len(phonon.supercell) // len(atoms))
+    for structure in structures:
+        structure.info.update(state)
     logger.info("phonons: %d displaced supercells of %d atoms", len(displaced), len(phonon.supercell))
     results = evaluate_forces(calc, structures, batch_size)
     forces = np.array([r["forces"] for r in results[: len(displaced)]])
@@ -223,6 +229,20 @@ def phonons(
     if output_dir is not None:
         write_phonon_files(phonon, output_dir, plot=plot)
     return phonon
+
+
+def supercell_charge_and_spin(atoms: Atoms, n_cells: int) -> dict[str, float]:
+    """``atoms.info`` entries of a supercell made of ``n_cells`` copies of ``atoms``.
+
+    Charge and unpaired electrons are extensive: the supercell's total charge is ``n_cells``
+    times the cell's, and its spin multiplicity ``n_cells * (2S + 1 - 1) + 1``, every cell's
+    unpaired spins aligned (the ferromagnetic supercell). Only models with charge and spin
+    inputs read them. Empty for a neutral singlet (the default, nothing to carry over).
+    """
+    charge, spin = charge_and_spin(atoms, atoms.get_chemical_formula())
+    if (charge, spin) == NEUTRAL_SINGLET:
+        return {}
+    return {CHARGE_KEY: charge * n_cells, SPIN_KEY: (spin - 1.0) * n_cells + 1.0}
 
 
 # ---------------------------------------------------------------------------- conversions
