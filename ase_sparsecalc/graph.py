@@ -177,6 +177,13 @@ def neighbour_pairs(
     d : (E,) float, distances in Å
     """
     check_structure(atoms)
+    return _cell_list_pairs(atoms, cutoff, positions)
+
+
+def _cell_list_pairs(
+    atoms: Atoms, cutoff: float, positions: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`neighbour_pairs` of a structure :func:`check_structure` has accepted."""
     pbc = np.asarray(atoms.pbc, dtype=bool)
     positions = np.asarray(atoms.positions if positions is None else positions, dtype=np.float64)
     numbers = np.asarray(atoms.numbers, dtype=np.int32)
@@ -234,10 +241,9 @@ def check_structure(atoms: Atoms, where: str = "structure") -> None:
 
 
 def _n_bins(cell: np.ndarray, cutoff: float) -> float:
-    """Bins of about ``cutoff`` size that a cell holds (from its heights)."""
-    volume = abs(np.linalg.det(cell))
-    heights = [volume / np.linalg.norm(np.cross(cell[(k + 1) % 3], cell[(k + 2) % 3])) for k in range(3)]
-    return float(np.prod([max(1.0, h // cutoff) for h in heights]))
+    """Bins of about ``cutoff`` size that a cell holds (from its lattice-plane spacings)."""
+    heights = 1.0 / np.linalg.norm(np.linalg.inv(cell), axis=0)
+    return float(np.prod(np.maximum(1.0, heights // cutoff)))
 
 
 def _bounding_cell(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -309,7 +315,7 @@ def build_graph(
             on_device = torch.as_tensor(local, dtype=torch.float64, device=device)
             i, j, S, d = device_neighbour_pairs(on_device, atoms.cell.array, atoms.pbc, cutoff)
         else:
-            i, j, S, d = neighbour_pairs(atoms, cutoff, local)
+            i, j, S, d = _cell_list_pairs(atoms, cutoff, local)
         if len(d) and d.min() < MIN_DISTANCE:
             e = int(d.argmin())
             raise AtomsTooCloseError(
