@@ -179,7 +179,7 @@ class SparseCalc(Calculator):
         """ASE's changes since the last calculation, plus ``"charge_and_spin"`` when the model
         takes them and ``atoms.info["charge"]`` or ``["spin"]`` changed (ASE compares only
         positions, numbers, cell, pbc and initial magnetic moments and charges)."""
-        changes = super().check_state(atoms, tol)
+        changes = [] if self._same_as_last(atoms) else super().check_state(atoms, tol)
         if (
             not changes
             and self.backend.takes_charge_and_spin
@@ -187,6 +187,22 @@ class SparseCalc(Calculator):
         ):
             changes.append("charge_and_spin")
         return changes
+
+    def _same_as_last(self, atoms: Atoms) -> bool:
+        """True when ``atoms`` is bit for bit the structure of the last calculation.
+
+        A cheap test before ASE's comparison (``np.allclose`` on every array, about 0.1-0.3 ms
+        per property request): asking for energy, forces and stress of one MD step checks the
+        state three times, and all but the first find nothing changed. Anything short of
+        exact equality goes to ASE's comparison, so the answer is ASE's.
+        """
+        last = self.atoms
+        if last is None or last.arrays.keys() != atoms.arrays.keys():
+            return False
+        if not (np.array_equal(last.cell.array, atoms.cell.array) and np.array_equal(last.pbc, atoms.pbc)):
+            return False
+        compared = [key for key in last.arrays if key in all_changes]  # positions, numbers, ...
+        return all(np.array_equal(last.arrays[key], atoms.arrays[key]) for key in compared)
 
     def calculate(
         self,

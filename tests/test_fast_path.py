@@ -50,6 +50,31 @@ def test_unchanged_structure_is_not_evaluated_again(base_for, backend_kind, sili
     assert not np.allclose(moved, forces)
 
 
+def test_state_check_agrees_with_ase_for_exact_and_tiny_changes(base_for, silicon):
+    """The exact-equality shortcut of check_state gives ASE's answer in every case."""
+    from ase.calculators.calculator import compare_atoms
+
+    calc = SparseCalc(base_for("mace"))
+    silicon.calc = calc
+    silicon.get_potential_energy()
+    variants = {"unchanged": silicon.copy()}
+    variants["moved 1e-20 Å (under ASE's tolerance)"] = silicon.copy()
+    variants["moved 1e-20 Å (under ASE's tolerance)"].positions[0, 0] += 1e-20
+    variants["moved 1e-6 Å"] = silicon.copy()
+    variants["moved 1e-6 Å"].positions[1, 2] += 1e-6
+    variants["strained"] = silicon.copy()
+    variants["strained"].set_cell(silicon.cell * 1.001, scale_atoms=False)
+    variants["magnetic moments"] = silicon.copy()
+    variants["magnetic moments"].set_initial_magnetic_moments([1.0] * len(silicon))
+    variants["momenta only"] = silicon.copy()
+    variants["momenta only"].set_momenta(np.ones((len(silicon), 3)))
+    for name, atoms in variants.items():
+        expected = compare_atoms(calc.atoms, atoms)
+        assert sorted(calc.check_state(atoms)) == sorted(expected), name
+    assert calc.check_state(variants["unchanged"]) == []
+    assert calc.check_state(variants["moved 1e-6 Å"]) == ["positions"]
+
+
 def test_inference_keeps_parameters_without_gradients(base_for, backend_kind, silicon):
     calc = SparseCalc(base_for(backend_kind))
     calc.set_delta(random_sparse_delta(calc.backend, density=0.05, seed=3))
