@@ -303,9 +303,20 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's, one per core). Runs side by side need one each "
+        "(or OMP_NUM_THREADS=1): oversubscribed OpenMP threads spin and slowed two runs on two "
+        "cores about tenfold",
+    )
     parser.add_argument("--section", help="docs/benchmarks.md section name (default from dataset)")
     parser.add_argument("--title", help="section heading (default from dataset)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     runs = list(ABLATION.items()) if args.ablation else [(m, {}) for m in args.methods]
