@@ -23,6 +23,19 @@ MAX_CANDIDATES = 2**23
 distances take 8 bytes each, 67 MB at the limit."""
 
 
+def plane_spacings(cell: np.ndarray) -> np.ndarray:
+    """Spacings h_k of the lattice planes spanned by the other two cell vectors, (3,) Å
+    (``1 / |b_k|``, b_k the reciprocal vectors: the columns of the inverse cell)."""
+    return 1.0 / np.linalg.norm(np.linalg.inv(cell), axis=0)
+
+
+def _image_reach(cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> np.ndarray:
+    """Images to search on each side along each axis, (3,) int (see :func:`image_offsets`)."""
+    if not np.any(pbc):
+        return np.zeros(3, dtype=np.int64)
+    return np.ceil(cutoff / plane_spacings(cell)).astype(np.int64)
+
+
 def image_offsets(cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> np.ndarray:
     """Every cell image that can hold a neighbour of an atom inside the cell.
 
@@ -42,11 +55,7 @@ def image_offsets(cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> np.ndarra
     (S, 3) int64, image offsets in lattice vectors; ``[0, 0, 0]`` alone for a structure
     without periodic axes.
     """
-    if not np.any(pbc):
-        return np.zeros((1, 3), dtype=np.int64)
-    reciprocal_lengths = np.linalg.norm(np.linalg.inv(cell), axis=0)  # |b_k| = 1 / h_k
-    reach = np.ceil(cutoff * reciprocal_lengths).astype(np.int64)
-    axes = [np.arange(-n, n + 1) for n in reach]
+    axes = [np.arange(-n, n + 1) for n in _image_reach(cell, pbc, cutoff)]
     return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
 
 
@@ -56,7 +65,8 @@ def fits_on_device(n_atoms: int, cell: np.ndarray, pbc: np.ndarray, cutoff: floa
     pbc = np.asarray(pbc, dtype=bool)
     if pbc.any() and not pbc.all():
         return False
-    return n_atoms * n_atoms * len(image_offsets(cell, pbc, cutoff)) <= MAX_CANDIDATES
+    n_images = int(np.prod(2 * _image_reach(cell, pbc, cutoff) + 1))
+    return n_atoms * n_atoms * n_images <= MAX_CANDIDATES
 
 
 def device_neighbour_pairs(

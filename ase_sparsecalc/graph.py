@@ -17,7 +17,7 @@ from ase import Atoms
 from ase.neighborlist import primitive_neighbor_list
 from matscipy.neighbours import neighbour_list
 
-from .device_neighbours import device_neighbour_pairs, fits_on_device
+from .device_neighbours import device_neighbour_pairs, fits_on_device, plane_spacings
 from .errors import AtomsTooCloseError, StructureError
 
 MIN_DISTANCE = 0.1
@@ -242,8 +242,7 @@ def check_structure(atoms: Atoms, where: str = "structure") -> None:
 
 def _n_bins(cell: np.ndarray, cutoff: float) -> float:
     """Bins of about ``cutoff`` size that a cell holds (from its lattice-plane spacings)."""
-    heights = 1.0 / np.linalg.norm(np.linalg.inv(cell), axis=0)
-    return float(np.prod(np.maximum(1.0, heights // cutoff)))
+    return float(np.prod(np.maximum(1.0, plane_spacings(cell) // cutoff)))
 
 
 def _bounding_cell(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

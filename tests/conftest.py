@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
+import torch
 from ase import Atoms
 from ase.build import bulk, molecule
 
@@ -30,6 +33,25 @@ def other_mace_model_path(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("models") / "other_mace.model"
     save_mace_model(path, seed=2)
     return str(path)
+
+
+@pytest.fixture
+def dynamo_graphs(monkeypatch) -> list:
+    """The graphs dynamo hands to the compiler while a test runs, collected instead of compiled.
+
+    ``SparseCalc(..., compile_mode=...)`` then traces as usual but generates no code (fast), and
+    the list's length is the number of graphs (one per recompilation)."""
+    from ase_sparsecalc.backends import accelerate
+
+    graphs = []
+
+    def collect(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    monkeypatch.setattr(accelerate.torch, "compile", functools.partial(torch.compile, backend=collect))
+    torch._dynamo.reset()
+    return graphs
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ calculator gives them; other models ignore them and say so.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from pathlib import Path
@@ -234,20 +233,10 @@ def test_isolated_atom_references_are_taken_in_the_ground_state_spin(charged_mod
         assert prior[symbol] != pytest.approx(dft - calc.get_potential_energy(singlet), abs=1e-6)
 
 
-def test_compiled_charged_model_is_one_graph_for_every_charge_state(charged_model_path, ethanol, monkeypatch):
+def test_compiled_model_is_one_graph_across_charge_states(charged_model_path, ethanol, dynamo_graphs):
     """Charge and spin reach the torch.compile copy as tensors: dynamo sees one graph for three
     charge states (no recompilation), and the results equal eager ones. Dynamo traces, but no
     code is generated (fast)."""
-    from ase_sparsecalc.backends import accelerate
-
-    graphs = []
-
-    def count_graphs(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    monkeypatch.setattr(accelerate.torch, "compile", functools.partial(torch.compile, backend=count_graphs))
-    torch._dynamo.reset()
     eager = SparseCalc(charged_model_path)
     compiled = SparseCalc(charged_model_path, compile_mode="default")
     energies = []
@@ -257,7 +246,7 @@ def test_compiled_charged_model_is_one_graph_for_every_charge_state(charged_mode
         assert fast["energy"] == pytest.approx(reference["energy"], abs=1e-9)
         np.testing.assert_allclose(fast["forces"], reference["forces"], atol=1e-9)
         energies.append(fast["energy"])
-    assert len(graphs) == 1
+    assert len(dynamo_graphs) == 1
     assert len({round(e, 6) for e in energies}) == 3
 
 

@@ -3,7 +3,6 @@ and the opt-in accelerated MACE paths (cuEquivariance, torch.compile) agreeing w
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -254,22 +253,12 @@ def test_compiled_mace_matches_eager_with_a_delta(mace_model_path):
     assert fast.backend.accelerator.name == "compile"
 
 
-def test_sevennet_rebuilt_for_compile_is_one_graph_and_follows_deltas(monkeypatch):
+def test_sevennet_rebuilt_for_compile_is_one_graph_and_follows_deltas(dynamo_graphs):
     """The SevenNet copy made for torch.compile (rebuilt without TorchScript, activations
     fx-traced, force output run after it) reaches dynamo as one graph for crystals of two sizes
     and a molecule, and matches e3nn with a delta, after switching deltas, and for the bare base.
     Dynamo traces, but no code is generated (fast)."""
     pytest.importorskip("sevenn")
-    from ase_sparsecalc.backends import accelerate
-
-    graphs = []
-
-    def count_graphs(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    monkeypatch.setattr(accelerate.torch, "compile", functools.partial(torch.compile, backend=count_graphs))
-    torch._dynamo.reset()
     reference = SparseCalc("sevennet-0")
     fast = SparseCalc("sevennet-0", compile_mode="default")
     assert fast.backend.accelerator.name == "compile"
@@ -283,7 +272,7 @@ def test_sevennet_rebuilt_for_compile_is_one_graph_and_follows_deltas(monkeypatc
     ethanol = molecule("CH3CH2OH")
     results = [calc.batch_evaluate([ethanol], ("energy", "forces"))[0] for calc in (reference, fast)]
     np.testing.assert_allclose(results[1]["forces"], results[0]["forces"], atol=1e-9)
-    assert len(graphs) == 1  # dynamic shapes: no recompilation for another size or a molecule
+    assert len(dynamo_graphs) == 1  # dynamic shapes: no recompilation for another size or a molecule
     assert not any(p.requires_grad for p in fast.backend.accelerator.module.parameters())
 
 
