@@ -91,6 +91,14 @@ ABLATION = {
     "batch 1, density 5 %": {"batch_size": 1, "density": 0.05},
     "batch 1, masked decay 0.1, lr x2": {"batch_size": 1, "masked_decay": 0.1, "lr_scale": 2.0},
     "batch 1, masked decay 0.1, density 5 %": {"batch_size": 1, "masked_decay": 0.1, "density": 0.05},
+    "batch 1, movement selection": {"batch_size": 1, "masked_decay": 0.1, "selection": "movement"},
+    "batch 1, lr rewind": {"batch_size": 1, "masked_decay": 0.1, "lr_rewind": True},
+    "batch 1, lr rewind, settled support": {
+        "batch_size": 1,
+        "masked_decay": 0.1,
+        "lr_rewind": True,
+        "settle_support": True,
+    },
     "batch 1, dense embedding": {"batch_size": 1, "masked_decay": 0.1, "dense_kinds": ["embedding"]},
     "batch 1, dense embedding and readouts": {
         "batch_size": 1,
@@ -106,6 +114,7 @@ ABLATION = {
     "full, batch 1": {"method": "full", "batch_size": 1},
     "full, batch 1, lr x0.5": {"method": "full", "batch_size": 1, "lr_scale": 0.5},
     "full, batch 1, lr x2": {"method": "full", "batch_size": 1, "lr_scale": 2.0},
+    "full, batch 1, lr rewind": {"method": "full", "batch_size": 1, "lr_rewind": True},
     "gmp (magnitude pruning)": {"method": "gmp"},
     "l1 + one-shot pruning": {"method": "l1", "penalty": 1e-3},
 }

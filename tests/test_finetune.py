@@ -353,6 +353,68 @@ def test_masked_decay_keeps_the_threshold_from_drifting_up(mace_model_path):
     assert taus[1.0] < 0.5 * taus[0.0]
 
 
+def test_movement_selection_keeps_the_entries_whose_loss_change_is_largest(mace_model_path):
+    """With ``selection="movement"`` the support is the top of the accumulated score
+    S = -sum(dL/du * u), not of |u|: a large entry with almost no gradient drops out, a smaller
+    one that the loss depends on strongly stays. The scores are checkpointed state."""
+    backend = load_backend(mace_model_path, dtype="float64")
+    options = MethodOptions(
+        density=0.05, selection="movement", warmup_fraction=0.0, prune_end_fraction=0.0, masked_decay=0.0
+    )
+    method = _sparse_method(backend, options)
+    generator = torch.Generator().manual_seed(0)
+    weights = []
+    with torch.no_grad():
+        for u in method.u:
+            u.copy_(torch.randn(u.shape, generator=generator, dtype=u.dtype))
+            w = torch.rand(u.shape, generator=generator, dtype=u.dtype) ** 4  # very uneven sensitivities
+            u.grad = -w * u  # the loss falls as |u| grows, by w per unit of u^2
+            weights.append(w)
+    method.after_step(1e-2)
+    method.update_schedule(1.0)
+    assert method.density() == pytest.approx(0.05, abs=1e-4)
+    expected = torch.cat([(w * u.detach() ** 2).reshape(-1) for w, u in zip(weights, method.u, strict=True)])
+    by_magnitude = torch.cat([u.detach().abs().reshape(-1) for u in method.u])
+    kept = torch.cat([(d != 0).reshape(-1) for d in method.deltas().values()])
+    keep = int(kept.sum())
+    assert set(torch.topk(expected, keep).indices.tolist()) == set(torch.nonzero(kept).reshape(-1).tolist())
+    magnitude_choice = set(torch.topk(by_magnitude, keep).indices.tolist())
+    assert len(magnitude_choice - set(torch.nonzero(kept).reshape(-1).tolist())) > keep // 4
+    for k, delta in enumerate(method.deltas().values()):  # kept entries: full value c * u
+        on = delta != 0
+        torch.testing.assert_close(delta[on], method.scales[k] * method.u[k].detach()[on])
+    restored = _sparse_method(backend, options)
+    restored.load_state_dict(method.state_dict())
+    for a, b in zip(restored.deltas().values(), method.deltas().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="movement"):
+        FinetuneConfig(selection="movement", hard_threshold=False)
+    with pytest.raises(ValueError, match="sparse"):
+        FinetuneConfig(method="full", selection="movement")
+    with pytest.raises(ValueError, match="selection"):
+        FinetuneConfig(selection="largest")
+
+
+@pytest.mark.parametrize("rewind", [False, True])
+def test_learning_rate_schedule_and_rewinding(rewind):
+    """Warm-up, then cosine decay to 1 % of the peak; with ``lr_rewind`` the decay ends where
+    pruning ends and starts again from the peak for the kept entries."""
+    from types import SimpleNamespace
+
+    config = FinetuneConfig(lr_rewind=rewind, prune_end_fraction=0.6)
+    trainer = SimpleNamespace(config=config, total_steps=1000)
+    factors = np.array([Trainer._lr_factor(trainer, step) for step in range(1000)])
+    assert factors[19] == pytest.approx(1.0) and factors[0] < 0.1
+    assert factors[-1] == pytest.approx(0.01, abs=1e-3)
+    if rewind:
+        assert factors[599] == pytest.approx(0.01, abs=1e-3) and factors[600] == pytest.approx(1.0)
+        assert np.all(np.diff(factors[20:600]) <= 0) and np.all(np.diff(factors[600:]) <= 0)
+    else:
+        assert np.all(np.diff(factors[20:]) <= 0) and 0.3 < factors[600] < 0.4
+    with pytest.raises(ValueError, match="lr_rewind"):
+        FinetuneConfig(method="shift", lr_rewind=True)
+
+
 def test_diagnostics_report_threshold_size_and_support_turnover(mace_model_path):
     backend = load_backend(mace_model_path, dtype="float64")
     method = _sparse_method(backend, MethodOptions(density=0.05))  # hard, one global threshold

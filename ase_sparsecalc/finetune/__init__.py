@@ -403,6 +403,7 @@ def _make_method(backend: Backend, infos: list[WeightInfo], config: FinetuneConf
         hard_threshold=config.hard_threshold,
         masked_decay=config.masked_decay,
         dense_kinds=config.dense_kinds,
+        selection=config.selection,
     )
     params = dict(backend.model.named_parameters())
     method = METHODS[config.method](infos, {i.name: params[i.name] for i in infos}, options)

@@ -97,6 +97,16 @@ class FinetuneConfig:
         ``sparse``: decoupled decay (per unit learning rate) of the entries below threshold,
         which keeps their straight-through drift from raising the threshold over long runs
         (:class:`~ase_sparsecalc.finetune.methods.MethodOptions`); 0 turns it off.
+    lr_rewind : bool
+        Two cosine cycles instead of one: the learning rate decays to 1 % of its peak at
+        ``prune_end_fraction``, where a sparse delta's support is chosen, then restarts from the
+        peak for the rest of the run, so the kept entries train at a high rate again
+        (learning-rate rewinding, Renda et al. 2020). Dense methods restart at the same point
+        (a warm restart), for like-for-like comparisons.
+    selection : str
+        ``sparse``: how the hard threshold ranks entries, ``"magnitude"`` (default) or
+        ``"movement"`` (accumulated first-order loss change,
+        :class:`~ase_sparsecalc.finetune.methods.MethodOptions`).
     exclude_kinds : tuple of str
         Weight kinds the delta may not touch (``"radial"``, ``"embedding"``, ...); not for
         ``full``, which trains every parameter.
@@ -140,6 +150,8 @@ class FinetuneConfig:
     settle_support: bool = False
     hard_threshold: bool | None = None
     masked_decay: float = 0.1
+    selection: str = "magnitude"
+    lr_rewind: bool = False
     exclude_kinds: tuple[str, ...] = ()
     dense_kinds: tuple[str, ...] = ()
     optimizer: str = "adamw"
@@ -176,12 +188,20 @@ class FinetuneConfig:
             raise ConfigError(f"dense_kinds applies to method 'sparse' only, not {self.method!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        if self.lr_rewind and self.method == "shift":
+            raise ConfigError("lr_rewind needs a trained method; 'shift' only fits energy shifts")
+        if self.selection != "magnitude" and self.method != "sparse":
+            raise ConfigError(f"selection applies to method 'sparse' only, not {self.method!r}")
         if self.method == "sparse":  # record the automatic choices as what they resolve to
-            resolved = MethodOptions(
-                density=self.density,
-                hard_threshold=self.hard_threshold,
-                learn_thresholds=self.learn_thresholds,
-            )
+            try:
+                resolved = MethodOptions(
+                    density=self.density,
+                    hard_threshold=self.hard_threshold,
+                    learn_thresholds=self.learn_thresholds,
+                    selection=self.selection,
+                )
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
             self.hard_threshold = resolved.hard_threshold
             self.learn_thresholds = resolved.learn_thresholds
         for name in ("max_time", "time_budget"):

@@ -100,6 +100,7 @@ class MethodOptions:
     hard_threshold: bool | None = None
     masked_decay: float = 0.1
     dense_kinds: tuple[str, ...] = ()
+    selection: str = "magnitude"
 
     def __post_init__(self) -> None:
         """Resolve the automatic choices (None) of ``hard_threshold`` and ``learn_thresholds``."""
@@ -107,6 +108,18 @@ class MethodOptions:
             self.hard_threshold = self.density is not None
         if self.learn_thresholds is None:
             self.learn_thresholds = not self.hard_threshold
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}; got {self.selection!r}")
+        if self.selection == "movement" and not (
+            self.hard_threshold and self.density is not None and not self.learn_thresholds
+        ):
+            raise ValueError(
+                "selection 'movement' needs the hard threshold, a target density and one global threshold"
+            )
+
+
+SELECTIONS = ("magnitude", "movement")
+"""How ``sparse`` ranks entries for its hard threshold (:class:`MethodOptions`)."""
 
 
 def density_schedule(progress: float, target: float, start: float, end: float) -> float:
@@ -252,6 +265,14 @@ class ThresholdedDelta(DeltaMethod):
         self.register_buffer("tau", torch.tensor(0.0 if options.density is not None else 1.0).to(self.scales))
         self._selecting = True  # straight-through gradients while the support is being chosen
         self._dense = [info.kind in options.dense_kinds for info in infos]
+        self._movement = options.selection == "movement"
+        if self._movement:  # accumulated movement scores, one per entry (checkpointed as buffers)
+            for k, name in enumerate(self.names):
+                self.register_buffer(f"score_{k}", torch.zeros_like(self._base[name]))
+            self.register_buffer("active", torch.tensor(False))
+
+    def _scores(self) -> list[torch.Tensor]:
+        return [getattr(self, f"score_{k}") for k in range(len(self.names))]
 
     def thresholds(self) -> torch.Tensor:
         r"""Threshold :math:`t = \tau e^{s}` of every tensor (units of its RMS), shape (n_tensors,)."""
@@ -260,13 +281,21 @@ class ThresholdedDelta(DeltaMethod):
     def deltas(self):
         out = {}
         thresholds = self.thresholds()
-        dense = not bool(self.tau > 0)  # dense phase of the schedule: no threshold at all
+        dense = not self._thresholding()  # dense phase of the schedule: no threshold at all
+        scores = self._scores() if self._movement else None
         for k, (name, u) in enumerate(zip(self.names, self.u, strict=True)):
             if dense or self._dense[k]:
                 out[name] = self.scales[k] * u
                 continue
             t = thresholds[k]
             magnitude = u.abs()
+            if scores is not None:  # hard threshold on the movement score
+                keep = scores[k] > t
+                value = u * keep
+                if self.options.straight_through and self.training and self._selecting:
+                    value = value + self.options.ste_scale * (~keep) * (u - u.detach())
+                out[name] = self.scales[k] * value
+                continue
             if self.options.hard_threshold:
                 value = u * (magnitude > t)
                 if self.options.learn_thresholds:  # the soft threshold's gradient for t only
@@ -286,17 +315,29 @@ class ThresholdedDelta(DeltaMethod):
             return
         target = density_schedule(progress, opts.density, opts.warmup_fraction, opts.prune_end_fraction)
         self.tau.fill_(self._tau_for_density(target))
+        if self._movement:
+            self.active.fill_(target < 1.0)
         self._selecting = not opts.settle_support or progress < opts.prune_end_fraction
+
+    def _thresholding(self) -> bool:
+        """True once the schedule has left its dense phase."""
+        return bool(self.active) if self._movement else bool(self.tau > 0)
 
     @torch.no_grad()
     def after_step(self, lr):
+        if self._movement and self._selecting:  # S -= dL/dDelta * Delta, which equals dL/du * u
+            for u, score in zip(self.u, self._scores(), strict=True):
+                if u.grad is not None:
+                    score.sub_(u.grad * u)
         decay = self.options.masked_decay
-        if decay <= 0 or not (self.options.straight_through and self._selecting and bool(self.tau > 0)):
+        if decay <= 0 or not (self.options.straight_through and self._selecting and self._thresholding()):
             return
         factor = max(0.0, 1.0 - lr * decay)
-        for u, t, dense in zip(self.u, self.thresholds(), self._dense, strict=True):
+        scores = self._scores() if self._movement else self.u
+        for u, ranked, t, dense in zip(self.u, scores, self.thresholds(), self._dense, strict=True):
             if not dense:
-                u.mul_(torch.where(u.abs() <= t, factor, 1.0))
+                below = ranked <= t if self._movement else ranked.abs() <= t
+                u.mul_(torch.where(below, factor, 1.0))
 
     @torch.no_grad()
     def diagnostics(self):
@@ -312,11 +353,15 @@ class ThresholdedDelta(DeltaMethod):
         thresholded = [k for k, dense in enumerate(self._dense) if not dense]
         if not thresholded:
             return 0.0
-        ratios = torch.cat([(self.u[k].abs() / self.log_threshold[k].exp()).reshape(-1) for k in thresholded])
+        if self._movement:
+            ranked = [self._scores()[k] for k in thresholded]
+        else:
+            ranked = [self.u[k].abs() / self.log_threshold[k].exp() for k in thresholded]
+        ratios = torch.cat([r.reshape(-1) for r in ranked])
         dense_nnz = sum(int((u != 0).sum()) for u, dense in zip(self.u, self._dense, strict=True) if dense)
         keep = round(target * self.trainable_numel) - dense_nnz
         if keep >= ratios.numel():
-            return 0.0
+            return float("-inf") if self._movement else 0.0
         if keep <= 0:
             return float(ratios.max()) + 1.0
         # tau = the keep-th largest ratio's lower neighbour: exactly `keep` entries lie above it

@@ -135,10 +135,19 @@ class Trainer:
         return self.epochs * len(self.train_batches)
 
     def _lr_factor(self, step: int) -> float:
+        """Learning rate over its peak: a linear warm-up over 2 % of the steps, then a cosine decay
+        to 1 %; with ``lr_rewind`` the cosine starts again at the end of pruning."""
+        start, end = 0, self.total_steps
+        if self.config.lr_rewind:
+            rewind = int(self.config.prune_end_fraction * self.total_steps)
+            if step >= rewind:
+                start = rewind
+            else:
+                end = rewind
         warmup = max(1, int(0.02 * self.total_steps))
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, self.total_steps - warmup)
+        progress = (step - max(start, warmup)) / max(1, end - max(start, warmup))
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     def _eligible_for_best(self, epoch: int) -> bool:
