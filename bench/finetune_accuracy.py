@@ -174,6 +174,8 @@ def run_one(args, dataset, n_train, label, options) -> dict:
             label = "sparse (STR)"
     if method == "sparse":
         options.setdefault("masked_decay", args.masked_decay)
+    if method != "shift":
+        options.setdefault("lr_rewind", args.lr_rewind)
     lr = (args.lr or DEFAULT_LR[method]) * options.pop("lr_scale", 1.0)
     start = time.monotonic()
     batch_size = options.pop("batch_size", args.batch_size)
@@ -304,6 +306,12 @@ def main() -> None:
         default=0.0,
         help="sparse methods, unless a variant sets it (default 0, as in the sections whose commands "
         "do not name it; the library's default is 0.1)",
+    )
+    parser.add_argument(
+        "--lr-rewind",
+        action="store_true",
+        help="restart the learning rate where pruning ends, unless a variant sets it (default off, as "
+        "in the sections whose commands do not name it; the library's default is on for sparse)",
     )
     parser.add_argument("--stress-weight", type=float, default=1000.0)
     parser.add_argument("--patience", type=int)

@@ -187,6 +187,20 @@ CASES = {
         ],
         ["masked_decay", ">= 0"],
     ),
+    "finetune_lr_rewind_without_training": (
+        [
+            "finetune",
+            "{good_extxyz}",
+            "-o",
+            "{dir}/out6.safetensors",
+            "--base",
+            "{model}",
+            "--method",
+            "shift",
+            "--lr-rewind",
+        ],
+        ["lr_rewind", "shift"],
+    ),
     "md_missing_structure": (["md", "{dir}/absent.cif", "--base", "{model}"], ["absent.cif", "no such file"]),
     "md_npt_without_cell": (
         ["md", "{molecule_xyz}", "--base", "{model}", "--ensemble", "npt", "--steps", "2", "--no-progress"],

@@ -413,6 +413,10 @@ def test_learning_rate_schedule_and_rewinding(rewind):
         assert np.all(np.diff(factors[20:]) <= 0) and 0.3 < factors[600] < 0.4
     with pytest.raises(ValueError, match="lr_rewind"):
         FinetuneConfig(method="shift", lr_rewind=True)
+    # on by default where a support is chosen, off for dense methods and the penalty form
+    assert FinetuneConfig().lr_rewind is True
+    assert FinetuneConfig(method="full").lr_rewind is False
+    assert FinetuneConfig(density=None, penalty=1e-3).lr_rewind is False
 
 
 def test_diagnostics_report_threshold_size_and_support_turnover(mace_model_path):

@@ -111,6 +111,13 @@ def add_parser(subparsers) -> None:
         "(less optimizer memory, a little less accuracy), tensorwise_adam one per tensor; "
         "default: %(default)s",
     )
+    t.add_argument(
+        "--lr-rewind",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="two cosine learning-rate cycles: the first ends where pruning ends, the second trains "
+        "the kept entries from the peak rate again (default: on for sparse with a target density)",
+    )
     t.add_argument("--huber", type=float, dest="huber_delta", help="Huber loss with this transition")
     t.add_argument("--patience", type=int, help="early stopping patience in epochs")
     t.add_argument(
@@ -170,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
         hard_threshold=None if args.threshold is None else args.threshold == "hard",
         masked_decay=args.masked_decay,
+        lr_rewind=args.lr_rewind,
     )
     result = finetune_with_report(
         args.base,

@@ -32,6 +32,7 @@ HEADER_HYPERPARAMETERS = (
     "epochs",
     "batch_size",
     "lr",
+    "lr_rewind",
     "train_readouts",
     "seed",
 )

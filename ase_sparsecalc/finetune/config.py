@@ -97,12 +97,13 @@ class FinetuneConfig:
         ``sparse``: decoupled decay (per unit learning rate) of the entries below threshold,
         which keeps their straight-through drift from raising the threshold over long runs
         (:class:`~ase_sparsecalc.finetune.methods.MethodOptions`); 0 turns it off.
-    lr_rewind : bool
+    lr_rewind : bool or None
         Two cosine cycles instead of one: the learning rate decays to 1 % of its peak at
         ``prune_end_fraction``, where a sparse delta's support is chosen, then restarts from the
         peak for the rest of the run, so the kept entries train at a high rate again
-        (learning-rate rewinding, Renda et al. 2020). Dense methods restart at the same point
-        (a warm restart), for like-for-like comparisons.
+        (learning-rate rewinding, Renda et al. 2020). Other methods restart at the same point
+        (a warm restart), for like-for-like comparisons. None: on for ``sparse`` with a target
+        density, off otherwise (configs hold the resolved choice).
     selection : str
         ``sparse``: how the hard threshold ranks entries, ``"magnitude"`` (default) or
         ``"movement"`` (accumulated first-order loss change,
@@ -151,7 +152,7 @@ class FinetuneConfig:
     hard_threshold: bool | None = None
     masked_decay: float = 0.1
     selection: str = "magnitude"
-    lr_rewind: bool = False
+    lr_rewind: bool | None = None
     exclude_kinds: tuple[str, ...] = ()
     dense_kinds: tuple[str, ...] = ()
     optimizer: str = "adamw"
@@ -188,6 +189,8 @@ class FinetuneConfig:
             raise ConfigError(f"dense_kinds applies to method 'sparse' only, not {self.method!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        if self.lr_rewind is None:
+            self.lr_rewind = self.method == "sparse" and self.density is not None
         if self.lr_rewind and self.method == "shift":
             raise ConfigError("lr_rewind needs a trained method; 'shift' only fits energy shifts")
         if self.selection != "magnitude" and self.method != "sparse":
