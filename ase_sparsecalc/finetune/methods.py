@@ -289,22 +289,16 @@ class ThresholdedDelta(DeltaMethod):
                 continue
             t = thresholds[k]
             magnitude = u.abs()
-            if scores is not None:  # hard threshold on the movement score
-                keep = scores[k] > t
-                value = u * keep
-                if self.options.straight_through and self.training and self._selecting:
-                    value = value + self.options.ste_scale * (~keep) * (u - u.detach())
-                out[name] = self.scales[k] * value
-                continue
+            kept = (magnitude if scores is None else scores[k]) > t
             if self.options.hard_threshold:
-                value = u * (magnitude > t)
+                value = u * kept
                 if self.options.learn_thresholds:  # the soft threshold's gradient for t only
                     shrink = torch.sign(u.detach()) * torch.relu(magnitude.detach() - t)
                     value = value + (shrink - shrink.detach())
             else:
                 value = torch.sign(u) * torch.relu(magnitude - t)
             if self.options.straight_through and self.training and self._selecting:
-                value = value + self.options.ste_scale * (magnitude <= t) * (u - u.detach())
+                value = value + self.options.ste_scale * (~kept) * (u - u.detach())
             out[name] = self.scales[k] * value
         return out
 
@@ -333,11 +327,10 @@ class ThresholdedDelta(DeltaMethod):
         if decay <= 0 or not (self.options.straight_through and self._selecting and self._thresholding()):
             return
         factor = max(0.0, 1.0 - lr * decay)
-        scores = self._scores() if self._movement else self.u
-        for u, ranked, t, dense in zip(self.u, scores, self.thresholds(), self._dense, strict=True):
+        ranks = self._scores() if self._movement else [u.abs() for u in self.u]
+        for u, rank, t, dense in zip(self.u, ranks, self.thresholds(), self._dense, strict=True):
             if not dense:
-                below = ranked <= t if self._movement else ranked.abs() <= t
-                u.mul_(torch.where(below, factor, 1.0))
+                u.mul_(torch.where(rank <= t, factor, 1.0))
 
     @torch.no_grad()
     def diagnostics(self):
