@@ -8,6 +8,12 @@ kernels, and the edges never leave the device. The work grows as N², so larger 
 (past :data:`MAX_CANDIDATES`), slabs and wires keep the host's cell lists
 (:func:`ase_sparsecalc.graph.neighbour_pairs`), whose cost grows as N.
 
+For small structures the host is faster: the device path costs a nearly fixed 1.2–1.8 ms of
+kernel launches, the host's cell lists a cost that grows with the number of edges (0.5 ms for
+ethanol, 1 ms for 1,800 edges, 3–7 ms for 3,000–23,000, measured on an H100's host,
+``bench/speed_neighbours.py``). :func:`device_is_faster` picks the device from about
+:data:`MIN_EDGES_ON_DEVICE` expected edges on.
+
 The pairs are the same as the host's: ordered pairs (i, j, S) with
 ``|r_j - r_i + S @ cell| < cutoff``, i ≠ j or S ≠ 0.
 """
@@ -21,6 +27,12 @@ MAX_CANDIDATES = 2**23
 """Most pair-image candidates (N² × images) of one structure listed on the device: 8.4 million
 (a 512-atom cell with a 5-6 Å cutoff needs 27 images: 7.1 million). The candidates' squared
 distances take 8 bytes each, 67 MB at the limit."""
+
+
+MIN_EDGES_ON_DEVICE = 2500
+"""Expected edges from which the device lists a structure faster than the host (the crossover
+measured on an H100: 1,792 edges of 64 Si atoms at 5 Å were faster on the host, 1.0 against
+1.7 ms; 2,860 at 6 Å faster on the device, 1.6 against 3.1 ms)."""
 
 
 def plane_spacings(cell: np.ndarray) -> np.ndarray:
@@ -67,6 +79,28 @@ def fits_on_device(n_atoms: int, cell: np.ndarray, pbc: np.ndarray, cutoff: floa
         return False
     n_images = int(np.prod(2 * _image_reach(cell, pbc, cutoff) + 1))
     return n_atoms * n_atoms * n_images <= MAX_CANDIDATES
+
+
+def expected_edges(n_atoms: int, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> float:
+    """About how many ordered neighbour pairs a structure has within ``cutoff`` (Å).
+
+    A periodic cell: N² × (4/3 π r_c³) / V, the pairs of a uniform density. A structure without
+    periodic axes: N (N − 1), the bound that no density can exceed (a molecule's volume is not
+    defined); small molecules then stay on the host and large ones go to the device.
+    """
+    if not np.any(pbc):
+        return float(n_atoms * (n_atoms - 1))
+    volume = abs(float(np.linalg.det(np.asarray(cell, dtype=np.float64))))
+    return n_atoms * n_atoms * (4.0 / 3.0) * np.pi * cutoff**3 / volume
+
+
+def device_is_faster(n_atoms: int, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> bool:
+    """True for structures that fit on the device (:func:`fits_on_device`) and have at least
+    :data:`MIN_EDGES_ON_DEVICE` expected edges (:func:`expected_edges`): those a GPU lists
+    faster than the host."""
+    return fits_on_device(n_atoms, cell, pbc, cutoff) and (
+        expected_edges(n_atoms, cell, pbc, cutoff) >= MIN_EDGES_ON_DEVICE
+    )
 
 
 def device_neighbour_pairs(

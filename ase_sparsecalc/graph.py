@@ -17,7 +17,7 @@ from ase import Atoms
 from ase.neighborlist import primitive_neighbor_list
 from matscipy.neighbours import neighbour_list
 
-from .device_neighbours import device_neighbour_pairs, fits_on_device, plane_spacings
+from .device_neighbours import device_is_faster, device_neighbour_pairs, plane_spacings
 from .errors import AtomsTooCloseError, StructureError
 
 MIN_DISTANCE = 0.1
@@ -291,8 +291,9 @@ def build_graph(
         Where the neighbour lists are computed: ``"host"``, matscipy's cell lists on the CPU;
         ``"device"``, all pairs against every image with torch on ``device``
         (:mod:`ase_sparsecalc.device_neighbours`; molecules and fully periodic cells only);
-        ``"auto"``, the device for each structure that fits it when ``device`` is a GPU, the
-        host otherwise. Both give the same pairs.
+        ``"auto"``, the device for each structure that it lists faster when ``device`` is a GPU
+        (:func:`~ase_sparsecalc.device_neighbours.device_is_faster`: a few thousand edges and
+        up, within the device path's size limit), the host otherwise. Both give the same pairs.
 
     Raises
     ------
@@ -352,7 +353,7 @@ def _lists_on_device(atoms: Atoms, cutoff: float, device: torch.device | str, ne
     if neighbours != "auto":
         return neighbours == "device"
     on_gpu = torch.device(device).type == "cuda"
-    return on_gpu and fits_on_device(len(atoms), atoms.cell.array, atoms.pbc, cutoff)
+    return on_gpu and device_is_faster(len(atoms), atoms.cell.array, atoms.pbc, cutoff)
 
 
 def _joined(pieces: list, axis: int, where: dict) -> torch.Tensor:

@@ -12,7 +12,14 @@ import torch
 from ase import Atoms
 from ase.build import bulk, molecule
 
-from ase_sparsecalc.device_neighbours import MAX_CANDIDATES, device_neighbour_pairs, fits_on_device
+from ase_sparsecalc.device_neighbours import (
+    MAX_CANDIDATES,
+    MIN_EDGES_ON_DEVICE,
+    device_is_faster,
+    device_neighbour_pairs,
+    expected_edges,
+    fits_on_device,
+)
 from ase_sparsecalc.errors import AtomsTooCloseError
 from ase_sparsecalc.graph import build_graph, model_positions, neighbour_pairs
 
@@ -152,6 +159,37 @@ def test_which_structures_fit_on_the_device():
     big = silicon.repeat((8, 8, 8))  # 4096 atoms x 27 images
     assert len(big) ** 2 * 27 > MAX_CANDIDATES
     assert not fits_on_device(len(big), big.cell.array, big.pbc, 5.0)
+
+
+@pytest.mark.parametrize(("repeat", "cutoff"), [(1, 5.0), (2, 5.0), (2, 6.0), (4, 5.0)])
+def test_expected_edges_of_a_crystal_are_close_to_the_listed_ones(repeat, cutoff):
+    crystal = bulk("Si", "diamond", a=5.43, cubic=True).repeat((repeat,) * 3)
+    crystal.rattle(0.05, seed=2)
+    listed = build_graph([crystal], cutoff, neighbours="host").edge_index.shape[1]
+    estimate = expected_edges(len(crystal), crystal.cell.array, crystal.pbc, cutoff)
+    assert abs(estimate - listed) < 0.15 * listed
+
+
+def test_auto_lists_on_a_gpu_only_what_the_gpu_lists_faster():
+    """The choice made on a GPU, decided without one: small molecules and cells on the host."""
+    from ase_sparsecalc.graph import _lists_on_device
+
+    def on_gpu(atoms, cutoff):
+        return _lists_on_device(atoms, cutoff, "cuda", "auto")
+
+    silicon = bulk("Si", "diamond", a=5.43, cubic=True)
+    assert not on_gpu(molecule("CH3CH2OH"), 5.0)  # 72 pairs at most
+    assert not on_gpu(silicon.repeat((2, 2, 2)), 5.0)  # 1,792 edges: the host was faster
+    assert on_gpu(silicon.repeat((2, 2, 2)), 6.0)  # 2,860 edges: the device was faster
+    assert on_gpu(silicon.repeat((4, 4, 4)), 5.0)
+    assert not on_gpu(silicon.repeat((8, 8, 8)), 5.0)  # past the device's size limit
+    large_molecule = silicon.repeat((4, 4, 4))
+    large_molecule.pbc = False
+    large_molecule.cell = None
+    assert on_gpu(large_molecule, 5.0)
+    assert device_is_faster(len(large_molecule), large_molecule.cell.array, large_molecule.pbc, 5.0)
+    assert expected_edges(9, np.zeros((3, 3)), [False] * 3, 5.0) < MIN_EDGES_ON_DEVICE
+    assert not _lists_on_device(silicon.repeat((4, 4, 4)), 5.0, "cpu", "auto")
 
 
 def test_device_path_refuses_slabs_and_bad_options():
