@@ -8,9 +8,9 @@ kernels, and the edges never leave the device. The work grows as N², so larger 
 (past :data:`MAX_CANDIDATES`), slabs and wires keep the host's cell lists
 (:func:`ase_sparsecalc.graph.neighbour_pairs`), whose cost grows as N.
 
-For small structures the host is faster: the device path costs a nearly fixed 1.2–1.8 ms of
-kernel launches, the host's cell lists a cost that grows with the number of edges (0.5 ms for
-ethanol, 1 ms for 1,800 edges, 3–7 ms for 3,000–23,000, measured on an H100's host,
+For small structures the host is faster: the device path costs a nearly fixed 1.2–2.9 ms of
+kernel launches, the host's cell lists a cost that grows with the number of edges (0.5–0.6 ms
+for ethanol, 1.0–1.6 ms for 1,800 edges, 3–11 ms for 2,900–23,000; two H100 machines,
 ``bench/speed_neighbours.py``). :func:`device_is_faster` picks the device from about
 :data:`MIN_EDGES_ON_DEVICE` expected edges on.
 
@@ -31,8 +31,9 @@ distances take 8 bytes each, 67 MB at the limit."""
 
 MIN_EDGES_ON_DEVICE = 2500
 """Expected edges from which the device lists a structure faster than the host (the crossover
-measured on an H100: 1,792 edges of 64 Si atoms at 5 Å were faster on the host, 1.0 against
-1.7 ms; 2,860 at 6 Å faster on the device, 1.6 against 3.1 ms)."""
+measured on two H100 machines: 1,792 edges of 64 Si atoms at 5 Å were faster on the host, 1.0
+against 1.7 ms and 1.6 against 2.6 ms; 2,860 at 6 Å faster on the device, 1.6 against 3.1 ms and
+2.5 against 4.6 ms)."""
 
 
 def plane_spacings(cell: np.ndarray) -> np.ndarray:

@@ -213,11 +213,15 @@ def main() -> None:
             md.read_text().strip(),
             "",
         ]
+    neighbours = args.out / "speed_neighbours.md"
+    if neighbours.exists():
+        parts += ["### Neighbour lists on the host and on the device", "", neighbours.read_text().strip(), ""]
     parts.append(
         "Per-script commands: `python bench/<script>.py --device cpu|cuda [--quick]` for "
         + ", ".join(f"`{s}`" for s in SCRIPTS)
         + " (and `speed_compile.py --model small|medium|sevennet`, not part of the driver because compiling "
-        f"takes many minutes on a CPU); each writes `{portable(str(args.out))}/speed_<name>.json` and `.md`."
+        "takes many minutes on a CPU, and `speed_neighbours.py`); each writes "
+        f"`{portable(str(args.out))}/speed_<name>.json` and `.md`."
     )
     section = args.section or ("speed-gpu" if on_gpu else "speed")
     update_section(section, "\n".join(parts))
