@@ -93,6 +93,12 @@ ABLATION = {
     "batch 1, masked decay 0.1, density 5 %": {"batch_size": 1, "masked_decay": 0.1, "density": 0.05},
     "batch 1, movement selection": {"batch_size": 1, "masked_decay": 0.1, "selection": "movement"},
     "batch 1, lr rewind": {"batch_size": 1, "masked_decay": 0.1, "lr_rewind": True},
+    "batch 1, lr rewind, pruning end 40 %": {
+        "batch_size": 1,
+        "masked_decay": 0.1,
+        "lr_rewind": True,
+        "prune_end_fraction": 0.4,
+    },
     "batch 1, lr rewind, settled support": {
         "batch_size": 1,
         "masked_decay": 0.1,
