@@ -99,6 +99,7 @@ ABLATION = {
         "lr_rewind": True,
         "prune_end_fraction": 0.4,
     },
+    "batch 1, lr rewind, no masked decay": {"batch_size": 1, "masked_decay": 0.0, "lr_rewind": True},
     "batch 1, lr rewind, settled support": {
         "batch_size": 1,
         "masked_decay": 0.1,
