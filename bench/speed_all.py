@@ -167,7 +167,8 @@ def main() -> None:
             if on_gpu
             else "On the CPU every time is the *CPU time* of the benchmark process (one torch "
             "thread), because the machine was shared with other jobs and wall-clock time there "
-            "mostly measures waiting for a core; medians over repeated, interleaved calls."
+            "mostly measures waiting for a core; medians over repeated, interleaved calls. GPU "
+            "figures are in [Speed on a GPU](#speed-on-a-gpu) below."
         ),
         "",
         f"Calculator systems run: {', '.join(calculator['systems'])}"
