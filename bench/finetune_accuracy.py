@@ -100,7 +100,12 @@ ABLATION = {
         "prune_end_fraction": 0.4,
     },
     "batch 1, lr rewind, no masked decay": {"batch_size": 1, "masked_decay": 0.0, "lr_rewind": True},
-    "batch 1, lr rewind, density 5 %": {"batch_size": 1, "masked_decay": 0.1, "lr_rewind": True, "density": 0.05},
+    "batch 1, lr rewind, density 5 %": {
+        "batch_size": 1,
+        "masked_decay": 0.1,
+        "lr_rewind": True,
+        "density": 0.05,
+    },
     "batch 1, lr rewind, settled support": {
         "batch_size": 1,
         "masked_decay": 0.1,
