@@ -100,6 +100,7 @@ ABLATION = {
         "prune_end_fraction": 0.4,
     },
     "batch 1, lr rewind, no masked decay": {"batch_size": 1, "masked_decay": 0.0, "lr_rewind": True},
+    "batch 1, lr rewind, masked decay 0.03": {"batch_size": 1, "masked_decay": 0.03, "lr_rewind": True},
     "batch 1, lr rewind, density 5 %": {
         "batch_size": 1,
         "masked_decay": 0.1,
