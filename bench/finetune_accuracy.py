@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import os
 import shlex
 import sys
 import time
@@ -42,7 +43,7 @@ from ase_sparsecalc.finetune.config import DEFAULT_LR
 from ase_sparsecalc.finetune.metrics import error_metrics
 
 ROOT = Path(__file__).parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = Path(os.environ.get("SPARSECALC_SHARED_DATA", ROOT.parent / "shared" / "data"))
 RESULTS = Path(__file__).parent / "results"
 TITLES = {
     "ethanol": "Ethanol (ORCA PBE/def2-SVP), test frames from test_MD",
@@ -113,6 +114,25 @@ ABLATION = {
         "lr_rewind": True,
         "settle_support": True,
     },
+    "batch 1, lr rewind, thresholds per tensor": {
+        "batch_size": 1,
+        "masked_decay": 0.1,
+        "lr_rewind": True,
+        "learn_thresholds": True,
+    },
+    "batch 1, lr rewind, dense embedding": {
+        "batch_size": 1,
+        "masked_decay": 0.1,
+        "lr_rewind": True,
+        "dense_kinds": ["embedding"],
+    },
+    "batch 1, lr rewind, movement selection": {
+        "batch_size": 1,
+        "masked_decay": 0.1,
+        "lr_rewind": True,
+        "selection": "movement",
+    },
+    "batch 1, lr rewind, lr x2": {"batch_size": 1, "masked_decay": 0.1, "lr_rewind": True, "lr_scale": 2.0},
     "batch 1, dense embedding": {"batch_size": 1, "masked_decay": 0.1, "dense_kinds": ["embedding"]},
     "batch 1, dense embedding and readouts": {
         "batch_size": 1,
