@@ -6,6 +6,9 @@ ethanol   ../shared/data/ethanol: train on N frames of train.xyz, test on test_M
 3bpa      ../shared/data/3bpa/train_300K.xyz: 100 frames held out for testing, train on N others
 si, cu    examples/data/{si,cu}_pbesol.extxyz (GPAW PBEsol), the files' own train/test split
 
+The shared data folder (../shared/data beside the checkout) can be moved with the environment
+variable SPARSECALC_SHARED_DATA (a folder holding ethanol/ and 3bpa/).
+
 Examples
 --------
 python bench/finetune_accuracy.py --dataset ethanol --train-sizes 50 200 1000 \\
