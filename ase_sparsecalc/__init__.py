@@ -19,6 +19,11 @@ from .backends import load_backend
 from .calculator import SparseCalc
 from .delta import DeltaMetadata, SparseDelta, TensorDelta
 
+# Imported here, not on first use: importing the subpackage ``ase_sparsecalc.finetune`` binds
+# the package attribute ``finetune`` to the subpackage, and only this later binding makes
+# ``from ase_sparsecalc import finetune`` the function whatever was imported before.
+from .finetune import finetune
+
 __all__ = [
     "DeltaMetadata",
     "SparseCalc",
@@ -29,10 +34,3 @@ __all__ = [
     "load_backend",
 ]
 
-
-def __getattr__(name: str):
-    if name == "finetune":
-        from .finetune import finetune
-
-        return finetune
-    raise AttributeError(f"module 'ase_sparsecalc' has no attribute {name!r}")

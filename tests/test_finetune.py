@@ -287,6 +287,18 @@ def test_time_limits_must_be_positive(name):
         FinetuneConfig(**{name: 0.0})
 
 
+@pytest.mark.parametrize("first", ["", "import ase_sparsecalc.finetune.data", "import ase_sparsecalc.cli"])
+def test_package_finetune_is_the_function_whatever_was_imported_first(first):
+    """``from ase_sparsecalc import finetune`` gives the function, not the subpackage of that name."""
+    import subprocess
+    import sys
+
+    code = f"{first}\nfrom ase_sparsecalc import finetune\nimport ase_sparsecalc\n"
+    code += "assert callable(finetune) and ase_sparsecalc.finetune is finetune, finetune"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_sevennet_short_finetune_on_real_dft(dft_frames):
     pytest.importorskip("sevenn")
     result = finetune_with_report(
