@@ -48,7 +48,7 @@ def read_structure(path: str | Path, index: int = -1) -> Atoms:
     if path.is_dir():
         raise DataFileError(f"{path}: is a folder, expected a structure file")
     try:
-        atoms = read(path, index=index)
+        atoms = read(path, index=index, do_not_split_by_at_sign=True)
     except IndexError as exc:
         raise DataFileError(f"{path}: has no frame {index} ({exc}); choose another --index") from exc
     except StopIteration as exc:

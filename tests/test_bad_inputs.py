@@ -376,6 +376,19 @@ def test_empty_and_unreadable_trajectories(tmp_path):
         read_frames(garbage)
 
 
+def test_file_names_with_at_signs_and_indices_that_are_not_indices(tmp_path):
+    from ase_sparsecalc.structure_io import read_structure
+
+    data = tmp_path / "run@2.extxyz"  # '@' is part of the name: the file exists
+    write(data, water_frames(3))
+    assert len(read_frames(data)) == 3
+    assert [f.source for f in read_frames(f"{data}@1:")] == [f"{data}:frame 1", f"{data}:frame 2"]
+    assert len(read_structure(data)) == 3
+    for bad in ("abc", "1.5"):
+        with pytest.raises(DataFileError, match=rf"run@2\.extxyz: '{bad}' after '@' is not a frame index"):
+            read_frames(f"{data}@{bad}")
+
+
 def test_finetune_names_file_and_frame_of_unknown_element(mace_model_path, tmp_path):
     iron = labelled(bulk("Fe", "bcc", a=2.87, cubic=True))
     path = tmp_path / "with_iron.extxyz"

@@ -167,8 +167,9 @@ def _read_structures(spec: str | Path | Atoms, index: str | int) -> Iterable[tup
     try:
         if path.stat().st_size == 0:
             raise EmptyDatasetError(f"{path}: the file is empty (no frames)")
-        images = ase.io.read(str(path), index=idx)
-    except EmptyDatasetError:
+        _check_index(path, idx)
+        images = ase.io.read(str(path), index=idx, do_not_split_by_at_sign=True)
+    except (EmptyDatasetError, DataFileError):
         raise
     except (IndexError, StopIteration) as exc:
         raise DataFileError(f"{path}: has no frame {idx!r}; check the index after '@'") from exc
@@ -181,6 +182,23 @@ def _read_structures(spec: str | Path | Atoms, index: str | int) -> Iterable[tup
     numbers = _frame_numbers(path, idx, len(images))
     for k, atoms in zip(numbers, images, strict=True):
         yield atoms, f"{path}:frame {k}"
+
+
+def _check_index(path: Path, idx: str | int) -> None:
+    """Refuse index text that is neither a frame number nor a slice (``"0"``, ``"-1"``, ``"::10"``).
+
+    ASE passes any other text on as a database selection, which only an ASE database (``.db``)
+    understands; other formats then fail with an unrelated error.
+    """
+    if not isinstance(idx, str):
+        return
+    from ase.io.formats import filetype, string2index
+
+    if isinstance(string2index(idx), str) and filetype(str(path), guess=False) != "db":
+        raise DataFileError(
+            f"{path}: {idx!r} after '@' is not a frame index; use a number or a slice "
+            "such as 0, -1, 0:100 or ::10"
+        )
 
 
 def _frame_numbers(path: Path, idx: str | int, n_read: int) -> Sequence[int]:
@@ -201,7 +219,7 @@ def _frame_numbers(path: Path, idx: str | int, n_read: int) -> Sequence[int]:
         return range(selected.start or 0, (selected.start or 0) + n_read)
     import ase.io
 
-    total = len(ase.io.read(str(path), index=":"))
+    total = len(ase.io.read(str(path), index=":", do_not_split_by_at_sign=True))
     chosen = range(total)[selected]
     return [chosen] if isinstance(chosen, int) else chosen
 
