@@ -15,7 +15,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from .backends import Backend, load_backend
 from .backends.accelerate import check_compile_mode
 from .delta import SparseDelta
-from .errors import ConfigError, StressUndefinedError
+from .errors import ConfigError, StressUndefinedError, UntrainedElementWarning
 from .graph import build_graph, charge_and_spin, has_cell_volume
 
 logger = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ class SparseCalc(Calculator):
                 new.apply(self.backend, strict=strict)
                 self.delta = new
             self.parameters["delta"] = _describe_delta(new)
+            self._warned_untrained: set[str] = set()
         except Exception:
             if old is not None:  # it was applied before: its checks pass (and warned then)
                 with warnings.catch_warnings():
@@ -262,10 +263,35 @@ class SparseCalc(Calculator):
                 )
             self.backend.check_elements(atoms.numbers, name)
             self.backend.check_charge_and_spin(atoms, name)
+            self._warn_about_untrained_elements(atoms.numbers, name)
         results: list[dict] = []
         for chunk in chunk_indices([len(a) for a in structures], batch_size, max_atoms):
             results.extend(self._evaluate_chunk([structures[k] for k in chunk], [names[k] for k in chunk]))
         return results
+
+    def _warn_about_untrained_elements(self, numbers: np.ndarray, where: str) -> None:
+        """Warn, once per element, about elements absent from the delta's training data.
+
+        Foundation models share most weights between elements, so the delta changes their
+        energies and forces too (without a fitted energy shift), in ways no DFT checked.
+        """
+        trained = (self.delta.metadata.training_data or {}).get("elements") if self.delta else None
+        if not trained:  # no delta, or one that does not record its training elements
+            return
+        from ase.data import chemical_symbols
+
+        present = {chemical_symbols[z] for z in np.unique(numbers)}
+        untrained = present - set(trained) - self._warned_untrained
+        if untrained:
+            self._warned_untrained |= untrained
+            warnings.warn(
+                f"{where}: element(s) {', '.join(sorted(untrained))} are not in the training data of "
+                f"the delta {_describe_delta(self.delta)} ({', '.join(trained)}); the delta changes "
+                "their energies and forces too (the model shares weights between elements), "
+                "untested against DFT and with no energy shift",
+                UntrainedElementWarning,
+                stacklevel=2,
+            )
 
     def _evaluate_chunk(self, chunk: list[Atoms], names: list[str]) -> list[dict]:
         stress_mask = [has_cell_volume(a) for a in chunk]

@@ -444,5 +444,7 @@ def refuse_or_warn(message: str, strict: bool, stacklevel: int = 4) -> None:
     import warnings
 
     if strict:
-        raise DeltaMismatchError(message + "; pass strict=False to apply it anyway")
+        raise DeltaMismatchError(
+            message + "; pass strict=False (--no-strict on the command line) to apply it anyway"
+        )
     warnings.warn(message + "; applying anyway because strict=False", stacklevel=stacklevel)

@@ -97,7 +97,8 @@ def _fsync_folder(folder: Path) -> None:
 def check_writable(path: str | Path) -> Path:
     """Fail early (before hours of work) if ``path`` could not be written atomically later.
 
-    Creates the folder if needed and a temporary file in it, which is removed again.
+    Creates a temporary file in the folder, and the folder if needed; both are removed again,
+    so a run that fails later leaves no empty folders behind (writing creates them for real).
 
     Raises
     ------
@@ -107,13 +108,20 @@ def check_writable(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise OutputFileError(f"{path}: is a folder; give a file name")
+    missing = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
     except OSError as exc:
         raise OutputFileError(f"{path}: cannot write here ({exc.strerror or exc})") from exc
-    os.close(fd)
-    Path(tmp).unlink(missing_ok=True)
+    finally:
+        for folder in missing:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
     return path
 
 

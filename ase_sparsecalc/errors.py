@@ -31,6 +31,9 @@ Hierarchy::
         ├── MissingLabelError      no energy / forces / stress where required
         ├── NonFiniteLabelError    NaN or inf in a label
         └── DuplicateFrameError    the same structure appears twice
+
+Warnings: :class:`UntrainedElementWarning` (a structure holds elements the delta was not
+trained on).
 """
 
 from __future__ import annotations
@@ -136,3 +139,12 @@ class NonFiniteLabelError(DataError):
 
 class DuplicateFrameError(DataError):
     """The same structure appears more than once in the training data."""
+
+
+class UntrainedElementWarning(UserWarning):
+    """A structure holds elements absent from the delta's training data.
+
+    The delta still changes their energies and forces (foundation models share weights between
+    elements), with no fitted energy shift. Silence it with
+    ``warnings.filterwarnings("ignore", category=UntrainedElementWarning)``.
+    """

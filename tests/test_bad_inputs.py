@@ -575,6 +575,15 @@ def test_finetune_refuses_unwritable_outputs_before_reading_data(mace_model_path
         finetune(mace_model_path, str(tmp_path / "absent.extxyz"), **options, **FAST)
 
 
+def test_failed_finetune_leaves_no_empty_output_folders(mace_model_path, tmp_path):
+    """The output check creates the folders it tests and removes them again; writing creates them."""
+    out = tmp_path / "runs" / "si"
+    options = {"output": out / "delta.safetensors", "report_dir": out / "report", "checkpoint_dir": out / "ckpt"}
+    with pytest.raises(DataFileError, match=r"absent\.extxyz: file not found"):
+        finetune_with_report(mace_model_path, str(tmp_path / "absent.extxyz"), **options, **FAST)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_elements_only_in_validation_frames(mace_model_path, tmp_path):
     """An element that only validation frames hold would get no energy shift and no training:
     a random split keeps such frames in training; a validation file with them is refused."""

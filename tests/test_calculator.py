@@ -247,6 +247,29 @@ def test_unknown_element_and_close_atoms(calc):
         calc.batch_evaluate([Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.05]])])
 
 
+def test_elements_outside_the_training_data_are_warned_about_once(mace_model_path, ethanol, silicon):
+    import warnings
+
+    from ase_sparsecalc.errors import UntrainedElementWarning
+
+    calc = SparseCalc(mace_model_path)
+    delta = random_sparse_delta(calc.backend, density=0.01)
+    delta.metadata.training_data = {"elements": ["H", "C", "O"]}
+    calc.set_delta(delta)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        calc.batch_evaluate([ethanol])  # trained elements only
+        calc.batch_evaluate([silicon, silicon])
+        calc.batch_evaluate([silicon])
+    untrained = [str(w.message) for w in caught if issubclass(w.category, UntrainedElementWarning)]
+    assert len(untrained) == 1 and "element(s) Si are not in the training data" in untrained[0]
+    assert "(H, C, O)" in untrained[0]
+    calc.set_delta(None)  # the bare base has nothing to warn about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedElementWarning)
+        calc.batch_evaluate([silicon])
+
+
 def test_float32_runs_close_to_float64(base_for, backend_kind, silicon):
     e64 = _evaluate(SparseCalc(base_for(backend_kind), default_dtype="float64"), silicon)
     e32 = _evaluate(SparseCalc(base_for(backend_kind), default_dtype="float32"), silicon)

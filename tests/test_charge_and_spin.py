@@ -200,7 +200,7 @@ def test_cli_relax_of_a_cation(charged_model_path, ethanol, tmp_path, capsys):
     start, out = tmp_path / "ethanol.xyz", tmp_path / "cation.extxyz"
     write(start, ethanol)  # plain XYZ: no charge in the file
     args = ["relax", str(start), "--base", charged_model_path, "--steps", "3", "-o", str(out)]
-    assert main([*args, "--charge", "1", "--spin", "2"]) == 0
+    assert main([*args, "--charge", "1", "--spin", "2"]) in (0, 3)  # 3: not converged in 3 steps
     relaxed = read(out)
     assert (relaxed.info["charge"], relaxed.info["spin"]) == (1, 2)
     check = relaxed.copy()

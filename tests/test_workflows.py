@@ -474,6 +474,48 @@ def test_cli_missing_structure(command, tmp_path, capsys):
     assert str(missing) in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", ["md", "relax", "phonons"])
+def test_cli_refuses_unknown_elements_by_file_and_frame_before_writing(command, tmp_path, capsys):
+    from ase.io import write
+
+    start = tmp_path / "po.extxyz"
+    write(start, [bulk("Si", "diamond", a=SI_A), bulk("Po", "sc", a=3.35)])  # Po: not in SevenNet-0
+    outputs = {
+        "md": ["--traj", str(tmp_path / "md.traj"), "--log", str(tmp_path / "md.log"), "--steps", "2"],
+        "relax": ["-o", str(tmp_path / "relaxed.extxyz"), "--traj", str(tmp_path / "relax.traj")],
+        "phonons": ["--output-dir", str(tmp_path / "phonons")],
+    }[command]
+    rc = main([command, str(start), "--index", "1", *outputs])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert f"{start} (frame 1)" in err and "Po" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["po.extxyz"]  # nothing written, not even .part files
+
+
+def test_cli_md_trajectory_that_is_a_folder(si_files, tmp_path, capsys):
+    _, conv = si_files
+    folder = tmp_path / "mdx"
+    folder.mkdir()
+    rc = main(["md", str(conv), "--traj", str(folder), "--steps", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{folder}: is a folder" in err
+    assert not list(tmp_path.glob(".*.part"))
+
+
+def test_cli_relax_that_does_not_converge_exits_with_status_3(si_files, tmp_path, capsys):
+    from ase_sparsecalc.cli.relax_cmd import NOT_CONVERGED
+
+    prim, _ = si_files
+    out_file = tmp_path / "relaxed.extxyz"
+    rattled = read(prim)
+    rattled.positions[0] += [0.05, -0.03, 0.02]
+    rattled.write(prim)
+    rc = main(["relax", str(prim), "--steps", "1", "--fmax", "1e-6", "-o", str(out_file)])
+    assert rc == NOT_CONVERGED == 3
+    assert "NOT converged (raise --steps or loosen --fmax) after 1 steps" in capsys.readouterr().out
+    assert len(read(out_file)) == 2  # the last structure is written all the same
+
+
 def test_read_structure_errors(tmp_path):
     bad = tmp_path / "bad.xyz"
     bad.write_text("not an xyz file\n")

@@ -25,7 +25,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=(
             "Geometry optimisation with ASE (FIRE, BFGS or LBFGS); --cell also relaxes the cell "
             "through FrechetCellFilter. Prints energy, largest force, stress, lattice parameters "
-            "and volume, and writes the relaxed structure."
+            "and volume, and writes the relaxed structure. Exit status 3: not converged within "
+            "--steps (the last structure is written all the same)."
         ),
     )
     add_structure_arguments(parser)
@@ -82,7 +83,11 @@ def run(args: argparse.Namespace) -> int:
     for line in summary_lines(result):
         print(line)
     print(f"  wrote relaxed structure: {args.output}")
-    return 0
+    return 0 if result.converged else NOT_CONVERGED
+
+
+NOT_CONVERGED = 3
+"""Exit status of a relaxation that did not reach ``--fmax`` within ``--steps``."""
 
 
 def summary_lines(result) -> list[str]:

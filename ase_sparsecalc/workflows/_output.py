@@ -33,6 +33,10 @@ def streamed_path(path: str | Path | None) -> Iterator[Path | None]:
         yield None
         return
     path = Path(path)
+    if path.is_dir():
+        from ..errors import OutputFileError
+
+        raise OutputFileError(f"{path}: is a folder; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = part_path(path)
     tmp.unlink(missing_ok=True)
@@ -101,6 +105,10 @@ def streamed_frames(path: str | Path | None) -> Iterator[FrameWriter | None]:
     if path is None:
         yield None
         return
+    if Path(path).is_dir():
+        from ..errors import OutputFileError
+
+        raise OutputFileError(f"{path}: is a folder; give a file name")
     output_format(path)  # fail before the run, not after it
     with streamed_path(path) as tmp, ExitStack() as stack:
         yield FrameWriter(tmp, stack, Path(path))

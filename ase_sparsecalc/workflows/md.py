@@ -220,6 +220,7 @@ def run_md(
         tdamp_fs, pressure_GPa, barostat, pdamp_fs,
     )  # fmt: skip
     recorder = _Recorder(atoms, dyn, ndof, periodic)
+    atoms.get_forces()  # a structure the model cannot evaluate fails here, before any file is opened
 
     start = time.perf_counter()
     with streamed_frames(traj) as frames, streamed_text(logfile) as log, _progress(steps, progress) as bar:
