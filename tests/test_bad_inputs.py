@@ -578,7 +578,11 @@ def test_finetune_refuses_unwritable_outputs_before_reading_data(mace_model_path
 def test_failed_finetune_leaves_no_empty_output_folders(mace_model_path, tmp_path):
     """The output check creates the folders it tests and removes them again; writing creates them."""
     out = tmp_path / "runs" / "si"
-    options = {"output": out / "delta.safetensors", "report_dir": out / "report", "checkpoint_dir": out / "ckpt"}
+    options = {
+        "output": out / "delta.safetensors",
+        "report_dir": out / "report",
+        "checkpoint_dir": out / "ckpt",
+    }
     with pytest.raises(DataFileError, match=r"absent\.extxyz: file not found"):
         finetune_with_report(mace_model_path, str(tmp_path / "absent.extxyz"), **options, **FAST)
     assert list(tmp_path.iterdir()) == []
