@@ -627,6 +627,54 @@ def test_label_slopes_name_wrong_units_and_per_atom_energies():
     assert any("Hartree/Bohr" in m for m in messages) and any("per atom" in m for m in messages)
 
 
+def test_stray_energies_and_net_forces_are_named_by_frame():
+    """A frame whose energy is per atom (in a set where the slope cannot show it) or whose
+    forces do not sum to zero is named; clean DFT data passes both checks."""
+    from ase_sparsecalc.finetune.label_checks import warn_about_net_forces, warn_about_stray_energies
+
+    frames = read_frames(str(Path(__file__).parents[1] / "examples" / "data" / "si_pbesol.extxyz@:10"))
+    rng = np.random.default_rng(0)  # a "model" off by a per-atom shift and tens of meV of noise
+    model = {
+        k: {"energy": f.energy + 0.3 * len(f.atoms) + 0.02 * rng.standard_normal()}
+        for k, f in enumerate(frames)
+    }
+    assert warn_about_stray_energies(frames, model) is None
+    assert warn_about_net_forces(frames) is None
+    bad = list(frames)
+    bad[4] = Frame(
+        bad[4].atoms, bad[4].energy / len(bad[4].atoms), bad[4].forces, bad[4].stress, bad[4].source
+    )
+    bad[7] = Frame(
+        bad[7].atoms, bad[7].energy, bad[7].forces + np.array([0.0, 0.3, 0.0]), bad[7].stress, bad[7].source
+    )
+    stray = warn_about_stray_energies(bad, model)
+    assert stray.startswith("1 training frame(s)") and "si_pbesol.extxyz:frame 4: +" in stray
+    net = warn_about_net_forces(bad)
+    assert net.startswith("1 training frame(s)") and "si_pbesol.extxyz:frame 7: 0.3 eV/Å per atom" in net
+
+
+def test_per_atom_energies_in_a_set_of_mixed_sizes_are_recognised():
+    from ase_sparsecalc.finetune.label_checks import warn_about_stray_energies
+
+    frames = read_frames(str(Path(__file__).parents[1] / "examples" / "data" / "si_pbesol.extxyz@:8"))
+    mixed = []
+    for k, f in enumerate(frames):  # supercells of 8, 16 and 32 atoms: same energy per atom
+        n = (1, 2, 4)[k % 3]
+        big = f.atoms.repeat((n, 1, 1))
+        mixed.append(Frame(big, n * f.energy, np.tile(f.forces, (n, 1)), None, f"si.xyz:frame {k}"))
+    rng = np.random.default_rng(1)
+    model = {
+        k: {"energy": f.energy + 0.3 * len(f.atoms) + 0.02 * rng.standard_normal()}
+        for k, f in enumerate(mixed)
+    }
+    assert warn_about_stray_energies(mixed, model) is None
+    per_atom = [Frame(f.atoms, f.energy / len(f.atoms), f.forces, None, f.source) for f in mixed]
+    message = warn_about_stray_energies(per_atom, model)
+    assert message.startswith(
+        "the DFT energies of the 8 training frames (si.xyz) look like energies per atom"
+    )
+
+
 def test_finetune_warns_about_units_and_single_stoichiometry(mace_model_path, tmp_path, caplog):
     """Forces in Hartree/Bohr are flagged before training, and so are shifts that one
     stoichiometry cannot fix; the report keeps both."""

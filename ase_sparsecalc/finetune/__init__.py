@@ -43,6 +43,8 @@ from .distributed import ProcessInfo, distributed_session
 from .label_checks import (
     label_slopes,
     warn_about_label_scales,
+    warn_about_net_forces,
+    warn_about_stray_energies,
     warn_if_charge_states_mixed,
     warn_if_energy_labels_mixed,
     warn_if_shifts_underdetermined,
@@ -232,6 +234,8 @@ def _finetune_in_session(
         slopes = label_slopes(train_frames, base_train)
         data_warnings += warn_about_label_scales(slopes, _describe(train))
         further = (
+            warn_about_stray_energies(train_frames, base_train),
+            warn_about_net_forces(train_frames),
             warn_if_shifts_underdetermined(train_frames, isolated),
             warn_if_energy_labels_mixed(train_frames),
             warn_if_charge_states_mixed(train_frames + valid_frames, backend.takes_charge_and_spin),

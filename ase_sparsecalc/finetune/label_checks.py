@@ -92,6 +92,102 @@ def warn_about_label_scales(slopes: Mapping[str, float], source: str) -> list[st
     return messages
 
 
+STRAY_ENERGY = 0.5
+"""eV/atom: a frame whose DFT energy differs from the base model's by more than this, beyond
+what per-element shifts explain, is reported (functionals differ by tens of meV/atom there)."""
+
+NET_FORCE = 0.1
+"""eV/Å: a frame whose DFT forces sum to more than this per atom is reported."""
+
+
+def warn_about_stray_energies(
+    frames: Sequence[Frame], predictions: Mapping[int, Mapping[str, np.ndarray]], most: int = 3
+) -> str | None:
+    """Warn about frames whose energy no per-element shift brings near the base model's.
+
+    The least-squares per-element shifts of (DFT - base) explain a change of functional or
+    pseudopotentials to within tens of meV/atom. A frame left more than :data:`STRAY_ENERGY`
+    eV/atom away holds an energy of another kind: per atom instead of per structure (in a set of
+    mixed sizes, where the slope test of :func:`label_slopes` cannot see it), another unit, or
+    another DFT setup. Returns the message (naming the worst ``most`` frames), or None.
+    """
+    if len(frames) < 2:
+        return None
+    elements = sorted({int(z) for f in frames for z in f.atoms.numbers})
+    counts = composition_matrix(frames, elements)
+    n_atoms = counts.sum(axis=1)
+    base = np.array([predictions[k]["energy"] for k in range(len(frames))])
+    labels = np.array([f.energy for f in frames])
+    per_structure = _rms(_beyond_composition(counts, labels - base) / n_atoms)
+    per_atom = _rms(_beyond_composition(counts, labels * n_atoms - base) / n_atoms)
+    if per_structure > 0.05 and per_atom < 0.3 * per_structure:
+        message = (
+            f"the DFT energies of {_describe_frames(frames)} look like energies per atom: read as "
+            f"energies per structure they stray {per_structure:.3g} eV/atom (RMS) from the base "
+            f"model's beyond per-element shifts, multiplied by the number of atoms {per_atom:.3g}; "
+            "give the total energy of each structure"
+        )
+        logger.warning(message)
+        return message
+    gap = labels - base
+    fitted = np.ones(len(frames), dtype=bool)  # shifts fitted to the frames that are not stray
+    for _ in range(5):  # least squares alone would spread one stray frame's error over all
+        coefficients = np.linalg.lstsq(counts[fitted], gap[fitted], rcond=None)[0]
+        stray = (gap - counts @ coefficients) / n_atoms
+        within = np.abs(stray) <= STRAY_ENERGY
+        if not within.any() or np.array_equal(within, fitted):
+            break
+        fitted = within
+    worst = [k for k in np.argsort(-np.abs(stray)) if abs(stray[k]) > STRAY_ENERGY][:most]
+    if not worst:
+        return None
+    n_stray = int(np.sum(np.abs(stray) > STRAY_ENERGY))
+    listed = "; ".join(f"{frames[k].source}: {stray[k]:+.3g} eV/atom" for k in worst)
+    message = (
+        f"{n_stray} training frame(s) have DFT energies that per-element shifts leave more than "
+        f"{STRAY_ENERGY} eV/atom from the base model's ({listed}): check for energies per atom "
+        "instead of per structure, another unit, or frames from another DFT setup"
+    )
+    logger.warning(message)
+    return message
+
+
+def _rms(values: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(values**2)))
+
+
+def _describe_frames(frames: Sequence[Frame]) -> str:
+    """``"the N frames of a.xyz, b.xyz"``: the files the frames come from."""
+    files = list(dict.fromkeys(f.source.rsplit(":frame ", 1)[0] for f in frames))
+    shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    return f"the {len(frames)} training frames ({shown})"
+
+
+def warn_about_net_forces(frames: Sequence[Frame], most: int = 3) -> str | None:
+    """Warn about frames whose DFT forces do not sum to (nearly) zero.
+
+    A model's forces are minus the gradient of an energy that does not change when the
+    structure moves as a whole, so they sum to zero; DFT's do to within the integration grid's
+    error (hundredths of eV/Å per atom at most). A sum of more than :data:`NET_FORCE` eV/Å per
+    atom is an error no fine-tuning can fit: forces of another structure, a broken file, a
+    constant added to them. Returns the message (naming the worst ``most`` frames), or None.
+    """
+    net = np.array(
+        [np.linalg.norm(f.forces.sum(axis=0)) / len(f.atoms) if f.forces is not None else 0.0 for f in frames]
+    )
+    worst = [k for k in np.argsort(-net) if net[k] > NET_FORCE][:most]
+    if not worst:
+        return None
+    listed = "; ".join(f"{frames[k].source}: {net[k]:.3g} eV/Å per atom" for k in worst)
+    message = (
+        f"{int(np.sum(net > NET_FORCE))} training frame(s) have DFT forces whose sum is more than "
+        f"{NET_FORCE} eV/Å per atom ({listed}); forces of an energy sum to zero, so no model can "
+        "fit these: check that forces and positions belong to the same structure"
+    )
+    logger.warning(message)
+    return message
+
+
 def warn_if_shifts_underdetermined(
     frames: Sequence[Frame], isolated: Mapping[str, float] | None
 ) -> str | None:
