@@ -25,8 +25,9 @@ def error_metrics(frames: Sequence[Frame], predictions: Mapping[int, Mapping[str
     -------
     dict
         ``energy_mae``/``energy_rmse`` in meV/atom, ``forces_mae``/``forces_rmse`` in meV/Å
-        (over Cartesian components), ``stress_mae``/``stress_rmse`` in GPa (where labelled),
-        ``forces_mae_by_element`` in meV/Å, and the counts used. When the frames carry more
+        (over Cartesian components), ``stress_mae``/``stress_rmse`` in GPa (over the nine
+        components of the 3x3 tensor, where labelled), ``forces_mae_by_element`` in meV/Å, and
+        the counts used. When the frames carry more
         than one ``config_type`` tag (bulk, surface, MD at 300 K, ...), ``by_config_type``
         holds the same metrics for each tag (``"(none)"`` for untagged frames).
     """
