@@ -55,6 +55,7 @@ def labelled(atoms: Atoms, energy: float = -10.0, forces: np.ndarray | None = No
     atoms = atoms.copy()
     if forces is None:
         forces = np.random.default_rng(len(atoms)).normal(scale=0.1, size=(len(atoms), 3))
+        forces -= forces.mean(axis=0)  # forces of an energy sum to zero
     atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
     return atoms
 
