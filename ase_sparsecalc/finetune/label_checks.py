@@ -138,16 +138,30 @@ def warn_about_stray_energies(
         if not within.any() or np.array_equal(within, fitted):
             break
         fitted = within
-    worst = [k for k in np.argsort(-np.abs(stray)) if abs(stray[k]) > STRAY_ENERGY][:most]
-    if not worst:
-        return None
-    n_stray = int(np.sum(np.abs(stray) > STRAY_ENERGY))
-    listed = "; ".join(f"{frames[k].source}: {stray[k]:+.3g} eV/atom" for k in worst)
-    message = (
-        f"{n_stray} training frame(s) have DFT energies that per-element shifts leave more than "
-        f"{STRAY_ENERGY} eV/atom from the base model's ({listed}): check for energies per atom "
-        "instead of per structure, another unit, or frames from another DFT setup"
+    return _warn_about_frames_beyond(
+        frames,
+        stray,
+        STRAY_ENERGY,
+        "{:+.3g} eV/atom",
+        most,
+        f"{{count}} training frame(s) have DFT energies that per-element shifts leave more than "
+        f"{STRAY_ENERGY} eV/atom from the base model's ({{listed}}): check for energies per atom "
+        "instead of per structure, another unit, or frames from another DFT setup",
     )
+
+
+def _warn_about_frames_beyond(
+    frames: Sequence[Frame], values: np.ndarray, limit: float, form: str, most: int, template: str
+) -> str | None:
+    """Log and return ``template`` filled with how many frames have ``|value| > limit``
+    (``{count}``) and the worst ``most`` of them, named with their value in ``form``
+    (``{listed}``); None when no frame is beyond the limit."""
+    beyond = np.abs(values) > limit
+    if not beyond.any():
+        return None
+    worst = [k for k in np.argsort(-np.abs(values)) if beyond[k]][:most]
+    listed = "; ".join(f"{frames[k].source}: {form.format(values[k])}" for k in worst)
+    message = template.format(count=int(beyond.sum()), listed=listed)
     logger.warning(message)
     return message
 
@@ -175,17 +189,16 @@ def warn_about_net_forces(frames: Sequence[Frame], most: int = 3) -> str | None:
     net = np.array(
         [np.linalg.norm(f.forces.sum(axis=0)) / len(f.atoms) if f.forces is not None else 0.0 for f in frames]
     )
-    worst = [k for k in np.argsort(-net) if net[k] > NET_FORCE][:most]
-    if not worst:
-        return None
-    listed = "; ".join(f"{frames[k].source}: {net[k]:.3g} eV/Å per atom" for k in worst)
-    message = (
-        f"{int(np.sum(net > NET_FORCE))} training frame(s) have DFT forces whose sum is more than "
-        f"{NET_FORCE} eV/Å per atom ({listed}); forces of an energy sum to zero, so no model can "
-        "fit these: check that forces and positions belong to the same structure"
+    return _warn_about_frames_beyond(
+        frames,
+        net,
+        NET_FORCE,
+        "{:.3g} eV/Å per atom",
+        most,
+        f"{{count}} training frame(s) have DFT forces whose sum is more than {NET_FORCE} eV/Å per "
+        "atom ({listed}); forces of an energy sum to zero, so no model can fit these: check that "
+        "forces and positions belong to the same structure",
     )
-    logger.warning(message)
-    return message
 
 
 def warn_if_shifts_underdetermined(
