@@ -676,6 +676,16 @@ def test_per_atom_energies_in_a_set_of_mixed_sizes_are_recognised():
     )
 
 
+def test_runs_too_short_for_the_density_schedule_are_warned_about(mace_model_path):
+    frames = [frame_from_atoms(a, f"water.xyz:frame {k}") for k, a in enumerate(water_frames(4))]
+    options = {"epochs": 2, "valid_fraction": 0.0, "seed": 0}
+    sparse = finetune_with_report(mace_model_path, frames, method="sparse", **options)
+    warnings = sparse.report["data_checks"]["warnings"]
+    assert any("this run has 8 optimizer step(s)" in w for w in warnings)
+    full = finetune_with_report(mace_model_path, frames, method="full", **options)
+    assert not any("optimizer step(s)" in w for w in full.report["data_checks"]["warnings"])
+
+
 def test_finetune_warns_about_units_and_single_stoichiometry(mace_model_path, tmp_path, caplog):
     """Forces in Hartree/Bohr are flagged before training, and so are shifts that one
     stoichiometry cannot fix; the report keeps both."""

@@ -59,6 +59,9 @@ logger = logging.getLogger(__name__)
 FEW_VALID_FRAMES = 10
 """Below this many validation frames a warning says that epoch selection rests on few frames."""
 
+FEW_STEPS = 100
+"""Below this many optimizer steps a warning says the density schedule has too few to work with."""
+
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "read_frames"]
 
 FrameSource = str | Path | Atoms | Sequence[str | Path | Atoms] | Sequence[Frame]
@@ -272,6 +275,8 @@ def _finetune_in_session(
                 logger.warning("no checkpoint at %s to resume from: starting afresh", where)
         if config.time_budget is not None and trainer.state.step == 0:
             plan_epochs(trainer, config.time_budget)
+        short = _warn_if_too_few_steps(trainer.total_steps, config) if process.is_main else None
+        data_warnings += [short] if short else []
         state = trainer.train(progress=progress)
         tensors = method.export()
         history = state.history
@@ -331,6 +336,20 @@ def _finetune_in_session(
             )
         )
     return FinetuneResult(delta, report, paths)
+
+
+def _warn_if_too_few_steps(steps: int, config: FinetuneConfig) -> str | None:
+    """Warn when a run has too few optimizer steps for its density schedule to choose a support
+    (it would go from dense to the target density in a handful of steps); returns the message."""
+    if config.method not in ("sparse", "gmp", "l1") or config.density is None or steps >= FEW_STEPS:
+        return None
+    message = (
+        f"this run has {steps} optimizer step(s) (epochs x batches per epoch), too few for the "
+        f"density schedule to choose {config.density:.3g} of the weights (it needs hundreds): "
+        "give more frames or epochs, or expect a delta worse than the energy shifts alone"
+    )
+    logger.warning(message)
+    return message
 
 
 def _check_outputs_writable(
