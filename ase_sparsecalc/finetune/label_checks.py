@@ -171,7 +171,7 @@ def _rms(values: np.ndarray) -> float:
 
 
 def _describe_frames(frames: Sequence[Frame]) -> str:
-    """``"the N frames of a.xyz, b.xyz"``: the files the frames come from."""
+    """``"the N training frames (a.xyz, b.xyz)"``: how many frames, and the files they come from."""
     files = list(dict.fromkeys(f.source.rsplit(":frame ", 1)[0] for f in frames))
     shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
     return f"the {len(frames)} training frames ({shown})"
