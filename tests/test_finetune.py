@@ -407,6 +407,44 @@ def test_movement_selection_keeps_the_entries_whose_loss_change_is_largest(mace_
         FinetuneConfig(selection="largest")
 
 
+def test_fisher_selection_keeps_the_entries_whose_removal_would_cost_most(mace_model_path):
+    """With ``selection="fisher"`` the support is the top of u^2 <g^2> (the optimal-brain-damage
+    estimate of the loss increase if the entry were zeroed), not of |u|: a large entry the loss
+    barely depends on drops out. The running means are checkpointed state."""
+    backend = load_backend(mace_model_path, dtype="float64")
+    options = MethodOptions(
+        density=0.05, selection="fisher", warmup_fraction=0.0, prune_end_fraction=0.0, masked_decay=0.0
+    )
+    method = _sparse_method(backend, options)
+    generator = torch.Generator().manual_seed(0)
+    sensitivities = []
+    with torch.no_grad():
+        for u in method.u:
+            u.copy_(torch.randn(u.shape, generator=generator, dtype=u.dtype))
+            sensitivities.append(torch.rand(u.shape, generator=generator, dtype=u.dtype) ** 4)
+    for sign in (1.0, -1.0):  # gradients of either sign: only their square counts
+        for u, g in zip(method.u, sensitivities, strict=True):
+            u.grad = sign * g
+        method.after_step(1e-2)
+    method.update_schedule(1.0)
+    assert method.density() == pytest.approx(0.05, abs=1e-4)
+    expected = torch.cat(
+        [(g * u.detach()).square().reshape(-1) for g, u in zip(sensitivities, method.u, strict=True)]
+    )
+    by_magnitude = torch.cat([u.detach().abs().reshape(-1) for u in method.u])
+    kept = torch.cat([(d != 0).reshape(-1) for d in method.deltas().values()])
+    keep = int(kept.sum())
+    chosen = set(torch.nonzero(kept).reshape(-1).tolist())
+    assert set(torch.topk(expected, keep).indices.tolist()) == chosen
+    assert len(set(torch.topk(by_magnitude, keep).indices.tolist()) - chosen) > keep // 4
+    restored = _sparse_method(backend, options)
+    restored.load_state_dict(method.state_dict())
+    for a, b in zip(restored.deltas().values(), method.deltas().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="fisher"):
+        FinetuneConfig(selection="fisher", learn_thresholds=True)
+
+
 @pytest.mark.parametrize("rewind", [False, True])
 def test_learning_rate_schedule_and_rewinding(rewind):
     """Warm-up, then cosine decay to 1 % of the peak; with ``lr_rewind`` the decay ends where

@@ -105,9 +105,10 @@ class FinetuneConfig:
         (a warm restart), for like-for-like comparisons. None: on for ``sparse`` with a target
         density, off otherwise (configs hold the resolved choice).
     selection : str
-        ``sparse``: how the hard threshold ranks entries, ``"magnitude"`` (default) or
-        ``"movement"`` (accumulated first-order loss change,
-        :class:`~ase_sparsecalc.finetune.methods.MethodOptions`).
+        ``sparse``: how the hard threshold ranks entries, ``"magnitude"`` (default),
+        ``"movement"`` (accumulated first-order loss change) or ``"fisher"`` (squared change
+        times the running mean of the squared gradient;
+        :data:`~ase_sparsecalc.finetune.methods.SELECTIONS`).
     exclude_kinds : tuple of str
         Weight kinds the delta may not touch (``"radial"``, ``"embedding"``, ...); not for
         ``full``, which trains every parameter.

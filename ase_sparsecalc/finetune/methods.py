@@ -85,6 +85,10 @@ class MethodOptions:
         instead of shrinking them by the threshold (soft, STR). Learned thresholds then receive
         the soft threshold's gradient (straight-through). None: hard with a target density,
         soft without one (the penalty form needs the soft threshold's shrinkage).
+    selection : str
+        How the hard threshold ranks entries (``sparse`` with a target density and one global
+        threshold): ``"magnitude"`` (|u|, default), ``"movement"`` or ``"fisher"``
+        (:data:`SELECTIONS`).
     """
 
     density: float | None = 0.03
@@ -110,16 +114,26 @@ class MethodOptions:
             self.learn_thresholds = not self.hard_threshold
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}; got {self.selection!r}")
-        if self.selection == "movement" and not (
+        if self.selection != "magnitude" and not (
             self.hard_threshold and self.density is not None and not self.learn_thresholds
         ):
             raise ValueError(
-                "selection 'movement' needs the hard threshold, a target density and one global threshold"
+                f"selection {self.selection!r} needs the hard threshold, a target density"
+                " and one global threshold"
             )
 
 
-SELECTIONS = ("magnitude", "movement")
-"""How ``sparse`` ranks entries for its hard threshold (:class:`MethodOptions`)."""
+SELECTIONS = ("magnitude", "movement", "fisher")
+r"""How ``sparse`` ranks entries for its hard threshold (:class:`MethodOptions`): by size
+:math:`|u|`; by movement, the accumulated first-order loss change :math:`-\sum_t g_t u_t`; or by
+the second-order (Fisher, optimal-brain-damage) estimate of the loss increase if the entry were
+zeroed, :math:`u^2 \langle g^2 \rangle`, with :math:`\langle g^2 \rangle` a running mean of the
+squared gradient. Unlike size in units of each tensor's RMS, the Fisher score is in units of the
+loss, so tensors of different sensitivity compete on one scale."""
+
+FISHER_DECAY = 0.99
+"""Per-step decay of the running mean of squared gradients behind ``selection="fisher"``
+(a memory of about 100 optimizer steps)."""
 
 
 def density_schedule(progress: float, target: float, start: float, end: float) -> float:
@@ -265,14 +279,20 @@ class ThresholdedDelta(DeltaMethod):
         self.register_buffer("tau", torch.tensor(0.0 if options.density is not None else 1.0).to(self.scales))
         self._selecting = True  # straight-through gradients while the support is being chosen
         self._dense = [info.kind in options.dense_kinds for info in infos]
-        self._movement = options.selection == "movement"
-        if self._movement:  # accumulated movement scores, one per entry (checkpointed as buffers)
+        self._scored = options.selection != "magnitude"
+        if self._scored:  # movement scores or squared-gradient means, one per entry (checkpointed)
             for k, name in enumerate(self.names):
                 self.register_buffer(f"score_{k}", torch.zeros_like(self._base[name]))
             self.register_buffer("active", torch.tensor(False))
 
     def _scores(self) -> list[torch.Tensor]:
         return [getattr(self, f"score_{k}") for k in range(len(self.names))]
+
+    def _ranks(self) -> list[torch.Tensor]:
+        r"""What the hard threshold compares with :math:`\tau` for a scored selection, per tensor."""
+        if self.options.selection == "fisher":
+            return [u.detach().square() * mean_sq for u, mean_sq in zip(self.u, self._scores(), strict=True)]
+        return self._scores()
 
     def thresholds(self) -> torch.Tensor:
         r"""Threshold :math:`t = \tau e^{s}` of every tensor (units of its RMS), shape (n_tensors,)."""
@@ -282,14 +302,14 @@ class ThresholdedDelta(DeltaMethod):
         out = {}
         thresholds = self.thresholds()
         dense = not self._thresholding()  # dense phase of the schedule: no threshold at all
-        scores = self._scores() if self._movement else None
+        ranks = self._ranks() if self._scored and not dense else None
         for k, (name, u) in enumerate(zip(self.names, self.u, strict=True)):
             if dense or self._dense[k]:
                 out[name] = self.scales[k] * u
                 continue
             t = thresholds[k]
             magnitude = u.abs()
-            kept = (magnitude if scores is None else scores[k]) > t
+            kept = (magnitude if ranks is None else ranks[k]) > t
             if self.options.hard_threshold:
                 value = u * kept
                 if self.options.learn_thresholds:  # the soft threshold's gradient for t only
@@ -309,25 +329,29 @@ class ThresholdedDelta(DeltaMethod):
             return
         target = density_schedule(progress, opts.density, opts.warmup_fraction, opts.prune_end_fraction)
         self.tau.fill_(self._tau_for_density(target))
-        if self._movement:
+        if self._scored:
             self.active.fill_(target < 1.0)
         self._selecting = not opts.settle_support or progress < opts.prune_end_fraction
 
     def _thresholding(self) -> bool:
         """True once the schedule has left its dense phase."""
-        return bool(self.active) if self._movement else bool(self.tau > 0)
+        return bool(self.active) if self._scored else bool(self.tau > 0)
 
     @torch.no_grad()
     def after_step(self, lr):
-        if self._movement and self._selecting:  # S -= dL/dDelta * Delta, which equals dL/du * u
+        if self._scored and self._selecting:
             for u, score in zip(self.u, self._scores(), strict=True):
-                if u.grad is not None:
+                if u.grad is None:
+                    continue
+                if self.options.selection == "movement":  # S -= dL/dDelta * Delta = dL/du * u
                     score.sub_(u.grad * u)
+                else:  # running mean of (dL/du)^2; the ranking ignores its common bias
+                    score.mul_(FISHER_DECAY).addcmul_(u.grad, u.grad, value=1.0 - FISHER_DECAY)
         decay = self.options.masked_decay
         if decay <= 0 or not (self.options.straight_through and self._selecting and self._thresholding()):
             return
         factor = max(0.0, 1.0 - lr * decay)
-        ranks = self._scores() if self._movement else [u.abs() for u in self.u]
+        ranks = self._ranks() if self._scored else [u.abs() for u in self.u]
         for u, rank, t, dense in zip(self.u, ranks, self.thresholds(), self._dense, strict=True):
             if not dense:
                 u.mul_(torch.where(rank <= t, factor, 1.0))
@@ -346,15 +370,16 @@ class ThresholdedDelta(DeltaMethod):
         thresholded = [k for k, dense in enumerate(self._dense) if not dense]
         if not thresholded:
             return 0.0
-        if self._movement:
-            ranked = [self._scores()[k] for k in thresholded]
+        if self._scored:
+            ranks = self._ranks()
+            ranked = [ranks[k] for k in thresholded]
         else:
             ranked = [self.u[k].abs() / self.log_threshold[k].exp() for k in thresholded]
         ratios = torch.cat([r.reshape(-1) for r in ranked])
         dense_nnz = sum(int((u != 0).sum()) for u, dense in zip(self.u, self._dense, strict=True) if dense)
         keep = round(target * self.trainable_numel) - dense_nnz
         if keep >= ratios.numel():
-            return float("-inf") if self._movement else 0.0
+            return float("-inf") if self._scored else 0.0
         if keep <= 0:
             return float(ratios.max()) + 1.0
         # tau = the keep-th largest ratio's lower neighbour: exactly `keep` entries lie above it
