@@ -602,6 +602,14 @@ def test_elements_only_in_validation_frames(mace_model_path, tmp_path):
         train, valid = split_frames(frames, 0.5, seed)
         assert "methane" in [f.source for f in train] and len(train) + len(valid) == len(frames)
         assert {f.source for f in train}.isdisjoint(f.source for f in valid)
+    # the only H2O2 among water frames: known elements, but a composition no training frame has
+    frames[-1] = frame_from_atoms(labelled(molecule("H2O2"), energy=-18.0), "peroxide")
+    landed = set()
+    for seed in range(8):
+        train, valid = split_frames(frames, 0.5, seed)
+        assert "peroxide" in [f.source for f in train] and len(valid) >= 4 and len(train) + len(valid) == 10
+        landed |= {f.source for f in valid}
+    assert len(landed) > 5  # water frames still go to validation at random
     write(tmp_path / "train.extxyz", water_frames(4))
     write(tmp_path / "valid.extxyz", [*water_frames(6)[4:], methane])
     with pytest.raises(DataFileError, match=r"valid\.extxyz:frame 2: element\(s\) C appear in validation"):

@@ -561,13 +561,44 @@ def dataset_summary(frames: Sequence[Frame], files: Sequence[str] = ()) -> dict:
     }
 
 
+def composition_matrix(frames: Sequence[Frame], elements: Sequence[int]) -> np.ndarray:
+    """(n_frames, n_elements) counts of each element (atomic numbers ``elements``) in each frame."""
+    column = {z: k for k, z in enumerate(elements)}
+    counts = np.zeros((len(frames), len(elements)))
+    for row, frame in enumerate(frames):
+        for z, n in zip(*np.unique(frame.atoms.numbers, return_counts=True), strict=True):
+            counts[row, column[int(z)]] = n
+    return counts
+
+
+class _CompositionSpan:
+    """Orthonormal basis of the span of composition vectors (rows of element counts)."""
+
+    def __init__(self, n_elements: int) -> None:
+        self.basis = np.zeros((0, n_elements))
+
+    def residual(self, counts: np.ndarray) -> np.ndarray:
+        return counts - self.basis.T @ (self.basis @ counts)
+
+    def contains(self, counts: np.ndarray) -> bool:
+        return bool(np.linalg.norm(self.residual(counts)) <= 1e-9 * max(1.0, np.linalg.norm(counts)))
+
+    def add(self, counts: np.ndarray) -> None:
+        if not self.contains(counts):
+            rest = self.residual(counts)
+            self.basis = np.vstack([self.basis, rest / np.linalg.norm(rest)])
+
+
 def split_frames(
     frames: Sequence[Frame], valid_fraction: float, seed: int
 ) -> tuple[list[Frame], list[Frame]]:
     """Random train/validation split (at least one validation frame when the fraction is > 0).
 
-    A validation frame holding an element that no training frame holds (the one frame with a
-    dopant, say) goes to training instead: shifts and weights are fitted on training frames.
+    A validation frame whose composition is not a combination of the training frames'
+    compositions goes to training instead: the one frame with a dopant, or with another
+    stoichiometry (the only O-rich cell among stoichiometric ones). Energy shifts are fitted on
+    training frames, so such a frame would carry an arbitrary energy offset in validation (and
+    an element only it holds would get no shift and no training).
     """
     if not 0.0 <= valid_fraction < 1.0:
         raise ConfigError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
@@ -576,12 +607,23 @@ def split_frames(
         n_valid = max(1, n_valid)
     order = np.random.default_rng(seed).permutation(len(frames))
     chosen = sorted(order[:n_valid])
-    in_train = {int(z) for i in order[n_valid:] for z in frames[i].atoms.numbers}
+    elements = sorted({int(z) for frame in frames for z in frame.atoms.numbers})
+    counts = composition_matrix(frames, elements)
+    span = _CompositionSpan(len(elements))
+    for row in np.unique(counts[order[n_valid:]], axis=0):
+        span.add(row)
+    moved = []
     for i in list(chosen):
-        numbers = set(frames[i].atoms.numbers.tolist())
-        if not numbers <= in_train:
+        if not span.contains(counts[i]):
             chosen.remove(i)
-            in_train |= numbers
+            span.add(counts[i])
+            moved.append(frames[i].source)
+    if moved:
+        logger.info(
+            "kept %d frame(s) out of validation, as no training frame has their composition: %s",
+            len(moved),
+            ", ".join(moved[:5]) + (", ..." if len(moved) > 5 else ""),
+        )
     valid_set = set(chosen)
     valid = [frames[i] for i in chosen]
     train = [frames[i] for i in range(len(frames)) if i not in valid_set]

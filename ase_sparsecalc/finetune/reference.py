@@ -21,19 +21,11 @@ import numpy as np
 from ase.data import atomic_numbers as symbol_to_number
 from ase.data import chemical_symbols
 
-from .data import Frame
+from .data import Frame, composition_matrix
+
+__all__ = ["RIDGE", "composition_matrix", "fit_energy_shifts", "shifted_energies"]
 
 RIDGE = 1e-8
-
-
-def composition_matrix(frames: Sequence[Frame], elements: Sequence[int]) -> np.ndarray:
-    """(n_frames, n_elements) counts of each element in each frame."""
-    column = {z: k for k, z in enumerate(elements)}
-    counts = np.zeros((len(frames), len(elements)))
-    for row, frame in enumerate(frames):
-        for z, n in zip(*np.unique(frame.atoms.numbers, return_counts=True), strict=True):
-            counts[row, column[int(z)]] = n
-    return counts
 
 
 def fit_energy_shifts(
