@@ -662,6 +662,25 @@ def test_stray_energies_and_net_forces_are_named_by_frame():
     assert net.startswith("1 training frame(s)") and "si_pbesol.extxyz:frame 7: 0.3 eV/Å per atom" in net
 
 
+def test_a_frame_with_stress_in_gpa_is_named():
+    """One frame whose stress is in GPa among frames in eV/Å³ is named; a base model a few GPa
+    off on every frame raises nothing."""
+    from ase.units import GPa
+
+    from ase_sparsecalc.finetune.label_checks import warn_about_stray_stresses
+
+    frames = read_frames(str(Path(__file__).parents[1] / "examples" / "data" / "si_pbesol.extxyz@:10"))
+    assert all(f.stress is not None for f in frames)
+    rng = np.random.default_rng(0)
+    model = {k: {"stress": f.stress + 3 * GPa * rng.standard_normal((3, 3))} for k, f in enumerate(frames)}
+    assert warn_about_stray_stresses(frames, model) is None
+    bad = list(frames)
+    bad[2] = Frame(bad[2].atoms, bad[2].energy, bad[2].forces, bad[2].stress / GPa + 10.0, bad[2].source)
+    message = warn_about_stray_stresses(bad, model)
+    assert message.startswith("1 training frame(s) have a DFT stress component more than 0.3 eV/Å³ (48 GPa)")
+    assert "si_pbesol.extxyz:frame 2: " in message and "GPa and kbar" in message
+
+
 def test_per_atom_energies_in_a_set_of_mixed_sizes_are_recognised():
     from ase_sparsecalc.finetune.label_checks import warn_about_stray_energies
 

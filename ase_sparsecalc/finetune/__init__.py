@@ -45,6 +45,7 @@ from .label_checks import (
     warn_about_label_scales,
     warn_about_net_forces,
     warn_about_stray_energies,
+    warn_about_stray_stresses,
     warn_if_charge_states_mixed,
     warn_if_energy_labels_mixed,
     warn_if_shifts_underdetermined,
@@ -239,6 +240,7 @@ def _finetune_in_session(
         further = (
             warn_about_stray_energies(train_frames, base_train),
             warn_about_net_forces(train_frames),
+            warn_about_stray_stresses(train_frames, base_train),
             warn_if_shifts_underdetermined(train_frames, isolated),
             warn_if_energy_labels_mixed(train_frames),
             warn_if_charge_states_mixed(train_frames + valid_frames, backend.takes_charge_and_spin),

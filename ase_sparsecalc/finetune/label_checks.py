@@ -99,6 +99,12 @@ what per-element shifts explain, is reported (functionals differ by tens of meV/
 NET_FORCE = 0.1
 """eV/Å: a frame whose DFT forces sum to more than this per atom is reported."""
 
+STRAY_STRESS = 0.3
+"""eV/Å³ (about 48 GPa): a frame whose DFT stress differs from the base model's by more than
+this in any component is reported. Foundation models miss stress by a few GPa at most on
+structures they describe at all; a frame in GPa or kbar read as eV/Å³ is 160 or 1600 times
+too large."""
+
 
 def warn_about_stray_energies(
     frames: Sequence[Frame], predictions: Mapping[int, Mapping[str, np.ndarray]], most: int = 3
@@ -198,6 +204,36 @@ def warn_about_net_forces(frames: Sequence[Frame], most: int = 3) -> str | None:
         f"{{count}} training frame(s) have DFT forces whose sum is more than {NET_FORCE} eV/Å per "
         "atom ({listed}); forces of an energy sum to zero, so no model can fit these: check that "
         "forces and positions belong to the same structure",
+    )
+
+
+def warn_about_stray_stresses(
+    frames: Sequence[Frame], predictions: Mapping[int, Mapping[str, np.ndarray]], most: int = 3
+) -> str | None:
+    """Warn about frames whose DFT stress is far from the base model's.
+
+    The slope test of :func:`label_slopes` sees a unit error only when it spoils the whole set;
+    one frame in GPa among frames in eV/Å³ (files from two programs, say) barely moves it.
+    Frames with a component more than :data:`STRAY_STRESS` eV/Å³ from the base model's are
+    named. Returns the message (naming the worst ``most`` frames), or None.
+    """
+    gap = np.array(
+        [
+            np.abs(np.asarray(f.stress) - np.asarray(predictions[k]["stress"]).reshape(3, 3)).max()
+            if f.stress is not None and "stress" in predictions[k]
+            else 0.0
+            for k, f in enumerate(frames)
+        ]
+    )
+    return _warn_about_frames_beyond(
+        frames,
+        gap,
+        STRAY_STRESS,
+        "{:.3g} eV/Å³",
+        most,
+        f"{{count}} training frame(s) have a DFT stress component more than {STRAY_STRESS} eV/Å³ "
+        f"({STRAY_STRESS * 160.21766:.0f} GPa) from the base model's ({{listed}}): check the unit "
+        "(eV/Å³ expected; GPa and kbar read as eV/Å³ are 160 and 1600 times too large) and the sign",
     )
 
 
