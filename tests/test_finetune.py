@@ -365,13 +365,15 @@ def test_masked_decay_keeps_the_threshold_from_drifting_up(mace_model_path):
     assert taus[1.0] < 0.5 * taus[0.0]
 
 
-def test_movement_selection_keeps_the_entries_whose_loss_change_is_largest(mace_model_path):
+@pytest.mark.parametrize("selection", ["movement", "fisher"])
+def test_scored_selections_keep_the_entries_the_loss_depends_on_most(mace_model_path, selection):
     """With ``selection="movement"`` the support is the top of the accumulated score
-    S = -sum(dL/du * u), not of |u|: a large entry with almost no gradient drops out, a smaller
-    one that the loss depends on strongly stays. The scores are checkpointed state."""
+    S = -sum(dL/du * u); with ``"fisher"`` the top of u^2 <g^2> (the optimal-brain-damage estimate
+    of the loss increase if the entry were zeroed). Neither is the top of |u|: a large entry the
+    loss barely depends on drops out. The scores are checkpointed state."""
     backend = load_backend(mace_model_path, dtype="float64")
     options = MethodOptions(
-        density=0.05, selection="movement", warmup_fraction=0.0, prune_end_fraction=0.0, masked_decay=0.0
+        density=0.05, selection=selection, warmup_fraction=0.0, prune_end_fraction=0.0, masked_decay=0.0
     )
     method = _sparse_method(backend, options)
     generator = torch.Generator().manual_seed(0)
@@ -379,19 +381,29 @@ def test_movement_selection_keeps_the_entries_whose_loss_change_is_largest(mace_
     with torch.no_grad():
         for u in method.u:
             u.copy_(torch.randn(u.shape, generator=generator, dtype=u.dtype))
-            w = torch.rand(u.shape, generator=generator, dtype=u.dtype) ** 4  # very uneven sensitivities
-            u.grad = -w * u  # the loss falls as |u| grows, by w per unit of u^2
-            weights.append(w)
-    method.after_step(1e-2)
+            weights.append(torch.rand(u.shape, generator=generator, dtype=u.dtype) ** 4)  # uneven
+    if selection == "movement":  # the loss falls as |u| grows, by w per unit of u^2
+        steps = [[-w * u.detach() for w, u in zip(weights, method.u, strict=True)]]
+        expected = torch.cat(
+            [(w * u.detach() ** 2).reshape(-1) for w, u in zip(weights, method.u, strict=True)]
+        )
+    else:  # gradients of either sign and size w: only their square counts
+        steps = [weights, [-w for w in weights]]
+        expected = torch.cat(
+            [(w * u.detach()).square().reshape(-1) for w, u in zip(weights, method.u, strict=True)]
+        )
+    for grads in steps:
+        for u, g in zip(method.u, grads, strict=True):
+            u.grad = g
+        method.after_step(1e-2)
     method.update_schedule(1.0)
     assert method.density() == pytest.approx(0.05, abs=1e-4)
-    expected = torch.cat([(w * u.detach() ** 2).reshape(-1) for w, u in zip(weights, method.u, strict=True)])
     by_magnitude = torch.cat([u.detach().abs().reshape(-1) for u in method.u])
     kept = torch.cat([(d != 0).reshape(-1) for d in method.deltas().values()])
     keep = int(kept.sum())
-    assert set(torch.topk(expected, keep).indices.tolist()) == set(torch.nonzero(kept).reshape(-1).tolist())
-    magnitude_choice = set(torch.topk(by_magnitude, keep).indices.tolist())
-    assert len(magnitude_choice - set(torch.nonzero(kept).reshape(-1).tolist())) > keep // 4
+    chosen = set(torch.nonzero(kept).reshape(-1).tolist())
+    assert set(torch.topk(expected, keep).indices.tolist()) == chosen
+    assert len(set(torch.topk(by_magnitude, keep).indices.tolist()) - chosen) > keep // 4
     for k, delta in enumerate(method.deltas().values()):  # kept entries: full value c * u
         on = delta != 0
         torch.testing.assert_close(delta[on], method.scales[k] * method.u[k].detach()[on])
@@ -399,50 +411,12 @@ def test_movement_selection_keeps_the_entries_whose_loss_change_is_largest(mace_
     restored.load_state_dict(method.state_dict())
     for a, b in zip(restored.deltas().values(), method.deltas().values(), strict=True):
         assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="movement"):
-        FinetuneConfig(selection="movement", hard_threshold=False)
+    with pytest.raises(ValueError, match=selection):
+        FinetuneConfig(selection=selection, hard_threshold=False)
     with pytest.raises(ValueError, match="sparse"):
-        FinetuneConfig(method="full", selection="movement")
+        FinetuneConfig(method="full", selection=selection)
     with pytest.raises(ValueError, match="selection"):
         FinetuneConfig(selection="largest")
-
-
-def test_fisher_selection_keeps_the_entries_whose_removal_would_cost_most(mace_model_path):
-    """With ``selection="fisher"`` the support is the top of u^2 <g^2> (the optimal-brain-damage
-    estimate of the loss increase if the entry were zeroed), not of |u|: a large entry the loss
-    barely depends on drops out. The running means are checkpointed state."""
-    backend = load_backend(mace_model_path, dtype="float64")
-    options = MethodOptions(
-        density=0.05, selection="fisher", warmup_fraction=0.0, prune_end_fraction=0.0, masked_decay=0.0
-    )
-    method = _sparse_method(backend, options)
-    generator = torch.Generator().manual_seed(0)
-    sensitivities = []
-    with torch.no_grad():
-        for u in method.u:
-            u.copy_(torch.randn(u.shape, generator=generator, dtype=u.dtype))
-            sensitivities.append(torch.rand(u.shape, generator=generator, dtype=u.dtype) ** 4)
-    for sign in (1.0, -1.0):  # gradients of either sign: only their square counts
-        for u, g in zip(method.u, sensitivities, strict=True):
-            u.grad = sign * g
-        method.after_step(1e-2)
-    method.update_schedule(1.0)
-    assert method.density() == pytest.approx(0.05, abs=1e-4)
-    expected = torch.cat(
-        [(g * u.detach()).square().reshape(-1) for g, u in zip(sensitivities, method.u, strict=True)]
-    )
-    by_magnitude = torch.cat([u.detach().abs().reshape(-1) for u in method.u])
-    kept = torch.cat([(d != 0).reshape(-1) for d in method.deltas().values()])
-    keep = int(kept.sum())
-    chosen = set(torch.nonzero(kept).reshape(-1).tolist())
-    assert set(torch.topk(expected, keep).indices.tolist()) == chosen
-    assert len(set(torch.topk(by_magnitude, keep).indices.tolist()) - chosen) > keep // 4
-    restored = _sparse_method(backend, options)
-    restored.load_state_dict(method.state_dict())
-    for a, b in zip(restored.deltas().values(), method.deltas().values(), strict=True):
-        assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="fisher"):
-        FinetuneConfig(selection="fisher", learn_thresholds=True)
 
 
 @pytest.mark.parametrize("rewind", [False, True])
