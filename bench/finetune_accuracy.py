@@ -141,6 +141,13 @@ ABLATION = {
         "lr_rewind": True,
         "selection": "fisher",
     },
+    "batch 1, lr rewind, fisher selection, settled support": {
+        "batch_size": 1,
+        "masked_decay": 0.1,
+        "lr_rewind": True,
+        "selection": "fisher",
+        "settle_support": True,
+    },
     "batch 1, lr rewind, lr x2": {"batch_size": 1, "masked_decay": 0.1, "lr_rewind": True, "lr_scale": 2.0},
     "batch 1, dense embedding": {"batch_size": 1, "masked_decay": 0.1, "dense_kinds": ["embedding"]},
     "batch 1, dense embedding and readouts": {
