@@ -148,6 +148,12 @@ ABLATION = {
         "selection": "fisher",
         "settle_support": True,
     },
+    "batch 1, lr rewind, with readouts": {
+        "batch_size": 1,
+        "masked_decay": 0.1,
+        "lr_rewind": True,
+        "train_readouts": True,
+    },
     "batch 1, lr rewind, lr x2": {"batch_size": 1, "masked_decay": 0.1, "lr_rewind": True, "lr_scale": 2.0},
     "batch 1, dense embedding": {"batch_size": 1, "masked_decay": 0.1, "dense_kinds": ["embedding"]},
     "batch 1, dense embedding and readouts": {
