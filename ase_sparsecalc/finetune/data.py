@@ -578,12 +578,15 @@ class _CompositionSpan:
         self.basis = np.zeros((0, n_elements))
 
     def residual(self, counts: np.ndarray) -> np.ndarray:
+        """``counts`` (n_elements,) minus its projection on the span."""
         return counts - self.basis.T @ (self.basis @ counts)
 
     def contains(self, counts: np.ndarray) -> bool:
+        """Whether ``counts`` is a linear combination of the compositions added so far."""
         return bool(np.linalg.norm(self.residual(counts)) <= 1e-9 * max(1.0, np.linalg.norm(counts)))
 
     def add(self, counts: np.ndarray) -> None:
+        """Widen the span by ``counts`` (Gram-Schmidt; nothing changes if it lies in it)."""
         if not self.contains(counts):
             rest = self.residual(counts)
             self.basis = np.vstack([self.basis, rest / np.linalg.norm(rest)])
