@@ -94,6 +94,12 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def refuse_folder(path: Path) -> None:
+    """Raise :class:`OutputFileError` if the output ``path`` is an existing folder."""
+    if path.is_dir():
+        raise OutputFileError(f"{path}: is a folder; give a file name")
+
+
 def check_writable(path: str | Path) -> Path:
     """Fail early (before hours of work) if ``path`` could not be written atomically later.
 
@@ -106,8 +112,7 @@ def check_writable(path: str | Path) -> Path:
         Naming the file and the reason.
     """
     path = Path(path)
-    if path.is_dir():
-        raise OutputFileError(f"{path}: is a folder; give a file name")
+    refuse_folder(path)
     missing = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from ase.units import GPa
 
 from ..graph import charge_and_spin
 from .data import Frame
@@ -219,7 +220,7 @@ def warn_about_stray_stresses(
     """
     gap = np.array(
         [
-            np.abs(np.asarray(f.stress) - np.asarray(predictions[k]["stress"]).reshape(3, 3)).max()
+            np.abs(f.stress - predictions[k]["stress"]).max()
             if f.stress is not None and "stress" in predictions[k]
             else 0.0
             for k, f in enumerate(frames)
@@ -232,7 +233,7 @@ def warn_about_stray_stresses(
         "{:.3g} eV/Å³",
         most,
         f"{{count}} training frame(s) have a DFT stress component more than {STRAY_STRESS} eV/Å³ "
-        f"({STRAY_STRESS * 160.21766:.0f} GPa) from the base model's ({{listed}}): check the unit "
+        f"({STRAY_STRESS / GPa:.0f} GPa) from the base model's ({{listed}}): check the unit "
         "(eV/Å³ expected; GPa and kbar read as eV/Å³ are 160 and 1600 times too large) and the sign",
     )
 

@@ -16,6 +16,7 @@ from typing import IO
 
 from ase import Atoms
 
+from ..delta_io import refuse_folder
 from ..structure_io import output_format
 
 logger = logging.getLogger(__name__)
@@ -26,14 +27,6 @@ def part_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.part")
 
 
-def _refuse_folder(path: Path) -> None:
-    """Raise :class:`~ase_sparsecalc.errors.OutputFileError` if ``path`` is an existing folder."""
-    if path.is_dir():
-        from ..errors import OutputFileError
-
-        raise OutputFileError(f"{path}: is a folder; give a file name")
-
-
 @contextmanager
 def streamed_path(path: str | Path | None) -> Iterator[Path | None]:
     """Yield the temporary path for ``path`` (None passes through); rename it on success."""
@@ -41,7 +34,7 @@ def streamed_path(path: str | Path | None) -> Iterator[Path | None]:
         yield None
         return
     path = Path(path)
-    _refuse_folder(path)
+    refuse_folder(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = part_path(path)
     tmp.unlink(missing_ok=True)
@@ -110,7 +103,7 @@ def streamed_frames(path: str | Path | None) -> Iterator[FrameWriter | None]:
     if path is None:
         yield None
         return
-    _refuse_folder(Path(path))
+    refuse_folder(Path(path))
     output_format(path)  # fail before the run, not after it
     with streamed_path(path) as tmp, ExitStack() as stack:
         yield FrameWriter(tmp, stack, Path(path))
