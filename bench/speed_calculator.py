@@ -72,8 +72,11 @@ def make_system(name: str):
     return atoms
 
 
-def own_calculator(kind: str, dtype: str, device: str, mace_path: Path):
-    """The model family's own ASE calculator, or None where it does not run in ``dtype``."""
+def own_calculator(kind: str, dtype: str, device: str, mace_path: Path, enable_cueq: bool = False):
+    """The model family's own ASE calculator, or None where it does not run in ``dtype``.
+
+    ``enable_cueq``: MACE only, ``MACECalculator(enable_cueq=True)`` (its cuEquivariance path).
+    """
     if kind == "sevennet":
         if dtype != "float32":
             return None  # SevenNetCalculator runs float32 only
@@ -85,7 +88,9 @@ def own_calculator(kind: str, dtype: str, device: str, mace_path: Path):
     try:
         from mace.calculators import MACECalculator
 
-        return MACECalculator(model_paths=str(mace_path), device=device, default_dtype=dtype)
+        return MACECalculator(
+            model_paths=str(mace_path), device=device, default_dtype=dtype, enable_cueq=enable_cueq
+        )
     finally:
         os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
 

@@ -8,6 +8,7 @@ Skipped where torch sees no CUDA device (CI has none); run on a GPU machine with
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +112,48 @@ def test_cuda_charged_mace_matches_cpu_across_charge_states(tmp_path, ethanol):
         for got in (single, batched):
             assert float(got["energy"]) == pytest.approx(float(ref["energy"]), abs=1e-9)
             np.testing.assert_allclose(got["forces"], ref["forces"], atol=1e-9)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("cuequivariance_torch") is None,
+    reason="needs the cuda extra (cuequivariance, cuequivariance-torch)",
+)
+def test_cueq_on_cuda_follows_the_delta_and_stays_equivariant(mace_model_path, silicon):
+    """cuEquivariance on the GPU (fused kernels where installed) gives e3nn's physics with a delta.
+
+    One converted model in float64: equal to e3nn on CUDA for two deltas and the bare base,
+    rotation equivariant with the delta applied; the float32 conversion within rounding.
+    """
+    from ase.stress import voigt_6_to_full_3x3_stress as full_3x3
+    from scipy.spatial.transform import Rotation
+
+    reference = SparseCalc(mace_model_path, device="cuda", default_dtype="float64")
+    fast = SparseCalc(mace_model_path, device="cuda", default_dtype="float64", enable_cueq=True)
+    assert fast.backend.accelerator.name == "cueq"
+    deltas = [
+        random_sparse_delta(reference.backend, density=0.05, relative_scale=0.5, seed=s) for s in (1, 2)
+    ]
+    for delta in (*deltas, None):
+        reference.set_delta(delta)
+        fast.set_delta(delta)
+        want, got = _results(reference, silicon), _results(fast, silicon)
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-8, atol=1e-8, err_msg=key)
+
+    fast.set_delta(deltas[0])
+    rotation = Rotation.random(random_state=5).as_matrix()
+    rotated = silicon.copy()
+    rotated.set_cell(silicon.cell.array @ rotation.T, scale_atoms=True)
+    plain, turned = _results(fast, silicon), _results(fast, rotated)
+    assert float(turned["energy"]) == pytest.approx(float(plain["energy"]), abs=1e-8)
+    np.testing.assert_allclose(turned["forces"], plain["forces"] @ rotation.T, atol=1e-8)
+    np.testing.assert_allclose(
+        full_3x3(turned["stress"]), rotation @ full_3x3(plain["stress"]) @ rotation.T, atol=1e-8
+    )
+
+    single = SparseCalc(
+        mace_model_path, delta=deltas[0], device="cuda", default_dtype="float32", enable_cueq=True
+    )
+    got = _results(single, silicon)
+    np.testing.assert_allclose(got["forces"], plain["forces"], atol=2e-3)
+    np.testing.assert_allclose(got["stress"], plain["stress"], atol=2e-4)
