@@ -202,18 +202,14 @@ def main() -> None:
             md = args.out / "speed_profile.md"
         if md.exists():
             parts += [f"### {TITLES[name]}", "", md.read_text().strip(), ""]
-    for md in sorted(args.out.glob("speed_compile_*.md")):
-        model, *tags = md.stem.removeprefix("speed_compile_").split("_")  # "medium", "float32"
-        family = "SevenNet-0" if model == "sevennet" else f"{model} MACE model"
-        extra = "".join(
-            f", {tag.replace('si', 'Si ')} atoms" if tag.startswith("si") else f", {tag}" for tag in tags
-        )
-        parts += [
-            f"### torch.compile ({family}{extra})",
-            "",
-            md.read_text().strip(),
-            "",
-        ]
+    for kind, heading in (("compile", "torch.compile"), ("cueq", "cuEquivariance")):
+        for md in sorted(args.out.glob(f"speed_{kind}_*.md")):
+            model, *tags = md.stem.removeprefix(f"speed_{kind}_").split("_")  # "medium", "float32"
+            family = "SevenNet-0" if model == "sevennet" else f"{model} MACE model"
+            extra = "".join(
+                f", {tag.replace('si', 'Si ')} atoms" if tag.startswith("si") else f", {tag}" for tag in tags
+            )
+            parts += [f"### {heading} ({family}{extra})", "", md.read_text().strip(), ""]
     neighbours = args.out / "speed_neighbours.md"
     if neighbours.exists():
         parts += ["### Neighbour lists on the host and on the device", "", neighbours.read_text().strip(), ""]
@@ -221,7 +217,8 @@ def main() -> None:
         "Per-script commands: `python bench/<script>.py --device cpu|cuda [--quick]` for "
         + ", ".join(f"`{s}`" for s in SCRIPTS)
         + " (and `speed_compile.py --model small|medium|sevennet`, not part of the driver because compiling "
-        "takes many minutes on a CPU, and `speed_neighbours.py`); each writes "
+        "takes many minutes on a CPU, `speed_cueq.py`, which needs the cuda extra and a GPU, and "
+        "`speed_neighbours.py`); each writes "
         f"`{portable(str(args.out))}/speed_<name>.json` and `.md`."
     )
     section = args.section or ("speed-gpu" if on_gpu else "speed")

@@ -190,7 +190,8 @@ def _assert_same_results(calc_a, calc_b, atoms, atol):
 def test_cueq_follows_the_delta_applied_to_the_e3nn_weights(mace_model_path):
     """Same results as e3nn with a delta, after switching deltas, and for the bare base."""
     reference = SparseCalc(mace_model_path)
-    fast = SparseCalc(mace_model_path, enable_cueq=True)
+    with pytest.warns(UserWarning, match="without its fused kernels"):
+        fast = SparseCalc(mace_model_path, enable_cueq=True)  # on the CPU: the naive fallback
     first = random_sparse_delta(reference.backend, density=0.05, relative_scale=0.5, seed=1)
     second = random_sparse_delta(reference.backend, density=0.05, relative_scale=0.5, seed=2)
     atoms = _small_crystal()

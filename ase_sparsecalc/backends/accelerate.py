@@ -11,8 +11,9 @@ removed in any way is always seen.
 * ``cueq``: MACE converted with ``mace.cli.convert_e3nn_cueq`` (mace-torch >= 0.3.10), weights
   mapped by its ``transfer_weights`` (symmetric contractions are re-packed, everything else is
   copied). Needs ``cuequivariance`` and ``cuequivariance-torch``, and on GPUs
-  ``cuequivariance-ops-torch-cu12`` for the fused kernels: ``pip install 'ase_sparsecalc[cuda]'``.
-  It also runs (slowly, without fused kernels) on the CPU, which is how it is tested.
+  ``cuequivariance-ops-torch-cu12`` (or ``-cu13``) for the fused kernels:
+  ``pip install 'ase_sparsecalc[cuda]'``. Without them (on the CPU, say) it runs a naive
+  fallback, far slower than e3nn, with a warning; that is how it is tested on the CPU.
 * ``compile``: the model rebuilt without e3nn's TorchScript code generation and wrapped in
   ``torch.compile(dynamic=True)``. MACE is prepared by its own recipe
   (``mace.tools.compile.prepare``, one graph); SevenNet is rebuilt from its checkpoint
@@ -28,6 +29,7 @@ import contextlib
 import copy
 import importlib.util
 import logging
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -108,8 +110,17 @@ class CueqAccelerator(Accelerator):
         _require_modules(
             ("cuequivariance", "cuequivariance_torch"),
             "enable_cueq=True needs cuequivariance and cuequivariance-torch (and, for the fused "
-            "GPU kernels, cuequivariance-ops-torch-cu12): pip install 'ase_sparsecalc[cuda]'",
+            "GPU kernels, cuequivariance-ops-torch-cu12 or -cu13): pip install 'ase_sparsecalc[cuda]'",
         )
+        if self.device.type != "cuda" or importlib.util.find_spec("cuequivariance_ops_torch") is None:
+            warnings.warn(
+                f"cuEquivariance on {self.device.type} without its fused kernels "
+                "(cuequivariance-ops-torch, CUDA only) runs a naive fallback that is far slower than "
+                "e3nn (about 30x per call measured on a CPU, minutes to convert): use it on a GPU "
+                "with pip install 'ase_sparsecalc[cuda]', or leave enable_cueq off",
+                UserWarning,
+                stacklevel=2,
+            )
         from mace.cli.convert_e3nn_cueq import run as e3nn_to_cueq
         from mace.tools.scripts_utils import extract_config_mace_model
 
