@@ -7,6 +7,7 @@ and options. The command line's handling of the same inputs is in ``test_cli_err
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -679,6 +680,27 @@ def test_a_frame_with_stress_in_gpa_is_named():
     message = warn_about_stray_stresses(bad, model)
     assert message.startswith("1 training frame(s) have a DFT stress component more than 0.3 eV/Å³ (48 GPa)")
     assert "si_pbesol.extxyz:frame 2: " in message and "GPa and kbar" in message
+
+
+def test_a_constant_isotropic_stress_offset_is_explained_as_pulay_stress():
+    """Every frame's stress off by the same pressure (Pulay stress of a low cutoff) is reported
+    with its cause; a base model a few GPa off, or large but different gaps per frame, are not."""
+    from ase.units import GPa
+
+    from ase_sparsecalc.finetune.label_checks import warn_about_stress_offset
+
+    frames = read_frames(str(Path(__file__).parents[1] / "examples" / "data" / "si_pbesol.extxyz@:10"))
+    rng = np.random.default_rng(0)
+    model = {k: {"stress": f.stress + 3 * GPa * rng.standard_normal((3, 3))} for k, f in enumerate(frames)}
+    assert warn_about_stress_offset(frames, model) is None
+    pulay = [Frame(f.atoms, f.energy, f.forces, f.stress + 0.58 * np.eye(3), f.source) for f in frames]
+    message = warn_about_stress_offset(pulay, model)
+    assert re.search(r"by one isotropic stress of \+0\.5[78]\d* eV/Å³ \(\+9[2-4] GPa\)", message)
+    assert "Pulay stress" in message and "--stress-weight 0" in message and "si_pbesol.extxyz" in message
+    scattered = [
+        Frame(f.atoms, f.energy, f.forces, f.stress + rng.normal(0.0, 0.3, (3, 3)), f.source) for f in frames
+    ]
+    assert warn_about_stress_offset(scattered, model) is None
 
 
 def test_per_atom_energies_in_a_set_of_mixed_sizes_are_recognised():

@@ -13,6 +13,8 @@ from ase_sparsecalc.cli import main
 from ase_sparsecalc.finetune import finetune_with_report, read_frames
 
 GPAW_LOG = Path(__file__).parent / "data" / "gpaw_si_md.txt"
+MGO_LOW_CUTOFF = Path(__file__).parent / "data" / "gpaw_mgo_350eV.txt"  # scripts/make_pulay_example.py
+MGO_CONVERGED = Path(__file__).parent / "data" / "gpaw_mgo_700eV.txt"
 SI_DATA = Path(__file__).parents[1] / "examples" / "data" / "si_pbesol.extxyz"
 
 
@@ -55,6 +57,30 @@ def test_finetune_reads_gpaw_output_directly(mace_model_path, tmp_path):
     assert result.report["data"]["with_stress"] == 7
     assert "stress_mae" in result.report["after"]["train"]
     assert (tmp_path / "si.safetensors").is_file()
+
+
+def test_pulay_stress_of_a_low_cutoff_is_reported_and_a_converged_one_is_not():
+    """MgO computed with GPAW (PBE) at 350 eV carries about +0.58 eV/Å³ of Pulay stress in every
+    frame; the data check names it against SevenNet-0, and is quiet for the same cell at 700 eV."""
+    pytest.importorskip("sevenn")
+    from ase.stress import voigt_6_to_full_3x3_stress
+
+    from ase_sparsecalc import SparseCalc
+    from ase_sparsecalc.finetune.label_checks import warn_about_stress_offset
+
+    calc = SparseCalc("sevennet-0", default_dtype="float32")
+
+    def base_stresses(frames):
+        results = calc.batch_evaluate([f.atoms for f in frames], ("energy", "forces", "stress"))
+        return {k: {"stress": voigt_6_to_full_3x3_stress(r["stress"])} for k, r in enumerate(results)}
+
+    low, converged = read_frames(str(MGO_LOW_CUTOFF)), read_frames(str(MGO_CONVERGED))
+    assert len(low) == 3 and len(converged) == 1
+    assert all(np.trace(f.stress) / 3 > 0.5 for f in low)  # eV/Å³: 80+ GPa of tension
+    assert -0.15 < np.trace(converged[0].stress) / 3 < 0  # 2 % below PBE's lattice constant: compressed
+    message = warn_about_stress_offset(low, base_stresses(low))
+    assert message is not None and "Pulay stress" in message and "gpaw_mgo_350eV.txt" in message
+    assert warn_about_stress_offset(converged, base_stresses(converged)) is None
 
 
 @pytest.mark.parametrize("fmt", ["traj", "extxyz"])

@@ -238,6 +238,49 @@ def warn_about_stray_stresses(
     )
 
 
+STRESS_OFFSET = 0.1
+"""eV/Å³ (about 16 GPa): an isotropic stress this large, the same in every frame, between the
+DFT and the base model's stresses is reported. A change of functional moves the pressure at a
+given geometry by a few GPa; Pulay stress from a plane-wave cutoff too low for stresses can be
+tens of GPa."""
+
+
+def warn_about_stress_offset(
+    frames: Sequence[Frame], predictions: Mapping[int, Mapping[str, np.ndarray]]
+) -> str | None:
+    """Warn when the DFT stresses differ from the base model's by one constant pressure.
+
+    The classic cause is Pulay stress: with a plane-wave cutoff converged for energies but not
+    for stresses, every frame carries nearly the same spurious isotropic stress, which a fine-tune
+    would learn as physics. Reported when the median isotropic part of (DFT - base) exceeds
+    :data:`STRESS_OFFSET` and explains most of the difference (what remains, RMS over frames and
+    components, is under a quarter of it). Returns the message, or None.
+    """
+    pairs = [
+        (f, np.asarray(f.stress) - np.asarray(predictions[k]["stress"]))
+        for k, f in enumerate(frames)
+        if f.stress is not None and "stress" in predictions[k]
+    ]
+    if not pairs:
+        return None
+    gaps = np.array([gap for _, gap in pairs])  # (n_frames, 3, 3), eV/Å³
+    offset = float(np.median(np.trace(gaps, axis1=1, axis2=2) / 3.0))
+    remainder = _rms(gaps - offset * np.eye(3))
+    if abs(offset) <= STRESS_OFFSET or remainder > 0.25 * abs(offset):
+        return None
+    message = (
+        f"the DFT stresses of {_describe_frames([f for f, _ in pairs])} differ from the base "
+        f"model's by one isotropic stress of {offset:+.3g} eV/Å³ ({offset / GPa:+.0f} GPa), nearly "
+        f"the same in every frame ({remainder / GPa:.1f} GPa RMS beyond it). A change of functional "
+        "moves the pressure by a few GPa; a constant this large is usually Pulay stress (a "
+        "plane-wave cutoff converged for energies but not for stresses: raise it, or use the DFT "
+        "code's Pulay correction) or an external pressure added to the stress. Fix the data, or "
+        "train without stresses (stress_weight=0, --stress-weight 0)"
+    )
+    logger.warning(message)
+    return message
+
+
 def warn_if_shifts_underdetermined(
     frames: Sequence[Frame], isolated: Mapping[str, float] | None
 ) -> str | None:
