@@ -238,11 +238,11 @@ def _finetune_in_session(
     if process.is_main:
         slopes = label_slopes(train_frames, base_train)
         data_warnings += warn_about_label_scales(slopes, _describe(train))
+        stress_offset = warn_about_stress_offset(train_frames, base_train)
         further = (
             warn_about_stray_energies(train_frames, base_train),
             warn_about_net_forces(train_frames),
-            warn_about_stray_stresses(train_frames, base_train),
-            warn_about_stress_offset(train_frames, base_train),
+            stress_offset or warn_about_stray_stresses(train_frames, base_train),  # one cause, one message
             warn_if_shifts_underdetermined(train_frames, isolated),
             warn_if_energy_labels_mixed(train_frames),
             warn_if_charge_states_mixed(train_frames + valid_frames, backend.takes_charge_and_spin),
