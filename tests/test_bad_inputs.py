@@ -484,6 +484,38 @@ def test_copies_written_differently_are_found_and_near_structures_are_not():
     assert [f.source for f in kept] == ["original", "moved"]
 
 
+@pytest.mark.parametrize("kind", ["si", "nacl", "slab"])
+def test_crystal_shifted_as_a_whole_is_a_copy(kind):
+    """A crystal moved as a whole by a vector that is not a lattice vector (another origin, as
+    programs choose differently) is the same structure, in any atom order; so is a slab moved
+    along its surface and along its vacuum axis. A copy with one atom displaced by 1e-3 Å is
+    not."""
+    from ase.build import fcc111
+
+    if kind == "si":
+        crystal = bulk("Si", "diamond", a=5.43, cubic=True)
+    elif kind == "nacl":
+        crystal = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat((2, 1, 1))
+    else:
+        crystal = fcc111("Cu", (2, 2, 3), vacuum=6.0)
+        del crystal.info["adsorbate_info"]
+    crystal.rattle(0.05, seed=3)
+    order = np.random.default_rng(4).permutation(len(crystal))
+    shifted = crystal[order]
+    shifted.positions += [1.234, -0.567, 2.891]
+    shifted.wrap()
+    displaced = shifted.copy()
+    displaced.positions[1] += [0.0, 1e-3, 0.0]
+    frames = [
+        Frame(atoms, -40.0, None, None, source=name)
+        for atoms, name in ((crystal, "original"), (displaced, "displaced"), (shifted, "shifted"))
+    ]
+    with pytest.raises(DuplicateFrameError, match="shifted: same structure as original"):
+        check_duplicates(frames)
+    (kept,) = drop_duplicate_frames(frames)
+    assert [f.source for f in kept] == ["original", "displaced"]
+
+
 def test_molecule_moved_as_a_whole_is_a_copy_but_another_charge_state_is_not():
     """A molecule translated as a whole (and written in another atom order) has the same energy
     and forces: a copy. A rotated molecule has rotated forces, and a cation at the same
