@@ -463,6 +463,16 @@ def test_drop_duplicates_keeps_first_or_last_copy():
     assert [[f.source for f in group] for group in last] == [["f1"], ["f3", "f4"]]
 
 
+def _assert_copy_found(named: list[tuple[Atoms, str]], copy: str) -> None:
+    """Of the named structures (the first named "original"), ``copy`` and only it is refused as
+    a copy of the original, and dropping duplicates keeps all the others."""
+    frames = [Frame(atoms, -40.0, None, None, source=name) for atoms, name in named]
+    with pytest.raises(DuplicateFrameError, match=f"{copy}: same structure as original"):
+        check_duplicates(frames)
+    (kept,) = drop_duplicate_frames(frames)
+    assert [f.source for f in kept] == [name for _, name in named if name != copy]
+
+
 def test_copies_written_differently_are_found_and_near_structures_are_not():
     """A copy of a crystal with its atoms reordered, one atom moved by a lattice vector and the
     positions perturbed below the printed precision is the same structure; a displacement of
@@ -474,14 +484,7 @@ def test_copies_written_differently_are_found_and_near_structures_are_not():
     copy.positions += np.random.default_rng(2).uniform(-5e-8, 5e-8, copy.positions.shape)
     moved = crystal.copy()
     moved.positions[4] += [1e-3, 0.0, 0.0]
-    frames = [
-        Frame(atoms, -40.0, None, None, source=name)
-        for atoms, name in ((crystal, "original"), (copy, "copy"), (moved, "moved"))
-    ]
-    with pytest.raises(DuplicateFrameError, match="copy: same structure as original"):
-        check_duplicates(frames)
-    (kept,) = drop_duplicate_frames(frames)
-    assert [f.source for f in kept] == ["original", "moved"]
+    _assert_copy_found([(crystal, "original"), (copy, "copy"), (moved, "moved")], "copy")
 
 
 @pytest.mark.parametrize("kind", ["si", "nacl", "slab"])
@@ -506,14 +509,7 @@ def test_crystal_shifted_as_a_whole_is_a_copy(kind):
     shifted.wrap()
     displaced = shifted.copy()
     displaced.positions[1] += [0.0, 1e-3, 0.0]
-    frames = [
-        Frame(atoms, -40.0, None, None, source=name)
-        for atoms, name in ((crystal, "original"), (displaced, "displaced"), (shifted, "shifted"))
-    ]
-    with pytest.raises(DuplicateFrameError, match="shifted: same structure as original"):
-        check_duplicates(frames)
-    (kept,) = drop_duplicate_frames(frames)
-    assert [f.source for f in kept] == ["original", "displaced"]
+    _assert_copy_found([(crystal, "original"), (displaced, "displaced"), (shifted, "shifted")], "shifted")
 
 
 def test_molecule_moved_as_a_whole_is_a_copy_but_another_charge_state_is_not():
