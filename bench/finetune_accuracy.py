@@ -5,6 +5,7 @@ Datasets
 ethanol   ../shared/data/ethanol: train on N frames of train.xyz, test on test_MD.xyz
 3bpa      ../shared/data/3bpa/train_300K.xyz: 100 frames held out for testing, train on N others
 si, cu    examples/data/{si,cu}_pbesol.extxyz (GPAW PBEsol), the files' own train/test split
+mgo       examples/data/mgo_lda.extxyz (GPAW LDA, rock-salt MgO), likewise
 
 The shared data folder (../shared/data beside the checkout) can be moved with the environment
 variable SPARSECALC_SHARED_DATA (a folder holding ethanol/ and 3bpa/).
@@ -53,7 +54,10 @@ TITLES = {
     "3bpa": "3BPA (ωB97X/6-31G(d)), 100 frames of train_300K held out",
     "si": "Silicon (GPAW PBEsol): bundled train/test split",
     "cu": "Copper (GPAW PBEsol): bundled train/test split",
+    "mgo": "MgO (GPAW LDA): bundled train/test split",
 }
+BUNDLED = {"si": "si_pbesol.extxyz", "cu": "cu_pbesol.extxyz", "mgo": "mgo_lda.extxyz"}
+"""Crystal data sets shipped in examples/data, with their train/test split in ``info["split"]``."""
 
 HISTORY_KEYS = ("epoch", "valid_loss", "density", "threshold", "median_change", "support_turnover")
 """Per-epoch values kept in the results file (how the support and threshold evolved)."""
@@ -192,7 +196,7 @@ def load_dataset(name: str, n_train: int | None, seed: int):
         test = [pool[i] for i in sorted(order[:100])]
         train = [pool[i] for i in sorted(order[100 : 100 + (n_train or len(pool))])]
         return train, test, str(SHARED / "3bpa" / "iso_atoms.xyz")
-    images = ase.io.read(ROOT / "examples" / "data" / f"{name}_pbesol.extxyz", ":")
+    images = ase.io.read(ROOT / "examples" / "data" / BUNDLED[name], ":")
     train = read_frames([a for a in images if a.info.get("split") == "train"])
     test = read_frames([a for a in images if a.info.get("split") == "test"])
     if n_train:
@@ -329,7 +333,7 @@ def merged_rows(earlier: list[dict], new: list[dict]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True, choices=["ethanol", "3bpa", "si", "cu"])
+    parser.add_argument("--dataset", required=True, choices=["ethanol", "3bpa", *BUNDLED])
     parser.add_argument("--train-sizes", type=int, nargs="+", default=[0], help="0: all training frames")
     parser.add_argument("--methods", nargs="+", default=["shift", "sparse", "l1", "gmp", "full", "elora"])
     parser.add_argument("--ablation", action="store_true", help="sparse-method ablation instead of --methods")

@@ -238,11 +238,12 @@ def warn_about_stray_stresses(
     )
 
 
-STRESS_OFFSET = 0.1
-"""eV/Å³ (about 16 GPa): an isotropic stress this large, the same in every frame, between the
+STRESS_OFFSET = 0.2
+"""eV/Å³ (about 32 GPa): an isotropic stress this large, the same in every frame, between the
 DFT and the base model's stresses is reported. A change of functional moves the pressure at a
-given geometry by a few GPa; Pulay stress from a plane-wave cutoff too low for stresses can be
-tens of GPa."""
+given geometry by a few GPa, up to about 15 GPa in the stiffest solids (LDA against PBE for
+diamond: 1 % in the lattice constant at a bulk modulus of 440 GPa; 10 GPa for MgO); Pulay
+stress from a plane-wave cutoff far too low for stresses is tens of GPa or more."""
 
 
 def warn_about_stress_offset(
@@ -272,7 +273,8 @@ def warn_about_stress_offset(
         f"the DFT stresses of {_describe_frames([f for f, _ in pairs])} differ from the base "
         f"model's by one isotropic stress of {offset:+.3g} eV/Å³ ({offset / GPa:+.0f} GPa), nearly "
         f"the same in every frame ({remainder / GPa:.1f} GPa RMS beyond it). A change of functional "
-        "moves the pressure by a few GPa; a constant this large is usually Pulay stress (a "
+        "moves the pressure by a few GPa (15 at most in the stiffest solids); a constant this large "
+        "is usually Pulay stress (a "
         "plane-wave cutoff converged for energies but not for stresses: raise it, or use the DFT "
         "code's Pulay correction) or an external pressure added to the stress. Fix the data, or "
         "train without stresses (stress_weight=0, --stress-weight 0)"
