@@ -15,6 +15,7 @@ from ase_sparsecalc.finetune import finetune_with_report, read_frames
 GPAW_LOG = Path(__file__).parent / "data" / "gpaw_si_md.txt"
 MGO_LOW_CUTOFF = Path(__file__).parent / "data" / "gpaw_mgo_350eV.txt"  # scripts/make_pulay_example.py
 MGO_CONVERGED = Path(__file__).parent / "data" / "gpaw_mgo_700eV.txt"
+MGO_LDA = Path(__file__).parents[1] / "examples" / "data" / "mgo_lda.extxyz"
 SI_DATA = Path(__file__).parents[1] / "examples" / "data" / "si_pbesol.extxyz"
 
 
@@ -61,7 +62,9 @@ def test_finetune_reads_gpaw_output_directly(mace_model_path, tmp_path):
 
 def test_pulay_stress_of_a_low_cutoff_is_reported_and_a_converged_one_is_not():
     """MgO computed with GPAW (PBE) at 350 eV carries about +0.58 eV/Å³ of Pulay stress in every
-    frame; the data check names it against SevenNet-0, and is quiet for the same cell at 700 eV."""
+    frame; the data check names it against SevenNet-0, and is quiet for the same cell at 700 eV
+    and for the bundled LDA data, whose real change of functional moves the pressure by about
+    10 GPa against the PBE-trained model."""
     pytest.importorskip("sevenn")
     from ase.stress import voigt_6_to_full_3x3_stress
 
@@ -81,6 +84,11 @@ def test_pulay_stress_of_a_low_cutoff_is_reported_and_a_converged_one_is_not():
     message = warn_about_stress_offset(low, base_stresses(low))
     assert message is not None and "Pulay stress" in message and "gpaw_mgo_350eV.txt" in message
     assert warn_about_stress_offset(converged, base_stresses(converged)) is None
+    lda = read_frames(str(MGO_LDA))
+    predicted = base_stresses(lda)
+    offset = np.median([np.trace(f.stress - predicted[k]["stress"]) / 3 for k, f in enumerate(lda)])
+    assert 0.03 < offset < 0.1  # eV/Å³: LDA binds tighter than the PBE-trained model
+    assert warn_about_stress_offset(lda, predicted) is None
 
 
 @pytest.mark.parametrize("fmt", ["traj", "extxyz"])
