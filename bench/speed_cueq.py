@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _speed import mace_medium_model_file, markdown_table, parse_args, write_results
+from _speed import mace_medium_model_file, markdown_table, parse_args, wall_timed, write_results
 from speed_calculator import own_calculator
 from speed_compile import bench_size
 
@@ -45,13 +44,6 @@ def _extra(parser) -> None:
     )
 
 
-def _built(make):
-    """``make()`` and the wall-clock seconds it took."""
-    start = time.perf_counter()
-    value = make()
-    return value, time.perf_counter() - start
-
-
 def calculators(args) -> tuple[dict, dict]:
     """The four calculators, and the seconds it took to build the two cuEquivariance ones."""
     from ase_sparsecalc import SparseCalc
@@ -63,19 +55,20 @@ def calculators(args) -> tuple[dict, dict]:
         base = save_mace_model(Path(tempfile.mkdtemp()) / "small.model", seed=1)
     options = {"device": args.device, "default_dtype": args.dtype}
     eager = SparseCalc(str(base), **options)
-    cueq, cueq_s = _built(lambda: SparseCalc(str(base), enable_cueq=True, **options))
+    cueq_s, _, cueq = wall_timed(lambda: SparseCalc(str(base), enable_cueq=True, **options), args.device)
     delta = random_sparse_delta(eager.backend, density=0.03, seed=0)
     eager.set_delta(delta)
     cueq.set_delta(delta)  # applied after converting: the cuEquivariance copy must follow it
     own = own_calculator("mace", args.dtype, args.device, base)
-    own_cueq, own_cueq_s = _built(lambda: own_calculator("mace", args.dtype, args.device, base, True))
+    own_cueq_s, _, own_cueq = wall_timed(
+        lambda: own_calculator("mace", args.dtype, args.device, base, enable_cueq=True), args.device
+    )
     calcs = {"cueq": cueq, "eager": eager, "own": own, "own_cueq": own_cueq}
     return calcs, {"SparseCalc": cueq_s, "MACECalculator": own_cueq_s}
 
 
 def write(sizes: list[dict], build_s: dict, args) -> None:
     """Write the results of the sizes measured so far (after each size: a run cut short keeps them)."""
-    ms = lambda size, name: size["ms"][name]  # noqa: E731
     table = markdown_table(
         [
             "atoms",
@@ -92,10 +85,10 @@ def write(sizes: list[dict], build_s: dict, args) -> None:
         [
             [
                 size["atoms"],
-                ms(size, "cueq"),
-                ms(size, "eager"),
-                ms(size, "own"),
-                ms(size, "own_cueq"),
+                size["ms"]["cueq"],
+                size["ms"]["eager"],
+                size["ms"]["own"],
+                size["ms"]["own_cueq"],
                 size["ratios"]["cueq/eager"],
                 size["ratios"]["cueq/own"],
                 size["ratios"]["cueq/own_cueq"],

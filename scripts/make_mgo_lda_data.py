@@ -10,7 +10,7 @@ Frames: ``rattle`` (8, random displacements of 0.03-0.1 Å at a0), ``strain_ratt
 isotropic strains of +-1.5 % and +-3 % with 0.05 Å displacements), ``shear_rattle`` (8, random
 strain tensors up to 3 % with 0.05 Å displacements), ``eos`` (5, ideal cells strained by -4 to
 +4 %). Settings: LDA with GPAW's bundled datasets, plane waves 600 eV, 2x2x2 Monkhorst-Pack
-k-points (off Gamma), Fermi-Dirac 0.01 eV, no symmetry. About 20 minutes on one core::
+k-points (off Gamma), Fermi-Dirac 0.01 eV, no symmetry. About 15-20 minutes on one core::
 
     OMP_NUM_THREADS=1 /usr/bin/python3 scripts/make_mgo_lda_data.py
 

@@ -208,6 +208,17 @@ def warn_about_net_forces(frames: Sequence[Frame], most: int = 3) -> str | None:
     )
 
 
+def _stress_gaps(
+    frames: Sequence[Frame], predictions: Mapping[int, Mapping[str, np.ndarray]]
+) -> list[tuple[int, np.ndarray]]:
+    """(frame index, DFT - base stress (3, 3) in eV/Å³) for every frame where both exist."""
+    return [
+        (k, f.stress - predictions[k]["stress"])
+        for k, f in enumerate(frames)
+        if f.stress is not None and "stress" in predictions[k]
+    ]
+
+
 def warn_about_stray_stresses(
     frames: Sequence[Frame], predictions: Mapping[int, Mapping[str, np.ndarray]], most: int = 3
 ) -> str | None:
@@ -218,14 +229,9 @@ def warn_about_stray_stresses(
     Frames with a component more than :data:`STRAY_STRESS` eV/Å³ from the base model's are
     named. Returns the message (naming the worst ``most`` frames), or None.
     """
-    gap = np.array(
-        [
-            np.abs(f.stress - predictions[k]["stress"]).max()
-            if f.stress is not None and "stress" in predictions[k]
-            else 0.0
-            for k, f in enumerate(frames)
-        ]
-    )
+    gap = np.zeros(len(frames))
+    for k, difference in _stress_gaps(frames, predictions):
+        gap[k] = np.abs(difference).max()
     return _warn_about_frames_beyond(
         frames,
         gap,
@@ -257,11 +263,7 @@ def warn_about_stress_offset(
     :data:`STRESS_OFFSET` and explains most of the difference (what remains, RMS over frames and
     components, is under a quarter of it). Returns the message, or None.
     """
-    pairs = [
-        (f, np.asarray(f.stress) - np.asarray(predictions[k]["stress"]))
-        for k, f in enumerate(frames)
-        if f.stress is not None and "stress" in predictions[k]
-    ]
+    pairs = _stress_gaps(frames, predictions)
     if not pairs:
         return None
     gaps = np.array([gap for _, gap in pairs])  # (n_frames, 3, 3), eV/Å³
@@ -270,14 +272,13 @@ def warn_about_stress_offset(
     if abs(offset) <= STRESS_OFFSET or remainder > 0.25 * abs(offset):
         return None
     message = (
-        f"the DFT stresses of {_describe_frames([f for f, _ in pairs])} differ from the base "
+        f"the DFT stresses of {_describe_frames([frames[k] for k, _ in pairs])} differ from the base "
         f"model's by one isotropic stress of {offset:+.3g} eV/Å³ ({offset / GPa:+.0f} GPa), nearly "
         f"the same in every frame ({remainder / GPa:.1f} GPa RMS beyond it). A change of functional "
         "moves the pressure by a few GPa (15 at most in the stiffest solids); a constant this large "
-        "is usually Pulay stress (a "
-        "plane-wave cutoff converged for energies but not for stresses: raise it, or use the DFT "
-        "code's Pulay correction) or an external pressure added to the stress. Fix the data, or "
-        "train without stresses (stress_weight=0, --stress-weight 0)"
+        "is usually Pulay stress (a plane-wave cutoff converged for energies but not for stresses: "
+        "raise it, or use the DFT code's Pulay correction) or an external pressure added to the "
+        "stress. Fix the data, or train without stresses (stress_weight=0, --stress-weight 0)"
     )
     logger.warning(message)
     return message
