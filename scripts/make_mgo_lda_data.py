@@ -89,8 +89,10 @@ def compute(atoms: Atoms, slope: float) -> Atoms:
         "forces": work.get_forces(),
         "stress": work.get_stress() + pulay * np.array([1, 1, 1, 0, 0, 0]),
     }
+    import gpaw
+
     out = atoms.copy()
-    out.info.update(SETTINGS, pulay_dedecut=slope)
+    out.info.update(SETTINGS, dft_code=f"GPAW {gpaw.__version__}", pulay_dedecut=slope)
     out.calc = SinglePointCalculator(out, **results)
     return out
 
