@@ -114,6 +114,49 @@ def test_delta_fitted_through_one_head_is_refused_on_another(tmp_path, mace_mode
     assert random_sparse_delta(load_backend(mace_model_path), seed=2).metadata.head is None
 
 
+def test_finetune_fits_through_the_head_it_is_given(tmp_path, capsys):
+    from ase_sparsecalc import SparseDelta
+    from ase_sparsecalc.cli import main
+    from ase_sparsecalc.errors import ConfigError
+    from ase_sparsecalc.finetune import finetune, read_frames
+
+    path = save_mace_model(tmp_path / "two_heads.model", atomic_numbers=(1, 6, 8), heads=["pbe", "omol"])
+    train = str(Path(__file__).parents[1] / "examples" / "data" / "ethanol_train.xyz") + "@:6"
+    argv = [
+        "finetune",
+        train,
+        "--base",
+        str(path),
+        "--method",
+        "shift",
+        "--dtype",
+        "float64",
+        "--no-progress",
+    ]
+    assert main([*argv, "-o", str(tmp_path / "none.safetensors")]) == 2  # no default head to fall back on
+    assert "choose a head" in capsys.readouterr().err
+    deltas = {}
+    for head in ("pbe", "omol"):
+        output = tmp_path / f"{head}.safetensors"
+        assert main([*argv, "--head", head, "-o", str(output)]) == 0
+        deltas[head] = SparseDelta.load(output)
+        assert deltas[head].metadata.head == head
+    # each head's delta brings that head's energies onto the DFT ones (the heads' reference
+    # energies differ by 1 eV per atom and more), so calibrated energies agree across heads
+    frames = read_frames(train)
+    energies = {}
+    for head, delta in deltas.items():
+        calc = SparseCalc(path, delta=delta)
+        assert calc.backend.head == head
+        energies[head] = np.array([r["energy"] for r in calc.batch_evaluate([f.atoms for f in frames])])
+        bare = SparseCalc(load_backend(path, head=head)).batch_evaluate([f.atoms for f in frames])
+        energies[head + " bare"] = np.array([r["energy"] for r in bare])
+    assert np.all(np.abs(energies["pbe bare"] - energies["omol bare"]) > 5.0)
+    assert np.abs(energies["pbe"] - energies["omol"]).max() < 0.02
+    with pytest.raises(ConfigError, match="loaded backend uses 'pbe'"):
+        finetune(load_backend(path, head="pbe"), frames, head="omol", method="shift")
+
+
 def test_named_model_checksum_is_enforced(tmp_path, monkeypatch, mace_model_path):
     cached = tmp_path / "model.model"
     cached.write_bytes(Path(mace_model_path).read_bytes())

@@ -205,6 +205,35 @@ def test_isolated_atoms_give_physical_shifts(mace_model_path, dft_frames):
     assert ratios == pytest.approx([ratios[0]] * 3, rel=1e-6)
 
 
+@pytest.mark.parametrize("zero", [-5.0, -300.0, -8000.0], ids=["vasp", "plane_wave_pp", "all_electron"])
+def test_energy_shifts_are_exact_least_squares_wherever_the_zero_of_energy_lies(zero):
+    """Doped cells (Si64 and Si63P, real Si geometries) whose energies sit ``zero`` eV per atom
+    from the model's: the shifts are the least-squares ones, not pulled toward the prior."""
+    from ase_sparsecalc.finetune.data import Frame
+    from ase_sparsecalc.finetune.reference import fit_energy_shifts
+
+    rng = np.random.default_rng(0)
+    cell = read_frames(str(DATA / "si_pbesol.extxyz") + "@0")[0].atoms.repeat((2, 2, 1))
+    truth = {"Si": zero, "P": 1.3 * zero + 2.0}
+    frames, base = [], []
+    for k in range(10):
+        atoms = cell.copy()
+        atoms.numbers[: k % 2] = 15  # every other cell holds one P atom
+        model_energy = rng.normal(0, 1.0)
+        frames.append(
+            Frame(
+                atoms, model_energy + sum(truth[s] for s in atoms.get_chemical_symbols()), None, None, f"{k}"
+            )
+        )
+        base.append(model_energy + rng.normal(0, 0.05))  # 50 meV per cell the shifts cannot fit
+    shifts = fit_energy_shifts(frames, np.array(base))
+    counts = np.array([[len(f.atoms) - k % 2, k % 2] for k, f in enumerate(frames)], dtype=float)
+    residual = np.array([f.energy for f in frames]) - np.array(base)
+    exact = np.linalg.lstsq(counts, residual, rcond=None)[0]  # every cell has 32 atoms: no weights
+    assert [shifts["Si"], shifts["P"]] == pytest.approx(exact, abs=1e-6 * abs(zero))
+    assert shifts["P"] == pytest.approx(truth["P"], abs=0.1)
+
+
 def _assert_same_delta(a: SparseDelta, b: SparseDelta) -> None:
     assert list(a.tensors) == list(b.tensors)
     for name, t in b.tensors.items():

@@ -89,6 +89,11 @@ def load_backend(
     if backend is not None and backend not in BACKEND_NAMES:
         raise ConfigError(f"backend must be one of {', '.join(BACKEND_NAMES)}; got {backend!r}")
     if isinstance(base, Backend):
+        if head is not None and head != getattr(base, "head", None):
+            raise ConfigError(
+                f"{base.model_name}: head={head!r} asked for, but the loaded backend uses "
+                f"{getattr(base, 'head', None)!r}; load the model with head={head!r} instead"
+            )
         return base.copy(device_, dtype_)
     base = default_base() if base is None else base
     path, model_name, kind, default_head = _resolve(base, backend)

@@ -21,6 +21,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, help="delta file to write (.safetensors)")
     p.add_argument("--base", help="named foundation model or model file (default: SevenNet-0)")
     p.add_argument(
+        "--head",
+        help="output head of a multi-head MACE model to fit through (default: the model's default head)",
+    )
+    p.add_argument(
         "--valid", nargs="+", metavar="FILE", help="validation data (default: hold out --valid-fraction)"
     )
     p.add_argument("--report-dir", help="report folder (default: <output stem>_report beside the delta)")
@@ -131,7 +135,9 @@ def add_parser(subparsers) -> None:
         help="seconds for training: plans fewer epochs (at most --epochs) so that the run, "
         "its learning-rate and density schedules included, finishes in about this time",
     )
-    t.add_argument("--dtype", default=defaults.dtype, choices=["float32", "float64"])
+    t.add_argument(
+        "--dtype", default=defaults.dtype, choices=["float32", "float64"], help="(default: %(default)s)"
+    )
     t.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto")
     p.set_defaults(func=run)
 
@@ -189,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_dir=checkpoint_dir,
         resume=args.resume,
         progress=not args.no_progress,
+        head=args.head,
         isolated_atoms=args.isolated_atoms,
         energy_key=args.energy_key,
         forces_key=args.forces_key,

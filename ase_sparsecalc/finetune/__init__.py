@@ -92,8 +92,9 @@ def finetune(
     **options
         :class:`FinetuneConfig` fields (``method``, ``density``, ``epochs``, ``lr``, ...) and
         ``output`` (delta path), ``report_dir``, ``checkpoint_dir``, ``resume``, ``progress``,
-        ``isolated_atoms``, ``energy_key``, ``forces_key``, ``stress_key``, ``virial_key``,
-        ``drop_duplicates``, ``allow_missing_forces``.
+        ``head`` (output head of a multi-head MACE model to fit through), ``isolated_atoms``,
+        ``energy_key``, ``forces_key``, ``stress_key``, ``virial_key``, ``drop_duplicates``,
+        ``allow_missing_forces``.
 
     Returns
     -------
@@ -113,6 +114,7 @@ def finetune_with_report(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = False,
+    head: str | None = None,
     isolated_atoms: str | Path | dict | None = None,
     energy_key: str | None = None,
     forces_key: str | None = None,
@@ -145,6 +147,7 @@ def finetune_with_report(
             checkpoint_dir=checkpoint_dir,
             resume=resume,
             progress=progress,
+            head=head,
             isolated_atoms=isolated_atoms,
             energy_key=energy_key,
             forces_key=forces_key,
@@ -168,6 +171,7 @@ def _finetune_in_session(
     checkpoint_dir: str | Path | None,
     resume: bool,
     progress: bool,
+    head: str | None,
     isolated_atoms: str | Path | dict | None,
     energy_key: str | None,
     forces_key: str | None,
@@ -189,7 +193,7 @@ def _finetune_in_session(
         "virial_key": virial_key,
         "require_forces": not allow_missing_forces,
     }
-    backend = load_backend(base, device=process.device, dtype=config.dtype)
+    backend = load_backend(base, device=process.device, dtype=config.dtype, head=head)
     train_frames = _frames(train, keys)
     valid_frames = _frames(valid, keys) if valid is not None else None
     (train_frames, kept_valid), tagged = take_isolated_atoms(train_frames, valid_frames or [])
