@@ -30,6 +30,7 @@ Hierarchy::
         ├── EmptyDatasetError      no frames
         ├── MissingLabelError      no energy / forces / stress where required
         ├── NonFiniteLabelError    NaN or inf in a label
+        ├── StaleLabelError        calculator results computed for another structure
         └── DuplicateFrameError    the same structure appears twice
 
 Warnings: :class:`UntrainedElementWarning` (a structure holds elements the delta was not
@@ -135,6 +136,11 @@ class MissingLabelError(DataError):
 
 class NonFiniteLabelError(DataError):
     """A frame's energy, forces or stress holds NaN or inf."""
+
+
+class StaleLabelError(DataError):
+    """A frame's calculator results were computed for another structure: the atoms moved after
+    the calculation, or several ``Atoms`` share one calculator that last saw another one."""
 
 
 class DuplicateFrameError(DataError):

@@ -38,6 +38,7 @@ from ase_sparsecalc.errors import (
     MissingLabelError,
     NonFiniteLabelError,
     OutputFileError,
+    StaleLabelError,
     StressUndefinedError,
     StructureError,
     UnknownElementError,
@@ -342,6 +343,33 @@ def test_labels_under_their_own_names_are_pointed_out(tmp_path):
     read = read_frames(path, energy_key="REF_energy", forces_key="REF_forces")
     assert [f.energy for f in read] == [-14.0, -14.1]
     np.testing.assert_allclose(read[1].forces, 0.1)
+
+
+def test_results_computed_for_another_structure_are_refused():
+    """ASE keeps results on the calculator: a calculator shared by several structures, or atoms
+    moved after their calculation, would hand every frame the last structure's labels."""
+    from ase.calculators.emt import EMT
+
+    shared = EMT()
+    structures = []
+    for k in range(3):
+        cu = bulk("Cu", "fcc", a=3.55 + 0.05 * k, cubic=True)
+        cu.rattle(0.05, seed=k)
+        cu.calc = shared
+        cu.get_forces()
+        structures.append(cu)
+    with pytest.raises(
+        StaleLabelError, match=r"structure 0: .*computed for another structure \(cell, positions"
+    ):
+        read_frames(structures)
+    for cu in structures:  # each with its own results: accepted, labels as computed
+        cu.calc = EMT()
+        cu.get_forces()
+    energies = [cu.get_potential_energy() for cu in structures]
+    assert [f.energy for f in read_frames(structures)] == energies
+    structures[1].positions[0] += 0.1
+    with pytest.raises(StaleLabelError, match=r"structure 1: .*\(positions differ\)"):
+        read_frames(structures)
 
 
 def test_stress_labels_are_kept_where_the_calculator_gives_a_stress():

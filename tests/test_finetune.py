@@ -269,14 +269,16 @@ def test_resume_gives_the_same_delta(mace_model_path, frames, tmp_path):
 def test_time_budget_plans_the_run_that_fits(mace_model_path, frames):
     """A time budget sets the number of epochs before training and undoes its timing steps: an
     ample budget gives exactly the configured run; a tiny one a whole one-epoch run, its density
-    schedule finished; each the same delta as the run configured with those epochs."""
+    schedule finished; each the same delta as the run configured with those epochs. The tiny
+    budget cuts a 13-epoch run of 8 steps per epoch (warm-up 2 steps) to one epoch (warm-up 1
+    step), so its first step must already follow the shorter schedule."""
     options = {**FAST, "epochs": 3, "density": 0.05}
 
     def run(**extra):
         return finetune_with_report(mace_model_path, frames[:8], frames[8:10], **{**options, **extra})
 
     ample, configured = run(time_budget=1e6), run()
-    tiny, one_epoch = run(time_budget=1e-3), run(epochs=1)
+    tiny, one_epoch = run(time_budget=1e-3, epochs=13, batch_size=1), run(epochs=1, batch_size=1)
     assert ample.report["training"]["epochs_planned"] == 3 == ample.report["training"]["epochs_run"]
     assert "epochs_planned" not in configured.report["training"]
     assert tiny.report["training"]["epochs_planned"] == 1 == tiny.report["training"]["epochs_run"]

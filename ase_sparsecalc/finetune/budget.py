@@ -61,6 +61,7 @@ def plan_epochs(trainer: Trainer, budget: float, probe_steps: int = PROBE_STEPS)
         share = epochs if trainer.process.is_main else 0
         epochs = round(distributed.all_reduce_sum([float(share)], trainer.backend.device)[0])
     trainer.state.planned_epochs = epochs
+    trainer.restart_schedule()  # the first step's learning rate is that of the planned run
     logger.info(
         "time budget %.0f s: about %.3g s per epoch, planned %d of %d epochs",
         budget,

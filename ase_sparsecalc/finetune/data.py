@@ -27,6 +27,7 @@ from ..errors import (
     EmptyDatasetError,
     MissingLabelError,
     NonFiniteLabelError,
+    StaleLabelError,
     StructureError,
 )
 from ..graph import CHARGE_KEY, NEUTRAL_SINGLET, SPIN_KEY, charge_and_spin, has_cell_volume
@@ -131,14 +132,14 @@ def read_frames(
 
     Raises
     ------
-    DataFileError, EmptyDatasetError, MissingLabelError, NonFiniteLabelError
+    DataFileError, EmptyDatasetError, MissingLabelError, NonFiniteLabelError, StaleLabelError
         With the file and frame named.
     """
     if isinstance(sources, (str, Path, Atoms)):
         sources = [sources]
     frames: list[Frame] = []
-    for spec in sources:
-        for atoms, where in _read_structures(spec, index):
+    for position, spec in enumerate(sources):
+        for atoms, where in _read_structures(spec, index, position):
             frames.append(
                 frame_from_atoms(atoms, where, energy_key, forces_key, stress_key, require_forces, virial_key)
             )
@@ -153,9 +154,13 @@ def read_frames(
     return frames
 
 
-def _read_structures(spec: str | Path | Atoms, index: str | int) -> Iterable[tuple[Atoms, str]]:
+def _read_structures(
+    spec: str | Path | Atoms, index: str | int, position: int = 0
+) -> Iterable[tuple[Atoms, str]]:
+    """The structures of one source with the name messages give them: ``file:frame k``, or for
+    an ``Atoms`` object its ``info["source"]``, else ``structure N`` (its place in the list)."""
     if isinstance(spec, Atoms):
-        yield spec, spec.info.get("source", "structure")
+        yield spec, spec.info.get("source", f"structure {position}")
         return
     import ase.io
 
@@ -239,6 +244,7 @@ def frame_from_atoms(
     if len(atoms) == 0:
         raise StructureError(f"{where}: the frame has no atoms")
     results = dict(atoms.calc.results) if atoms.calc is not None else {}
+    _refuse_stale_results(atoms, results, where)
     config_type = atoms.info.get("config_type")
     if _is_isolated_atom_tag(config_type):
         require_forces = False  # an isolated atom's forces vanish by symmetry; files often omit them
@@ -279,6 +285,26 @@ def frame_from_atoms(
         clean.info.update({CHARGE_KEY: charge, SPIN_KEY: spin})
     tag = str(config_type) if config_type is not None else None
     return Frame(clean, energy, forces, stress, where, tag, energy_label)
+
+
+def _refuse_stale_results(atoms: Atoms, results: dict, where: str) -> None:
+    """Raise :class:`StaleLabelError` when the calculator's results belong to another structure.
+
+    ASE keeps results on the calculator, not on the atoms: atoms moved after their calculation,
+    or many ``Atoms`` sharing one calculator (``a.calc = calc`` in a loop), would otherwise all
+    carry the labels of the structure the calculator saw last. Files read by ``ase.io`` always
+    pass (their single-point results are stored with a copy of the atoms).
+    """
+    if not results or getattr(atoms.calc, "atoms", None) is None:
+        return
+    changed = atoms.calc.check_state(atoms)
+    if changed:
+        raise StaleLabelError(
+            f"{where}: the calculator's results were computed for another structure ({', '.join(changed)} "
+            "differ): the atoms were changed after the calculation, or several structures share one "
+            "calculator; give each structure its own results (ase.calculators.singlepoint."
+            "SinglePointCalculator, or write the frames to a file as they are computed)"
+        )
 
 
 def _as_float_array(value, where: str, what: str) -> np.ndarray:

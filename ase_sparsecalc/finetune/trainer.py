@@ -134,6 +134,14 @@ class Trainer:
         """Optimizer steps of the whole run; the schedules run over them."""
         return self.epochs * len(self.train_batches)
 
+    def restart_schedule(self) -> None:
+        """Start the learning-rate schedule afresh for the current number of epochs.
+
+        The schedule's first value depends on the run's length (the warm-up spans 2 % of its
+        steps): call this after changing ``state.planned_epochs`` before the first step.
+        """
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+
     def _lr_factor(self, step: int) -> float:
         """Learning rate over its peak: a linear warm-up over 2 % of the steps, then a cosine decay
         to 1 %; with ``lr_rewind`` the cosine starts again at the end of pruning."""
