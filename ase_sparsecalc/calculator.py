@@ -65,8 +65,8 @@ class SparseCalc(Calculator):
         model; :meth:`set_delta` keeps both in step.
     compile_mode : str, optional
         Evaluate through ``torch.compile`` with this mode (``"default"``,
-        ``"reduce-overhead"``, ``"max-autotune"``). Opt-in: the first call per shape compiles
-        (minutes on a CPU); see ``docs/performance.md``.
+        ``"reduce-overhead"``, ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``). Opt-in:
+        the first call per shape compiles (minutes on a CPU); see ``docs/performance.md``.
 
     Notes
     -----

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -389,8 +389,9 @@ class SparseDelta:
             base.fill_metadata(meta)
         return cls({}, meta)
 
-    def pattern(self, backend: Backend | None = None, by: str = "tensor", **options):
-        """Where the delta concentrates; see :func:`ase_sparsecalc.analysis.delta_pattern`.
+    def pattern(self, backend: Backend | None = None, by: str | Sequence[str] = "layer", **options):
+        """Where the delta concentrates, by layer unless ``by`` says otherwise; see
+        :func:`ase_sparsecalc.analysis.delta_pattern`.
 
         ``options`` (``trainable``, ``as_frame``) are passed on to it.
         """

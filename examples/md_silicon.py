@@ -2,7 +2,7 @@
 
 Usage::
 
-    python examples/md_silicon.py [--delta DELTA] [--out DIR] [--steps N]
+    python examples/md_silicon.py [--delta DELTA|none] [--out DIR] [--steps N]
 
 The NVT part brings the 8-atom cubic cell to 300 K; the NVE part continues from there with
 velocity Verlet, whose total energy must stay flat. Writes ``nvt.traj``, ``nvt.log``,
@@ -30,12 +30,18 @@ DEFAULT_DELTA = HERE / "deltas" / "si_pbesol_sevennet0.safetensors"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--delta", default=DEFAULT_DELTA if DEFAULT_DELTA.exists() else None)
+    parser.add_argument(
+        "--delta",
+        default=DEFAULT_DELTA if DEFAULT_DELTA.exists() else None,
+        help="delta file; 'none' runs the bare SevenNet-0 model (as the figures in docs/workflows.md)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "output" / "md_silicon")
     parser.add_argument("--steps", type=int, default=150, help="steps of each part (2 fs each)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
+    if str(args.delta).lower() == "none":
+        args.delta = None
     calc = SparseCalc("sevennet-0", delta=args.delta, default_dtype="float64")
     print(f"delta: {args.delta}" if args.delta else "no delta file: running the bare SevenNet-0 base model")
 

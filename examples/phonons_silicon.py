@@ -2,7 +2,7 @@
 
 Usage::
 
-    python examples/phonons_silicon.py [--delta DELTA] [--out DIR] [--supercell N]
+    python examples/phonons_silicon.py [--delta DELTA|none] [--out DIR] [--supercell N]
 
 Relaxes the primitive cell first (phonons need the structure at its minimum), then evaluates
 the displaced 3x3x3 supercells in one batched call. Writes phonopy.yaml, FORCE_CONSTANTS,
@@ -31,11 +31,17 @@ EXPERIMENT = {"Γ": {"TO/LO": 15.53}, "X": {"TA": 4.49, "LA/LO": 12.32, "TO": 13
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--delta", default=DEFAULT_DELTA if DEFAULT_DELTA.exists() else None)
+    parser.add_argument(
+        "--delta",
+        default=DEFAULT_DELTA if DEFAULT_DELTA.exists() else None,
+        help="delta file; 'none' runs the bare SevenNet-0 model (as the figures in docs/workflows.md)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "output" / "phonons_silicon")
     parser.add_argument("--supercell", type=int, default=3)
     args = parser.parse_args()
 
+    if str(args.delta).lower() == "none":
+        args.delta = None
     calc = SparseCalc("sevennet-0", delta=args.delta, default_dtype="float64")
     print(f"delta: {args.delta}" if args.delta else "no delta file: running the bare SevenNet-0 base model")
 

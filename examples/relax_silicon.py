@@ -2,7 +2,7 @@
 
 Usage::
 
-    python examples/relax_silicon.py [--delta DELTA] [--out DIR]
+    python examples/relax_silicon.py [--delta DELTA|none] [--out DIR]
 
 Starts from a strained, rattled primitive cell, relaxes it with FrechetCellFilter, then fits a
 Birch-Murnaghan equation of state to energies of isotropically scaled copies: its minimum must
@@ -34,11 +34,17 @@ A_EXPERIMENT = 5.431  # Å, diamond Si at room temperature
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--delta", default=DEFAULT_DELTA if DEFAULT_DELTA.exists() else None)
+    parser.add_argument(
+        "--delta",
+        default=DEFAULT_DELTA if DEFAULT_DELTA.exists() else None,
+        help="delta file; 'none' runs the bare SevenNet-0 model (as the figures in docs/workflows.md)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "output" / "relax_silicon")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
+    if str(args.delta).lower() == "none":
+        args.delta = None
     calc = SparseCalc("sevennet-0", delta=args.delta, default_dtype="float64")
     print(f"delta: {args.delta}" if args.delta else "no delta file: running the bare SevenNet-0 base model")
 

@@ -307,8 +307,7 @@ def make_accelerator(backend: Backend, kind: str, compile_mode: str | None = Non
     ConfigError
         Unknown ``kind`` or ``compile_mode``.
     BaseModelError
-        ``cueq`` for a model that is not MACE (sevenn 0.10.4 has its own cuEquivariance path,
-        not reachable from here).
+        ``cueq`` for a model that is not MACE (sevenn 0.10.4 has no cuEquivariance path).
     BackendNotInstalledError
         ``cueq`` without the cuequivariance packages.
     """

@@ -111,7 +111,7 @@ class PhononSummary:
 def phonons(
     atoms: Atoms,
     calc: Calculator,
-    supercell: int | Sequence[int] | Sequence[Sequence[int]] = (3, 3, 3),
+    supercell: int | Sequence[int] | Sequence[Sequence[int]] = 3,
     displacement: float = 0.01,
     mesh: Sequence[int] = (20, 20, 20),
     primitive: str | Sequence[Sequence[float]] | None = "auto",
@@ -141,7 +141,8 @@ def phonons(
     supercell : int, 3 ints, or (3, 3) ints
         Supercell of ``atoms``, as a multiple or a matrix. It should be larger than twice the
         range of the force constants; for Si with SevenNet-0, 3x3x3 primitive cells is enough.
-        Along an open axis it is 1 (a multiple ``n`` means ``n x n x 1`` for a slab).
+        Along an open axis it is 1 (a multiple ``n`` means ``n x n x 1`` for a slab). Default
+        3: 3x3x3 for a crystal, 3x3x1 for a slab.
     displacement : float
         Atomic displacement, Å.
     mesh : 3 ints
@@ -154,7 +155,8 @@ def phonons(
         ``thermal_properties.yaml`` and (``plot=True``) ``phonons.png`` and
         ``thermal_properties.png`` there; see :func:`write_phonon_files`.
     batch_size : int, optional
-        Supercells per model call (default: all at once); lower it to bound memory.
+        Supercells per model call (default: as many as fit in
+        :data:`~ase_sparsecalc.calculator.MAX_ATOMS_PER_CALL` atoms); lower it to bound memory.
     symmetrize : bool
         Symmetrise the force constants (translational invariance and index permutation).
     subtract_residual_forces : bool
