@@ -811,6 +811,20 @@ def test_finetune_warns_about_units_and_single_stoichiometry(mace_model_path, tm
     assert len(checks["warnings"]) == 2
 
 
+def test_a_split_that_leaves_no_validation_frames_is_warned_about(mace_model_path, caplog):
+    """Water and methane: each composition is needed in training, so the random split keeps
+    both there and epochs are chosen on the training loss; the user is told."""
+    frames = [labelled(molecule("H2O"), energy=-14.0), labelled(molecule("CH4"), energy=-24.0)]
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        result = finetune_with_report(mace_model_path, frames, method="shift", valid_fraction=0.5)
+    assert "no validation frames (every frame's composition is needed in training)" in caplog.text
+    assert result.report["data"]["valid_frames"] == 0
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        finetune_with_report(mace_model_path, frames, method="shift", valid_fraction=0.0)
+    assert "no validation frames" not in caplog.text  # asked for none
+
+
 def test_mixed_free_energies_and_energies_are_flagged(tmp_path, caplog):
     """One file with free energies (VASP-like: free_energy and energy) and one with energies
     only: warned about, naming a frame of each; one key read everywhere: no warning."""
@@ -854,6 +868,7 @@ def test_isolated_atom_file_reads_like_the_training_data(tmp_path):
     with pytest.raises(DataFileError, match=r"e0s\.xyz:frame 2: isolated H atom at -12\.000000 eV"):
         read_isolated_atom_energies(tmp_path / "e0s.xyz", energy_key="REF_energy")
     assert read_isolated_atom_energies({1: -13.6, "O": -432.0}) == {"H": -13.6, "O": -432.0}
+    assert read_isolated_atom_energies({"1": -13.6, "8": -432.0}) == {"H": -13.6, "O": -432.0}  # JSON keys
     with pytest.raises(ConfigError, match="'h' is not an element symbol"):
         read_isolated_atom_energies({"h": -13.6})
 

@@ -117,3 +117,24 @@ def test_atomic_write_gives_ordinary_permissions(tmp_path):
         assert stat.S_IMODE(kept.stat().st_mode) == 0o640
     finally:
         os.umask(umask)
+
+
+def test_report_of_a_diverged_run_is_standard_json(tmp_path):
+    """NaN and inf (a diverged loss) become null, which strict JSON readers accept."""
+    import json
+
+    import numpy as np
+
+    from ase_sparsecalc.finetune.report import write_report
+
+    report = {"loss": [0.5, float("nan")], "best": np.float32("inf"), "errors": np.array([1.0, 2.0])}
+    text = write_report(report, tmp_path).read_text()
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    assert json.loads(text, parse_constant=refuse) == {
+        "loss": [0.5, None],
+        "best": None,
+        "errors": [1.0, 2.0],
+    }

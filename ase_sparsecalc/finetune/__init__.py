@@ -213,7 +213,13 @@ def _finetune_in_session(
         train_frames, valid_frames = split_frames(train_frames, config.valid_fraction, config.seed)
     check_duplicates(train_frames + valid_frames)
     check_elements_in_training(train_frames, valid_frames)
-    if 0 < len(valid_frames) < FEW_VALID_FRAMES:
+    if not valid_frames and (valid is not None or config.valid_fraction > 0):
+        logger.warning(
+            "no validation frames (every frame's composition is needed in training): the best "
+            "epoch and early stopping are chosen on the training loss; pass validation frames "
+            "(valid=..., --valid) to check against held-out data"
+        )
+    elif 0 < len(valid_frames) < FEW_VALID_FRAMES:
         logger.warning(
             "only %d validation frame(s): the best epoch (restored at the end) and early stopping "
             "are chosen on them; pass more (valid=... or a larger valid_fraction) where you can",
@@ -435,6 +441,7 @@ def _make_method(backend: Backend, infos: list[WeightInfo], config: FinetuneConf
         masked_decay=config.masked_decay,
         dense_kinds=config.dense_kinds,
         selection=config.selection,
+        seed=config.seed,
     )
     params = dict(backend.model.named_parameters())
     method = METHODS[config.method](infos, {i.name: params[i.name] for i in infos}, options)

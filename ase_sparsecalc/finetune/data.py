@@ -730,7 +730,10 @@ def read_isolated_atom_energies(source: str | Path | dict, energy_key: str | Non
     if isinstance(source, dict):
         out = {}
         for key, value in source.items():
-            number = int(key) if isinstance(key, (int, np.integer)) else symbol_to_number.get(str(key))
+            if isinstance(key, (int, np.integer)) or str(key).strip().isdigit():  # 14 or "14" (JSON)
+                number = int(key)
+            else:
+                number = symbol_to_number.get(str(key).strip())
             if number is None or not 0 < number < len(chemical_symbols):
                 raise ConfigError(
                     f"isolated-atom energies: {key!r} is not an element symbol (e.g. 'Si') or number"

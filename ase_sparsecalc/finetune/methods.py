@@ -89,6 +89,8 @@ class MethodOptions:
         How the hard threshold ranks entries (``sparse`` with a target density and one global
         threshold): ``"magnitude"`` (|u|, default), ``"movement"`` or ``"fisher"``
         (:data:`SELECTIONS`).
+    seed : int
+        Seed of random initial values (``elora``'s factors).
     """
 
     density: float | None = 0.03
@@ -105,6 +107,7 @@ class MethodOptions:
     masked_decay: float = 0.1
     dense_kinds: tuple[str, ...] = ()
     selection: str = "magnitude"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         """Resolve the automatic choices (None) of ``hard_threshold`` and ``learn_thresholds``."""
@@ -257,7 +260,7 @@ class DeltaMethod(torch.nn.Module):
 
 def _rms(t: torch.Tensor) -> torch.Tensor:
     value = t.detach().double().pow(2).mean().sqrt()
-    return value if value > 0 else torch.ones((), dtype=torch.float64)
+    return value if value > 0 else torch.ones((), dtype=torch.float64, device=t.device)
 
 
 def _zeros_like_base(base: dict[str, torch.Tensor], names: list[str]) -> torch.nn.ParameterList:
@@ -511,7 +514,7 @@ class LowRankPathDelta(DeltaMethod):
 
     def __init__(self, infos, base, options):
         super().__init__(infos, base, options)
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator().manual_seed(options.seed)
         self.factors = torch.nn.ParameterList()
         self.layout: list[list[tuple[int, int, int]]] = []  # per tensor: (rows, cols, rank) per block
         for info in infos:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,17 +17,29 @@ REPORT_NAME = "report.json"
 
 
 def write_report(report: dict, directory: str | Path) -> Path:
-    """Write ``report.json`` into ``directory`` atomically; returns its path."""
+    """Write ``report.json`` into ``directory`` atomically; returns its path.
+
+    The file is standard JSON: a value that is not finite (the loss of a diverged run) is
+    written as ``null``, which every JSON reader accepts, rather than Python's ``NaN``.
+    """
     path = Path(directory) / REPORT_NAME
-    return atomic_write_text(path, json.dumps(report, indent=2, sort_keys=False, default=_jsonable))
+    text = json.dumps(_standard_json(report), indent=2, sort_keys=False, allow_nan=False)
+    return atomic_write_text(path, text)
 
 
-def _jsonable(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
+def _standard_json(value):
+    """``value`` with numpy scalars and arrays as Python ones and non-finite floats as None."""
+    if isinstance(value, Mapping):
+        return {key: _standard_json(item) for key, item in value.items()}
     if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_standard_json(item) for item in value]
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _save_figure(fig, path: Path) -> Path:
