@@ -575,6 +575,15 @@ def test_unusable_checkpoint_on_resume(mace_model_path, tmp_path):
         finetune(mace_model_path, str(path), checkpoint_dir=checkpoints, resume=True, **FAST)
 
 
+def test_resuming_may_change_device_and_time_limits_but_not_training_options(backend):
+    from ase_sparsecalc.finetune import _run_fingerprint
+
+    first = _run_fingerprint(backend, FinetuneConfig(device="cpu", max_time=60), "data")
+    assert first == _run_fingerprint(backend, FinetuneConfig(device="auto", time_budget=3600), "data")
+    assert first != _run_fingerprint(backend, FinetuneConfig(device="cpu", lr=0.02), "data")
+    assert first != _run_fingerprint(backend, FinetuneConfig(device="cpu"), "other data")
+
+
 def test_checkpoint_error_still_importable_from_trainer():
     from ase_sparsecalc.finetune.trainer import CheckpointError as FromTrainer
 

@@ -448,8 +448,14 @@ def _make_method(backend: Backend, infos: list[WeightInfo], config: FinetuneConf
     return method.to(backend.device)
 
 
+RESUMABLE_CHANGES = ("max_time", "time_budget", "device", "extra")
+"""Options a resumed run may change: wall-time limits (a budget plans a run only at its start;
+the plan is in the checkpoint) and the device (a job preempted on one GPU resumes on another)."""
+
+
 def _run_fingerprint(backend: Backend, config: FinetuneConfig, data_id: str) -> str:
-    relevant = {k: v for k, v in config.to_dict().items() if k not in ("max_time", "extra")}
+    """What a checkpoint must match to be resumed: base model, data and training options."""
+    relevant = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
     text = "|".join([backend.fingerprint, data_id, repr(sorted(relevant.items()))])
     return hashlib.sha256(text.encode()).hexdigest()
 
