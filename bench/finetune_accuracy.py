@@ -158,6 +158,12 @@ ABLATION = {
         "lr_rewind": True,
         "train_readouts": True,
     },
+    "batch 1, lr rewind, scalars": {
+        "batch_size": 1,
+        "masked_decay": 0.1,
+        "lr_rewind": True,
+        "train_scalars": True,
+    },
     "batch 1, lr rewind, lr x2": {"batch_size": 1, "masked_decay": 0.1, "lr_rewind": True, "lr_scale": 2.0},
     "batch 1, dense embedding": {"batch_size": 1, "masked_decay": 0.1, "dense_kinds": ["embedding"]},
     "batch 1, dense embedding and readouts": {

@@ -340,6 +340,30 @@ def test_sevennet_short_finetune_on_real_dft(dft_frames):
     assert result.delta.density == pytest.approx(0.01, rel=0.05)
 
 
+def test_sevennet_scalars_change_densely_and_the_saved_delta_carries_them(dft_frames, tmp_path):
+    """``train_scalars``: SevenNet's radial-basis frequencies, neighbour-count normalisations and
+    per-element energy scales change (all used entries, inside the density budget), and the
+    saved delta puts them into the model."""
+    pytest.importorskip("sevenn")
+    base = load_backend("sevennet-0", dtype="float64")
+    options = {"density": 0.01, "epochs": 2, "batch_size": 4, "lr": 5e-3, "seed": 0, "dtype": "float64"}
+    delta = finetune(base, dft_frames[:8], dft_frames[8:10], train_scalars=True, **options)
+    assert delta.density == pytest.approx(0.01, rel=0.05)
+    changed = {name: t.nnz for name, t in delta.tensors.items()}
+    coeffs = "edge_embedding.basis_function.coeffs"
+    assert changed[coeffs] == 8  # every frequency
+    assert changed["rescale_atomic_energy.scale"] == 3  # H, C and O: the elements in the data
+    assert all(changed[f"{k}_convolution.denominator"] == 1 for k in range(5))
+    saved = SparseDelta.load(delta.save(tmp_path / "scalars.safetensors"))
+    trained = base.copy()
+    saved.apply(trained)
+    before, after = dict(base.model.named_parameters()), dict(trained.model.named_parameters())
+    moved = (after[coeffs] - before[coeffs]).detach()
+    torch.testing.assert_close(moved, saved.tensors[coeffs].to_dense(moved.dtype))
+    with pytest.raises(ValueError, match="train_scalars applies to method 'sparse' only"):
+        FinetuneConfig(method="l1", train_scalars=True)
+
+
 @pytest.mark.parametrize(
     ("hard", "learn"), [(False, None), (True, None), (True, True)], ids=["soft", "hard", "hard-learned"]
 )

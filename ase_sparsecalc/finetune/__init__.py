@@ -399,30 +399,29 @@ def _with_shifts(predictions: dict, frames: list[Frame], shifts: dict[str, float
 
 
 def trainable_infos(backend: Backend, config: FinetuneConfig) -> list[WeightInfo]:
-    """The tensors a method may change: path weights (readouts optional); every parameter for ``full``."""
+    """The tensors a method may change: path weights (readouts optional, and with
+    ``train_scalars`` the parameters outside the weight tensors); every parameter for ``full``."""
+    if config.method == "full":
+        return backend.weight_infos() + scalar_infos(backend)
     infos = [
         i
         for i in backend.weight_infos()
         if (config.train_readouts or not i.is_readout) and i.kind not in config.exclude_kinds
     ]
-    if config.method != "full":
-        return infos
-    infos = backend.weight_infos()
-    covered = {i.name for i in infos}
+    return infos + scalar_infos(backend) if config.train_scalars else infos
+
+
+def scalar_infos(backend: Backend) -> list[WeightInfo]:
+    """The model's floating-point parameters outside :meth:`Backend.weight_infos`, as flat
+    tensors of kind ``"other"`` (SevenNet: radial-basis frequencies, neighbour-count
+    normalisations, per-element energy scale and shift)."""
+    covered = {i.name for i in backend.weight_infos()}
+    infos = []
     for name, param in backend.model.named_parameters():
         if name not in covered and param.is_floating_point() and param.numel():
             shape = tuple(param.shape)
-            infos.append(
-                WeightInfo(
-                    name,
-                    shape,
-                    None,
-                    name,
-                    "other",
-                    "flat",
-                    (PathSegment(0, param.numel(), None, None, shape),),
-                )
-            )
+            segment = PathSegment(0, param.numel(), None, None, shape)
+            infos.append(WeightInfo(name, shape, None, name, "other", "flat", (segment,)))
     return infos
 
 

@@ -61,6 +61,11 @@ class FinetuneConfig:
         reached) before stopping. None: never stop early.
     train_readouts : bool
         Let the delta touch readout weights too (``full`` trains every parameter regardless).
+    train_scalars : bool
+        ``sparse``: also change the model's parameters outside its weight tensors, densely and
+        within the density budget: for SevenNet the radial-basis frequencies, the convolutions'
+        neighbour-count normalisations and the per-element energy scales (a few dozen numbers
+        in use); MACE models have none.
     rank : int
         Rank per path block for ``elora``.
     warmup_fraction, prune_end_fraction : float
@@ -137,6 +142,7 @@ class FinetuneConfig:
     valid_fraction: float = 0.1
     patience: int | None = None
     train_readouts: bool = False
+    train_scalars: bool = False
     rank: int = 4
     warmup_fraction: float = 0.05
     prune_end_fraction: float = 0.6
@@ -186,6 +192,8 @@ class FinetuneConfig:
             setattr(self, name, kinds)
         if self.exclude_kinds and self.method == "full":
             raise ConfigError("exclude_kinds does not apply to method 'full', which trains every parameter")
+        if self.train_scalars and self.method != "sparse":
+            raise ConfigError(f"train_scalars applies to method 'sparse' only, not {self.method!r}")
         if self.dense_kinds and self.method != "sparse":
             raise ConfigError(f"dense_kinds applies to method 'sparse' only, not {self.method!r}")
         if self.optimizer not in OPTIMIZERS:

@@ -281,7 +281,8 @@ class ThresholdedDelta(DeltaMethod):
         )
         self.register_buffer("tau", torch.tensor(0.0 if options.density is not None else 1.0).to(self.scales))
         self._selecting = True  # straight-through gradients while the support is being chosen
-        self._dense = [info.kind in options.dense_kinds for info in infos]
+        # kind "other" (model scalars outside the weight tensors, train_scalars) always changes densely
+        self._dense = [info.kind in options.dense_kinds or info.kind == "other" for info in infos]
         self._scored = options.selection != "magnitude"
         if self._scored:  # movement scores or squared-gradient means, one per entry (checkpointed)
             for k, name in enumerate(self.names):
