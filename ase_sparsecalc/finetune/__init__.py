@@ -215,9 +215,9 @@ def _finetune_in_session(
     check_elements_in_training(train_frames, valid_frames)
     if not valid_frames and (valid is not None or config.valid_fraction > 0):
         logger.warning(
-            "no validation frames (every frame's composition is needed in training): the best "
-            "epoch and early stopping are chosen on the training loss; pass validation frames "
-            "(valid=..., --valid) to check against held-out data"
+            "no validation frames (too few frames to hold any out, or every frame's composition is "
+            "needed in training): the best epoch and early stopping are chosen on the training "
+            "loss; pass validation frames (valid=..., --valid) to check against held-out data"
         )
     elif 0 < len(valid_frames) < FEW_VALID_FRAMES:
         logger.warning(
