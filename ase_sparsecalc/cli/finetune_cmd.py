@@ -91,12 +91,6 @@ def add_parser(subparsers) -> None:
     )
     g.add_argument("--rank", type=int, default=defaults.rank, help="rank per path block (elora)")
     g.add_argument("--train-readouts", action="store_true", help="let the delta change readout weights")
-    g.add_argument(
-        "--train-scalars",
-        action="store_true",
-        help="sparse: also change, densely, the few parameters outside the weight tensors (SevenNet: "
-        "radial-basis frequencies, neighbour-count normalisations, per-element energy scales)",
-    )
     t = p.add_argument_group("training")
     for name in ("epochs", "batch_size", "seed"):
         t.add_argument(
@@ -180,7 +174,6 @@ def run(args: argparse.Namespace) -> int:
         valid_fraction=args.valid_fraction,
         patience=args.patience,
         train_readouts=args.train_readouts,
-        train_scalars=args.train_scalars,
         rank=args.rank,
         seed=args.seed,
         dtype=args.dtype,
