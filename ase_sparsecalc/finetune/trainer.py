@@ -120,7 +120,7 @@ class Trainer:
         self.optimizer = make_optimizer(
             config.optimizer, method.parameter_groups(config.lr, config.weight_decay)
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.restart_schedule()
         self._best_method_state: dict | None = None
 
     # ------------------------------------------------------------------ schedule
@@ -138,7 +138,8 @@ class Trainer:
         """Start the learning-rate schedule afresh for the current number of epochs.
 
         The schedule's first value depends on the run's length (the warm-up spans 2 % of its
-        steps): call this after changing ``state.planned_epochs`` before the first step.
+        steps): called on construction, and again after ``state.planned_epochs`` changes
+        before the first step.
         """
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
