@@ -165,6 +165,7 @@ ABLATION = {
         "train_scalars": True,
     },
     "batch 1, lr rewind, lr x2": {"batch_size": 1, "masked_decay": 0.1, "lr_rewind": True, "lr_scale": 2.0},
+    "batch 1, lr rewind, lr x0.5": {"batch_size": 1, "masked_decay": 0.1, "lr_rewind": True, "lr_scale": 0.5},
     "batch 1, dense embedding": {"batch_size": 1, "masked_decay": 0.1, "dense_kinds": ["embedding"]},
     "batch 1, dense embedding and readouts": {
         "batch_size": 1,

@@ -11,7 +11,13 @@ import torch
 
 from ase_sparsecalc import SparseCalc, load_backend
 from ase_sparsecalc.backends import foundation_models
-from ase_sparsecalc.errors import BaseModelError, ChecksumError, ModelNotFoundError, UnsafeCheckpointError
+from ase_sparsecalc.errors import (
+    BaseModelError,
+    ChecksumError,
+    ConfigError,
+    ModelNotFoundError,
+    UnsafeCheckpointError,
+)
 from ase_sparsecalc.testing import save_mace_model
 
 
@@ -155,6 +161,12 @@ def test_finetune_fits_through_the_head_it_is_given(tmp_path, capsys):
     assert np.abs(energies["pbe"] - energies["omol"]).max() < 0.02
     with pytest.raises(ConfigError, match="loaded backend uses 'pbe'"):
         finetune(load_backend(path, head="pbe"), frames, head="omol", method="shift")
+
+
+def test_head_of_a_loaded_sevennet_backend_is_refused(base_for):
+    backend = load_backend(base_for("sevennet"))
+    with pytest.raises(ConfigError, match="multi-head MACE models only"):
+        load_backend(backend, head="pbe")
 
 
 def test_named_model_checksum_is_enforced(tmp_path, monkeypatch, mace_model_path):

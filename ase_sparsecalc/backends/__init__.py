@@ -89,10 +89,13 @@ def load_backend(
     if backend is not None and backend not in BACKEND_NAMES:
         raise ConfigError(f"backend must be one of {', '.join(BACKEND_NAMES)}; got {backend!r}")
     if isinstance(base, Backend):
-        if head is not None and head != getattr(base, "head", None):
+        loaded_head = getattr(base, "head", None)
+        if head is not None and loaded_head is None:
+            raise ConfigError(f"{base.model_name}: head={head!r} applies to multi-head MACE models only")
+        if head is not None and head != loaded_head:
             raise ConfigError(
                 f"{base.model_name}: head={head!r} asked for, but the loaded backend uses "
-                f"{getattr(base, 'head', None)!r}; load the model with head={head!r} instead"
+                f"{loaded_head!r}; load the model with head={head!r} instead"
             )
         return base.copy(device_, dtype_)
     base = default_base() if base is None else base
