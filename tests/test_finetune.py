@@ -364,6 +364,31 @@ def test_sevennet_scalars_change_densely_and_the_saved_delta_carries_them(dft_fr
         FinetuneConfig(method="l1", train_scalars=True)
 
 
+def test_scalars_can_learn_at_a_fraction_of_the_delta_rate():
+    """``scalar_lr_factor``: the model scalars form an optimizer group of their own at that
+    fraction of the rate; the weight tensors (first group, read by masked decay) keep it."""
+    pytest.importorskip("sevenn")
+    base = load_backend("sevennet-0")
+    config = FinetuneConfig(density=0.01, train_scalars=True, scalar_lr_factor=0.1)
+    infos = trainable_infos(base, config)
+    params = dict(base.model.named_parameters())
+    method = METHODS["sparse"](
+        infos, {i.name: params[i.name] for i in infos}, MethodOptions(scalar_lr_factor=0.1)
+    )
+    weights, scalars = method.parameter_groups(1e-2, 0.0)
+    assert weights["lr"] == 1e-2 and scalars["lr"] == pytest.approx(1e-3)
+    kinds = {id(u): info.kind for u, info in zip(method.u, infos, strict=True)}
+    assert {kinds[id(p)] for p in scalars["params"]} == {"other"}
+    assert "other" not in {kinds[id(p)] for p in weights["params"]}
+    assert len(weights["params"]) + len(scalars["params"]) == len(infos)
+    one_group = METHODS["sparse"](infos, {i.name: params[i.name] for i in infos}, MethodOptions())
+    assert len(one_group.parameter_groups(1e-2, 0.0)) == 1
+    with pytest.raises(ValueError, match="scalar_lr_factor applies with train_scalars only"):
+        FinetuneConfig(density=0.01, scalar_lr_factor=0.1)
+    with pytest.raises(ValueError, match="scalar_lr_factor must be positive"):
+        FinetuneConfig(density=0.01, train_scalars=True, scalar_lr_factor=0.0)
+
+
 @pytest.mark.parametrize(
     ("hard", "learn"), [(False, None), (True, None), (True, True)], ids=["soft", "hard", "hard-learned"]
 )

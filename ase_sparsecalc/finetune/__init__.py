@@ -441,6 +441,7 @@ def _make_method(backend: Backend, infos: list[WeightInfo], config: FinetuneConf
         dense_kinds=config.dense_kinds,
         selection=config.selection,
         seed=config.seed,
+        scalar_lr_factor=config.scalar_lr_factor,
     )
     params = dict(backend.model.named_parameters())
     method = METHODS[config.method](infos, {i.name: params[i.name] for i in infos}, options)

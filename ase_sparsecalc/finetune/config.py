@@ -68,6 +68,8 @@ class FinetuneConfig:
         energy scales and shifts (MACE models have none). Off by default: at the sparse
         learning rate these few scalars, each controlling a whole layer, moved by 40-75 % on
         MgO and the test force error rose from 17.7 to 115 meV/Å (docs/benchmarks.md).
+    scalar_lr_factor : float
+        With ``train_scalars``: the scalars' learning rate as a fraction of ``lr``.
     rank : int
         Rank per path block for ``elora``.
     warmup_fraction, prune_end_fraction : float
@@ -145,6 +147,7 @@ class FinetuneConfig:
     patience: int | None = None
     train_readouts: bool = False
     train_scalars: bool = False
+    scalar_lr_factor: float = 1.0
     rank: int = 4
     warmup_fraction: float = 0.05
     prune_end_fraction: float = 0.6
@@ -196,6 +199,10 @@ class FinetuneConfig:
             raise ConfigError("exclude_kinds does not apply to method 'full', which trains every parameter")
         if self.train_scalars and self.method != "sparse":
             raise ConfigError(f"train_scalars applies to method 'sparse' only, not {self.method!r}")
+        if self.scalar_lr_factor <= 0:
+            raise ConfigError(f"scalar_lr_factor must be positive, got {self.scalar_lr_factor}")
+        if self.scalar_lr_factor != 1.0 and not self.train_scalars:
+            raise ConfigError("scalar_lr_factor applies with train_scalars only")
         if self.dense_kinds and self.method != "sparse":
             raise ConfigError(f"dense_kinds applies to method 'sparse' only, not {self.method!r}")
         if self.optimizer not in OPTIMIZERS:

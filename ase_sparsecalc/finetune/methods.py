@@ -91,6 +91,9 @@ class MethodOptions:
         (:data:`SELECTIONS`).
     seed : int
         Seed of random initial values (``elora``'s factors).
+    scalar_lr_factor : float
+        Learning rate of the model scalars outside the weight tensors (kind ``"other"``, trained
+        with ``train_scalars``) as a fraction of the delta's learning rate.
     """
 
     density: float | None = 0.03
@@ -108,6 +111,7 @@ class MethodOptions:
     dense_kinds: tuple[str, ...] = ()
     selection: str = "magnitude"
     seed: int = 0
+    scalar_lr_factor: float = 1.0
 
     def __post_init__(self) -> None:
         """Resolve the automatic choices (None) of ``hard_threshold`` and ``learn_thresholds``."""
@@ -241,14 +245,23 @@ class DeltaMethod(torch.nn.Module):
         """Optimizer parameter groups; ``"blocks"`` are only read by :class:`~.optim.FactoredAdam`."""
         u = getattr(self, "u", None)
         if u is not None:  # one trainable tensor per chosen model tensor, same shape
-            return [
-                {
-                    "params": list(u),
-                    "lr": lr,
-                    "weight_decay": weight_decay,
-                    "blocks": [moment_blocks(info) for info in self.infos],
-                }
-            ]
+            # with scalar_lr_factor, model scalars get a group of their own after the weight
+            # tensors (after_step reads the first group's rate)
+            factor = self.options.scalar_lr_factor
+            split = [info.kind == "other" and factor != 1.0 for info in self.infos]
+            groups = []
+            for scalars, rate in ((False, lr), (True, lr * factor)):
+                chosen = [k for k in range(len(self.infos)) if split[k] == scalars]
+                if chosen:
+                    groups.append(
+                        {
+                            "params": [u[k] for k in chosen],
+                            "lr": rate,
+                            "weight_decay": weight_decay,
+                            "blocks": [moment_blocks(self.infos[k]) for k in chosen],
+                        }
+                    )
+            return groups
         return [
             {
                 "params": [p for p in self.parameters() if p.requires_grad],
