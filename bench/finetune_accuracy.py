@@ -195,6 +195,7 @@ ABLATION = {
     "full, batch 1, lr x0.5": {"method": "full", "batch_size": 1, "lr_scale": 0.5},
     "full, batch 1, lr x2": {"method": "full", "batch_size": 1, "lr_scale": 2.0},
     "full, batch 1, lr rewind": {"method": "full", "batch_size": 1, "lr_rewind": True},
+    "full, batch 1, best from 0.8": {"method": "full", "batch_size": 1, "best_from": 0.8},
     "gmp (magnitude pruning)": {"method": "gmp"},
     "l1 + one-shot pruning": {"method": "l1", "penalty": 1e-3},
 }

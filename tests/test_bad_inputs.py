@@ -601,6 +601,7 @@ def test_checkpoint_error_still_importable_from_trainer():
         ({"method": "magic"}, "method must be one of"),
         ({"optimizer": "sgd"}, "optimizer must be one of adamw, factored_adam"),
         ({"masked_decay": -0.5}, "masked_decay must be >= 0"),
+        ({"best_from": 1.5}, r"best_from must be in \[0, 1\]"),
         ({"method": "full", "exclude_kinds": ("radial",)}, "exclude_kinds does not apply to method 'full'"),
         ({"method": "gmp", "dense_kinds": ("embedding",)}, "dense_kinds applies to method 'sparse' only"),
     ],

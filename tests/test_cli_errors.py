@@ -201,6 +201,19 @@ CASES = {
         ],
         ["lr_rewind", "shift"],
     ),
+    "finetune_best_from_out_of_range": (
+        [
+            "finetune",
+            "{good_extxyz}",
+            "-o",
+            "{dir}/out7.safetensors",
+            "--base",
+            "{model}",
+            "--best-from",
+            "2",
+        ],
+        ["best_from", "[0, 1]"],
+    ),
     "md_missing_structure": (["md", "{dir}/absent.cif", "--base", "{model}"], ["absent.cif", "no such file"]),
     "md_npt_without_cell": (
         ["md", "{molecule_xyz}", "--base", "{model}", "--ensemble", "npt", "--steps", "2", "--no-progress"],

@@ -604,10 +604,20 @@ def test_only_later_epochs_compete_for_the_best(mace_model_path, frames):
     full = METHODS["full"](infos, {i.name: params[i.name] for i in infos}, MethodOptions())
     trainer = Trainer(backend, full, batches, [], full_config)
     assert [trainer._eligible_for_best(e) for e in range(1, 7)] == [False, False, True, True, True, True]
-    sparse_config = FinetuneConfig(density=0.05, **FAST)  # density reached at 0.6 of the epochs
+    # density reached at 0.6 of the epochs; one learning-rate cycle
+    one_cycle = FinetuneConfig(density=0.05, lr_rewind=False, **FAST)
     sparse = _sparse_method(backend, MethodOptions(density=0.05))
-    trainer = Trainer(backend, sparse, batches, [], sparse_config)
+    trainer = Trainer(backend, sparse, batches, [], one_cycle)
     assert [trainer._eligible_for_best(e) for e in range(1, 7)] == [False, False, False, True, True, True]
+    # the default rewinds the learning rate at 0.6: only the second half of that cycle competes
+    rewound = FinetuneConfig(density=0.05, **FAST)
+    assert rewound.lr_rewind
+    trainer = Trainer(backend, sparse, batches, [], rewound)
+    assert [trainer._eligible_for_best(e) for e in range(1, 7)] == [False, False, False, False, True, True]
+    # best_from overrides the rule: 1.0 keeps the last epoch
+    last = FinetuneConfig(density=0.05, best_from=1.0, **FAST)
+    trainer = Trainer(backend, sparse, batches, [], last)
+    assert [trainer._eligible_for_best(e) for e in range(1, 7)] == [False] * 5 + [True]
 
 
 def _ethanol_with_tagged_atoms(path: Path, tag: str = "IsolatedAtom") -> Path:

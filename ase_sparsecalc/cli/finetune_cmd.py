@@ -125,6 +125,12 @@ def add_parser(subparsers) -> None:
     t.add_argument("--huber", type=float, dest="huber_delta", help="Huber loss with this transition")
     t.add_argument("--patience", type=int, help="early stopping patience in epochs")
     t.add_argument(
+        "--best-from",
+        type=float,
+        help="fraction of the epochs from which epochs compete for the best one, restored at the "
+        "end (1 keeps the last epoch; default: the second half of the last learning-rate cycle)",
+    )
+    t.add_argument(
         "--max-time",
         type=float,
         help="wall-clock limit in seconds: stops the run part-way (--resume continues it)",
@@ -173,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
         huber_delta=args.huber_delta,
         valid_fraction=args.valid_fraction,
         patience=args.patience,
+        best_from=args.best_from,
         train_readouts=args.train_readouts,
         rank=args.rank,
         seed=args.seed,

@@ -59,6 +59,11 @@ class FinetuneConfig:
     patience : int or None
         Early stopping: epochs without validation improvement (after the density target is
         reached) before stopping. None: never stop early.
+    best_from : float or None
+        Fraction of the epochs from which epochs compete for the best one (the epoch restored
+        at the end; patience counts from there): 1.0 keeps the last epoch. None: the second half
+        of the last learning-rate cycle (with ``lr_rewind``, of the cycle after pruning), and
+        for sparse methods not before the density target is reached.
     train_readouts : bool
         Let the delta touch readout weights too (``full`` trains every parameter regardless).
     train_scalars : bool
@@ -145,6 +150,7 @@ class FinetuneConfig:
     huber_delta: float | None = None
     valid_fraction: float = 0.1
     patience: int | None = None
+    best_from: float | None = None
     train_readouts: bool = False
     train_scalars: bool = False
     scalar_lr_factor: float = 1.0
@@ -229,6 +235,8 @@ class FinetuneConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value}")
+        if self.best_from is not None and not 0.0 <= self.best_from <= 1.0:
+            raise ConfigError(f"best_from must be in [0, 1], got {self.best_from}")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ConfigError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
         weights = ("energy_weight", "forces_weight", "stress_weight")

@@ -162,17 +162,24 @@ class Trainer:
     def _eligible_for_best(self, epoch: int) -> bool:
         """Whether ``epoch`` (1-based) competes for the best epoch (early stopping, the restore).
 
-        Only epochs of the second half of the run compete, and for sparse methods only those
-        after the density target is reached. Early on the learning rate is high and the model
-        moves fast: a low validation loss there on a small validation set is more often luck
-        than a better model (restoring such an epoch once gave a model far worse than the
-        zero-shot base on copper, from 3 validation frames).
+        Only epochs of the second half of the last learning-rate cycle compete, and for
+        sparse methods only those after the density target is reached. Early in a cycle the
+        learning rate is high and the model moves fast: a low validation loss there on a small
+        validation set is more often luck than a better model (restoring such an epoch once
+        gave a model far worse than the zero-shot base on copper, from 3 validation frames).
+        With ``lr_rewind`` the last cycle is the one that retrains the kept entries after
+        pruning, from ``prune_end_fraction`` to the end. ``config.best_from`` overrides it.
         """
+        if self.config.best_from is not None:
+            return epoch / self.epochs >= self.config.best_from
         start = BEST_EPOCH_FROM
         if self.method.name in ("sparse", "gmp") and self.config.density is not None:
             start = max(start, self.config.prune_end_fraction)
         if self.method.name == "l1":
             start = max(start, self.method.prune_at)
+        if self.config.lr_rewind:
+            cycle_start = self.config.prune_end_fraction
+            start = max(start, cycle_start + BEST_EPOCH_FROM * (1.0 - cycle_start))
         return epoch / self.epochs >= start
 
     # ------------------------------------------------------------------ loop
