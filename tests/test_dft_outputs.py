@@ -13,6 +13,7 @@ from ase_sparsecalc.cli import main
 from ase_sparsecalc.finetune import finetune_with_report, read_frames
 
 GPAW_LOG = Path(__file__).parent / "data" / "gpaw_si_md.txt"
+GPAW_AL_SMEARED = Path(__file__).parent / "data" / "gpaw_al_md_smeared.txt"  # 0.1 eV smearing
 MGO_LOW_CUTOFF = Path(__file__).parent / "data" / "gpaw_mgo_350eV.txt"  # scripts/make_pulay_example.py
 MGO_CONVERGED = Path(__file__).parent / "data" / "gpaw_mgo_700eV.txt"
 MGO_LDA = Path(__file__).parents[1] / "examples" / "data" / "mgo_lda.extxyz"
@@ -40,6 +41,20 @@ def test_gpaw_text_output_gives_every_step_with_labels():
         assert frame.stress.shape == (3, 3) and np.allclose(frame.stress, frame.stress.T)
     energies = [f.energy for f in frames]
     assert len(set(np.round(energies, 8))) == len(energies)  # MD steps, not copies
+
+
+def test_gpaw_text_output_of_a_smeared_metal_gives_the_free_energy():
+    """GPAW PBE MD of 4 Al atoms, 0.1 eV Fermi-Dirac smearing: the label is the ``Free energy:``
+    line (whose derivatives the forces are), not the zero-width extrapolation ASE's reader
+    reports as ``energy``."""
+    text = GPAW_AL_SMEARED.read_text().splitlines()
+    free = [float(line.split()[-1]) for line in text if line.startswith("Free energy:")]
+    extrapolated = [float(line.split()[-1]) for line in text if line.startswith("Extrapolated:")]
+    frames = read_frames(str(GPAW_AL_SMEARED))
+    assert len(frames) == len(free) == 5
+    assert all(f.energy_label == "free_energy" for f in frames)
+    assert [f.energy for f in frames] == pytest.approx(free, abs=1e-9)
+    assert np.min(np.abs(np.subtract(free, extrapolated))) > 0.1  # the two really differ here
 
 
 def test_finetune_reads_gpaw_output_directly(mace_model_path, tmp_path):
