@@ -286,11 +286,20 @@ class SparseCalc(Calculator):
         untrained = present - set(trained) - self._warned_untrained
         if untrained:
             self._warned_untrained |= untrained
+            shifted = sorted(untrained & set(self.delta.metadata.energy_shifts))
+            shift_note = (
+                f"; the energy shifts of {', '.join(shifted)} come from isolated-atom energies only"
+                if shifted
+                else ""
+            )
+            unshifted = sorted(untrained - set(shifted))
+            if unshifted:
+                shift_note += f"; {', '.join(unshifted)} have no energy shift"
             warnings.warn(
                 f"{where}: element(s) {', '.join(sorted(untrained))} are not in the training data of "
                 f"the delta {_describe_delta(self.delta)} ({', '.join(trained)}); the delta changes "
                 "their energies and forces too (the model shares weights between elements), "
-                "untested against DFT and with no energy shift",
+                f"untested against DFT{shift_note}",
                 UntrainedElementWarning,
                 stacklevel=2,
             )

@@ -877,6 +877,15 @@ def test_isolated_atom_file_reads_like_the_training_data(tmp_path):
     write(tmp_path / "e0s.xyz", atoms, format="extxyz")
     with pytest.raises(DataFileError, match=r"e0s\.xyz:frame 2: isolated H atom at -12\.000000 eV"):
         read_isolated_atom_energies(tmp_path / "e0s.xyz", energy_key="REF_energy")
+    plain = [Atoms(a.get_chemical_symbols(), positions=[[0, 0, 0]]) for a in atoms[:2]]
+    for single, energy in zip(plain, (-13.5, -431.0), strict=True):
+        single.calc = SinglePointCalculator(single, energy=energy)
+    write(tmp_path / "plain.xyz", plain, format="extxyz")
+    # the training data's key is tried first; a file written with the code's own labels falls back
+    assert read_isolated_atom_energies(tmp_path / "plain.xyz", energy_key="REF_energy") == {"H": -13.5, "O": -431.0}
+    write(tmp_path / "unlabelled.xyz", [Atoms("H", positions=[[0, 0, 0]])], format="extxyz")
+    with pytest.raises(MissingLabelError, match=r"unlabelled\.xyz:frame 0: no energy \(looked for REF_energy\)"):
+        read_isolated_atom_energies(tmp_path / "unlabelled.xyz", energy_key="REF_energy")
     assert read_isolated_atom_energies({1: -13.6, "O": -432.0}) == {"H": -13.6, "O": -432.0}
     assert read_isolated_atom_energies({"1": -13.6, "8": -432.0}) == {"H": -13.6, "O": -432.0}  # JSON keys
     with pytest.raises(ConfigError, match="'h' is not an element symbol"):

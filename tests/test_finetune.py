@@ -18,6 +18,7 @@ from ase_sparsecalc.finetune import (
     trainable_infos,
 )
 from ase_sparsecalc.finetune.batches import make_batches, predict
+from ase_sparsecalc.finetune.data import read_isolated_atom_energies
 from ase_sparsecalc.finetune.methods import METHODS, MethodOptions
 from ase_sparsecalc.finetune.trainer import Trainer
 from ase_sparsecalc.testing import random_rotation
@@ -203,6 +204,32 @@ def test_isolated_atoms_give_physical_shifts(mace_model_path, dft_frames):
     counts = {"C": 2, "H": 6, "O": 1}
     ratios = [(delta.energy_shifts[s] - prior[s]) / counts[s] for s in counts]
     assert ratios == pytest.approx([ratios[0]] * 3, rel=1e-6)
+
+
+def test_an_element_given_only_as_an_isolated_atom_gets_its_isolated_atom_shift(mace_model_path, dft_frames):
+    """Ethanol frames plus an isolated Si energy: no frame fits Si's shift, so the calibrated model
+    puts the isolated Si atom at its DFT energy (the DFT code's zero), and says where it came from."""
+    import warnings
+
+    from ase import Atoms
+
+    from ase_sparsecalc.errors import UntrainedElementWarning
+
+    isolated = read_isolated_atom_energies(str(DATA / "ethanol_isolated_atoms.xyz"))
+    isolated["Si"] = -7890.12  # an all-electron-like zero, far from the model's
+    result = finetune_with_report(
+        mace_model_path, dft_frames[:12], dft_frames[12:], method="shift", dtype="float64", isolated_atoms=isolated
+    )
+    assert set(result.delta.energy_shifts) == {"H", "C", "O", "Si"}  # N: unknown to this base, skipped
+    assert set(result.report["data"]["isolated_atom_energies_eV"]) == {"H", "C", "O", "Si"}
+    calc = SparseCalc(mace_model_path, result.delta, default_dtype="float64")
+    silicon = Atoms("Si", positions=[[0.0, 0.0, 0.0]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        energy = calc.batch_evaluate([silicon])[0]["energy"]
+    assert energy == pytest.approx(-7890.12, abs=1e-6)
+    untrained = [str(w.message) for w in caught if issubclass(w.category, UntrainedElementWarning)]
+    assert len(untrained) == 1 and "shifts of Si come from isolated-atom energies only" in untrained[0]
 
 
 @pytest.mark.parametrize("zero", [-5.0, -300.0, -8000.0], ids=["vasp", "plane_wave_pp", "all_electron"])

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ase import Atoms
-from ase.data import ground_state_magnetic_moments
+from ase.data import atomic_numbers, ground_state_magnetic_moments
 
 from ..backends import Backend, WeightInfo, load_backend
 from ..backends.base import PathSegment
@@ -238,11 +238,9 @@ def _finetune_in_session(
     valid_batches = make_batches(valid_frames, backend, config.batch_size) if valid_frames else []
     base_train = predict(backend, train_batches)
     base_valid = predict(backend, valid_batches)
-    prior = None
-    if isolated:
-        present = {s for f in train_frames for s in f.atoms.get_chemical_symbols()}
-        prior = _isolated_atom_prior(backend, isolated, present)
+    prior = _isolated_atom_prior(backend, isolated) if isolated else None
     shifts = fit_energy_shifts(train_frames, _energies(base_train, len(train_frames)), prior)
+    shifts.update(_shifts_of_untrained_elements(prior, shifts))
     backend.add_energy_shifts(shifts)
     slopes, data_warnings = {}, []
     if process.is_main:
@@ -491,16 +489,18 @@ def _isolated_atom_energies(
     return {**tagged, **explicit}
 
 
-def _isolated_atom_prior(
-    backend: Backend, isolated: dict[str, float], elements: set[str]
-) -> dict[str, float]:
-    """Isolated-atom DFT energy (eV) minus the model's isolated-atom energy, per element present.
+def _isolated_atom_prior(backend: Backend, isolated: dict[str, float]) -> dict[str, float]:
+    """Isolated-atom DFT energy (eV) minus the model's isolated-atom energy, per element given
+    that the base model knows.
 
     A model with a spin input evaluates each atom in its ground-state spin multiplicity
     (Hund's rule, :data:`ase.data.ground_state_magnetic_moments` + 1: a doublet H, a triplet O),
     the state isolated-atom DFT energies are computed in.
     """
-    dft = {s: e for s, e in isolated.items() if s in elements}
+    known = {int(z) for z in backend.atomic_numbers}
+    dft = {s: e for s, e in isolated.items() if atomic_numbers[s] in known}
+    if not dft:
+        return {}
     atoms = [Atoms(symbol) for symbol in dft]
     for a in atoms:
         a.center(vacuum=10.0)
@@ -509,6 +509,23 @@ def _isolated_atom_prior(
     graph = build_graph(atoms, backend.cutoff, backend.device, backend.dtype)
     model = backend.evaluate(graph, compute_forces=False).energy.detach().double().cpu().numpy()
     return {symbol: dft[symbol] - float(e) for symbol, e in zip(dft, model, strict=True)}
+
+
+def _shifts_of_untrained_elements(prior: dict[str, float] | None, fitted: dict[str, float]) -> dict[str, float]:
+    """Shifts (eV/atom) of elements with an isolated-atom energy but in no training frame.
+
+    Nothing in the data fits them, so they are the isolated-atom differences themselves: the
+    calibrated model then puts such an element's isolated atom at its DFT energy, on the DFT
+    code's zero of energy, instead of the base model's (all-electron codes: thousands of eV
+    away). Its interactions are the base model's, changed by the delta but checked by no DFT.
+    """
+    extra = {s: v for s, v in (prior or {}).items() if s not in fitted}
+    if extra:
+        logger.info(
+            "energy shifts of %s from their isolated-atom energies only (no training frame holds them)",
+            ", ".join(extra),
+        )
+    return extra
 
 
 def _refit_shifts(backend: Backend, delta: SparseDelta, frames: list[Frame], batches) -> None:
@@ -540,8 +557,8 @@ def _metadata(
     summary = dataset_summary(train_frames, files)
     summary["valid_frames"] = len(valid_frames)
     if isolated:
-        used = {s: isolated[s] for s in summary["elements"] if s in isolated}  # by atomic number
-        summary["isolated_atom_energies_eV"] = used
+        used = sorted((s for s in isolated if s in shifts), key=atomic_numbers.__getitem__)
+        summary["isolated_atom_energies_eV"] = {s: isolated[s] for s in used}
     hyperparameters = config.to_dict()
     if trainable:
         hyperparameters[TRAINABLE_KEY] = sorted(i.name for i in trainable)

@@ -737,7 +737,9 @@ def read_isolated_atom_energies(source: str | Path | dict, energy_key: str | Non
     """Isolated-atom DFT energies (eV) by element symbol.
 
     ``source`` is a dict (keys: symbols such as ``"Si"`` or atomic numbers) or a file of
-    single-atom frames, whose energies are read as the training frames' are (``energy_key``).
+    single-atom frames, whose energies are read as the training frames' are (``energy_key``);
+    a file without that key gives its calculator's free energy or energy instead (isolated-atom
+    files are often written apart from the training data, with the code's own labels).
 
     Raises
     ------
@@ -759,8 +761,17 @@ def read_isolated_atom_energies(source: str | Path | dict, energy_key: str | Non
                 )
             out[chemical_symbols[number]] = float(value)
         return out
+    try:
+        frames = read_frames(source, energy_key=energy_key, require_forces=False)
+    except MissingLabelError as exc:
+        if energy_key is None:
+            raise
+        try:
+            frames = read_frames(source, require_forces=False)
+        except MissingLabelError:
+            raise MissingLabelError(f"{exc} (the isolated-atom file has no free_energy/energy either)") from exc
     first: dict[str, Frame] = {}
-    for frame in read_frames(source, energy_key=energy_key, require_forces=False):
+    for frame in frames:
         if frame.n_atoms != 1:
             raise DataFileError(f"{frame.source}: isolated-atom file holds a {frame.n_atoms}-atom frame")
         _add_isolated_atom(first, frame)
