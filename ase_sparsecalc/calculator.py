@@ -15,7 +15,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from .backends import Backend, load_backend
 from .backends.accelerate import check_compile_mode
 from .delta import SparseDelta
-from .errors import ConfigError, StressUndefinedError, UntrainedElementWarning
+from .errors import ConfigError, ModelNotFoundError, StressUndefinedError, UntrainedElementWarning
 from .graph import build_graph, charge_and_spin, has_cell_volume
 
 logger = logging.getLogger(__name__)
@@ -117,13 +117,25 @@ class SparseCalc(Calculator):
             )
         check_compile_mode(compile_mode)  # before the (slow) loading of the base
         delta_obj = _as_delta(delta)
-        if base is None and delta_obj is not None and delta_obj.metadata.base_model:
+        base_from_delta = base is None and delta_obj is not None and bool(delta_obj.metadata.base_model)
+        if base_from_delta:
             base = delta_obj.metadata.base_model
         if head is None and delta_obj is not None:  # a delta fitted through one head of a model
             head = delta_obj.metadata.head
-        self.backend: Backend = load_backend(
-            base, device=device, dtype=default_dtype, backend=backend, head=head
-        )
+        try:
+            self.backend: Backend = load_backend(
+                base, device=device, dtype=default_dtype, backend=backend, head=head
+            )
+        except ModelNotFoundError as exc:
+            if not base_from_delta:
+                raise
+            fingerprint = delta_obj.metadata.base_fingerprint
+            raise ModelNotFoundError(
+                f"delta {_describe_delta(delta_obj)}: made for the base model {base!r}"
+                + (f" (fingerprint {fingerprint[:12]})" if fingerprint else "")
+                + f", which cannot be loaded here ({exc}); pass that model's file or name as "
+                "base=... (--base on the command line)"
+            ) from exc
         self.delta: SparseDelta | None = None
         # what ASE records with results (calc.todict(): trajectories, databases)
         self.parameters.update(

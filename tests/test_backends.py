@@ -76,6 +76,30 @@ def test_missing_file_and_unknown_name(tmp_path):
         load_backend("mace-mp-7-gigantic")
 
 
+def test_a_delta_names_its_model_file_by_absolute_path(mace_model_path, tmp_path, monkeypatch):
+    """A delta made with a relative model path still finds its base from any folder, and when the
+    file is gone the error names the delta and says how to give the base."""
+    import shutil
+
+    from ase_sparsecalc import SparseCalc
+    from ase_sparsecalc.testing import random_sparse_delta
+
+    made_in = tmp_path / "made_in"
+    made_in.mkdir()
+    shutil.copy(mace_model_path, made_in / "small.model")
+    monkeypatch.chdir(made_in)
+    delta = random_sparse_delta(load_backend("small.model"))
+    assert delta.metadata.base_model == str((made_in / "small.model").resolve())
+    delta.save(made_in / "d.safetensors")
+    monkeypatch.chdir(tmp_path)
+    assert SparseCalc(delta=made_in / "d.safetensors").backend.fingerprint == delta.metadata.base_fingerprint
+    (made_in / "small.model").rename(tmp_path / "moved.model")
+    message = r"delta .*d\.safetensors: made for the base model '.*small\.model' \(fingerprint \w{12}\).*base="
+    with pytest.raises(ModelNotFoundError, match=message):
+        SparseCalc(delta=made_in / "d.safetensors")
+    assert SparseCalc("moved.model", made_in / "d.safetensors").delta is not None
+
+
 def test_named_mace_model_offline_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     named = foundation_models.lookup("mace-mp-0-medium")

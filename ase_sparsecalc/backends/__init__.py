@@ -117,7 +117,7 @@ def _resolve(base: str | Path, backend: str | None) -> tuple[Path, str, str, str
         found = sniff_backend(path)
         if backend == "sevennet" and found == "mace":  # not a safety problem: the wrong loader
             raise BaseModelError(f"{path}: backend='sevennet' asked for, but the file holds a MACE model")
-        return path, str(base), backend or found, None
+        return path, str(path.resolve()), backend or found, None  # absolute: deltas record it
     named = foundation_models.lookup(str(base))
     if named is not None:
         return foundation_models.fetch(named), named.name, named.backend, named.head
