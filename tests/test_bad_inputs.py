@@ -406,6 +406,26 @@ def test_empty_and_unreadable_trajectories(tmp_path):
         read_frames(garbage)
 
 
+def test_a_file_whose_name_misleads_ase_is_read_with_the_format_given(tmp_path, capsys):
+    """extxyz frames saved as ``.data`` (ASE guesses RuNNer) and ``.txt`` (no guess): the errors
+    say how ASE read the file and point to --format, which then reads them."""
+    from ase_sparsecalc.cli import main
+
+    frames = water_frames(3)
+    for name in ("frames.data", "frames.txt"):
+        write(tmp_path / name, frames, format="extxyz")
+    with pytest.raises(EmptyDatasetError, match=r"frames\.data: no frames .*'runnerdata', ASE's guess.*--format"):
+        read_frames(tmp_path / "frames.data")
+    with pytest.raises(DataFileError, match=r"frames\.txt: ASE cannot read .*cannot tell its format.*--format"):
+        read_frames(tmp_path / "frames.txt")
+    for name in ("frames.data", "frames.txt"):
+        read = read_frames(f"{tmp_path / name}@1:", file_format="extxyz")
+        assert [f.energy for f in read] == [a.get_potential_energy() for a in frames[1:]]
+        assert read[0].source.endswith(f"{name}:frame 1")
+    assert main(["eval", str(tmp_path / "frames.txt"), "--format", "extxyz", "--json"]) == 0
+    assert '"energy_mae"' in capsys.readouterr().out
+
+
 def test_file_names_with_at_signs_and_indices_that_are_not_indices(tmp_path):
     from ase_sparsecalc.structure_io import read_structure
 

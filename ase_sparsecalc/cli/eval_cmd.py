@@ -22,6 +22,12 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--batch-size", type=positive_int, default=16, help="structures per model call (default: 16)"
     )
+    p.add_argument(
+        "--format",
+        dest="file_format",
+        help="ASE format of the data files (extxyz, vasp-out, vasp-xml, espresso-out, gpaw-out, ...); "
+        "default: ASE guesses from each file's name and content",
+    )
     p.add_argument("--energy-key", help="info key (or calculator result) holding energies")
     p.add_argument("--forces-key", help="arrays key (or calculator result) holding forces")
     p.add_argument("--stress-key", help="info key (or calculator result) holding stresses")
@@ -47,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         forces_key=args.forces_key,
         stress_key=args.stress_key,
         virial_key=args.virial_key,
+        file_format=args.file_format,
         require_forces=False,
     )
     isolated = [f for f in frames if f.is_isolated_atom]

@@ -35,6 +35,12 @@ def add_parser(subparsers) -> None:
         help="file of isolated-atom DFT energies (single-atom frames); single-atom frames tagged "
         "config_type=IsolatedAtom in the training data are used the same way",
     )
+    p.add_argument(
+        "--format",
+        dest="file_format",
+        help="ASE format of the data files (extxyz, vasp-out, vasp-xml, espresso-out, gpaw-out, ...); "
+        "default: ASE guesses from each file's name and content",
+    )
     p.add_argument("--energy-key", help="info key (or calculator result) holding energies")
     p.add_argument("--forces-key", help="arrays key (or calculator result) holding forces")
     p.add_argument("--stress-key", help="info key (or calculator result) holding stresses")
@@ -208,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
         forces_key=args.forces_key,
         stress_key=args.stress_key,
         virial_key=args.virial_key,
+        file_format=args.file_format,
         drop_duplicates=args.drop_duplicates or False,
         allow_missing_forces=args.allow_missing_forces,
     )

@@ -93,7 +93,8 @@ def finetune(
         :class:`FinetuneConfig` fields (``method``, ``density``, ``epochs``, ``lr``, ...) and
         ``output`` (delta path), ``report_dir``, ``checkpoint_dir``, ``resume``, ``progress``,
         ``head`` (output head of a multi-head MACE model to fit through), ``isolated_atoms``,
-        ``energy_key``, ``forces_key``, ``stress_key``, ``virial_key``, ``drop_duplicates``,
+        ``energy_key``, ``forces_key``, ``stress_key``, ``virial_key``, ``file_format`` (ASE
+        format of the train and valid files; None: guessed), ``drop_duplicates``,
         ``allow_missing_forces``.
 
     Returns
@@ -120,6 +121,7 @@ def finetune_with_report(
     forces_key: str | None = None,
     stress_key: str | None = None,
     virial_key: str | None = None,
+    file_format: str | None = None,
     drop_duplicates: bool | str = False,
     allow_missing_forces: bool = False,
     config: FinetuneConfig | None = None,
@@ -153,6 +155,7 @@ def finetune_with_report(
             forces_key=forces_key,
             stress_key=stress_key,
             virial_key=virial_key,
+            file_format=file_format,
             drop_duplicates=drop_duplicates,
             allow_missing_forces=allow_missing_forces,
             config=config,
@@ -177,6 +180,7 @@ def _finetune_in_session(
     forces_key: str | None,
     stress_key: str | None,
     virial_key: str | None,
+    file_format: str | None,
     drop_duplicates: bool | str,
     allow_missing_forces: bool,
     config: FinetuneConfig,
@@ -191,6 +195,7 @@ def _finetune_in_session(
         "forces_key": forces_key,
         "stress_key": stress_key,
         "virial_key": virial_key,
+        "file_format": file_format,
         "require_forces": not allow_missing_forces,
     }
     backend = load_backend(base, device=process.device, dtype=config.dtype, head=head)

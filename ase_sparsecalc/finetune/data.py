@@ -112,6 +112,7 @@ def read_frames(
     stress_key: str | None = None,
     require_forces: bool = True,
     virial_key: str | None = None,
+    file_format: str | None = None,
 ) -> list[Frame]:
     """Read labelled frames from files (any ASE format) or from ``Atoms`` objects.
 
@@ -129,6 +130,10 @@ def read_frames(
     virial_key : str, optional
         Read the stress from a virial under this key instead (eV; 3x3, 9 or Voigt 6 values), as
         MACE's ``virials_key`` does: stress = -virial / volume (eV/Å³).
+    file_format : str, optional
+        ASE format name for every file (``"extxyz"``, ``"vasp-out"``, ``"espresso-out"``,
+        ``"gpaw-out"``, ...), as ``ase.io.read``'s ``format``; None lets ASE guess from each
+        file's name and content.
 
     Raises
     ------
@@ -139,7 +144,7 @@ def read_frames(
         sources = [sources]
     frames: list[Frame] = []
     for position, spec in enumerate(sources):
-        for atoms, where in _read_structures(spec, index, position):
+        for atoms, where in _read_structures(spec, index, position, file_format):
             frames.append(
                 frame_from_atoms(atoms, where, energy_key, forces_key, stress_key, require_forces, virial_key)
             )
@@ -155,7 +160,7 @@ def read_frames(
 
 
 def _read_structures(
-    spec: str | Path | Atoms, index: str | int, position: int = 0
+    spec: str | Path | Atoms, index: str | int, position: int = 0, file_format: str | None = None
 ) -> Iterable[tuple[Atoms, str]]:
     """The structures of one source with the name messages give them: ``file:frame k``, or for
     an ``Atoms`` object its ``info["source"]``, else ``structure N`` (its place in the list)."""
@@ -172,24 +177,41 @@ def _read_structures(
     try:
         if path.stat().st_size == 0:
             raise EmptyDatasetError(f"{path}: the file is empty (no frames)")
-        _check_index(path, idx)
-        images = ase.io.read(str(path), index=idx, do_not_split_by_at_sign=True)
+        _check_index(path, idx, file_format)
+        images = ase.io.read(str(path), index=idx, format=file_format, do_not_split_by_at_sign=True)
     except (EmptyDatasetError, DataFileError):
         raise
     except (IndexError, StopIteration) as exc:
         raise DataFileError(f"{path}: has no frame {idx!r}; check the index after '@'") from exc
     except Exception as exc:  # ASE's parsers raise anything from ValueError to KeyError
-        raise DataFileError(f"{path}: ASE cannot read this file ({type(exc).__name__}: {exc})") from exc
+        raise DataFileError(
+            f"{path}: ASE cannot read this file ({type(exc).__name__}: {exc}){_format_note(path, file_format)}"
+        ) from exc
     if isinstance(images, Atoms):
         images = [images]
     if len(images) == 0:
-        raise EmptyDatasetError(f"{path}: no frames (index {idx!r})")
-    numbers = _frame_numbers(path, idx, len(images))
+        raise EmptyDatasetError(f"{path}: no frames (index {idx!r}){_format_note(path, file_format)}")
+    numbers = _frame_numbers(path, idx, len(images), file_format)
     for k, atoms in zip(numbers, images, strict=True):
         yield atoms, f"{path}:frame {k}"
 
 
-def _check_index(path: Path, idx: str | int) -> None:
+def _format_note(path: Path, file_format: str | None) -> str:
+    """How the file was read, for messages: the format given, or the one ASE guessed."""
+    if file_format is not None:
+        return f"; read as format {file_format!r}"
+    from ase.io.formats import filetype, ioformats
+
+    try:
+        guessed = filetype(str(path))
+    except Exception:  # ASE raises its own errors for names and contents it cannot place
+        guessed = None
+    if guessed not in ioformats:  # None, or a file extension that names no format
+        return "; ASE cannot tell its format: give it with --format (file_format= in Python)"
+    return f"; read as format {guessed!r}, ASE's guess: give the right one with --format (file_format= in Python)"
+
+
+def _check_index(path: Path, idx: str | int, file_format: str | None = None) -> None:
     """Refuse index text that is neither a frame number nor a slice (``"0"``, ``"-1"``, ``"::10"``).
 
     ASE passes any other text on as a database selection, which only an ASE database (``.db``)
@@ -199,14 +221,15 @@ def _check_index(path: Path, idx: str | int) -> None:
         return
     from ase.io.formats import filetype, string2index
 
-    if isinstance(string2index(idx), str) and filetype(str(path), guess=False) != "db":
+    kind = file_format or filetype(str(path), guess=False)
+    if isinstance(string2index(idx), str) and kind != "db":
         raise DataFileError(
             f"{path}: {idx!r} after '@' is not a frame index; use a number or a slice "
             "such as 0, -1, 0:100 or ::10"
         )
 
 
-def _frame_numbers(path: Path, idx: str | int, n_read: int) -> Sequence[int]:
+def _frame_numbers(path: Path, idx: str | int, n_read: int, file_format: str | None = None) -> Sequence[int]:
     """The positions in the file of the ``n_read`` frames that ``idx`` selected (for messages).
 
     A plain ``start:stop`` needs nothing more; a step or a negative index needs the number of
@@ -224,7 +247,7 @@ def _frame_numbers(path: Path, idx: str | int, n_read: int) -> Sequence[int]:
         return range(selected.start or 0, (selected.start or 0) + n_read)
     import ase.io
 
-    total = len(ase.io.read(str(path), index=":", do_not_split_by_at_sign=True))
+    total = len(ase.io.read(str(path), index=":", format=file_format, do_not_split_by_at_sign=True))
     chosen = range(total)[selected]
     return [chosen] if isinstance(chosen, int) else chosen
 
