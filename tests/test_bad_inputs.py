@@ -414,9 +414,13 @@ def test_a_file_whose_name_misleads_ase_is_read_with_the_format_given(tmp_path, 
     frames = water_frames(3)
     for name in ("frames.data", "frames.txt"):
         write(tmp_path / name, frames, format="extxyz")
-    with pytest.raises(EmptyDatasetError, match=r"frames\.data: no frames .*'runnerdata', ASE's guess.*--format"):
+    with pytest.raises(
+        EmptyDatasetError, match=r"frames\.data: no frames .*'runnerdata', ASE's guess.*--format"
+    ):
         read_frames(tmp_path / "frames.data")
-    with pytest.raises(DataFileError, match=r"frames\.txt: ASE cannot read .*cannot tell its format.*--format"):
+    with pytest.raises(
+        DataFileError, match=r"frames\.txt: ASE cannot read .*cannot tell its format.*--format"
+    ):
         read_frames(tmp_path / "frames.txt")
     for name in ("frames.data", "frames.txt"):
         read = read_frames(f"{tmp_path / name}@1:", file_format="extxyz")
@@ -902,9 +906,14 @@ def test_isolated_atom_file_reads_like_the_training_data(tmp_path):
         single.calc = SinglePointCalculator(single, energy=energy)
     write(tmp_path / "plain.xyz", plain, format="extxyz")
     # the training data's key is tried first; a file written with the code's own labels falls back
-    assert read_isolated_atom_energies(tmp_path / "plain.xyz", energy_key="REF_energy") == {"H": -13.5, "O": -431.0}
+    assert read_isolated_atom_energies(tmp_path / "plain.xyz", energy_key="REF_energy") == {
+        "H": -13.5,
+        "O": -431.0,
+    }
     write(tmp_path / "unlabelled.xyz", [Atoms("H", positions=[[0, 0, 0]])], format="extxyz")
-    with pytest.raises(MissingLabelError, match=r"unlabelled\.xyz:frame 0: no energy \(looked for REF_energy\)"):
+    with pytest.raises(
+        MissingLabelError, match=r"unlabelled\.xyz:frame 0: no energy \(looked for REF_energy\)"
+    ):
         read_isolated_atom_energies(tmp_path / "unlabelled.xyz", energy_key="REF_energy")
     assert read_isolated_atom_energies({1: -13.6, "O": -432.0}) == {"H": -13.6, "O": -432.0}
     assert read_isolated_atom_energies({"1": -13.6, "8": -432.0}) == {"H": -13.6, "O": -432.0}  # JSON keys

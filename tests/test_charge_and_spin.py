@@ -18,7 +18,10 @@ from ase_sparsecalc import SparseCalc, load_backend
 from ase_sparsecalc.errors import BaseModelError, StructureError
 from ase_sparsecalc.finetune import finetune_with_report, read_frames
 from ase_sparsecalc.finetune.data import Frame
-from ase_sparsecalc.finetune.label_checks import warn_if_charge_states_mixed
+from ase_sparsecalc.finetune.label_checks import (
+    warn_if_charge_states_mixed,
+    warn_if_spin_disagrees_with_magmom,
+)
 from ase_sparsecalc.graph import charge_and_spin
 from ase_sparsecalc.testing import build_mace_model, random_rotation, random_sparse_delta, save_mace_model
 
@@ -142,6 +145,21 @@ def test_mixed_charge_states_are_flagged_for_a_model_without_charge_input(ethano
     assert warn_if_charge_states_mixed(frames[::2], takes_charge_and_spin=False) is None
 
 
+def test_spin_polarised_dft_read_as_a_singlet_is_flagged_for_a_spin_conditioned_model(tmp_path):
+    """GPAW PBE of triplet O2 (spin-polarised LCAO): the file gives its local moments, and a
+    frame without info['spin'] would be trained as a singlet by a model that takes the spin."""
+    [frame] = read_frames(str(Path(__file__).parent / "data" / "gpaw_o2_triplet.txt"))
+    assert frame.magmom == pytest.approx(1.425, abs=0.01)  # the local moments: 2.0 μB in total
+    message = warn_if_spin_disagrees_with_magmom([frame], takes_charge_and_spin=True)
+    assert message is not None and "gpaw_o2_triplet.txt:frame 0" in message and "1.43 μB" in message
+    assert warn_if_spin_disagrees_with_magmom([frame], takes_charge_and_spin=False) is None
+    frame.atoms.info["spin"] = 3
+    assert warn_if_spin_disagrees_with_magmom([frame], takes_charge_and_spin=True) is None
+    closed_shell = read_frames(ETHANOL + "@0")
+    assert closed_shell[0].magmom is None
+    assert warn_if_spin_disagrees_with_magmom(closed_shell, takes_charge_and_spin=True) is None
+
+
 def test_frames_read_from_a_file_keep_their_charge_and_spin(tmp_path, ethanol):
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.io import write
@@ -223,8 +241,8 @@ def test_isolated_atom_references_are_taken_in_the_ground_state_spin(charged_mod
     from ase_sparsecalc.finetune import _isolated_atom_prior
 
     backend = load_backend(charged_model_path)
-    prior = _isolated_atom_prior(backend, {"H": -13.6, "O": -2042.0, "C": -1029.5}, {"H", "O"})
-    assert set(prior) == {"H", "O"}
+    prior = _isolated_atom_prior(backend, {"H": -13.6, "O": -2042.0, "C": -1029.5, "Si": -4.0})
+    assert set(prior) == {"H", "O", "C"}  # Si: unknown to this model
     calc = SparseCalc(charged_model_path)
     for symbol, dft, multiplicity in (("H", -13.6, 2), ("O", -2042.0, 3)):
         atom = Atoms(symbol, info={"spin": multiplicity})

@@ -218,7 +218,12 @@ def test_an_element_given_only_as_an_isolated_atom_gets_its_isolated_atom_shift(
     isolated = read_isolated_atom_energies(str(DATA / "ethanol_isolated_atoms.xyz"))
     isolated["Si"] = -7890.12  # an all-electron-like zero, far from the model's
     result = finetune_with_report(
-        mace_model_path, dft_frames[:12], dft_frames[12:], method="shift", dtype="float64", isolated_atoms=isolated
+        mace_model_path,
+        dft_frames[:12],
+        dft_frames[12:],
+        method="shift",
+        dtype="float64",
+        isolated_atoms=isolated,
     )
     assert set(result.delta.energy_shifts) == {"H", "C", "O", "Si"}  # N: unknown to this base, skipped
     assert set(result.report["data"]["isolated_atom_energies_eV"]) == {"H", "C", "O", "Si"}

@@ -50,6 +50,7 @@ from .label_checks import (
     warn_if_charge_states_mixed,
     warn_if_energy_labels_mixed,
     warn_if_shifts_underdetermined,
+    warn_if_spin_disagrees_with_magmom,
 )
 from .methods import METHODS, MethodOptions
 from .metrics import error_metrics
@@ -259,6 +260,7 @@ def _finetune_in_session(
             warn_if_shifts_underdetermined(train_frames, isolated),
             warn_if_energy_labels_mixed(train_frames),
             warn_if_charge_states_mixed(train_frames + valid_frames, backend.takes_charge_and_spin),
+            warn_if_spin_disagrees_with_magmom(train_frames + valid_frames, backend.takes_charge_and_spin),
         )
         data_warnings += [message for message in further if message]
     before = {
@@ -516,7 +518,9 @@ def _isolated_atom_prior(backend: Backend, isolated: dict[str, float]) -> dict[s
     return {symbol: dft[symbol] - float(e) for symbol, e in zip(dft, model, strict=True)}
 
 
-def _shifts_of_untrained_elements(prior: dict[str, float] | None, fitted: dict[str, float]) -> dict[str, float]:
+def _shifts_of_untrained_elements(
+    prior: dict[str, float] | None, fitted: dict[str, float]
+) -> dict[str, float]:
     """Shifts (eV/atom) of elements with an isolated-atom energy but in no training frame.
 
     Nothing in the data fits them, so they are the isolated-atom differences themselves: the

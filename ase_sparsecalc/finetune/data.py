@@ -55,6 +55,10 @@ class Frame:
     energy_label : str or None
         The key the energy was read from (``"free_energy"``, ``"energy"`` or ``--energy-key``);
         None for frames built by hand.
+    magmom : float or None
+        Total magnetic moment of the DFT solution (μB; the calculator's ``magmom``, else the sum
+        of its ``magmoms``), when the file gives one. Not a label: it is compared with the spin
+        multiplicity a spin-conditioned base model is given.
 
     Frames built by hand get the same shape checks as those read from files
     (:class:`~ase_sparsecalc.errors.MissingLabelError` names the frame's ``source``).
@@ -67,6 +71,7 @@ class Frame:
     source: str
     config_type: str | None = None
     energy_label: str | None = None
+    magmom: float | None = None
 
     def __post_init__(self) -> None:
         """Labels as float arrays of the documented shapes."""
@@ -185,7 +190,8 @@ def _read_structures(
         raise DataFileError(f"{path}: has no frame {idx!r}; check the index after '@'") from exc
     except Exception as exc:  # ASE's parsers raise anything from ValueError to KeyError
         raise DataFileError(
-            f"{path}: ASE cannot read this file ({type(exc).__name__}: {exc}){_format_note(path, file_format)}"
+            f"{path}: ASE cannot read this file ({type(exc).__name__}: {exc})"
+            + _format_note(path, file_format)
         ) from exc
     if isinstance(images, Atoms):
         images = [images]
@@ -208,7 +214,7 @@ def _format_note(path: Path, file_format: str | None) -> str:
         guessed = None
     if guessed not in ioformats:  # None, or a file extension that names no format
         return "; ASE cannot tell its format: give it with --format (file_format= in Python)"
-    return f"; read as format {guessed!r}, ASE's guess: give the right one with --format (file_format= in Python)"
+    return f"; read as format {guessed!r}, ASE's guess: give the right one with --format (file_format=)"
 
 
 def _check_index(path: Path, idx: str | int, file_format: str | None = None) -> None:
@@ -311,7 +317,22 @@ def frame_from_atoms(
     if (charge, spin) != NEUTRAL_SINGLET:
         clean.info.update({CHARGE_KEY: charge, SPIN_KEY: spin})
     tag = str(config_type) if config_type is not None else None
-    return Frame(clean, energy, forces, stress, where, tag, energy_label)
+    return Frame(clean, energy, forces, stress, where, tag, energy_label, _total_magmom(results))
+
+
+def _total_magmom(results: dict) -> float | None:
+    """Size of the total magnetic moment (μB) among a calculator's results, if any: |M| for
+    collinear moments, the length of the summed vector for non-collinear ones."""
+    try:
+        value = results.get("magmom")
+        if value is None and results.get("magmoms") is not None:
+            value = np.asarray(results["magmoms"], dtype=np.float64).sum(axis=0)  # scalar or (3,)
+        if value is None:
+            return None
+        moment = float(np.linalg.norm(np.atleast_1d(np.asarray(value, dtype=np.float64))))
+    except (TypeError, ValueError):
+        return None
+    return moment if np.isfinite(moment) else None
 
 
 def _free_energy_from_contributions(calc) -> float | None:
@@ -792,7 +813,9 @@ def read_isolated_atom_energies(source: str | Path | dict, energy_key: str | Non
         try:
             frames = read_frames(source, require_forces=False)
         except MissingLabelError:
-            raise MissingLabelError(f"{exc} (the isolated-atom file has no free_energy/energy either)") from exc
+            raise MissingLabelError(
+                f"{exc} (the isolated-atom file has no free_energy/energy either)"
+            ) from exc
     first: dict[str, Frame] = {}
     for frame in frames:
         if frame.n_atoms != 1:

@@ -359,3 +359,33 @@ def warn_if_charge_states_mixed(frames: Sequence[Frame], takes_charge_and_spin: 
     )
     logger.warning(message)
     return message
+
+
+def warn_if_spin_disagrees_with_magmom(frames: Sequence[Frame], takes_charge_and_spin: bool) -> str | None:
+    """Warn when a spin-conditioned base would train spin-polarised DFT frames as singlets.
+
+    The spin multiplicity 2S + 1 comes from ``atoms.info["spin"]`` (1 when absent); a DFT run
+    that converged to a total moment M (μB) found a state with 2S ≈ |M|, so a triplet O2 read
+    without ``info["spin"]`` would be trained as a singlet. Only singlets are compared, against
+    moments of 0.5 μB or more: files often give only the local moments, whose sum misses the
+    moment between the atoms (GPAW's O2: 1.43 of 2.0 μB), too rough to check a multiplicity
+    that was given. Returns the message, or None.
+    """
+    if not takes_charge_and_spin:
+        return None
+    polarised = [
+        f
+        for f in frames
+        if f.magmom is not None and f.magmom >= 0.5 and charge_and_spin(f.atoms, f.source)[1] == 1
+    ]
+    if not polarised:
+        return None
+    first = polarised[0]
+    message = (
+        f"{len(polarised)} training frame(s) are singlets (spin multiplicity 1: atoms.info['spin'] "
+        f"absent or 1) but come from a spin-polarised DFT solution (e.g. {first.source}: magnetic moment "
+        f"{first.magmom:.2f} μB); the base model takes the multiplicity as an input, so set "
+        "atoms.info['spin'] = 2S + 1 (2S: the total moment in μB) for each frame"
+    )
+    logger.warning(message)
+    return message
