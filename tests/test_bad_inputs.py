@@ -474,6 +474,13 @@ def test_duplicate_frames_are_named(mace_model_path, tmp_path):
         finetune(mace_model_path, str(path), **FAST)
 
 
+def test_overlapping_slices_of_one_file_are_named_as_read_twice(mace_model_path, tmp_path):
+    path = tmp_path / "run.extxyz"
+    write(path, water_frames(6))
+    with pytest.raises(DuplicateFrameError, match=r"run\.extxyz:frame 4: read twice \(the file or index"):
+        finetune(mace_model_path, f"{path}@0:5", valid=f"{path}@4:6", **FAST)
+
+
 def test_restarted_run_with_drop_duplicates(mace_model_path, tmp_path, caplog):
     """Two files of one run restarted from its last structure: the repeat is dropped, once."""
     frames = water_frames(6)

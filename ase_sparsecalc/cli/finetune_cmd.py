@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     from ..finetune import finetune_with_report
 
     output = Path(args.output)
-    stem = output.name.removesuffix(".safetensors")
+    stem = output.stem  # "si.safetensors" -> "si"; any other extension goes the same way
     report_dir = Path(args.report_dir or output.with_name(f"{stem}_report"))
     checkpoint_dir = Path(args.checkpoint_dir or output.with_name(f"{stem}_checkpoint"))
     config = FinetuneConfig(

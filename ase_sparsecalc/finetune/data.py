@@ -574,6 +574,8 @@ def _earlier_copies(frames: Sequence[Frame]) -> list[Frame | None]:
 def _same_structure(frame: Frame, first: Frame) -> str:
     """``"same structure as <source> (...)"``, saying how far apart the two DFT energies are:
     a repeated frame has the same energy, a recomputation (a fresh basis) a different one."""
+    if frame.source == first.source:  # overlapping slices, or a file given twice
+        return "read twice (the file or index slices given overlap, e.g. training and validation)"
     gap = abs(frame.energy - first.energy) * 1000.0
     energies = "the same DFT energy" if gap < 1e-3 else f"DFT energies {gap:.3g} meV apart"
     return f"same structure as {first.source} ({energies})"
