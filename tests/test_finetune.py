@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,8 @@ def test_sparse_finetune_lowers_loss_and_hits_density(mace_model_path, frames, t
     assert sum(r["total"] for r in delta_pattern(delta, backend, by="kind")) == sum(infos.values())
     for name in ("report.json", "parity.png", "learning_curves.png", "sparsity.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
+    written = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert written["units"]["forces_mae"] == "meV/Å" and written["units"]["energy_mae"] == "meV/atom"
 
 
 def test_saved_delta_reproduces_trained_model_exactly(mace_model_path, frames):

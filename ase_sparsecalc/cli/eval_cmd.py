@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     metrics["base"] = calc.backend.model_name
     metrics["delta"] = args.delta
     metrics["isolated_atoms_left_out"] = len(isolated)
+    metrics["units"] = METRIC_UNITS
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0

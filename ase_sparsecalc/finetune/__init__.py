@@ -53,7 +53,7 @@ from .label_checks import (
     warn_if_spin_disagrees_with_magmom,
 )
 from .methods import METHODS, MethodOptions
-from .metrics import error_metrics
+from .metrics import METRIC_UNITS, error_metrics
 from .reference import fit_energy_shifts, shifted_energies
 from .trainer import CHECKPOINT_NAME, Trainer
 
@@ -337,6 +337,7 @@ def _finetune_in_session(
         "data": delta.metadata.training_data,
         "data_checks": {"label_slopes": slopes, "warnings": data_warnings},
         "history": history,
+        "units": {**METRIC_UNITS, "energy_shifts_eV": "eV/atom", "wall_time_s": "s"},
     }
     paths: dict[str, Path] = {}
     if output is not None and process.is_main:
