@@ -209,6 +209,8 @@ def _finetune_in_session(
         valid_frames = kept_valid
     if not train_frames:
         raise EmptyDatasetError(f"{_describe(train)}: only isolated-atom frames, nothing to train on")
+    for frame in train_frames + (valid_frames or []):  # before any other check or warning
+        backend.check_elements(frame.atoms.numbers, frame.source)
     isolated = _isolated_atom_energies(tagged, isolated_atoms, energy_key)
     if drop_duplicates:  # before the split, so that no pair straddles train and validation
         keep = "first" if drop_duplicates is True else drop_duplicates
