@@ -135,6 +135,32 @@ def test_md_velocities_are_seeded(sevennet64):
     assert np.abs(a.atoms.positions - c.atoms.positions).max() > 1e-6
 
 
+@pytest.mark.parametrize("thermostat", ["langevin", "bussi"])
+def test_md_keeps_fixed_atoms_fixed_and_counts_their_degrees_of_freedom(mace_model_path, thermostat):
+    """A Cu(111) slab with its bottom two layers fixed: no centre-of-mass constraint drags them,
+    and the temperature counts 3 per free atom (momentum is not conserved with pinned atoms)."""
+    from ase import units
+    from ase.build import fcc111
+    from ase.constraints import FixAtoms
+
+    from ase_sparsecalc.workflows.md import degrees_of_freedom, initialise_velocities
+
+    slab = fcc111("Cu", size=(2, 2, 4), vacuum=6.0)
+    fixed = [a.index for a in slab if a.tag >= 3]  # tags count layers from the top
+    slab.set_constraint(FixAtoms(indices=fixed))
+    n_free = len(slab) - len(fixed)
+    assert degrees_of_freedom(slab) == 3 * n_free
+    start = slab.copy()
+    initialise_velocities(start, 600.0, np.random.default_rng(0), degrees_of_freedom(slab))
+    assert 2 * start.get_kinetic_energy() / (3 * n_free * units.kB) == pytest.approx(600.0)
+    assert np.abs(start.get_velocities()[fixed]).max() == 0.0
+    calc = SparseCalc(mace_model_path, default_dtype="float64")
+    result = run_md(slab, calc, "nvt", temperature_K=600, thermostat=thermostat, steps=5, progress=False)
+    assert np.array_equal(result.atoms.positions[fixed], slab.positions[fixed])
+    assert np.abs(result.atoms.get_velocities()[fixed]).max() == 0.0
+    assert result.degrees_of_freedom == 3 * n_free
+
+
 def test_md_rejects_unknown_ensemble(sevennet64):
     with pytest.raises(ValueError, match="ensemble must be one of"):
         run_md(_primitive_si(), sevennet64, "nph", steps=1, progress=False)

@@ -242,15 +242,31 @@ def run_md(
 def degrees_of_freedom(atoms: Atoms) -> int:
     """3N minus what constraints remove, minus 3 for the fixed centre of mass (at least 1).
 
-    Every integrator here keeps the total momentum at zero (Langevin through a
+    Every integrator here keeps the total momentum at zero (Langevin and Bussi through a
     :class:`~ase.constraints.FixCom` constraint), so the centre of mass never takes up energy.
+    Atoms pinned in space (:func:`pins_atoms`: a slab's fixed bottom layers) break momentum
+    conservation; then only what the constraints remove is subtracted.
     """
     from ase.constraints import FixCom
 
     dof = 3 * len(atoms) - sum(c.get_removed_dof(atoms) for c in atoms.constraints)
-    if not any(isinstance(c, FixCom) for c in atoms.constraints):
+    if not any(isinstance(c, FixCom) for c in atoms.constraints) and not pins_atoms(atoms):
         dof -= 3
     return max(dof, 1)
+
+
+def pins_atoms(atoms: Atoms) -> bool:
+    """Whether a constraint holds atoms in place in space (fully or along some directions):
+    ASE's FixAtoms, FixCartesian, FixScaled, FixedLine and FixedPlane. The total momentum of
+    such a system is not conserved, and fixing the centre of mass would drag the pinned atoms."""
+    from ase import constraints
+
+    pinning = tuple(
+        getattr(constraints, name)
+        for name in ("FixAtoms", "FixCartesian", "FixScaled", "FixedLine", "FixedPlane")
+        if hasattr(constraints, name)
+    )
+    return any(isinstance(c, pinning) for c in atoms.constraints)
 
 
 def initialise_velocities(atoms: Atoms, temperature_K: float, rng: np.random.Generator, ndof: int) -> None:
@@ -262,8 +278,9 @@ def initialise_velocities(atoms: Atoms, temperature_K: float, rng: np.random.Gen
 
     # thermalize_momenta is the ASE >= 3.29 name of MaxwellBoltzmannDistribution
     thermalize = getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution
-    thermalize(atoms, temperature_K=temperature_K, rng=rng)
-    Stationary(atoms, preserve_temperature=False)
+    thermalize(atoms, temperature_K=temperature_K, rng=rng)  # pinned atoms' momenta stay zero
+    if not pins_atoms(atoms):
+        Stationary(atoms, preserve_temperature=False)
     current = 2.0 * atoms.get_kinetic_energy() / (ndof * units.kB)
     if current > 0:
         atoms.set_momenta(atoms.get_momenta() * np.sqrt(temperature_K / current))
@@ -292,10 +309,11 @@ def _integrator(
     if ensemble == "nvt":
         if thermostat in ("langevin", "bussi"):
             # ASE's advice: fix the centre of mass with a constraint (not Langevin's fixcm=True);
-            # it also makes Bussi count 3N - 3 degrees of freedom
+            # it also makes Bussi count 3N - 3 degrees of freedom. Not with pinned atoms, which
+            # FixCom would drag along with the others.
             from ase.constraints import FixCom
 
-            if not any(isinstance(c, FixCom) for c in atoms.constraints):
+            if not any(isinstance(c, FixCom) for c in atoms.constraints) and not pins_atoms(atoms):
                 atoms.constraints = [*atoms.constraints, FixCom()]
         if thermostat == "langevin":
             from ase.md.langevin import Langevin
