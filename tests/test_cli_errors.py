@@ -215,6 +215,34 @@ CASES = {
         ["best_from", "[0, 1]"],
     ),
     "md_missing_structure": (["md", "{dir}/absent.cif", "--base", "{model}"], ["absent.cif", "no such file"]),
+    "md_trajectory_in_a_single_frame_format": (
+        [
+            "md",
+            "{molecule_xyz}",
+            "--base",
+            "{model}",
+            "--steps",
+            "2",
+            "--no-progress",
+            "--traj",
+            "{dir}/t.vasp",
+        ],
+        ["t.vasp", "holds one frame", ".traj"],
+    ),
+    "md_trajectory_as_cif": (
+        [
+            "md",
+            "{molecule_xyz}",
+            "--base",
+            "{model}",
+            "--steps",
+            "2",
+            "--no-progress",
+            "--traj",
+            "{dir}/t.cif",
+        ],
+        ["t.cif", "one frame at a time", ".extxyz"],
+    ),
     "md_npt_without_cell": (
         ["md", "{molecule_xyz}", "--base", "{model}", "--ensemble", "npt", "--steps", "2", "--no-progress"],
         ["H2O", "NPT needs a cell"],
@@ -243,6 +271,10 @@ def test_bad_input_gives_one_error_line(case, files, capsys):
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     assert "Traceback" not in captured.err + captured.out
+
+
+def test_nothing_is_written_when_a_trajectory_format_is_refused(files):
+    assert not [p.name for p in Path(files["dir"]).iterdir() if p.name.startswith((".t.", "t."))]
 
 
 def test_nothing_is_written_when_finetune_refuses_its_input(files):

@@ -69,16 +69,8 @@ class FrameWriter:
 
     def __init__(self, path: Path, stack: ExitStack, final_name: Path) -> None:
         from ase.io import Trajectory
-        from ase.io.formats import ioformats
 
-        self.format = output_format(final_name)
-        if ioformats[self.format].single:
-            from ..errors import DataFileError
-
-            raise DataFileError(
-                f"{final_name}: the {self.format!r} format holds one frame; "
-                "use .traj or .extxyz for a trajectory"
-            )
+        self.format = trajectory_format(final_name)
         if self.format == "traj":
             self._traj = stack.enter_context(Trajectory(str(path), "w"))
             self._handle = None
@@ -97,6 +89,34 @@ class FrameWriter:
             self._handle.flush()
 
 
+def trajectory_format(path: str | Path) -> str:
+    """The ASE format of a trajectory file named ``path``, refused unless frames can be appended
+    to it one at a time: ``.traj`` or a multi-frame text format (``.extxyz``, ``.xyz``, ...).
+
+    Raises
+    ------
+    DataFileError
+        A single-frame format (``.vasp``, ``.json`` of one structure...) or a binary one other than
+        ``.traj`` (``.cif`` is written as bytes by ASE, one data block per call).
+    """
+    from ase.io.formats import ioformats
+
+    from ..errors import DataFileError
+
+    name = output_format(path)
+    info = ioformats[name]
+    if info.single:
+        raise DataFileError(
+            f"{path}: the {name!r} format holds one frame; use .traj or .extxyz for a trajectory"
+        )
+    if info.isbinary and name != "traj":
+        raise DataFileError(
+            f"{path}: the {name!r} format cannot be written one frame at a time; use .traj or .extxyz "
+            f"for a trajectory (ase convert turns either into {name!r} afterwards)"
+        )
+    return name
+
+
 @contextmanager
 def streamed_frames(path: str | Path | None) -> Iterator[FrameWriter | None]:
     """A :class:`FrameWriter` on the temporary file of ``path`` (None: no trajectory)."""
@@ -104,6 +124,6 @@ def streamed_frames(path: str | Path | None) -> Iterator[FrameWriter | None]:
         yield None
         return
     refuse_folder(Path(path))
-    output_format(path)  # fail before the run, not after it
+    trajectory_format(path)  # fail before the run, not after it
     with streamed_path(path) as tmp, ExitStack() as stack:
         yield FrameWriter(tmp, stack, Path(path))
