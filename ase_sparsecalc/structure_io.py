@@ -50,6 +50,10 @@ def read_structure(path: str | Path, index: int = -1) -> Atoms:
     try:
         atoms = read(path, index=index, do_not_split_by_at_sign=True)
     except IndexError as exc:
+        if index in (0, -1):  # every file has these frames: the parser ran off the end of its text
+            raise DataFileError(
+                f"{path}: ASE could not parse it (IndexError: {exc}); is the file truncated or malformed?"
+            ) from exc
         raise DataFileError(f"{path}: has no frame {index} ({exc}); choose another --index") from exc
     except StopIteration as exc:
         if index not in (0, -1):

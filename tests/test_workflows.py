@@ -337,6 +337,28 @@ def test_phonons_of_a_monolayer(sevennet64):
         phonons(layer, sevennet64, supercell=(3, 3, 3))
 
 
+def test_phonons_of_a_monolayer_with_its_vacuum_along_x(sevennet64, caplog):
+    """The same MoS2 layer with its axes permuted (vacuum along x): phonopy's automatic primitive
+    cell would swap the open axis with a periodic one, so the cell is used as given, with a
+    warning, and Γ frequencies equal those of the layer with its vacuum along z."""
+    from ase.build import mx2
+
+    pytest.importorskip("sevenn")
+    layer = mx2("MoS2", "2H", a=3.19, thickness=3.13, vacuum=7.5)
+    order = [2, 0, 1]  # x <- z, y <- x, z <- y
+    turned = Atoms(layer.numbers, positions=layer.positions[:, order],
+                   cell=layer.cell.array[order][:, order], pbc=layer.pbc[order])  # fmt: skip
+    options = dict(supercell=2, mesh=(4, 4, 4), subtract_residual_forces=False, band_npoints=3)
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        ours = phonons(turned, sevennet64, **options)
+    assert "mixes the open axes x with periodic ones" in caplog.text
+    np.testing.assert_array_equal(ours.supercell_matrix, np.diag([1, 2, 2]))
+    reference = phonons(layer, sevennet64, **options)
+    np.testing.assert_allclose(
+        frequencies_at(ours, [[0.0, 0.0, 0.0]]), frequencies_at(reference, [[0.0, 0.0, 0.0]]), atol=1e-6
+    )
+
+
 def test_phonons_acoustic_sum_rule_and_delta_effect(sevennet64):
     atoms = _primitive_si()
     raw = phonons(atoms, sevennet64, supercell=2, mesh=(4, 4, 4), symmetrize=False, band_npoints=11)
@@ -452,6 +474,30 @@ def test_cli_relax(si_files, tmp_path, capsys):
     assert relaxed.cell.cellpar()[0] != pytest.approx(SI_A / np.sqrt(2), abs=1e-3)
 
 
+def test_cli_relax_of_a_slab_from_a_poscar(mace_model_path, tmp_path, capsys, caplog):
+    """ASE reads every POSCAR as 3-D periodic: relaxing the cell of a slab then strains its vacuum,
+    which is reported; --pbc T T F makes z open, and the vacuum vector stays as it is."""
+    from ase.build import fcc100
+
+    slab = fcc100("Cu", size=(2, 2, 3), vacuum=6.0)
+    slab.rattle(0.02, seed=3)
+    poscar = tmp_path / "POSCAR"
+    slab.write(poscar, format="vasp")
+    common = ["relax", str(poscar), "--base", mace_model_path, "--cell", "--steps", "3"]
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        main([*common, "-o", str(tmp_path / "periodic.extxyz")])
+    assert "12.0 Å of empty space along periodic cell vector(s) c" in caplog.text and "--pbc" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        main([*common, "--pbc", "T", "T", "F", "-o", str(tmp_path / "slab.extxyz")])
+    assert "empty space" not in caplog.text
+    relaxed = read(tmp_path / "slab.extxyz")
+    assert relaxed.pbc.tolist() == [True, True, False]
+    np.testing.assert_allclose(relaxed.cell.array[2], slab.cell.array[2], atol=1e-9)
+    assert np.abs(relaxed.cell.array[:2] - slab.cell.array[:2]).max() > 1e-6  # the in-plane lattice relaxed
+    capsys.readouterr()
+
+
 def test_cli_relax_and_phonons_of_a_monolayer(tmp_path, capsys):
     """extxyz keeps pbc=[T, T, F]: --cell relaxes the in-plane lattice, and the default
     supercell of the phonons is 3 x 3 x 1 (27 atoms for MoS2)."""
@@ -551,4 +597,8 @@ def test_read_structure_errors(tmp_path):
     _primitive_si().write(good)
     with pytest.raises(DataFileError, match="no frame 3"):
         read_structure(good, index=3)
+    truncated = tmp_path / "POSCAR"
+    truncated.write_text("Si2\n1.0\n")  # a POSCAR cut off after its scale factor
+    with pytest.raises(DataFileError, match=r"POSCAR: ASE could not parse it .*truncated or malformed"):
+        read_structure(truncated)
     assert len(read_structure(good)) == 2

@@ -15,6 +15,24 @@ def add_structure_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--index", type=int, default=-1, help="frame of a multi-frame file (default: -1, the last)"
     )
+    parser.add_argument(
+        "--pbc",
+        nargs=3,
+        type=_boolean,
+        metavar=("X", "Y", "Z"),
+        help="periodicity along x, y, z (T or F), replacing the file's: --pbc T T F for a slab read "
+        "from a POSCAR, which ASE always reads as periodic in 3-D",
+    )
+
+
+def _boolean(text: str) -> bool:
+    """argparse type: T/F, true/false, 1/0, yes/no."""
+    lowered = text.strip().lower()
+    if lowered in ("t", "true", "1", "yes", "y"):
+        return True
+    if lowered in ("f", "false", "0", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected T or F, got {text!r}")
 
 
 def add_charge_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +46,8 @@ def load_structure(args: argparse.Namespace):
     """The structure named on the command line (raises DataFileError naming the file), with the
     charge and spin of :func:`add_charge_arguments` where given."""
     atoms = read_structure(args.structure, index=args.index)
+    if getattr(args, "pbc", None) is not None:
+        atoms.pbc = args.pbc
     for key in ("charge", "spin"):
         if getattr(args, key, None) is not None:
             atoms.info[key] = getattr(args, key)

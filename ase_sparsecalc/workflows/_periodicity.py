@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -9,6 +10,13 @@ from ase import Atoms
 
 from ..errors import StructureError
 from ..graph import has_cell_volume
+
+logger = logging.getLogger(__name__)
+
+VACUUM_WARNING_A = 6.0
+"""A gap between atomic planes wider than this (Å) along a periodic axis is taken for vacuum:
+twice the widest such gap in layered crystals (3.35 Å in graphite, about 3 Å from S to S
+between MoS2 layers)."""
 
 
 def open_axes(atoms: Atoms, task: str) -> np.ndarray:
@@ -52,3 +60,39 @@ def open_axes(atoms: Atoms, task: str) -> np.ndarray:
 def axis_names(axes: Sequence[int]) -> str:
     """``"x, z"`` for axes ``[0, 2]``."""
     return ", ".join("xyz"[k] for k in axes)
+
+
+def widest_gaps(atoms: Atoms) -> np.ndarray:
+    """Widest empty slice (Å) between atomic planes along each cell vector, shape (3,).
+
+    Along vector k: the largest gap between the atoms' sorted fractional coordinates (across
+    the periodic boundary too) times the spacing of the lattice planes, volume / |a_i × a_j|.
+    Zero for a cell without volume.
+    """
+    if not has_cell_volume(atoms) or len(atoms) == 0:
+        return np.zeros(3)
+    cell = atoms.cell.array
+    fractions = np.sort(np.mod(atoms.cell.scaled_positions(atoms.positions), 1.0), axis=0)
+    wrapped = np.vstack([fractions, fractions[:1] + 1.0])
+    widest = np.diff(wrapped, axis=0).max(axis=0)
+    volume = abs(np.linalg.det(cell))
+    spacing = np.array(
+        [volume / np.linalg.norm(np.cross(cell[(k + 1) % 3], cell[(k + 2) % 3])) for k in range(3)]
+    )
+    return widest * spacing
+
+
+def warn_about_periodic_vacuum(atoms: Atoms, task: str) -> None:
+    """Warn when a periodic axis holds a vacuum gap (a slab read from a POSCAR, which ASE always
+    reads with ``pbc=True``): ``task`` would strain or repeat the vacuum like the crystal."""
+    gaps = widest_gaps(atoms)
+    axes = [k for k in range(3) if atoms.pbc[k] and gaps[k] > VACUUM_WARNING_A]
+    if axes:
+        logger.warning(
+            "%s: %s of empty space along periodic cell vector(s) %s, which %s treats as crystal; "
+            "for a slab or wire, make that axis open (atoms.pbc, or --pbc T T F on the command line)",
+            atoms.get_chemical_formula(),
+            " and ".join(f"{gaps[k]:.1f} Å" for k in axes),
+            ", ".join("abc"[k] for k in axes),
+            task,
+        )

@@ -31,7 +31,7 @@ from ase.calculators.calculator import Calculator
 
 from ..errors import StructureError
 from ..graph import CHARGE_KEY, NEUTRAL_SINGLET, SPIN_KEY, charge_and_spin
-from ._periodicity import open_axes
+from ._periodicity import axis_names, open_axes, warn_about_periodic_vacuum
 
 logger = logging.getLogger(__name__)
 
@@ -177,27 +177,26 @@ def phonons(
         With ``force_constants``, ``band_structure``, ``mesh``, ``total_dos`` and
         ``thermal_properties`` filled.
     """
-    from phonopy import Phonopy
-
     open_ = open_axes(atoms, "phonons")
+    warn_about_periodic_vacuum(atoms, "the phonon supercell")
     supercell_matrix = _supercell_matrix(supercell, open_, atoms.get_chemical_formula())
     mesh = [1 if k in open_ else int(n) for k, n in enumerate(mesh)]
     if not 0 < displacement < 0.2:
         raise ValueError(f"displacement must be in (0, 0.2) Å, got {displacement}")
-    with warnings.catch_warnings():
-        # phonopy warns that "auto" is its new default; here it is the documented choice
-        warnings.filterwarnings("ignore", message=r".*primitive_matrix defaulted to 'auto'.*")
-        phonon = Phonopy(
-            to_phonopy_atoms(atoms),
-            supercell_matrix=supercell_matrix,
-            primitive_matrix="P" if primitive is None else primitive,  # phonopy 4 reads None as auto
-            symprec=symprec,
-            log_level=0,
+    phonon = _phonopy(atoms, supercell_matrix, primitive, symprec)
+    if open_.size and primitive == "auto" and not _keeps_open_axes(phonon.primitive.cell, atoms.pbc):
+        # phonopy finds the primitive cell of a 3-D standard setting, which may swap a slab's
+        # or wire's open axis with a periodic one (vacuum along x or y); keep the cell as given
+        logger.warning(
+            "%s: the primitive cell phonopy found mixes the open axes %s with periodic ones; using "
+            "the cell as given (pass primitive= a matrix that keeps them apart to reduce it)",
+            atoms.get_chemical_formula(),
+            axis_names(open_),
         )
+        phonon = _phonopy(atoms, supercell_matrix, None, symprec)
     if open_.size:
-        open_axes(
-            Atoms(cell=phonon.primitive.cell, pbc=atoms.pbc), "phonons of the primitive cell phonopy chose"
-        )
+        chosen = Atoms(atoms.get_chemical_formula(), cell=phonon.primitive.cell, pbc=atoms.pbc)
+        open_axes(chosen, "phonons of the primitive cell asked for")
     phonon.generate_displacements(distance=displacement)
     displaced = [to_ase_atoms(s, atoms.pbc) for s in phonon.supercells_with_displacements]
     structures = (
@@ -281,6 +280,28 @@ def evaluate_forces(calc: Calculator, structures: list[Atoms], batch_size: int |
         atoms.calc = calc
         results.append({"energy": float(atoms.get_potential_energy()), "forces": atoms.get_forces()})
     return results
+
+
+def _phonopy(atoms: Atoms, supercell_matrix, primitive, symprec: float):
+    from phonopy import Phonopy
+
+    with warnings.catch_warnings():
+        # phonopy warns that "auto" is its new default; here it is the documented choice
+        warnings.filterwarnings("ignore", message=r".*primitive_matrix defaulted to 'auto'.*")
+        return Phonopy(
+            to_phonopy_atoms(atoms),
+            supercell_matrix=supercell_matrix,
+            primitive_matrix="P" if primitive is None else primitive,  # phonopy 4 reads None as auto
+            symprec=symprec,
+            log_level=0,
+        )
+
+
+def _keeps_open_axes(cell, pbc) -> bool:
+    """Whether the periodic vectors of ``cell`` lie along the periodic Cartesian axes only."""
+    cell = np.asarray(cell, dtype=float)
+    pbc = np.asarray(pbc, dtype=bool)
+    return bool(np.abs(cell[np.ix_(pbc, ~pbc)]).max() <= 1e-6 * np.abs(cell).max())
 
 
 def _supercell_matrix(supercell, open_: Sequence[int] = (), name: str = "the structure") -> np.ndarray:

@@ -14,7 +14,7 @@ from ase.calculators.calculator import Calculator
 from ..errors import StructureError
 from ..graph import has_cell_volume
 from ._output import streamed_frames, streamed_text
-from ._periodicity import axis_names, open_axes
+from ._periodicity import axis_names, open_axes, warn_about_periodic_vacuum
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +144,8 @@ def relax(
     if not fmax > 0:
         raise ValueError(f"fmax must be positive (eV/Å), got {fmax}")
     mask = periodic_strain_mask(atoms, pressure_GPa, hydrostatic) if cell else None
+    if cell:
+        warn_about_periodic_vacuum(atoms, "the cell relaxation")
     atoms = atoms.copy()
     if fix_symmetry:
         from ase.constraints import FixSymmetry
