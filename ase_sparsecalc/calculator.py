@@ -15,7 +15,13 @@ from ase.calculators.calculator import Calculator, all_changes
 from .backends import Backend, load_backend
 from .backends.accelerate import check_compile_mode
 from .delta import SparseDelta
-from .errors import ConfigError, ModelNotFoundError, StressUndefinedError, UntrainedElementWarning
+from .errors import (
+    ConfigError,
+    ModelNotFoundError,
+    NonFiniteResultError,
+    StressUndefinedError,
+    UntrainedElementWarning,
+)
 from .graph import build_graph, charge_and_spin, has_cell_volume
 
 logger = logging.getLogger(__name__)
@@ -316,6 +322,25 @@ class SparseCalc(Calculator):
                 stacklevel=2,
             )
 
+    def _check_finite(self, energy, forces, stress, names: list[str], ptr: np.ndarray) -> None:
+        """Raise :class:`NonFiniteResultError` naming the first structure with NaN or inf results."""
+        if (
+            np.isfinite(energy).all()
+            and np.isfinite(forces).all()
+            and (stress is None or np.isfinite(stress).all())
+        ):
+            return
+        for g, name in enumerate(names):
+            parts = [energy[g : g + 1], forces[ptr[g] : ptr[g + 1]]] + (
+                [stress[g]] if stress is not None else []
+            )
+            if not all(np.isfinite(p).all() for p in parts):
+                raise NonFiniteResultError(
+                    f"{name}: the model gave a NaN or infinite energy, force or stress (base "
+                    f"{self.backend.model_name!r}, delta {_describe_delta(self.delta) or '(none)'}); a delta "
+                    "with absurd values, or a structure far outside what the model has seen"
+                )
+
     def _evaluate_chunk(self, chunk: list[Atoms], names: list[str]) -> list[dict]:
         stress_mask = [has_cell_volume(a) for a in chunk]
         compute_stress = any(stress_mask)
@@ -335,6 +360,7 @@ class SparseCalc(Calculator):
         energy = out.energy.detach().to("cpu", torch.float64).numpy()
         forces = out.forces.detach().to("cpu", torch.float64).numpy()
         stress = out.stress.detach().to("cpu", torch.float64).numpy() if compute_stress else None
+        self._check_finite(energy, forces, stress, names, np.cumsum([0] + [len(a) for a in chunk]))
         atom_energies = None
         if out.atom_energies is not None:
             atom_energies = out.atom_energies.detach().to("cpu", torch.float64).numpy()

@@ -10,6 +10,7 @@ Hierarchy::
     ├── ConfigError                an option has a value that is not allowed (device, dtype, ...)
     ├── OutputFileError            an output file (delta, report, checkpoint) cannot be written
     ├── CheckpointError            a training checkpoint cannot be used to resume
+    ├── NonFiniteResultError       the model (with its delta) gave NaN or inf for a structure
     ├── DeltaError                 a delta file or in-memory delta is unusable
     │   ├── DeltaFileError         missing, unreadable, truncated or not a safetensors file
     │   ├── DeltaFormatError       unknown format version or malformed metadata
@@ -56,6 +57,11 @@ class OutputFileError(SparseCalcError, OSError):
 
 class CheckpointError(SparseCalcError):
     """A training checkpoint cannot be used to resume (unreadable, or made for other inputs)."""
+
+
+class NonFiniteResultError(SparseCalcError, FloatingPointError):
+    """The model gave a NaN or infinite energy, force or stress; the message names the
+    structure, the base model and the delta."""
 
 
 class DeltaError(SparseCalcError):

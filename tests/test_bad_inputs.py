@@ -37,6 +37,7 @@ from ase_sparsecalc.errors import (
     EmptyDatasetError,
     MissingLabelError,
     NonFiniteLabelError,
+    NonFiniteResultError,
     OutputFileError,
     StaleLabelError,
     StressUndefinedError,
@@ -210,6 +211,24 @@ def test_in_memory_delta_with_bad_shift_leaves_model_untouched(backend):
     with pytest.raises(DeltaValueError, match="finite"):
         delta.apply(backend)
     assert all(torch.equal(v, before[k]) for k, v in backend.model.state_dict().items())
+
+
+def test_a_delta_that_makes_the_model_blow_up_is_named(mace_model_path, tmp_path):
+    """A finite but absurd value (1e30 where the weights are of order one, as bit-rot or a broken
+    fine-tune could leave) passes the file checks; the NaN it causes is reported with the delta."""
+    backend = load_backend(mace_model_path, dtype="float32")
+    delta = random_sparse_delta(backend, density=0.01)
+    name = next(iter(delta.tensors))
+    delta.tensors[name].values[0] = 1e30
+    path = delta.save(tmp_path / "absurd.safetensors")
+    calc = SparseCalc(mace_model_path, path, default_dtype="float32")
+    atoms = bulk("Si", "diamond", a=5.43)
+    with pytest.raises(
+        NonFiniteResultError, match=r"structure 0 \(Si2\): the model gave a NaN.*absurd\.safetensors"
+    ):
+        calc.batch_evaluate([atoms], ["energy", "forces", "stress"])
+    calc.set_delta(None)
+    assert np.isfinite(calc.batch_evaluate([atoms])[0]["forces"]).all()
 
 
 # ---------------------------------------------------------------------------- structures
