@@ -27,8 +27,10 @@ _BOX_PADDING = 1.0  # Å added around non-periodic structures for the neighbour-
 
 MAX_BINS = 1_000_000
 """Most neighbour-list bins of one structure. An open structure spread over a huge region (two
-fragments flying apart) would otherwise allocate (extent / cutoff)³ bins; past this, ASE's
-neighbour list, which caps its bins, takes over."""
+fragments flying apart) would otherwise allocate (extent / cutoff)³ bins; past this it is split
+into fragments more than a cutoff apart along its open directions, each listed on its own
+(:func:`_fragments`), and one fragment still too large goes to ASE's neighbour list, which caps
+its bins (slowly: seconds for a thousand atoms spread over a million bins)."""
 
 
 @dataclass
@@ -192,6 +194,9 @@ def _cell_list_pairs(
     if not pbc.all():
         cell, origin = _bounding_cell(positions, cell, pbc)
     if _n_bins(cell, cutoff) > MAX_BINS:
+        fragments = _fragments(positions, np.asarray(atoms.cell.array, dtype=np.float64), pbc, cutoff)
+        if len(fragments) > 1:
+            return _pairs_by_fragment(atoms, cutoff, positions, fragments)
         i, j, S, d = primitive_neighbor_list(
             "ijSd",
             pbc,
@@ -211,6 +216,41 @@ def _cell_list_pairs(
         cell_origin=origin,
     )
     return i, j, S, d
+
+
+def _fragments(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> list[np.ndarray]:
+    """Atom indices of groups that lie more than ``cutoff`` apart along some open direction.
+
+    Open directions are those perpendicular to every periodic cell vector (x, y, z for a
+    molecule, the slab normal for a slab): a lattice translation does not change a position's
+    component along them, so two groups separated by a gap wider than the cutoff there share no
+    pair in any image. Each direction splits the groups the previous ones left.
+    """
+    periodic = cell[pbc]
+    directions = np.eye(3) if len(periodic) == 0 else np.linalg.svd(periodic)[2][len(periodic) :]
+    groups = [np.arange(len(positions))]
+    for direction in directions:
+        split = []
+        for group in groups:
+            height = positions[group] @ direction
+            order = np.argsort(height, kind="stable")
+            breaks = np.flatnonzero(np.diff(height[order]) > cutoff) + 1
+            split.extend(group[part] for part in np.split(order, breaks))
+        groups = split
+    return groups
+
+
+def _pairs_by_fragment(
+    atoms: Atoms, cutoff: float, positions: np.ndarray, fragments: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`neighbour_pairs` as the union of each fragment's own pairs (:func:`_fragments`)."""
+    pieces = []
+    for fragment in fragments:
+        part = Atoms(numbers=atoms.numbers[fragment], cell=atoms.cell, pbc=atoms.pbc)
+        i, j, S, d = _cell_list_pairs(part, cutoff, positions[fragment])
+        pieces.append((fragment[i], fragment[j], S, d))
+    i, j, S, d = (np.concatenate(column) for column in zip(*pieces, strict=True))
+    return i, j, S.astype(int, copy=False), d
 
 
 def check_structure(atoms: Atoms, where: str = "structure") -> None:

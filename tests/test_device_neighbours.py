@@ -206,3 +206,30 @@ def test_device_path_refuses_atoms_on_top_of_each_other():
     atoms.positions[3] = atoms.positions[0] + [0.01, 0.0, 0.0]
     with pytest.raises(AtomsTooCloseError, match=r"atoms 0 and 3 are 0\.01 Å apart"):
         build_graph([atoms], 5.0, neighbours="device")
+
+
+@pytest.mark.parametrize("distance", [40.0, 1e3, 1e6])
+def test_fragments_far_apart_are_listed_without_a_huge_grid(distance, monkeypatch):
+    """Ethanol with one H atom flown off, and a Cu slab with a water molecule far above it:
+    the pairs equal ASE's for the same fragments close together (40 Å, where its grid is small),
+    and past the bin limit each fragment is listed on its own, never through ASE's capped grid."""
+    from ase.build import fcc111
+    from ase.neighborlist import neighbor_list
+
+    from ase_sparsecalc import graph
+
+    def close_and_far(d: float) -> list[Atoms]:
+        lone = molecule("CH3CH2OH") + Atoms("H", positions=[[d, d, d]])
+        slab = fcc111("Cu", size=(2, 2, 3), vacuum=6.0)
+        slab.pbc = [True, True, False]
+        water = molecule("H2O")
+        water.translate(slab.cell.array.sum(axis=0) / 2 + [0.0, 0.0, d])
+        return [lone, slab + water]
+
+    if distance > 100:
+        monkeypatch.setattr(graph, "primitive_neighbor_list", None)  # any call would fail
+    for far, near in zip(close_and_far(distance), close_and_far(40.0), strict=True):
+        ours = _pairs(*neighbour_pairs(far, 5.0))
+        reference = _pairs(*neighbor_list("ijSd", near, 5.0))
+        assert ours.keys() == reference.keys()
+        assert all(abs(ours[k] - reference[k]) < 1e-6 for k in ours)
