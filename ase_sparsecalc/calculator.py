@@ -145,7 +145,9 @@ class SparseCalc(Calculator):
         self.delta: SparseDelta | None = None
         # what ASE records with results (calc.todict(): trajectories, databases)
         self.parameters.update(
-            base=self.backend.model_name, default_dtype=str(default_dtype), device=str(self.backend.device)
+            base=self.backend.model_name,
+            default_dtype=str(self.backend.dtype).removeprefix("torch."),  # "float32" for torch.float32 too
+            device=str(self.backend.device),
         )
         self.set_delta(delta_obj, strict=strict)
         if enable_cueq:
@@ -170,7 +172,10 @@ class SparseCalc(Calculator):
             if new is not None:
                 new.apply(self.backend, strict=strict)
                 self.delta = new
-            self.parameters["delta"] = _describe_delta(new)
+            # absolute, as ASE keeps it with results (trajectories, databases) read elsewhere
+            self.parameters["delta"] = (
+                str(Path(new.source).resolve()) if new and new.source else _describe_delta(new)
+            )
             self._warned_untrained: set[str] = set()
         except Exception:
             if old is not None:  # it was applied before: its checks pass (and warned then)

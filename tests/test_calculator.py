@@ -7,7 +7,7 @@ import pytest
 import torch
 from ase import Atoms
 
-from ase_sparsecalc import SparseCalc
+from ase_sparsecalc import SparseCalc, load_backend
 from ase_sparsecalc.errors import (
     AtomsTooCloseError,
     ConfigError,
@@ -339,6 +339,17 @@ def test_options_are_checked_and_recorded(base_for, backend_kind):
     assert recorded["device"] == "cpu" and recorded["delta"] is None
     with pytest.raises(ConfigError, match="cannot change after construction"):
         calc.set(default_dtype="float64")
+    # a torch dtype is recorded by name, so the record rebuilds the calculator
+    assert SparseCalc(base, default_dtype=torch.float32).todict()["default_dtype"] == "float32"
+
+
+def test_todict_names_the_delta_file_by_absolute_path(mace_model_path, tmp_path, monkeypatch):
+    random_sparse_delta(load_backend(mace_model_path)).save(tmp_path / "d.safetensors")
+    monkeypatch.chdir(tmp_path)
+    recorded = SparseCalc(mace_model_path, "d.safetensors").todict()
+    assert recorded["delta"] == str((tmp_path / "d.safetensors").resolve())
+    monkeypatch.chdir(tmp_path.parent)
+    assert SparseCalc(**recorded).delta is not None
 
 
 def test_calculator_with_delta_survives_deepcopy_and_pickle(base_for, backend_kind, silicon):
