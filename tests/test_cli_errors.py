@@ -69,6 +69,8 @@ def files(mace_model_path, tmp_path_factory) -> dict[str, str]:
     return {"dir": str(folder), "model": mace_model_path, **named}
 
 
+SHORT_MD = ["md", "{molecule_xyz}", "--base", "{model}", "--steps", "2", "--no-progress"]
+
 CASES = {
     # name: (argv with {placeholders}, fragments the error line must contain)
     "eval_missing_file": (
@@ -216,31 +218,11 @@ CASES = {
     ),
     "md_missing_structure": (["md", "{dir}/absent.cif", "--base", "{model}"], ["absent.cif", "no such file"]),
     "md_trajectory_in_a_single_frame_format": (
-        [
-            "md",
-            "{molecule_xyz}",
-            "--base",
-            "{model}",
-            "--steps",
-            "2",
-            "--no-progress",
-            "--traj",
-            "{dir}/t.vasp",
-        ],
+        [*SHORT_MD, "--traj", "{dir}/t.vasp"],
         ["t.vasp", "holds one frame", ".traj"],
     ),
     "md_trajectory_as_cif": (
-        [
-            "md",
-            "{molecule_xyz}",
-            "--base",
-            "{model}",
-            "--steps",
-            "2",
-            "--no-progress",
-            "--traj",
-            "{dir}/t.cif",
-        ],
+        [*SHORT_MD, "--traj", "{dir}/t.cif"],
         ["t.cif", "one frame at a time", ".extxyz"],
     ),
     "md_npt_without_cell": (
