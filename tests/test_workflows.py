@@ -27,6 +27,7 @@ from ase_sparsecalc.workflows import (
     run_md,
     special_point_frequencies,
 )
+from ase_sparsecalc.workflows.phonons import write_phonon_files
 
 MACE_ENV_WARNING = "ignore:Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD:UserWarning"
 
@@ -433,6 +434,9 @@ def test_phonons_write_files(sevennet64, tmp_path):
     thermal = yaml.safe_load((tmp_path / "thermal_properties.yaml").read_text())
     assert thermal["thermal_properties"][-1]["temperature"] == pytest.approx(1000.0)
     assert (tmp_path / "phonons.png").read_bytes()[:4] == b"\x89PNG"
+    # a run without plots into the same folder leaves no plot of the earlier run behind
+    write_phonon_files(ph, tmp_path, plot=False)
+    assert not (tmp_path / "phonons.png").exists() and not (tmp_path / "thermal_properties.png").exists()
 
 
 # -------------------------------------------------------------------------------------- CLI

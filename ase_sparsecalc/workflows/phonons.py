@@ -464,7 +464,8 @@ def write_phonon_files(phonon, output_dir: str | Path, plot: bool = True) -> dic
     """Write phonopy's files (and plots) into ``output_dir``, each one complete or not at all.
 
     Everything is written into a temporary folder inside ``output_dir`` with phonopy's own
-    writers, then each file is renamed into place.
+    writers, then each file is renamed into place. Without ``plot``, plots an earlier run left
+    in the folder are removed, so that every file there belongs to this run.
 
     Returns
     -------
@@ -479,6 +480,7 @@ def write_phonon_files(phonon, output_dir: str | Path, plot: bool = True) -> dic
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".phonons.", dir=out))
+    plots = {"bands_png": "phonons.png", "thermal_png": "thermal_properties.png"}
     names = {
         "phonopy_yaml": "phonopy.yaml",
         "force_constants": "FORCE_CONSTANTS",
@@ -495,14 +497,16 @@ def write_phonon_files(phonon, output_dir: str | Path, plot: bool = True) -> dic
         phonon.write_total_dos(filename=tmp / names["total_dos"])
         phonon.write_yaml_thermal_properties(filename=tmp / names["thermal_yaml"])
         if plot:
-            names["bands_png"] = "phonons.png"
-            names["thermal_png"] = "thermal_properties.png"
+            names.update(plots)
             plot_bands_and_dos(phonon, tmp / names["bands_png"])
             plot_thermal_properties(phonon, tmp / names["thermal_png"])
         written = {}
         for key, name in names.items():
             os.replace(tmp / name, out / name)
             written[key] = out / name
+        if not plot:
+            for name in plots.values():
+                (out / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return written
