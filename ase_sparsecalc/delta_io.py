@@ -100,6 +100,15 @@ def refuse_folder(path: Path) -> None:
         raise OutputFileError(f"{path}: is a folder; give a file name")
 
 
+def refuse_file_as_folder(path: Path) -> None:
+    """Raise :class:`OutputFileError` if the output folder ``path`` (or a parent) is a file."""
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise OutputFileError(f"{path}: {part} is a file; give a folder for the output files")
+            return
+
+
 def check_writable(path: str | Path) -> Path:
     """Fail early (before hours of work) if ``path`` could not be written atomically later.
 

@@ -225,6 +225,10 @@ CASES = {
         [*SHORT_MD, "--traj", "{dir}/t.cif"],
         ["t.cif", "one frame at a time", ".extxyz"],
     ),
+    "phonons_output_folder_is_a_file": (
+        ["phonons", "{molecule_xyz}", "--base", "{model}", "-o", "{blocker}"],
+        ["blocker is a file", "folder"],
+    ),
     "md_npt_without_cell": (
         ["md", "{molecule_xyz}", "--base", "{model}", "--ensemble", "npt", "--steps", "2", "--no-progress"],
         ["H2O", "NPT needs a cell"],

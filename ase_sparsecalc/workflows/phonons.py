@@ -29,6 +29,7 @@ import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 
+from ..delta_io import refuse_file_as_folder
 from ..errors import StructureError
 from ..graph import CHARGE_KEY, NEUTRAL_SINGLET, SPIN_KEY, charge_and_spin
 from ._periodicity import axis_names, open_axes, warn_about_periodic_vacuum
@@ -177,6 +178,8 @@ def phonons(
         With ``force_constants``, ``band_structure``, ``mesh``, ``total_dos`` and
         ``thermal_properties`` filled.
     """
+    if output_dir is not None:  # before the force calculations, not after them
+        refuse_file_as_folder(Path(output_dir))
     open_ = open_axes(atoms, "phonons")
     warn_about_periodic_vacuum(atoms, "the phonon supercell")
     supercell_matrix = _supercell_matrix(supercell, open_, atoms.get_chemical_formula())
@@ -478,6 +481,7 @@ def write_phonon_files(phonon, output_dir: str | Path, plot: bool = True) -> dic
     from .plotting import plot_bands_and_dos, plot_thermal_properties
 
     out = Path(output_dir)
+    refuse_file_as_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".phonons.", dir=out))
     plots = {"bands_png": "phonons.png", "thermal_png": "thermal_properties.png"}
