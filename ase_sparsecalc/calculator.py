@@ -209,7 +209,7 @@ class SparseCalc(Calculator):
         if (
             not changes
             and self.backend.takes_charge_and_spin
-            and charge_and_spin(atoms) != charge_and_spin(self.atoms)
+            and charge_and_spin(atoms, _formula(atoms)) != charge_and_spin(self.atoms, _formula(self.atoms))
         ):
             changes.append("charge_and_spin")
         return changes
@@ -427,3 +427,8 @@ def _describe_delta(delta: SparseDelta | None) -> str | None:
     if delta is None:
         return None
     return str(delta.source) if delta.source is not None else "(in memory)"
+
+
+def _formula(atoms: Atoms) -> str:
+    """How messages name a structure outside a batch: ``structure (H2O)``."""
+    return f"structure ({atoms.get_chemical_formula()})"

@@ -83,6 +83,9 @@ def test_changing_charge_on_the_same_atoms_recomputes(charged_model_path, ethano
     fresh.calc = SparseCalc(charged_model_path)
     assert cation == pytest.approx(fresh.get_potential_energy(), abs=1e-9)
     assert abs(cation - neutral) > 1e-3
+    atoms.info["total_charge"] = 2  # contradicts info["charge"]: the message names the structure
+    with pytest.raises(StructureError, match=r"structure \(C2H6O\): .*two values of the charge"):
+        atoms.get_potential_energy()
 
 
 def test_charged_molecule_with_a_delta_stays_equivariant(charged_model_path, ethanol):
