@@ -51,6 +51,33 @@ def test_malicious_checkpoint_refused_for_every_backend(tmp_path, backend):
     assert not marker.exists()
 
 
+class _FunctionOnTheAllowList:
+    """A payload calling a *function* of a package whose classes MACE files need: numpy's test
+    helper ``runstring`` runs a string of Python, as an e3nn or mace function might."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        from numpy.testing._private.utils import runstring
+
+        return (runstring, (f"import pathlib; pathlib.Path({self.marker!r}).touch()", {}))
+
+
+def test_mace_allow_list_admits_classes_not_any_function_of_a_package(mace_model_path, tmp_path):
+    """Beside a genuine MACE model, a numpy function that executes code is refused before loading;
+    the genuine model alone loads."""
+    from ase_sparsecalc.backends.safe_load import MACE_ALLOWED
+
+    marker = tmp_path / "ran"
+    model = load_checkpoint(mace_model_path, MACE_ALLOWED)
+    path = tmp_path / "numpy_exec.model"
+    torch.save({"model": model, "payload": _FunctionOnTheAllowList(marker)}, path)
+    with pytest.raises(UnsafeCheckpointError, match=r"numpy\.testing\._private\.utils\.runstring"):
+        load_backend(path, backend="mace")
+    assert not marker.exists()
+
+
 def test_sevennet_allow_list_admits_numpy_arrays_only(tmp_path):
     """A checkpoint holding a torch module (fine for MACE files) is refused on the SevenNet path."""
     path = tmp_path / "module.pth"

@@ -6,9 +6,13 @@ Before loading, :func:`load_checkpoint` lists the globals a file refers to
 running it) and refuses the file if any lies outside the allow-list it was given. Only then are
 those globals admitted, for this one load, through ``torch.serialization.safe_globals``.
 
-Allow-lists name module prefixes (``"mace.modules."``) or exact globals
-(``"torch.nn.functional.silu"``). A MACE model file is a pickled ``nn.Module``: its allow-list
-admits mace's and e3nn's module classes and, because MACE stores ``torch.fx`` graph modules,
+Allow-lists name exact globals (``"torch.nn.functional.silu"``), module prefixes whose
+*classes* are admitted (``"mace.modules."``: a pickle calls what it names, and a class builds an
+object where a function of the same package could do anything, as ``numpy.testing`` has one
+that runs a string of Python), and, in :data:`FUNCTION_PREFIXES`, the few modules whose
+functions are pure tensor operations. A MACE model file is a pickled ``nn.Module``: its
+allow-list admits mace's and e3nn's module classes and, because MACE stores ``torch.fx`` graph
+modules,
 torch's own ``reduce_graph_module``, which rebuilds such modules from the Python source saved
 in the file. That source is executed on load, so MACE model files must come from a trusted
 source: named foundation models are checked against SHA-256 digests (see
@@ -45,7 +49,13 @@ MACE_ALLOWED = (
     "builtins.set",
     "builtins.frozenset",
     "builtins.slice",
-    "numpy.",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy.dtypes.",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
 )
 
 SEVENNET_ALLOWED = (
@@ -65,8 +75,24 @@ _RENAMED = {
 }
 
 
+FUNCTION_PREFIXES = ("torch.nn.functional.", "mace.tools.scatter.")
+"""Modules whose functions (activations, scatter sums) a model may name: pure tensor operations.
+Under any other prefix of an allow-list only classes are admitted."""
+
+
 def _is_allowed(name: str, allowed: Iterable[str]) -> bool:
-    return any(name == a or (a.endswith(".") and name.startswith(a)) for a in allowed)
+    if name in allowed:
+        return True
+    prefixes = [a for a in allowed if a.endswith(".") and name.startswith(a)]
+    if not prefixes:
+        return False
+    if any(p.startswith(FUNCTION_PREFIXES) for p in prefixes):
+        return True
+    try:  # importing the module runs no code from the file; calling the object would
+        obj = _resolve_global(name)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(obj[0] if isinstance(obj, tuple) else obj, type)
 
 
 # numpy builds dtypes of these classes while unpickling arrays without naming them as globals.
