@@ -635,6 +635,19 @@ def test_resuming_may_change_device_and_time_limits_but_not_training_options(bac
     assert first != _run_fingerprint(backend, FinetuneConfig(device="cpu"), "other data")
 
 
+def test_a_checkpoint_made_through_another_output_head_is_not_resumed(tmp_path):
+    """Two heads of one multi-head MACE model share every weight (one state-dict fingerprint),
+    but a delta trained through one is not the other's."""
+    from ase_sparsecalc.finetune import _run_fingerprint
+    from ase_sparsecalc.testing import save_mace_model
+
+    path = save_mace_model(tmp_path / "heads.model", heads=["pbe", "pbesol"], seed=3)
+    pbe, pbesol = (load_backend(path, head=head) for head in ("pbe", "pbesol"))
+    assert pbe.fingerprint == pbesol.fingerprint
+    config = FinetuneConfig()
+    assert _run_fingerprint(pbe, config, "data") != _run_fingerprint(pbesol, config, "data")
+
+
 def test_checkpoint_error_still_importable_from_trainer():
     from ase_sparsecalc.finetune.trainer import CheckpointError as FromTrainer
 

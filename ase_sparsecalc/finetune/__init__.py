@@ -462,9 +462,11 @@ the plan is in the checkpoint) and the device (a job preempted on one GPU resume
 
 
 def _run_fingerprint(backend: Backend, config: FinetuneConfig, data_id: str) -> str:
-    """What a checkpoint must match to be resumed: base model, data and training options."""
+    """What a checkpoint must match to be resumed: base model (and its output head), data and
+    training options."""
     relevant = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
-    text = "|".join([backend.fingerprint, data_id, repr(sorted(relevant.items()))])
+    head = str(getattr(backend, "head", None))
+    text = "|".join([backend.fingerprint, head, data_id, repr(sorted(relevant.items()))])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
