@@ -8,8 +8,10 @@ turns ``weights_only`` off.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import sys
 from types import ModuleType
 
 import torch
@@ -40,13 +42,16 @@ def import_keeping_weights_only(module_name: str) -> ModuleType:
 
     mace-torch sets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` when imported, which makes every later
     ``torch.load`` in the process unpickle arbitrary objects. This import restores the variable
-    to what it was before, so the process keeps torch's safe default.
+    to what it was before, so the process keeps torch's safe default. What mace prints on import
+    (a note that cuequivariance is not installed) goes to stderr, so that the JSON a command
+    prints on stdout stays parseable.
     """
     prepare_torch()
     importlib.import_module("e3nn.o3")  # loads e3nn's constants before mace can relax torch.load
     before = os.environ.get(_NO_WEIGHTS_ONLY)
     try:
-        return importlib.import_module(module_name)
+        with contextlib.redirect_stdout(sys.stderr):
+            return importlib.import_module(module_name)
     finally:
         if before is None:
             os.environ.pop(_NO_WEIGHTS_ONLY, None)

@@ -6,6 +6,7 @@ a real ``python -m ase_sparsecalc`` subprocess.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -281,6 +282,17 @@ def test_real_process_prints_no_traceback(files):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("sparsecalc eval:")]
     assert len(errors) == 1 and "truncated.safetensors" in errors[0], proc.stderr
     assert proc.stdout == ""
+
+
+def test_json_on_stdout_parses_in_a_fresh_process_with_a_mace_base(files):
+    """mace prints a note on import; it must not end up in front of the JSON on stdout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = ["eval", files["good_extxyz"], "--base", files["model"], "--json"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ase_sparsecalc", *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["units"]["forces_mae"] == "meV/Å"
 
 
 def test_unexpected_exception_is_one_line_unless_verbose(files, capsys, monkeypatch):
