@@ -409,7 +409,7 @@ def compare_deltas(
                 for d, v in zip(dims, key, strict=True):
                     first_seen.setdefault((d, v), ra.order)
     rows = [_overlap_row(_group_fields(k, dims), counts[k]) for k in _sorted_keys(counts, dims, first_seen)]
-    if dims != ("all",):
+    if dims != ("all",) or not rows:  # the overall row, also when neither delta changes a weight
         total = sum(counts.values(), np.zeros(4))
         overall = {"group": "all", **{d: "all" for d in dims}}
         rows.append(_overlap_row(overall, total))

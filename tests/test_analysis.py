@@ -415,6 +415,18 @@ def test_cli_compare(delta_files, tmp_path, capsys):
     assert (tmp_path / "overlap_layer_l_jaccard.png").read_bytes().startswith(PNG_MAGIC)
     assert main(["inspect", str(path_a), str(path_b)]) == 0
     assert f"|A∩B| = {both:,}" in capsys.readouterr().out
+    # the overall grouping prints its one row
+    assert main(["inspect", str(path_a), str(path_b), "--by", "all"]) == 0
+    assert re.search(rf"^  all +{a.nnz:,} +{b.nnz:,} +{both:,} ", capsys.readouterr().out, re.MULTILINE)
+
+
+def test_cli_compare_deltas_that_change_no_weight(backends, tmp_path, capsys):
+    """Two shift-only deltas: nothing overlaps, and the comparison says so instead of failing."""
+    shifts = [SparseDelta({}, random_sparse_delta(backends["mace"], seed=k).metadata) for k in (0, 1)]
+    paths = [d.save(tmp_path / f"shift{k}.safetensors") for k, d in enumerate(shifts)]
+    assert main(["inspect", *map(str, paths), "--json"]) == 0
+    overall = json.loads(capsys.readouterr().out)["overall"]
+    assert (overall["n_a"], overall["n_b"], overall["n_either"], overall["jaccard"]) == (0, 0, 0, None)
 
 
 def test_cli_sevennet_text(backends, tmp_path, capsys):

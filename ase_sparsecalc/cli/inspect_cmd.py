@@ -145,9 +145,8 @@ def _inspect_two(args, a, b, backend) -> dict[str, Any]:
         )
         for grouping, rows in tables.items():
             print()
-            print(
-                "\n".join(_overlap_table(grouping, [r for r in rows if r["group"] != "all"], args.max_rows))
-            )
+            groups = rows if grouping == "all" else rows[:-1]  # the last row is the overall one
+            print("\n".join(_overlap_table(grouping, groups, args.max_rows)))
         for path in plots:
             print(f"wrote {path}")
     return {"a": args.delta, "b": args.other, "overall": overall, "tables": tables, "plots": plots}
