@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import math
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -423,8 +424,12 @@ def check_energy_shifts(shifts: Any) -> None:
             raise DeltaFormatError(
                 f"energy_shifts[{symbol!r}] must be a number (eV/atom), got {type(value).__name__}"
             )
-        if not np.isfinite(value):
-            raise DeltaValueError(f"energy_shifts[{symbol!r}] is {value}; shifts must be finite")
+        try:
+            finite = math.isfinite(value)  # also for ints too large for a float (JSON allows them)
+        except OverflowError:
+            finite = False
+        if not finite:
+            raise DeltaValueError(f"energy_shifts[{symbol!r}] is {str(value)[:40]}; shifts must be finite")
 
 
 def check_fingerprint(delta: SparseDelta, fingerprint: str, model_name: str, strict: bool) -> None:

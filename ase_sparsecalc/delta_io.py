@@ -222,10 +222,12 @@ def _parse_header(path: Path, raw_meta: dict[str, str]) -> dict:
         header = json.loads(raw_meta[METADATA_KEY])
     except json.JSONDecodeError as exc:
         raise DeltaFormatError(f"{path}: delta metadata is not valid JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise DeltaFormatError(f"{path}: delta metadata is nested too deeply to read") from exc
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise DeltaFormatError(f"{path}: metadata does not describe an {FORMAT_NAME} file")
     version = header.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # not true, not 1.0
         raise DeltaFormatError(
             f"{path}: delta format version {version!r} is not supported by this version of "
             f"ase_sparsecalc (reads version {FORMAT_VERSION}); upgrade ase_sparsecalc"
@@ -254,6 +256,15 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+_NAME_LISTS = (
+    ("training_data", "elements"),
+    ("hyperparameters", "exclude_kinds"),
+    ("hyperparameters", "dense_kinds"),
+    ("hyperparameters", "trainable_tensors"),
+)
+"""Nested metadata fields that the calculator and ``inspect`` read as lists of strings."""
+
+
 def _check_field_types(path: Path, header: dict) -> None:
     for key, types in _FIELD_TYPES.items():
         if key in header and (isinstance(header[key], bool) or not isinstance(header[key], types)):
@@ -263,6 +274,12 @@ def _check_field_types(path: Path, header: dict) -> None:
             )
     if (header.get("trainable_numel") or 0) < 0:
         raise DeltaFormatError(f"{path}: metadata field 'trainable_numel' is negative")
+    for section, key in _NAME_LISTS:
+        value = header.get(section, {}).get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise DeltaFormatError(
+                f"{path}: metadata field {section}.{key} must be a list of names, got {value!r:.60}"
+            )
     try:
         check_energy_shifts(header.get("energy_shifts", {}))
     except DeltaError as exc:

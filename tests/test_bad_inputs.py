@@ -148,6 +148,11 @@ def _unknown_tensor(meta, tensors, name):
         (_set("energy_shifts", "0.1 eV"), DeltaFormatError, "energy_shifts"),
         (_set("trainable_numel", "many"), DeltaFormatError, "trainable_numel"),
         (_set("base_model", 7), DeltaFormatError, "base_model"),
+        (_set("format_version", True), DeltaFormatError, "version True"),
+        (_set("energy_shifts", {"Si": 10**400}), DeltaValueError, "shifts must be finite"),
+        (_set("training_data", {"elements": 14}), DeltaFormatError, "training_data.elements"),
+        (_set("hyperparameters", {"exclude_kinds": 5}), DeltaFormatError, "hyperparameters.exclude_kinds"),
+        (_set("hyperparameters", {"trainable_tensors": [1, "x"]}), DeltaFormatError, "trainable_tensors"),
     ],
     ids=lambda p: getattr(p, "__name__", None) if callable(p) else None,
 )
@@ -194,6 +199,18 @@ def test_truncated_delta_file(delta_bytes, tmp_path, cut):
     with pytest.raises(DeltaFileError, match="truncated or corrupt") as info:
         SparseDelta.load(path)
     assert str(path) in str(info.value)
+
+
+def test_delta_metadata_nested_too_deeply_is_refused(delta_bytes, tmp_path):
+    """JSON that would exhaust Python's recursion limit while being parsed."""
+    path = _edited(delta_bytes, tmp_path / "deep.safetensors", lambda meta, tensors, name: None)
+    with safe_open(str(path), "pt") as handle:
+        meta = handle.metadata()[METADATA_KEY]
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    deep = meta[:-1] + ', "notes": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    save_file(tensors, str(path), metadata={METADATA_KEY: deep})
+    with pytest.raises(DeltaFormatError, match=r"deep\.safetensors: delta metadata is nested too deeply"):
+        SparseDelta.load(path)
 
 
 def test_folder_and_random_bytes_as_delta(tmp_path):
