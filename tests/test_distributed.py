@@ -122,6 +122,7 @@ def test_torchrun_two_processes_give_the_single_process_delta(mace_model_path, t
     run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("weights changed") == 1  # only rank 0 prints its summary
+    assert run.stderr.count("only 3 validation frame(s)") == 1  # and its warnings
     assert "time budget: planned 3 epochs, ran 3" in run.stdout
 
     a, b = SparseDelta.load(single), SparseDelta.load(parallel)
@@ -132,3 +133,20 @@ def test_torchrun_two_processes_give_the_single_process_delta(mace_model_path, t
         np.testing.assert_allclose(np.asarray(tb.values), np.asarray(ta.values), rtol=1e-9, atol=0)
     for symbol, shift in a.metadata.energy_shifts.items():
         assert b.metadata.energy_shifts[symbol] == pytest.approx(shift, rel=1e-9, abs=1e-12)
+
+
+def test_a_misconfigured_data_parallel_launch_is_a_clear_error(monkeypatch):
+    """WORLD_SIZE set by hand without torchrun's rendezvous variables, or CUDA asked for on a
+    machine without it: configuration errors that say what to do, not torch's internals."""
+    from ase_sparsecalc.errors import ConfigError
+    from ase_sparsecalc.finetune.distributed import distributed_session
+
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="launch with torchrun"), distributed_session("cpu"):
+        pass
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="cuda"), distributed_session("cuda"):
+            pass

@@ -221,20 +221,21 @@ def _finetune_in_session(
         train_frames, valid_frames = split_frames(train_frames, config.valid_fraction, config.seed)
     check_duplicates(train_frames + valid_frames)
     check_elements_in_training(train_frames, valid_frames)
-    if not valid_frames and (valid is not None or config.valid_fraction > 0):
-        logger.warning(
-            "no validation frames (too few frames to hold any out, or every frame's composition is "
-            "needed in training): the best epoch and early stopping are chosen on the training "
-            "loss; pass validation frames (valid=..., --valid) to check against held-out data"
-        )
-    elif 0 < len(valid_frames) < FEW_VALID_FRAMES:
-        logger.warning(
-            "only %d validation frame(s): the best epoch (restored at the end) and early stopping "
-            "are chosen on them; pass more (valid=... or a larger valid_fraction) where you can",
-            len(valid_frames),
-        )
+    if process.is_main:  # under torchrun, one copy of each warning
+        if not valid_frames and (valid is not None or config.valid_fraction > 0):
+            logger.warning(
+                "no validation frames (too few frames to hold any out, or every frame's composition is "
+                "needed in training): the best epoch and early stopping are chosen on the training "
+                "loss; pass validation frames (valid=..., --valid) to check against held-out data"
+            )
+        elif 0 < len(valid_frames) < FEW_VALID_FRAMES:
+            logger.warning(
+                "only %d validation frame(s): the best epoch (restored at the end) and early stopping "
+                "are chosen on them; pass more (valid=... or a larger valid_fraction) where you can",
+                len(valid_frames),
+            )
 
-    if process.world_size > config.batch_size:
+    if process.is_main and process.world_size > config.batch_size:
         logger.warning(
             "batch_size %d is smaller than the number of processes (%d): %d of them idle at every "
             "step; raise batch_size to use them",

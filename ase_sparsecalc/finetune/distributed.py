@@ -26,6 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
+from ..torch_setup import resolve_device
+
 logger = logging.getLogger(__name__)
 
 
@@ -138,10 +141,17 @@ def distributed_session(device: str = "cpu") -> Iterator[ProcessInfo]:
     if not dist.is_available():
         raise RuntimeError("this torch build has no torch.distributed; run a single process")
     proc_device = _process_device(device, local, world)
+    resolve_device(proc_device)  # "cuda" without a GPU: the usual ConfigError, not torch's
     on_gpu = proc_device.startswith("cuda")
     if on_gpu:
         torch.cuda.set_device(torch.device(proc_device))
-    dist.init_process_group(backend="nccl" if on_gpu else "gloo")
+    try:
+        dist.init_process_group(backend="nccl" if on_gpu else "gloo")
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(
+            f"WORLD_SIZE={world} asks for a data-parallel run, but torch.distributed could not start "
+            f"({exc}); launch with torchrun, which sets MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE"
+        ) from exc
     logger.info("data-parallel fine-tuning: rank %d of %d on %s", rank, world, proc_device)
     try:
         yield ProcessInfo(rank, world, local, proc_device)

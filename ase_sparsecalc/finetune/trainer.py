@@ -194,13 +194,14 @@ class Trainer:
                 # the partial epoch is not checkpointed: resuming repeats it from the last
                 # complete epoch, which gives the same result as an uninterrupted run
                 self.state.stop_reason = "max_time"
-                logger.warning(
-                    "max_time reached after %d of %d epochs: the schedules are unfinished (the "
-                    "density target is cut to at the end); --resume continues the run, and "
-                    "time_budget (--time-budget) plans a run that fits instead",
-                    self.state.epoch,
-                    self.epochs,
-                )
+                if self.process.is_main:
+                    logger.warning(
+                        "max_time reached after %d of %d epochs: the schedules are unfinished (the "
+                        "density target is cut to at the end); --resume continues the run, and "
+                        "time_budget (--time-budget) plans a run that fits instead",
+                        self.state.epoch,
+                        self.epochs,
+                    )
                 break
             valid_loss = self.validation_loss()
             self._record(epoch, train_loss, valid_loss, time.monotonic() - start)
