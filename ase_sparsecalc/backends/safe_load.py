@@ -127,6 +127,16 @@ def _resolve_global(name: str) -> Any:
     return _import_global(name)
 
 
+def load_failure(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, without torch's advice to retry with
+    ``weights_only=False`` (which would run whatever the file holds): the first line of its
+    message that does not mention ``weights_only`` (torch 2.13: "Trying to load unsupported
+    GLOBAL posix.system ...")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reasons = [line for line in lines if "weights_only" not in line]
+    return f"{type(exc).__name__}: {reasons[0] if reasons else 'no reason given'}"
+
+
 def referenced_globals(path: str | Path) -> list[str]:
     """The Python globals a torch checkpoint refers to beyond torch's defaults (nothing is run)."""
     try:
@@ -168,4 +178,4 @@ def load_checkpoint(path: str | Path, allowed: Iterable[str]) -> Any:
         with torch.serialization.safe_globals(safe):
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise BaseModelError(f"{path}: cannot load checkpoint ({exc})") from exc
+        raise BaseModelError(f"{path}: cannot load checkpoint ({load_failure(exc)})") from exc

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..backends.base import Backend
+from ..backends.safe_load import load_failure
 from ..delta_io import atomic_write_bytes
 from ..errors import CheckpointError
 from . import distributed
@@ -352,7 +353,7 @@ class Trainer:
             payload = torch.load(path, map_location=self.backend.device, weights_only=True)
         except Exception as exc:
             raise CheckpointError(
-                f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc}); delete it to start afresh"
+                f"{path}: cannot read checkpoint ({load_failure(exc)}); delete it to start afresh"
             ) from exc
         if not isinstance(payload, dict) or payload.get("fingerprint") != self.fingerprint:
             raise CheckpointError(
