@@ -639,7 +639,7 @@ def test_unusable_checkpoint_on_resume(mace_model_path, tmp_path):
     with pytest.raises(CheckpointError, match=r"checkpoint\.pt: cannot read checkpoint"):
         finetune(mace_model_path, str(path), checkpoint_dir=checkpoints, resume=True, **FAST)
     torch.save({"fingerprint": "another run"}, checkpoints / "checkpoint.pt")
-    with pytest.raises(CheckpointError, match="another base model, data set or options"):
+    with pytest.raises(CheckpointError, match="base model, data set or training options differ"):
         finetune(mace_model_path, str(path), checkpoint_dir=checkpoints, resume=True, **FAST)
 
 
@@ -650,6 +650,17 @@ def test_resuming_may_change_device_and_time_limits_but_not_training_options(bac
     assert first == _run_fingerprint(backend, FinetuneConfig(device="auto", time_budget=3600), "data")
     assert first != _run_fingerprint(backend, FinetuneConfig(device="cpu", lr=0.02), "data")
     assert first != _run_fingerprint(backend, FinetuneConfig(device="cpu"), "other data")
+
+
+def test_a_refused_resume_names_what_changed(mace_model_path, tmp_path):
+    path = tmp_path / "train.extxyz"
+    write(path, water_frames(4))
+    options = {**FAST, "checkpoint_dir": tmp_path / "ckpt"}
+    finetune(mace_model_path, str(path), **options)
+    with pytest.raises(CheckpointError, match=r"checkpoint's training options differ from this run's"):
+        finetune(mace_model_path, str(path), resume=True, **{**options, "lr": 0.5})
+    with pytest.raises(CheckpointError, match=r"checkpoint's data set differs from this run's"):
+        finetune(mace_model_path, f"{path}@0:3", resume=True, **options)
 
 
 def test_a_checkpoint_made_through_another_output_head_is_not_resumed(tmp_path):

@@ -463,12 +463,16 @@ the plan is in the checkpoint) and the device (a job preempted on one GPU resume
 
 
 def _run_fingerprint(backend: Backend, config: FinetuneConfig, data_id: str) -> str:
-    """What a checkpoint must match to be resumed: base model (and its output head), data and
-    training options."""
+    """What a checkpoint must match to be resumed: ``"base model=…;data set=…;options=…"``, a
+    hash of each part (the base model with its output head), so that a refusal can say which
+    part differs (:meth:`Trainer.load_checkpoint`)."""
     relevant = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
-    head = str(getattr(backend, "head", None))
-    text = "|".join([backend.fingerprint, head, data_id, repr(sorted(relevant.items()))])
-    return hashlib.sha256(text.encode()).hexdigest()
+    parts = {
+        "base model": f"{backend.fingerprint}|{getattr(backend, 'head', None)}",
+        "data set": data_id,
+        "training options": repr(sorted(relevant.items())),
+    }
+    return ";".join(f"{k}={hashlib.sha256(v.encode()).hexdigest()[:32]}" for k, v in parts.items())
 
 
 def _describe(source: FrameSource) -> str:

@@ -356,8 +356,12 @@ class Trainer:
                 f"{path}: cannot read checkpoint ({load_failure(exc)}); delete it to start afresh"
             ) from exc
         if not isinstance(payload, dict) or payload.get("fingerprint") != self.fingerprint:
+            differ = _differing_parts(
+                payload.get("fingerprint") if isinstance(payload, dict) else None, self.fingerprint
+            )
+            verb = "differs" if differ in _PARTS else "differ"
             raise CheckpointError(
-                f"{path}: checkpoint belongs to another base model, data set or options; "
+                f"{path}: the checkpoint's {differ} {verb} from this run's; "
                 "start without --resume or use another output folder"
             )
         try:
@@ -396,3 +400,22 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc="fine-tuning", unit="epoch")
+
+
+_PARTS = ("base model", "data set")  # the singular parts of a run fingerprint
+
+
+def _differing_parts(theirs: object, ours: str) -> str:
+    """Which parts of two run fingerprints (``"name=hash;..."``) differ, in words; all of them
+    when the checkpoint's cannot be read that way (written by another version)."""
+
+    def parts(text: object) -> dict[str, str]:
+        if not isinstance(text, str):
+            return {}
+        pairs = [item.partition("=") for item in text.split(";")]
+        return {name: value for name, sep, value in pairs if sep}
+
+    mine, other = parts(ours), parts(theirs)
+    if not mine or set(mine) != set(other):
+        return "base model, data set or training options"
+    return " and ".join(name for name in mine if mine[name] != other[name])
