@@ -18,6 +18,7 @@ from ase.build import bulk, molecule
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import chemical_symbols
 from ase.io import write
+from ase.units import GPa
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -793,6 +794,10 @@ def test_label_slopes_name_wrong_units_and_per_atom_energies():
     messages = warn_about_label_scales(slopes, "si.xyz")
     assert len(messages) == 3 and all(m.startswith("si.xyz: the DFT") for m in messages)
     assert any("Hartree/Bohr" in m for m in messages) and any("per atom" in m for m in messages)
+    # DFT at its own equilibrium against a base model 4 GPa off in pressure (another functional):
+    # the stresses still agree in scale, and no unit or sign is suspected
+    offset = {k: {**p, "stress": p["stress"] - 4.0 * GPa * np.eye(3)} for k, p in model.items()}
+    assert label_slopes(frames, offset)["stress"] == pytest.approx(1.0)
 
 
 def test_stray_energies_and_net_forces_are_named_by_frame():
