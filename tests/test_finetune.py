@@ -129,6 +129,11 @@ def test_baseline_methods_train_and_export(method, mace_model_path, frames):
         assert any(name.startswith("readouts") for name in delta.tensors)
     if method == "elora":
         assert delta.density > 0.5  # low-rank updates merge into dense path blocks
+    # ethanol frames: the element-specific weights of Si and Cu get no gradient and stay as they are
+    by_element = {
+        r["group"]: r["nnz"] for r in delta_pattern(delta, load_backend(mace_model_path), by="element")
+    }
+    assert by_element.get("Si", 0) == by_element.get("Cu", 0) == 0 and by_element["C"] > 0
 
 
 @pytest.mark.parametrize("optimizer", ["factored_adam", "adafactor"])

@@ -522,7 +522,14 @@ class DenseDelta(DeltaMethod):
 
 
 class LowRankPathDelta(DeltaMethod):
-    """``elora``: a rank-r update ``A @ B`` of every irrep-path block, merged on export."""
+    """``elora``: a rank-r update ``A @ B`` of every irrep-path block, merged on export.
+
+    ``A`` (rows x r) starts at zero and ``B`` (r x cols) at random, so that a row whose entries
+    get no gradient keeps ``A``'s row, and the update's row, exactly zero. Element-indexed
+    weights (the element embedding, MACE's per-element blocks) hold their elements along the
+    rows: the rows of elements absent from the training data never change, as with the other
+    methods. (With the factors the other way round, every row would take a share of ``B``.)
+    """
 
     name = "elora"
 
@@ -536,9 +543,9 @@ class LowRankPathDelta(DeltaMethod):
             for rows, cols in _path_blocks(info):
                 rank = min(options.rank, rows, cols) if rows > 1 else 0
                 if rank:
-                    a = torch.randn(rows, rank, generator=generator) / rows**0.5
-                    self.factors.append(torch.nn.Parameter(a.to(self.scales)))
-                    self.factors.append(torch.nn.Parameter(torch.zeros(rank, cols).to(self.scales)))
+                    b = torch.randn(rank, cols, generator=generator) / cols**0.5
+                    self.factors.append(torch.nn.Parameter(torch.zeros(rows, rank).to(self.scales)))
+                    self.factors.append(torch.nn.Parameter(b.to(self.scales)))
                 else:
                     self.factors.append(torch.nn.Parameter(torch.zeros(rows * cols).to(self.scales)))
                 blocks.append((rows, cols, rank))
