@@ -136,6 +136,18 @@ def test_baseline_methods_train_and_export(method, mace_model_path, frames):
     assert by_element.get("Si", 0) == by_element.get("Cu", 0) == 0 and by_element["C"] > 0
 
 
+def test_a_penalty_run_that_stays_dense_says_so(mace_model_path, frames, caplog):
+    """The penalty form (no target density) after a few steps changes most weights: the run
+    reports it instead of calling the result sparse without comment."""
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        result = finetune_with_report(
+            mace_model_path, frames[:8], frames[8:10], density=None, penalty=1e-3, **FAST
+        )
+    assert result.delta.density > 0.5
+    warnings = [w for w in result.report["data_checks"]["warnings"] if "l1 penalty" in w]
+    assert len(warnings) == 1 and "--density" in warnings[0] and "l1 penalty" in caplog.text
+
+
 @pytest.mark.parametrize("optimizer", ["factored_adam", "adafactor"])
 def test_factored_optimizers_fine_tune_with_less_state(optimizer, mace_model_path, frames):
     backend = load_backend(mace_model_path, dtype="float64")

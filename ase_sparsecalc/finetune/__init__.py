@@ -313,6 +313,14 @@ def _finetune_in_session(
     delta = SparseDelta(
         tensors, _metadata(backend, config, shifts, train_frames, valid_frames, train, trainable, isolated)
     )
+    if process.is_main and config.method == "sparse" and config.density is None and delta.density > 0.5:
+        message = (
+            f"the l1 penalty ({config.penalty:g}) left {100 * delta.density:.1f} % of the weights changed: "
+            "the penalty form controls the density weakly; give a target density (--density 0.03) for a "
+            "sparse delta"
+        )
+        logger.warning(message)
+        data_warnings.append(message)
     backend.set_energy_shifts_by_number({})
     delta.apply(backend)
     if config.refit_shifts and config.method != "shift":
