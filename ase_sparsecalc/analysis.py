@@ -431,6 +431,12 @@ def _overlap_row(fields: dict[str, Any], c: np.ndarray) -> dict[str, Any]:
 
 
 def _check_same_shapes(a: SparseDelta, b: SparseDelta) -> None:
+    kinds = (a.metadata.backend, b.metadata.backend)
+    if all(kinds) and kinds[0] != kinds[1]:
+        raise DeltaShapeError(
+            f"the deltas belong to different kinds of model ({kinds[0]} and {kinds[1]}): they share no "
+            "weights to compare"
+        )
     for name in set(a.tensors) & set(b.tensors):
         if a.tensors[name].shape != b.tensors[name].shape:
             raise DeltaShapeError(

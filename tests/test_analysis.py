@@ -366,6 +366,9 @@ def test_compare_deltas_exact_overlaps(backends):
     assert (by_layer["0"]["n_both"], by_layer["1"]["n_a"], by_layer["1"]["n_b"]) == (5, 3, 1)
     self_overlap = compare_deltas(a, a, backend, by="all")
     assert len(self_overlap) == 1 and self_overlap[0]["jaccard"] == 1.0
+    seven = random_sparse_delta(backends["sevennet"], density=0.01)
+    with pytest.raises(DeltaShapeError, match="different kinds of model \\(mace and sevennet\\)"):
+        compare_deltas(a, seven, backend)
 
 
 # --------------------------------------------------------------------------- command line

@@ -23,20 +23,15 @@ TITLES = {
     "path": "By path l_in->l_out (n/a->l: symmetric contraction)",
     "element": "By element (shared = not element-specific)",
 }
-HEADER_HYPERPARAMETERS = (
-    "density",
-    "hard_threshold",
-    "masked_decay",
-    "penalty",
-    "rank",
-    "epochs",
-    "batch_size",
-    "lr",
-    "lr_rewind",
-    "train_readouts",
-    "seed",
-)
-"""Hyperparameters shown in the header (all of them are in the --json output)."""
+METHOD_HYPERPARAMETERS = {
+    "sparse": ("density", "hard_threshold", "masked_decay", "penalty"),
+    "gmp": ("density",),
+    "l1": ("density", "penalty"),
+    "elora": ("rank",),
+}
+"""The header's method-specific hyperparameters (all of them are in the --json output); other
+methods show none of them."""
+TRAINING_HYPERPARAMETERS = ("epochs", "batch_size", "lr", "lr_rewind", "train_readouts", "seed")
 PLOT_TABLES = ("layer,l", "layer,element", "layer,kind")
 
 
@@ -163,7 +158,10 @@ def _pct(value: float | None) -> str:
 
 def _header(path: str, s: dict[str, Any]) -> list[str]:
     params = s["hyperparameters"]
-    hyper = ", ".join(f"{k}={params[k]}" for k in HEADER_HYPERPARAMETERS if params.get(k) is not None)
+    shown = (*METHOD_HYPERPARAMETERS.get(s["method"], ()), *TRAINING_HYPERPARAMETERS)
+    if s["method"] == "shift":
+        shown = ()
+    hyper = ", ".join(f"{k}={params[k]}" for k in shown if params.get(k) is not None)
     shifts = s["energy_shifts_meV"]
     shift_text = ", ".join(f"{k} {v:+.1f}" for k, v in shifts.items()) + " meV/atom" if shifts else "none"
     lines = [
