@@ -351,14 +351,16 @@ def test_max_time_stops_part_way_and_says_so(mace_model_path, frames, caplog):
     assert result.delta.density <= 0.05 + 1e-3
 
 
-def test_cli_time_budget_reports_its_plan(mace_model_path, tmp_path, capsys):
+def test_cli_time_budget_reports_its_plan(mace_model_path, tmp_path, capsys, caplog):
     from ase_sparsecalc.cli import main
 
     output = tmp_path / "budget.safetensors"
     argv = ["finetune", ETHANOL + "@:6", "--base", mace_model_path, "-o", str(output)]
     argv += ["--epochs", "4", "--batch-size", "3", "--time-budget", "0.001", "--no-progress"]
-    assert main(argv) == 0
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        assert main(argv) == 0
     assert "time budget: planned 1 epochs, ran 1" in capsys.readouterr().out
+    assert "time budget 0.001 s is less than one epoch" in caplog.text
     assert SparseDelta.load(output).density == pytest.approx(0.03, abs=0.002)
 
 

@@ -228,9 +228,12 @@ def run(args: argparse.Namespace) -> int:
 def format_summary(report: dict, paths: dict) -> str:
     """Human-readable before/after table of a fine-tuning report."""
     split = "valid" if report["after"].get("valid") else "train"
+    share = f"{100 * report['density']:.2f} % of {report['trainable_weights']}"
+    changed = f"{report['nnz']} weights changed ({share})"
+    if report["method"] == "shift":
+        changed = "per-element energy shifts only, no weights changed"
     lines = [
-        f"{report['method']} delta on {report['base']}: {report['nnz']} weights changed "
-        f"({100 * report['density']:.2f} % of {report['trainable_weights']})",
+        f"{report['method']} delta on {report['base']}: {changed}",
         f"errors on the {split} frames        base+shift    calibrated",
     ]
     for key, label in (

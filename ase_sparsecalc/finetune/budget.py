@@ -57,6 +57,13 @@ def plan_epochs(trainer: Trainer, budget: float, probe_steps: int = PROBE_STEPS)
 
     remaining = budget - (time.monotonic() - start)
     epochs = min(trainer.config.epochs, max(1, math.floor(SAFETY * remaining / max(epoch_time, 1e-9))))
+    if SAFETY * remaining < epoch_time and trainer.process.is_main:
+        logger.warning(
+            "time budget %.3g s is less than one epoch (about %.3g s): running one epoch, which "
+            "takes longer than the budget",
+            budget,
+            epoch_time,
+        )
     if trainer.process.distributed:  # every process takes rank 0's plan
         share = epochs if trainer.process.is_main else 0
         epochs = round(distributed.all_reduce_sum([float(share)], trainer.backend.device)[0])
