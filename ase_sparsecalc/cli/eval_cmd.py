@@ -72,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(metrics, indent=2))
         return 0
     print(f"{len(frames)} frames, base {metrics['base']}, delta {args.delta or '(none)'}")
+    if not args.delta:
+        print(
+            "  (no delta: energies are on the base model's zero of energy, which another DFT code "
+            "puts elsewhere per element; `sparsecalc finetune --method shift` fits that offset)"
+        )
     if isolated:
         print(
             f"  left out {len(isolated)} isolated-atom reference frame(s) "
