@@ -9,7 +9,7 @@ does not. The script
 2. fine-tunes a sparse delta (3 % of the equivariant path weights),
 3. evaluates both on the held-out test frames and relaxes the crystal with each,
 
-and compares with the DFT reference. Five to ten minutes on two CPU cores (library defaults:
+and compares with the DFT reference. Five to twelve minutes on two CPU cores (library defaults:
 one structure per optimizer step; the test force error drops from about 157 to 11-12 meV/Å and
 the relaxed lattice constant lands on the DFT one: 5.4392 against 5.4393 Å).
 

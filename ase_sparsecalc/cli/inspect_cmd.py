@@ -28,6 +28,7 @@ METHOD_HYPERPARAMETERS = {
     "gmp": ("density",),
     "l1": ("density", "penalty"),
     "elora": ("rank",),
+    "random": ("density",),  # ase_sparsecalc.testing.random_sparse_delta
 }
 """The header's method-specific hyperparameters (all of them are in the --json output); other
 methods show none of them."""
