@@ -404,6 +404,10 @@ def test_results_computed_for_another_structure_are_refused():
         cu.get_forces()
     energies = [cu.get_potential_energy() for cu in structures]
     assert [f.energy for f in read_frames(structures)] == energies
+    # moved as a whole and wrapped back into the cell: the same structure, kept with its labels
+    structures[2].translate([3.1, -0.7, 12.0])
+    structures[2].wrap()
+    assert read_frames(structures)[2].energy == energies[2]
     structures[1].positions[0] += 0.1
     with pytest.raises(StaleLabelError, match=r"structure 1: .*\(positions differ\)"):
         read_frames(structures)

@@ -361,6 +361,8 @@ def _refuse_stale_results(atoms: Atoms, results: dict, where: str) -> None:
     if not results or getattr(atoms.calc, "atoms", None) is None:
         return
     changed = atoms.calc.check_state(atoms)
+    if changed == ["positions"] and _moved_as_a_whole(atoms.calc.atoms, atoms):
+        return  # translated and/or wrapped into the cell: the same structure, the same labels
     if changed:
         raise StaleLabelError(
             f"{where}: the calculator's results were computed for another structure ({', '.join(changed)} "
@@ -368,6 +370,21 @@ def _refuse_stale_results(atoms: Atoms, results: dict, where: str) -> None:
             "calculator; give each structure its own results (ase.calculators.singlepoint."
             "SinglePointCalculator, or write the frames to a file as they are computed)"
         )
+
+
+def _moved_as_a_whole(before: Atoms, after: Atoms, tol: float = 1e-6) -> bool:
+    """Whether ``after`` is ``before`` moved by one vector, each atom also by any lattice vector
+    along the periodic axes (``atoms.translate``, ``atoms.wrap``): energy, forces and stress
+    are the same. ``tol`` in Å."""
+    moved = after.positions - before.positions
+    relative = moved - moved[0]  # what is left once the common translation is taken out
+    periodic = np.asarray(after.pbc, dtype=bool)
+    if not periodic.any():
+        return bool(np.abs(relative).max() <= tol)
+    fractions = np.linalg.lstsq(after.cell.array.T, relative.T, rcond=None)[0].T  # (n, 3)
+    lattice = np.zeros_like(fractions)
+    lattice[:, periodic] = np.round(fractions[:, periodic])  # whole lattice vectors, periodic axes
+    return bool(np.abs(relative - lattice @ after.cell.array).max() <= tol)
 
 
 def _as_float_array(value, where: str, what: str) -> np.ndarray:
