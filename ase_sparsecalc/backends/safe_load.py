@@ -31,6 +31,17 @@ import torch
 
 from ..errors import BaseModelError, ModelNotFoundError, UnsafeCheckpointError
 
+NUMPY_ARRAYS = (
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy.dtypes.",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+)
+"""What unpickling numpy arrays and scalars needs, and nothing else of numpy."""
+
 MACE_ALLOWED = (
     "mace.modules.",
     "mace.tools.scatter.",
@@ -49,24 +60,10 @@ MACE_ALLOWED = (
     "builtins.set",
     "builtins.frozenset",
     "builtins.slice",
-    "numpy.core.multiarray._reconstruct",
-    "numpy._core.multiarray._reconstruct",
-    "numpy.ndarray",
-    "numpy.dtype",
-    "numpy.dtypes.",
-    "numpy.core.multiarray.scalar",
-    "numpy._core.multiarray.scalar",
+    *NUMPY_ARRAYS,
 )
 
-SEVENNET_ALLOWED = (
-    "numpy.core.multiarray._reconstruct",
-    "numpy._core.multiarray._reconstruct",
-    "numpy.ndarray",
-    "numpy.dtype",
-    "numpy.dtypes.",
-    "numpy.core.multiarray.scalar",
-    "numpy._core.multiarray.scalar",
-)
+SEVENNET_ALLOWED = NUMPY_ARRAYS
 
 # Globals whose pickled name differs from where numpy 2 keeps them.
 _RENAMED = {
