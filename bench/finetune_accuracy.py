@@ -108,6 +108,12 @@ ABLATION = {
         "prune_end_fraction": 0.4,
     },
     "batch 1, lr rewind, no masked decay": {"batch_size": 1, "masked_decay": 0.0, "lr_rewind": True},
+    "batch 1, lr rewind, stress weight 100": {
+        "batch_size": 1,
+        "masked_decay": 0.1,
+        "lr_rewind": True,
+        "stress_weight": 100.0,
+    },
     "batch 1, lr rewind, masked decay 0.03": {"batch_size": 1, "masked_decay": 0.03, "lr_rewind": True},
     "batch 1, lr rewind, density 5 %": {
         "batch_size": 1,
@@ -196,6 +202,7 @@ ABLATION = {
     "full, batch 1, lr x2": {"method": "full", "batch_size": 1, "lr_scale": 2.0},
     "full, batch 1, lr rewind": {"method": "full", "batch_size": 1, "lr_rewind": True},
     "full, batch 1, best from 0.8": {"method": "full", "batch_size": 1, "best_from": 0.8},
+    "full, batch 1, stress weight 100": {"method": "full", "batch_size": 1, "stress_weight": 100.0},
     "gmp (magnitude pruning)": {"method": "gmp"},
     "l1 + one-shot pruning": {"method": "l1", "penalty": 1e-3},
 }
@@ -279,7 +286,7 @@ def run_one(args, dataset, n_train, label, options) -> dict:
         valid_fraction=0.1,
         isolated_atoms=isolated,
         output=delta_path,
-        stress_weight=args.stress_weight,
+        stress_weight=options.pop("stress_weight", args.stress_weight),
         patience=args.patience,
         progress=args.progress,
         max_time=args.max_time,
