@@ -365,11 +365,11 @@ class SparseCalc(Calculator):
         energy = out.energy.detach().to("cpu", torch.float64).numpy()
         forces = out.forces.detach().to("cpu", torch.float64).numpy()
         stress = out.stress.detach().to("cpu", torch.float64).numpy() if compute_stress else None
-        self._check_finite(energy, forces, stress, names, np.cumsum([0] + [len(a) for a in chunk]))
+        ptr = np.concatenate([[0], np.cumsum([len(a) for a in chunk])])
+        self._check_finite(energy, forces, stress, names, ptr)
         atom_energies = None
         if out.atom_energies is not None:
             atom_energies = out.atom_energies.detach().to("cpu", torch.float64).numpy()
-        ptr = np.concatenate([[0], np.cumsum([len(a) for a in chunk])])
         results = []
         for g in range(len(chunk)):
             res: dict[str, float | np.ndarray] = {

@@ -159,9 +159,11 @@ def _pct(value: float | None) -> str:
 
 def _header(path: str, s: dict[str, Any]) -> list[str]:
     params = s["hyperparameters"]
-    shown = (*METHOD_HYPERPARAMETERS.get(s["method"], ()), *TRAINING_HYPERPARAMETERS)
-    if s["method"] == "shift":
-        shown = ()
+    shown = (
+        ()
+        if s["method"] == "shift"
+        else (*METHOD_HYPERPARAMETERS.get(s["method"], ()), *TRAINING_HYPERPARAMETERS)
+    )
     hyper = ", ".join(f"{k}={params[k]}" for k in shown if params.get(k) is not None)
     shifts = s["energy_shifts_meV"]
     shift_text = ", ".join(f"{k} {v:+.1f}" for k, v in shifts.items()) + " meV/atom" if shifts else "none"

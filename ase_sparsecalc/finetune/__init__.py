@@ -471,7 +471,7 @@ the plan is in the checkpoint) and the device (a job preempted on one GPU resume
 
 
 def _run_fingerprint(backend: Backend, config: FinetuneConfig, data_id: str) -> str:
-    """What a checkpoint must match to be resumed: ``"base model=…;data set=…;options=…"``, a
+    """What a checkpoint must match to be resumed: ``"base model=…;data set=…;training options=…"``, a
     hash of each part (the base model with its output head), so that a refusal can say which
     part differs (:meth:`Trainer.load_checkpoint`)."""
     relevant = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}

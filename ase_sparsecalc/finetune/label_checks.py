@@ -43,13 +43,13 @@ def label_slopes(frames: Sequence[Frame], predictions: Mapping[int, Mapping[str,
     for name in ("forces", "stress"):
         chosen = [k for k, f in enumerate(frames) if getattr(f, name) is not None and name in predictions[k]]
         if chosen:
-            labels = [np.asarray(getattr(frames[k], name), dtype=float) for k in chosen]
-            model = [np.asarray(predictions[k][name], dtype=float) for k in chosen]
-            if name == "stress":
-                labels = list(_without_mean_pressure(np.array(labels)))
-                model = list(_without_mean_pressure(np.array(model)))
-            flat_labels = np.concatenate([np.ravel(x) for x in labels])
-            slopes.update(_slope(name, flat_labels, np.concatenate([np.ravel(x) for x in model])))
+            if name == "stress":  # (n, 3, 3) each
+                labels = _without_mean_pressure(np.array([frames[k].stress for k in chosen])).ravel()
+                model = _without_mean_pressure(np.array([predictions[k]["stress"] for k in chosen])).ravel()
+            else:
+                labels = np.concatenate([np.ravel(frames[k].forces) for k in chosen])
+                model = np.concatenate([np.ravel(predictions[k]["forces"]) for k in chosen])
+            slopes.update(_slope(name, labels, model))
     if len(frames) >= 3:
         elements = sorted({int(z) for f in frames for z in f.atoms.numbers})
         counts = composition_matrix(frames, elements)

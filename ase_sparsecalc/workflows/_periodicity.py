@@ -45,16 +45,28 @@ def open_axes(atoms: Atoms, task: str) -> np.ndarray:
             f"{name}: {task} needs a periodic cell with a non-zero volume (pbc={pbc.tolist()}, "
             f"cell {atoms.cell.array.round(6).tolist()}); a slab or wire must hold its vacuum in the cell"
         )
-    if not pbc.all():
-        cell = atoms.cell.array
-        off_axis = np.abs(cell[np.ix_(pbc, ~pbc)]).max()
-        if off_axis > 1e-6 * np.abs(cell).max():
-            raise StructureError(
-                f"{name}: for {task} the periodic cell vectors must lie along the periodic axes "
-                f"{axis_names(np.flatnonzero(pbc))} (a component of {off_axis:.3g} Å along an open "
-                "axis); orient the structure with its vacuum along an open Cartesian axis"
-            )
+    if not pbc.all() and leaves_periodic_axes(atoms.cell.array, pbc):
+        off_axis = off_axis_extent(atoms.cell.array, pbc)
+        raise StructureError(
+            f"{name}: for {task} the periodic cell vectors must lie along the periodic axes "
+            f"{axis_names(np.flatnonzero(pbc))} (a component of {off_axis:.3g} Å along an open "
+            "axis); orient the structure with its vacuum along an open Cartesian axis"
+        )
     return np.flatnonzero(~pbc)
+
+
+def off_axis_extent(cell, pbc) -> float:
+    """Largest component (Å) of a periodic cell vector along an open Cartesian axis (0 when the
+    periodic vectors keep to the periodic axes, as :func:`open_axes` needs)."""
+    cell = np.asarray(cell, dtype=float)
+    pbc = np.asarray(pbc, dtype=bool)
+    return float(np.abs(cell[np.ix_(pbc, ~pbc)]).max(initial=0.0))
+
+
+def leaves_periodic_axes(cell, pbc) -> bool:
+    """Whether a periodic cell vector has a component along an open Cartesian axis (beyond
+    rounding: 1e-6 of the largest cell entry)."""
+    return off_axis_extent(cell, pbc) > 1e-6 * np.abs(np.asarray(cell, dtype=float)).max()
 
 
 def axis_names(axes: Sequence[int]) -> str:

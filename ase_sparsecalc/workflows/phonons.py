@@ -32,7 +32,7 @@ from ase.calculators.calculator import Calculator
 from ..delta_io import refuse_file_as_folder
 from ..errors import StructureError
 from ..graph import CHARGE_KEY, NEUTRAL_SINGLET, SPIN_KEY, charge_and_spin
-from ._periodicity import axis_names, open_axes, warn_about_periodic_vacuum
+from ._periodicity import axis_names, leaves_periodic_axes, open_axes, warn_about_periodic_vacuum
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def phonons(
     if not 0 < displacement < 0.2:
         raise ValueError(f"displacement must be in (0, 0.2) Å, got {displacement}")
     phonon = _phonopy(atoms, supercell_matrix, primitive, symprec)
-    if open_.size and primitive == "auto" and not _keeps_open_axes(phonon.primitive.cell, atoms.pbc):
+    if open_.size and primitive == "auto" and leaves_periodic_axes(phonon.primitive.cell, atoms.pbc):
         # phonopy finds the primitive cell of a 3-D standard setting, which may swap a slab's
         # or wire's open axis with a periodic one (vacuum along x or y); keep the cell as given
         logger.warning(
@@ -298,13 +298,6 @@ def _phonopy(atoms: Atoms, supercell_matrix, primitive, symprec: float):
             symprec=symprec,
             log_level=0,
         )
-
-
-def _keeps_open_axes(cell, pbc) -> bool:
-    """Whether the periodic vectors of ``cell`` lie along the periodic Cartesian axes only."""
-    cell = np.asarray(cell, dtype=float)
-    pbc = np.asarray(pbc, dtype=bool)
-    return bool(np.abs(cell[np.ix_(pbc, ~pbc)]).max() <= 1e-6 * np.abs(cell).max())
 
 
 def _supercell_matrix(supercell, open_: Sequence[int] = (), name: str = "the structure") -> np.ndarray:
