@@ -206,11 +206,16 @@ def load_delta(path: str | Path) -> SparseDelta:
     header = _parse_header(path, raw_meta)
     shapes = header.pop("tensor_shapes")
     header.pop("format", None)
-    header.pop("nnz", None)
+    stored_nnz = header.pop("nnz", None)
     metadata, unknown = DeltaMetadata.from_dict(header)
     if unknown:
         warnings.warn(f"{path}: unknown metadata keys kept as extra: {unknown}", stacklevel=2)
     delta = SparseDelta(_tensor_deltas(path, tensors, shapes), metadata)
+    if stored_nnz is not None and (type(stored_nnz) is not int or stored_nnz != delta.nnz):
+        raise DeltaFormatError(
+            f"{path}: metadata says {stored_nnz!r:.40} changed entries but the tensors hold "
+            f"{delta.nnz}; the file was edited or damaged"
+        )
     delta.source = str(path)
     return delta
 
@@ -301,6 +306,11 @@ def _check_shape(path: Path, name: str, shape) -> None:
 def _tensor_deltas(path: Path, tensors: dict, shapes: dict) -> dict[str, TensorDelta]:
     import torch
 
+    stray = sorted(key for key in tensors if not key.endswith((INDICES_SUFFIX, VALUES_SUFFIX)))
+    if stray:
+        raise DeltaFormatError(
+            f"{path}: entries {stray[:5]} are neither NAME{INDICES_SUFFIX} nor NAME{VALUES_SUFFIX}"
+        )
     names = {key.rsplit("::", 1)[0] for key in tensors}
     if names != set(shapes):
         raise DeltaFormatError(
@@ -319,6 +329,11 @@ def _tensor_deltas(path: Path, tensors: dict, shapes: dict) -> dict[str, TensorD
         if values.dtype not in (torch.float32, torch.float64):
             raise DeltaFormatError(
                 f"{path}: tensor {name!r} has {values.dtype} values; delta files store float32 or float64"
+            )
+        if indices.dim() != 1 or values.dim() != 1:
+            raise DeltaFormatError(
+                f"{path}: tensor {name!r} has indices of shape {list(indices.shape)} and values of "
+                f"shape {list(values.shape)}; delta files store flat (1-D) lists"
             )
         try:
             out[name] = TensorDelta.create(indices, values, tuple(shapes[name]), name)

@@ -128,10 +128,20 @@ def _extra_axis(meta, tensors, name):
     meta["tensor_shapes"][name] = [1, *meta["tensor_shapes"][name]]
 
 
+def _indices_as_column(meta, tensors, name):
+    tensors[name + "::indices"] = tensors[name + "::indices"].reshape(-1, 1)
+    tensors[name + "::values"] = tensors[name + "::values"].reshape(-1, 1)
+
+
+def _stray_entry(meta, tensors, name):
+    tensors[name + "::scale"] = torch.ones(1)
+
+
 def _unknown_tensor(meta, tensors, name):
     meta["tensor_shapes"]["no_such.weight"] = [4]
     tensors["no_such.weight::indices"] = torch.tensor([1])
     tensors["no_such.weight::values"] = torch.tensor([0.5])
+    meta["nnz"] += 1
 
 
 # ---------------------------------------------------------------------------- delta files
@@ -154,6 +164,10 @@ def _unknown_tensor(meta, tensors, name):
         (_set("training_data", {"elements": 14}), DeltaFormatError, "training_data.elements"),
         (_set("hyperparameters", {"exclude_kinds": 5}), DeltaFormatError, "hyperparameters.exclude_kinds"),
         (_set("hyperparameters", {"trainable_tensors": [1, "x"]}), DeltaFormatError, "trainable_tensors"),
+        (_indices_as_column, DeltaFormatError, "flat"),
+        (_stray_entry, DeltaFormatError, "::scale"),
+        (_set("nnz", 3), DeltaFormatError, "says 3 changed entries"),
+        (_set("nnz", "3"), DeltaFormatError, "changed entries"),
     ],
     ids=lambda p: getattr(p, "__name__", None) if callable(p) else None,
 )
@@ -171,8 +185,9 @@ def test_defective_delta_file_is_refused_on_load(delta_bytes, tmp_path, edit, er
         (_set("backend", "sevennet"), DeltaMismatchError, "'sevennet' model"),
         (_extra_axis, DeltaShapeError, "shape"),
         (_unknown_tensor, DeltaShapeError, "no_such.weight"),
+        (_set("energy_shifts", {"H": 0.1, "Pu": 0.2}), DeltaMismatchError, "element.s. Pu, unknown"),
     ],
-    ids=["other_base", "other_backend", "shape_mismatch", "unknown_tensor"],
+    ids=["other_base", "other_backend", "shape_mismatch", "unknown_tensor", "foreign_shift"],
 )
 def test_delta_that_does_not_fit_the_base_names_its_file(
     delta_bytes, mace_model_path, tmp_path, edit, error, problem

@@ -437,6 +437,17 @@ class Backend(ABC):
                 f"{self.name!r} model"
             )
         check_fingerprint(delta, self.fingerprint, self.model_name, strict)
+        foreign = sorted(
+            (symbol for symbol in delta.metadata.energy_shifts
+             if symbol in symbol_to_number and not self._known[symbol_to_number[symbol]]),
+            key=symbol_to_number.get,
+        )
+        if foreign:
+            raise DeltaMismatchError(
+                f"delta shifts the energy of element(s) {', '.join(foreign)}, unknown to base model "
+                f"{self.model_name!r} (it knows {_element_list(self.atomic_numbers)}); it was made "
+                "for another model or edited"
+            )
 
     def fill_metadata(self, meta: DeltaMetadata) -> DeltaMetadata:
         """Write this base's backend name, model name and fingerprint into ``meta``."""
