@@ -437,11 +437,8 @@ class Backend(ABC):
                 f"{self.name!r} model"
             )
         check_fingerprint(delta, self.fingerprint, self.model_name, strict)
-        foreign = sorted(
-            (symbol for symbol in delta.metadata.energy_shifts
-             if symbol in symbol_to_number and not self._known[symbol_to_number[symbol]]),
-            key=symbol_to_number.get,
-        )
+        shifted = sorted(symbol_to_number[s] for s in delta.metadata.energy_shifts if s in symbol_to_number)
+        foreign = [chemical_symbols[z] for z in shifted if not self._known[z]]
         if foreign:
             raise DeltaMismatchError(
                 f"delta shifts the energy of element(s) {', '.join(foreign)}, unknown to base model "
