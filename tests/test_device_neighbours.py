@@ -43,6 +43,7 @@ def _far_from_home() -> Atoms:
 
 STRUCTURES = {
     "molecule": lambda: molecule("CH3CH2OH"),
+    "molecule and an atom 10⁶ Å away": lambda: molecule("CH3CH2OH") + Atoms("H", positions=[[1e6] * 3]),
     "diamond Si, 8 atoms": lambda: bulk("Si", "diamond", a=5.43, cubic=True),
     "primitive fcc Cu, 1 atom": lambda: bulk("Cu", "fcc", a=3.61),
     "primitive diamond Si, rattled": lambda: _rattled(bulk("Si", "diamond", a=5.43)),
