@@ -105,7 +105,8 @@ def refuse_file_as_folder(path: Path) -> None:
     for part in (path, *path.parents):
         if part.exists():
             if not part.is_dir():
-                raise OutputFileError(f"{path}: {part} is a file; give a folder for the output files")
+                where = "" if part == path else f" {part}"
+                raise OutputFileError(f"{path}:{where} is a file; give a folder for the output files")
             return
 
 

@@ -228,7 +228,7 @@ CASES = {
     ),
     "phonons_output_folder_is_a_file": (
         ["phonons", "{molecule_xyz}", "--base", "{model}", "-o", "{blocker}"],
-        ["blocker is a file", "folder"],
+        ["blocker: is a file", "folder"],
     ),
     "md_npt_without_cell": (
         ["md", "{molecule_xyz}", "--base", "{model}", "--ensemble", "npt", "--steps", "2", "--no-progress"],

@@ -16,7 +16,7 @@ from ase.io import read
 
 from ase_sparsecalc import SparseCalc
 from ase_sparsecalc.cli import main
-from ase_sparsecalc.errors import DataFileError, StructureError
+from ase_sparsecalc.errors import ConfigError, DataFileError, StructureError
 from ase_sparsecalc.structure_io import read_structure
 from ase_sparsecalc.testing import random_sparse_delta
 from ase_sparsecalc.workflows import (
@@ -26,8 +26,9 @@ from ase_sparsecalc.workflows import (
     relax,
     run_md,
     special_point_frequencies,
+    summarize_phonons,
 )
-from ase_sparsecalc.workflows.phonons import write_phonon_files
+from ase_sparsecalc.workflows.phonons import thermal_grid, write_phonon_files
 
 MACE_ENV_WARNING = "ignore:Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD:UserWarning"
 
@@ -396,11 +397,34 @@ def test_imaginary_modes_are_reported_with_their_qpoint(mace_model_path):
     assert all(m.frequency < -0.05 for m in modes)
 
 
-def test_phonons_primitive_choice(sevennet64):
+def test_phonons_primitive_choice(sevennet64, caplog):
+    """A conventional cell declared primitive gets the band path of its own (simple cubic) cell,
+    whose X is (0, 1/2, 0) of that cell, not seekpath's fcc X read in the wrong basis; a
+    centring the cell does not have is refused before any force is computed."""
     conventional = bulk("Si", "diamond", a=SI_A, cubic=True)
     kwargs = {"supercell": 1, "mesh": (2, 2, 2), "band_npoints": 3}
     assert len(phonons(conventional, sevennet64, primitive="auto", **kwargs).primitive) == 2
-    assert len(phonons(conventional, sevennet64, primitive=None, **kwargs).primitive) == 8
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        as_given = phonons(conventional, sevennet64, primitive=None, **kwargs)
+    assert len(as_given.primitive) == 8
+    assert "its primitive cell 2" in caplog.text
+    points = special_point_frequencies(as_given)
+    assert set(points) == {"Γ", "X", "M", "R"}
+    np.testing.assert_allclose(points["X"], frequencies_at(as_given, [[0.0, 0.5, 0.0]])[0], atol=1e-6)
+    with pytest.raises(ConfigError, match=r"Si2: phonopy cannot reduce this cell with primitive='F'"):
+        phonons(_primitive_si(), sevennet64, primitive="F", **kwargs)
+
+
+def test_phonon_summary_temperature_lies_on_the_grid(sevennet64):
+    """Thermal properties up to 15 K: the grid ends at 15 K, and a summary asked for 300 K
+    reports 15 K with the values computed there."""
+    assert thermal_grid(1000.0) == (0.0, 1000.0, 10.0)
+    ph = phonons(_primitive_si(), sevennet64, supercell=1, mesh=(4, 4, 4), band_npoints=3,
+                 temperatures=thermal_grid(15.0))  # fmt: skip
+    assert list(ph.thermal_properties.temperatures) == [0.0, 7.5, 15.0]
+    summary = summarize_phonons(ph, temperature_K=300.0)
+    assert summary.temperature == 15.0
+    assert summary.entropy == ph.thermal_properties.entropy[-1] > 0.0
 
 
 def test_band_path_without_seekpath(sevennet64, monkeypatch):
@@ -464,6 +488,52 @@ def test_cli_md(si_files, tmp_path, capsys):
     np.testing.assert_allclose(table[:, 0], [0, 1, 2, 3, 4])
     assert table[0, 5] == pytest.approx(400.0, abs=0.01)
     np.testing.assert_allclose(table[:, 3], table[:, 1] + table[:, 2], atol=2e-6)
+
+
+def test_cli_md_continues_from_its_trajectory(si_files, tmp_path, capsys):
+    """The last frame of a trajectory carries momenta: --keep-velocities starts from them (the
+    first log line's kinetic energy is that frame's); without it the command says it draws new ones."""
+    _, conv = si_files
+    first = tmp_path / "first.traj"
+    common = ["--dtype", "float32", "--no-progress", "--traj-interval", "1"]
+    assert main(["md", str(conv), "--steps", "3", "--traj", str(first), *common]) == 0
+    last = read(first)
+    assert last.get_kinetic_energy() > 0.0
+    log = tmp_path / "next.log"
+    args = ["--steps", "1", "--traj", str(tmp_path / "next.traj"), "--log", str(log), *common]
+    capsys.readouterr()
+    assert main(["md", str(first), "--keep-velocities", *args]) == 0
+    assert "replaced" not in capsys.readouterr().out
+    assert np.loadtxt(log)[0, 2] == pytest.approx(last.get_kinetic_energy(), rel=1e-6)
+    assert main(["md", str(first), *args]) == 0
+    assert f"{first} carries velocities; they are replaced by new ones at 300 K" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("command", "options", "problem"),
+    [
+        ("relax", ["--pressure", "10"], "pressure_GPa=10 acts on the cell; relax the cell too"),
+        ("relax", ["--hydrostatic"], "hydrostatic=True acts on the cell"),
+        ("md", ["--ensemble", "nvt", "--pressure", "5"], "pressure_GPa=5 needs the NPT ensemble"),
+        ("md", ["--keep-velocities"], "carries no velocities"),
+        ("md", ["--ensemble", "nvt", "--temperature", "0"], "NVT needs temperature_K > 0"),
+        ("phonons", ["--displacement", "0.5"], r"displacement must be in \(0, 0.2\) Å"),
+        ("phonons", ["--primitive", "F"], "cannot reduce this cell with primitive='F'"),
+        ("phonons", ["--supercell", "2", "2"], "--supercell takes 1, 3 or 9 numbers"),
+    ],
+)
+def test_cli_options_that_cannot_act_are_refused(si_files, tmp_path, capsys, command, options, problem):
+    """Options that would be ignored, or that the workflow refuses, exit with status 2 and a
+    one-line message before anything is written."""
+    import re
+
+    prim, _ = si_files
+    outputs = {"md": ("--traj", "out.traj"), "relax": ("-o", "out.extxyz"), "phonons": ("-o", "out")}
+    option, name = outputs[command]
+    rc = main([command, str(prim), *options, option, str(tmp_path / name)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and re.search(problem, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["si.cif", "si8.extxyz"]
 
 
 def test_cli_relax(si_files, tmp_path, capsys):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import ConfigError
 from . import add_model_arguments, make_calculator
 from ._common import (
     add_charge_arguments,
     add_structure_arguments,
     announce,
     load_structure,
+    non_negative_float,
     positive_float,
     positive_int,
 )
@@ -25,8 +27,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=(
             "Molecular dynamics with ASE's integrators: velocity Verlet (NVE), Langevin, Bussi or "
             "Nosé-Hoover chain (NVT), MTK (NPT). Velocities start Maxwell-Boltzmann at the target "
-            "temperature with zero total momentum. Writes a trajectory and, with --log, a table of "
-            "time, energies, temperature, pressure and volume."
+            "temperature with zero total momentum, or as the structure carries them with "
+            "--keep-velocities. Writes a trajectory and, with --log, a table of time, energies, "
+            "temperature, pressure and volume."
         ),
     )
     add_structure_arguments(parser)
@@ -36,10 +39,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     md.add_argument("--ensemble", choices=ENSEMBLES, default="nve", help="(default: nve)")
     md.add_argument(
         "--temperature",
-        type=positive_float,
+        type=non_negative_float,
         default=300.0,
         metavar="K",
-        help="target/initial T (default: 300)",
+        help="target/initial T (default: 300; 0 starts NVE from rest)",
+    )
+    md.add_argument(
+        "--keep-velocities",
+        action="store_true",
+        help="start from the velocities the structure carries (the last frame of a trajectory, to "
+        "continue a run) instead of drawing new ones at --temperature",
     )
     md.add_argument("--timestep", type=positive_float, default=1.0, metavar="FS", help="fs (default: 1)")
     md.add_argument("--steps", type=positive_int, default=1000, metavar="N", help="(default: 1000)")
@@ -53,7 +62,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     md.add_argument(
         "--tdamp", type=positive_float, metavar="FS", help="thermostat time constant (default: 100 steps)"
     )
-    md.add_argument("--pressure", type=float, default=0.0, metavar="GPA", help="NPT pressure (default: 0)")
+    md.add_argument(
+        "--pressure", type=float, default=0.0, metavar="GPA", help="NPT pressure (default: 0; npt only)"
+    )
     md.add_argument("--barostat", choices=BAROSTATS, default="isotropic", help="NPT cell freedom")
     md.add_argument(
         "--pdamp", type=positive_float, metavar="FS", help="barostat time constant (default: 1000 steps)"
@@ -72,8 +83,19 @@ def run(args: argparse.Namespace) -> int:
     from ..workflows.md import run_md
 
     atoms = load_structure(args)
+    carries_velocities = bool(atoms.get_momenta().any())
+    if args.keep_velocities and not carries_velocities:
+        raise ConfigError(
+            f"{args.structure} (frame {args.index}): --keep-velocities, but the structure carries no "
+            "velocities; leave it out to draw them at --temperature"
+        )
     calc = make_calculator(args)
     announce(args, atoms, calc)
+    if carries_velocities and not args.keep_velocities:
+        print(
+            f"{args.structure} carries velocities; they are replaced by new ones at "
+            f"{args.temperature:g} K (--keep-velocities continues them)"
+        )
     result = run_md(
         atoms,
         calc,
@@ -84,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         traj=args.traj,
         logfile=args.log,
         seed=args.seed,
+        init_velocities=not args.keep_velocities,
         thermostat=args.thermostat,
         friction_per_fs=args.friction,
         tdamp_fs=args.tdamp,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import ConfigError
 from . import add_model_arguments, make_calculator
 from ._common import (
     add_charge_arguments,
@@ -35,10 +36,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ph = parser.add_argument_group("phonons")
     ph.add_argument(
         "--supercell",
-        type=positive_int,
-        nargs=3,
+        type=int,
+        nargs="+",
         metavar="N",
-        help="(default: 3 along each periodic axis: 3 3 3, or 3 3 1 for a slab open along z)",
+        help="N (N along each periodic axis), N N N, or the 9 entries of a 3x3 matrix row by row "
+        "(default: 3: 3 3 3, or 3 3 1 for a slab open along z)",
     )
     ph.add_argument(
         "--mesh", type=positive_int, nargs=3, default=[20, 20, 20], metavar="N", help="DOS q-mesh"
@@ -48,7 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         type=positive_float,
         default=0.01,
         metavar="A",
-        help="displacement, Å (default: 0.01)",
+        help="displacement, Å, below 0.2 (default: 0.01)",
     )
     ph.add_argument(
         "--primitive",
@@ -74,8 +76,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from ..workflows.phonons import phonons, summarize_phonons
+    from ..workflows.phonons import phonons, summarize_phonons, thermal_grid
 
+    supercell = _supercell(args.supercell)
     atoms = load_structure(args)
     calc = make_calculator(args)
     announce(args, atoms, calc)
@@ -83,14 +86,14 @@ def run(args: argparse.Namespace) -> int:
     phonon = phonons(
         atoms,
         calc,
-        supercell=3 if args.supercell is None else args.supercell,
+        supercell=supercell,
         displacement=args.displacement,
         mesh=args.mesh,
         primitive=None if args.primitive == "none" else args.primitive,
         output_dir=args.output_dir,
         batch_size=args.batch_size,
         symmetrize=not args.no_symmetrize,
-        temperatures=(0.0, args.tmax, 10.0),
+        temperatures=thermal_grid(args.tmax),
         plot=not args.no_plot,
     )
     summary = summarize_phonons(phonon, temperature_K=min(300.0, args.tmax), threshold_THz=args.threshold)
@@ -101,6 +104,20 @@ def run(args: argparse.Namespace) -> int:
         f"{'' if args.no_plot else ', phonons.png, thermal_properties.png'} to {args.output_dir}/"
     )
     return 0
+
+
+def _supercell(numbers: list[int] | None):
+    """``--supercell`` as :func:`~ase_sparsecalc.workflows.phonons` takes it: 3 (the default),
+    N, [N1, N2, N3] or a 3x3 matrix from 9 numbers."""
+    if numbers is None:
+        return 3
+    if len(numbers) == 9:  # any non-singular integer matrix, negative entries included
+        return [numbers[0:3], numbers[3:6], numbers[6:9]]
+    if len(numbers) not in (1, 3):
+        raise ConfigError(f"--supercell takes 1, 3 or 9 numbers, got {len(numbers)}: {numbers}")
+    if min(numbers) < 1:
+        raise ConfigError(f"--supercell multiples must be >= 1, got {numbers}")
+    return numbers[0] if len(numbers) == 1 else numbers
 
 
 def summary_lines(summary, wall_s: float) -> list[str]:

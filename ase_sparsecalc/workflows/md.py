@@ -30,6 +30,7 @@ from ase.md.md import MolecularDynamics
 from ase.md.velocitydistribution import Stationary
 
 from ..calculator import has_3d_cell
+from ..errors import ConfigError
 from ._output import streamed_frames, streamed_text
 
 logger = logging.getLogger(__name__)
@@ -197,9 +198,13 @@ def run_md(
     _check_choice("barostat", barostat, BAROSTATS)
     for name, value in (("timestep_fs", timestep_fs), ("steps", steps), ("log_interval", log_interval)):
         if not value > 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+            raise ConfigError(f"{name} must be positive, got {value}")
+    if ensemble != "npt" and pressure_GPa != 0.0:
+        raise ConfigError(
+            f"pressure_GPa={pressure_GPa:g} needs the NPT ensemble; {ensemble.upper()} keeps the cell"
+        )
     if ensemble != "nve" and not temperature_K > 0:
-        raise ValueError(f"{ensemble.upper()} needs temperature_K > 0, got {temperature_K}")
+        raise ConfigError(f"{ensemble.upper()} needs temperature_K > 0, got {temperature_K}")
     periodic = has_3d_cell(atoms)
     if ensemble == "npt" and not periodic:
         from ..errors import StructureError
@@ -435,4 +440,4 @@ def _update_bar(bar, dyn: MolecularDynamics, recorder: _Recorder) -> None:
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")

@@ -17,6 +17,7 @@ and heat capacity in J/(K mol), per mole of primitive cells.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -30,7 +31,7 @@ from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 
 from ..delta_io import refuse_file_as_folder
-from ..errors import StructureError
+from ..errors import ConfigError, StructureError
 from ..graph import CHARGE_KEY, NEUTRAL_SINGLET, SPIN_KEY, charge_and_spin
 from ._periodicity import axis_names, leaves_periodic_axes, open_axes, warn_about_periodic_vacuum
 
@@ -185,7 +186,7 @@ def phonons(
     supercell_matrix = _supercell_matrix(supercell, open_, atoms.get_chemical_formula())
     mesh = [1 if k in open_ else int(n) for k, n in enumerate(mesh)]
     if not 0 < displacement < 0.2:
-        raise ValueError(f"displacement must be in (0, 0.2) Å, got {displacement}")
+        raise ConfigError(f"displacement must be in (0, 0.2) Å, got {displacement}")
     phonon = _phonopy(atoms, supercell_matrix, primitive, symprec)
     if open_.size and primitive == "auto" and leaves_periodic_axes(phonon.primitive.cell, atoms.pbc):
         # phonopy finds the primitive cell of a 3-D standard setting, which may swap a slab's
@@ -223,6 +224,17 @@ def phonons(
 
     if open_.size:
         _run_ase_band_path(phonon, band_npoints, pbc=atoms.pbc)  # seekpath knows 3-D paths only
+    elif primitive is None and _smaller_primitive_cell(atoms, symprec):
+        # seekpath's path belongs to the standard primitive cell; phonopy would use its reduced
+        # coordinates in this larger cell's basis, under the wrong names
+        logger.warning(
+            "%s: primitive=None, but the cell holds %d atoms and its primitive cell %d; the band path "
+            "and its labels are those of the cell as given (its folded Brillouin zone)",
+            atoms.get_chemical_formula(),
+            len(atoms),
+            _smaller_primitive_cell(atoms, symprec),
+        )
+        _run_ase_band_path(phonon, band_npoints)
     else:
         run_band_structure(phonon, band_npoints)
     phonon.run_mesh(mesh, is_gamma_center=True)
@@ -291,13 +303,38 @@ def _phonopy(atoms: Atoms, supercell_matrix, primitive, symprec: float):
     with warnings.catch_warnings():
         # phonopy warns that "auto" is its new default; here it is the documented choice
         warnings.filterwarnings("ignore", message=r".*primitive_matrix defaulted to 'auto'.*")
-        return Phonopy(
-            to_phonopy_atoms(atoms),
-            supercell_matrix=supercell_matrix,
-            primitive_matrix="P" if primitive is None else primitive,  # phonopy 4 reads None as auto
-            symprec=symprec,
-            log_level=0,
-        )
+        try:
+            return Phonopy(
+                to_phonopy_atoms(atoms),
+                supercell_matrix=supercell_matrix,
+                primitive_matrix="P" if primitive is None else primitive,  # phonopy 4 reads None as auto
+                symprec=symprec,
+                log_level=0,
+            )
+        except (RuntimeError, ValueError) as exc:  # a centring or matrix that does not fit the cell
+            if isinstance(primitive, str) and primitive in ("auto", "P"):
+                raise
+            raise ConfigError(
+                f"{atoms.get_chemical_formula()}: phonopy cannot reduce this cell with primitive="
+                f"{primitive!r} ({' '.join(str(exc).split())[:200]}); the cell may be primitive "
+                "already: use 'auto' to let phonopy find the primitive cell"
+            ) from exc
+
+
+def _smaller_primitive_cell(atoms: Atoms, symprec: float) -> int:
+    """Atoms in the primitive cell spglib finds, where fewer than in ``atoms``; else 0."""
+    import spglib
+
+    cell = (atoms.cell.array, atoms.get_scaled_positions(), atoms.numbers)
+    found = spglib.find_primitive(cell, symprec=symprec)
+    n = 0 if found is None else len(found[2])
+    return n if 0 < n < len(atoms) else 0
+
+
+def thermal_grid(t_max: float, step: float = 10.0) -> tuple[float, float, float]:
+    """``(0, t_max, t_step)`` for :func:`phonons`: steps of about ``step`` K that end exactly at
+    ``t_max`` (phonopy's grid stops at the last whole step below ``t_max + t_step / 2``)."""
+    return 0.0, float(t_max), float(t_max) / max(1, math.ceil(t_max / step - 1e-9))
 
 
 def _supercell_matrix(supercell, open_: Sequence[int] = (), name: str = "the structure") -> np.ndarray:
@@ -308,7 +345,7 @@ def _supercell_matrix(supercell, open_: Sequence[int] = (), name: str = "the str
     if arr.shape == (3,):
         arr = np.diag(arr)
     if arr.shape != (3, 3) or abs(round(np.linalg.det(arr))) < 1:
-        raise ValueError(f"supercell must be an int, 3 ints or a non-singular 3x3 matrix; got {supercell!r}")
+        raise ConfigError(f"supercell must be an int, 3 ints or a non-singular 3x3 matrix; got {supercell!r}")
     for k in open_:
         if not (
             np.array_equal(arr[k], np.eye(3, dtype=int)[k])
@@ -421,7 +458,12 @@ def imaginary_modes(phonon, threshold_THz: float = IMAGINARY_THRESHOLD_THZ) -> l
 def summarize_phonons(
     phonon, temperature_K: float = 300.0, threshold_THz: float = IMAGINARY_THRESHOLD_THZ
 ) -> PhononSummary:
-    """Collect the numbers a report needs from a finished :func:`phonons` run."""
+    """Collect the numbers a report needs from a finished :func:`phonons` run.
+
+    The thermal properties are those at ``temperature_K`` (K), interpolated between the grid's
+    temperatures; outside the grid, those of its nearest end, whose temperature the summary
+    then carries.
+    """
     all_freqs = []
     if phonon.mesh is not None:
         all_freqs.append(np.ravel(phonon.mesh.frequencies))
@@ -432,6 +474,7 @@ def summarize_phonons(
     tp = phonon.thermal_properties
     if tp is not None:
         temps = np.asarray(tp.temperatures)
+        temperature_K = float(np.clip(temperature_K, temps.min(), temps.max()))  # no extrapolation
         k = int(np.argmin(np.abs(temps - temperature_K)))
         if abs(temps[k] - temperature_K) < 1e-6:
             thermal = [float(tp.free_energy[k]), float(tp.entropy[k]), float(tp.heat_capacity[k])]

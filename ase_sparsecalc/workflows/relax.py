@@ -11,7 +11,7 @@ import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 
-from ..errors import StructureError
+from ..errors import ConfigError, StructureError
 from ..graph import has_cell_volume
 from ._output import streamed_frames, streamed_text
 from ._periodicity import axis_names, open_axes, warn_about_periodic_vacuum
@@ -140,9 +140,12 @@ def relax(
     from ase.filters import FrechetCellFilter
 
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
+        raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
     if not fmax > 0:
-        raise ValueError(f"fmax must be positive (eV/Å), got {fmax}")
+        raise ConfigError(f"fmax must be positive (eV/Å), got {fmax}")
+    if not cell and (pressure_GPa != 0.0 or hydrostatic):
+        asked = f"pressure_GPa={pressure_GPa:g}" if pressure_GPa != 0.0 else "hydrostatic=True"
+        raise ConfigError(f"{asked} acts on the cell; relax the cell too (cell=True, --cell)")
     mask = periodic_strain_mask(atoms, pressure_GPa, hydrostatic) if cell else None
     if cell:
         warn_about_periodic_vacuum(atoms, "the cell relaxation")
