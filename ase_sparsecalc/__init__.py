@@ -23,6 +23,12 @@ from .delta import DeltaMetadata, SparseDelta, TensorDelta
 # the package attribute ``finetune`` to the subpackage, and only this later binding makes
 # ``from ase_sparsecalc import finetune`` the function whatever was imported before.
 from .finetune import finetune
+from .torch_setup import prepare_torch
+
+# e3nn 0.4.4 (under mace and sevenn) cannot be imported under torch >= 2.6 without ``slice`` on
+# torch's weights_only allow-list: put it there now, so that a script importing this package can
+# import mace's or sevenn's own calculators afterwards (to compare with them, say).
+prepare_torch()
 
 __all__ = [
     "DeltaMetadata",

@@ -176,6 +176,10 @@ class SparseCalc(Calculator):
             self.parameters["delta"] = (
                 str(Path(new.source).resolve()) if new and new.source else _describe_delta(new)
             )
+            if new is not None and not strict:  # SparseCalc(**calc.todict()) needs it again
+                self.parameters["strict"] = False
+            else:
+                self.parameters.pop("strict", None)
             self._warned_untrained: set[str] = set()
         except Exception:
             if old is not None:  # it was applied before: its checks pass (and warned then)

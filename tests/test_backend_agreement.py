@@ -68,3 +68,21 @@ def test_sevennet_agrees_with_sevenn_pipeline_float64(structure, request):
     if atoms.pbc.all():
         ref_stress = -out[KEY.PRED_STRESS].detach().numpy()[[0, 1, 2, 4, 5, 3]]
         np.testing.assert_allclose(ours.get_stress(), ref_stress, atol=1e-7)
+
+
+def test_the_backends_own_calculators_import_after_this_package():
+    """In a fresh process: importing ase_sparsecalc is enough for sevenn's calculator to import
+    (e3nn needs ``slice`` on torch's weights_only allow-list), with weights_only still on."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("sevenn")
+    code = (
+        "import os, ase_sparsecalc\n"
+        "from sevenn.calculator import SevenNetCalculator\n"
+        "assert 'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD' not in os.environ\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]

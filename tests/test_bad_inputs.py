@@ -448,8 +448,10 @@ def test_empty_and_unreadable_trajectories(tmp_path):
         read_frames(empty)
     data = tmp_path / "three.extxyz"
     write(data, water_frames(3))
-    with pytest.raises(EmptyDatasetError, match=r"three\.extxyz: no frames"):
+    with pytest.raises(EmptyDatasetError, match=r"three\.extxyz: index '5:' selects none of its 3 frames"):
         read_frames(f"{data}@5:")
+    with pytest.raises(DataFileError, match=r"three\.extxyz: the slice '0:3:0' after '@' has a step of 0"):
+        read_frames(f"{data}@0:3:0")
     with pytest.raises(DataFileError, match=r"three\.extxyz: has no frame '7'"):
         read_frames(f"{data}@7")
     with pytest.raises(DataFileError, match=r"missing\.extxyz: file not found"):
@@ -460,6 +462,50 @@ def test_empty_and_unreadable_trajectories(tmp_path):
     garbage.write_text("this is not\na structure file\n")
     with pytest.raises(DataFileError, match=r"garbage\.extxyz: ASE cannot read this file"):
         read_frames(garbage)
+
+
+def test_a_broken_frame_inside_a_file_is_located(tmp_path):
+    """A frame cut short or holding an unknown symbol is named by its place in the file, and the
+    message does not blame the format of a file whose first frames read fine; a stress given as 6
+    numbers in extxyz (ASE's reader wants 9) gets told what to do."""
+    data = tmp_path / "five.extxyz"
+    write(data, water_frames(5))
+    lines = data.read_text().splitlines(keepends=True)  # 5 lines per frame: count, comment, 3 atoms
+    (tmp_path / "cut.extxyz").write_text("".join(lines[:17] + lines[18:]))  # frame 3 loses an atom
+    cut = r"line 21 should hold the number of atoms of frame 4.*frame 3 \(from line 16\) has more or fewer"
+    with pytest.raises(DataFileError, match=cut) as info:
+        read_frames(tmp_path / "cut.extxyz")
+    assert "--format" not in str(info.value)
+    (tmp_path / "short.extxyz").write_text("".join(lines[:-1]))
+    with pytest.raises(DataFileError, match=r"frame 4 \(line 21\) counts 3 atoms, but the file ends after 2"):
+        read_frames(tmp_path / "short.extxyz")
+    symbol = [*lines[:13], lines[13].replace("H", "Xx", 1), *lines[14:]]
+    (tmp_path / "symbol.extxyz").write_text("".join(symbol))
+    with pytest.raises(DataFileError, match=r"ASE cannot read frame 2 .*unknown chemical symbol 'Xx'"):
+        read_frames(tmp_path / "symbol.extxyz")
+    crystal = labelled(bulk("Si", "diamond", a=5.43))
+    voigt = tmp_path / "voigt.extxyz"
+    voigt.write_text(
+        "2\nLattice=\"0 2.715 2.715 2.715 0 2.715 2.715 2.715 0\" Properties=species:S:1:pos:R:3 "
+        "energy=-10.0 stress=\"0.01 0.01 0.01 0 0 0\" pbc=\"T T T\"\n"
+        + "".join(f"Si {x:.4f} {y:.4f} {z:.4f}\n" for x, y, z in crystal.positions)
+    )
+    with pytest.raises(DataFileError, match=r"voigt\.extxyz: .*stress= and virial= as 9 numbers.*stress-key"):
+        read_frames(voigt)
+
+
+def test_ase_databases_are_read_with_selections(tmp_path):
+    """ASE's own database format: read by its name, and selections after '@' pick its rows."""
+    from ase.db import connect
+
+    path = tmp_path / "frames.db"
+    with connect(path) as db:
+        for atoms in [*water_frames(2), labelled(bulk("Si", "diamond", a=5.43), forces=np.zeros((2, 3)))]:
+            db.write(atoms)
+    assert len(read_frames(path)) == 3
+    silicon = read_frames(f"{path}@natoms=2")
+    assert [f.atoms.get_chemical_formula() for f in silicon] == ["Si2"]
+    assert silicon[0].source == f"{path}@natoms=2:frame 0"
 
 
 def test_a_file_whose_name_misleads_ase_is_read_with_the_format_given(tmp_path, capsys):

@@ -350,6 +350,16 @@ def test_todict_names_the_delta_file_by_absolute_path(mace_model_path, tmp_path,
     assert recorded["delta"] == str((tmp_path / "d.safetensors").resolve())
     monkeypatch.chdir(tmp_path.parent)
     assert SparseCalc(**recorded).delta is not None
+    assert "strict" not in recorded
+    # a delta applied with strict=False records it, so that the record rebuilds the calculator
+    other = random_sparse_delta(load_backend(mace_model_path))
+    other.metadata.base_fingerprint = "0" * 64
+    other.save(tmp_path / "other.safetensors")
+    with pytest.warns(UserWarning, match="fingerprint"):
+        recorded = SparseCalc(mace_model_path, tmp_path / "other.safetensors", strict=False).todict()
+    assert recorded["strict"] is False
+    with pytest.warns(UserWarning, match="fingerprint"):
+        assert SparseCalc(**recorded).delta is not None
 
 
 def test_calculator_with_delta_survives_deepcopy_and_pickle(base_for, backend_kind, silicon):

@@ -189,29 +189,125 @@ def _read_structures(
     except (IndexError, StopIteration) as exc:
         raise DataFileError(f"{path}: has no frame {idx!r}; check the index after '@'") from exc
     except Exception as exc:  # ASE's parsers raise anything from ValueError to KeyError
-        raise DataFileError(
-            f"{path}: ASE cannot read this file ({type(exc).__name__}: {exc})"
-            + _format_note(path, file_format)
-        ) from exc
+        raise DataFileError(_unreadable(path, exc, file_format)) from exc
     if isinstance(images, Atoms):
         images = [images]
     if len(images) == 0:
+        total = _count_frames(path, file_format)
+        if total:
+            raise EmptyDatasetError(f"{path}: index {idx!r} selects none of its {total} frames")
         raise EmptyDatasetError(f"{path}: no frames (index {idx!r}){_format_note(path, file_format)}")
     numbers = _frame_numbers(path, idx, len(images), file_format)
+    name = f"{path}@{idx}" if _is_selection(idx) else str(path)  # database rows: k-th of the selection
     for k, atoms in zip(numbers, images, strict=True):
-        yield atoms, f"{path}:frame {k}"
+        yield atoms, f"{name}:frame {k}"
+
+
+def _unreadable(path: Path, exc: Exception, file_format: str | None) -> str:
+    """The message for a file ASE fails to read: the first frame it cannot read where others
+    came before it, the cause where it is a known one, and otherwise how the format was chosen."""
+    from ase.data import chemical_symbols
+
+    where = "this file"
+    frame = _first_unreadable_frame(path, file_format)
+    if frame:
+        where = f"frame {frame} (frames 0 to {frame - 1} read)"
+    xyz = (file_format or _guessed_format(path)) in ("extxyz", "xyz")
+    layout = _xyz_layout_problem(path) if xyz else None
+    if layout:
+        return f"{path}: ASE cannot read this file: {layout}"
+    message = f"{path}: ASE cannot read {where} ({type(exc).__name__}: {exc})"
+    if "expecting special 3x3 matrix" in str(exc):
+        return message + (
+            "; ASE's extxyz reader takes stress= and virial= as 9 numbers (3x3, row by row): store "
+            "other forms under another name and pass --stress-key or --virial-key"
+        )
+    if isinstance(exc, KeyError) and exc.args and exc.args[0] not in chemical_symbols:
+        return f"{path}: ASE cannot read {where}: unknown chemical symbol {exc.args[0]!r}"
+    return message + ("" if frame else _format_note(path, file_format))
+
+
+def _first_unreadable_frame(path: Path, file_format: str | None) -> int | None:
+    """How many frames ASE reads one by one before failing (None if it reads them all)."""
+    import ase.io
+
+    count = 0
+    try:
+        for _ in ase.io.iread(str(path), index=":", format=file_format, do_not_split_by_at_sign=True):
+            count += 1
+    except Exception:
+        return count
+    return None
+
+
+def _xyz_layout_problem(path: Path) -> str | None:
+    """Where an (ext)xyz file's frames stop following their atom counts, or None.
+
+    Each frame is a line with the number of atoms N, a comment line and N atom lines. ASE
+    reports a count line it cannot read without saying where; this finds it.
+    """
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    line, frame, previous = 0, 0, None
+    while line < len(lines):
+        if not lines[line].strip() and not any(rest.strip() for rest in lines[line:]):
+            return None  # blank lines at the end
+        try:
+            n_atoms = int(lines[line])
+        except ValueError:
+            after = (
+                f"; frame {frame - 1} (from line {previous + 1}) has more or fewer atom lines than "
+                "its count says"
+                if previous is not None
+                else ""
+            )
+            text = lines[line][:40]
+            return f"line {line + 1} should hold the number of atoms of frame {frame}, not {text!r}{after}"
+        if line + 2 + n_atoms > len(lines):
+            return (
+                f"frame {frame} (line {line + 1}) counts {n_atoms} atoms, but the file ends after "
+                f"{max(0, len(lines) - line - 2)} atom lines"
+            )
+        previous, line, frame = line, line + 2 + n_atoms, frame + 1
+    return None
+
+
+def _count_frames(path: Path, file_format: str | None) -> int:
+    """Number of frames in a file ASE reads (0 where it cannot)."""
+    import ase.io
+
+    try:
+        return len(ase.io.read(str(path), index=":", format=file_format, do_not_split_by_at_sign=True))
+    except Exception:
+        return 0
+
+
+def _is_selection(idx: str | int) -> bool:
+    """Whether ``idx`` is an ASE database selection (``"natoms=4"``) rather than an index."""
+    from ase.io.formats import string2index
+
+    return isinstance(idx, str) and isinstance(string2index(idx), str)
+
+
+def _guessed_format(path: Path) -> str | None:
+    """The format ASE guesses from the file's name and content, or None."""
+    from ase.io.formats import filetype
+
+    try:
+        return filetype(str(path))
+    except Exception:  # ASE raises its own errors for names and contents it cannot place
+        return None
 
 
 def _format_note(path: Path, file_format: str | None) -> str:
     """How the file was read, for messages: the format given, or the one ASE guessed."""
     if file_format is not None:
         return f"; read as format {file_format!r}"
-    from ase.io.formats import filetype, ioformats
+    from ase.io.formats import ioformats
 
-    try:
-        guessed = filetype(str(path))
-    except Exception:  # ASE raises its own errors for names and contents it cannot place
-        guessed = None
+    guessed = _guessed_format(path)
     if guessed not in ioformats:  # None, or a file extension that names no format
         return "; ASE cannot tell its format: give it with --format (file_format= in Python)"
     return f"; read as format {guessed!r}, ASE's guess: give the right one with --format (file_format=)"
@@ -225,13 +321,15 @@ def _check_index(path: Path, idx: str | int, file_format: str | None = None) -> 
     """
     if not isinstance(idx, str):
         return
-    from ase.io.formats import filetype, string2index
+    from ase.io.formats import string2index
 
-    kind = file_format or filetype(str(path), guess=False)
-    if isinstance(string2index(idx), str) and kind != "db":
+    selected = string2index(idx)
+    if isinstance(selected, slice) and selected.step == 0:
+        raise DataFileError(f"{path}: the slice {idx!r} after '@' has a step of 0; use 1 or more")
+    if isinstance(selected, str) and (file_format or _guessed_format(path)) != "db":
         raise DataFileError(
             f"{path}: {idx!r} after '@' is not a frame index; use a number or a slice "
-            "such as 0, -1, 0:100 or ::10"
+            "such as 0, -1, 0:100 or ::10 (selections such as natoms=4 work on ASE databases, .db)"
         )
 
 
@@ -246,6 +344,8 @@ def _frame_numbers(path: Path, idx: str | int, n_read: int, file_format: str | N
     try:
         selected = string2index(idx) if isinstance(idx, str) else idx
     except ValueError:
+        return range(n_read)
+    if isinstance(selected, str):  # a database selection
         return range(n_read)
     if isinstance(selected, int) and selected >= 0:
         return [selected]

@@ -78,7 +78,10 @@ def plot_parity(
         ax.plot(lims, lims, "k-", lw=0.8)
         ax.set_xlabel(f"DFT {name}")
         ax.set_ylabel(f"model {name}")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:  # no frame has forces
+            ax.text(0.5, 0.5, "no DFT forces", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(title)
     return _save_figure(fig, Path(path))
 
