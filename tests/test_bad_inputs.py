@@ -886,9 +886,9 @@ def test_stray_energies_and_net_forces_are_named_by_frame():
         bad[7].atoms, bad[7].energy, bad[7].forces + np.array([0.0, 0.3, 0.0]), bad[7].stress, bad[7].source
     )
     stray = warn_about_stray_energies(bad, model)
-    assert stray.startswith("1 training frame(s)") and "si_pbesol.extxyz:frame 4: +" in stray
+    assert stray.startswith("1 frame(s)") and "si_pbesol.extxyz:frame 4: +" in stray
     net = warn_about_net_forces(bad)
-    assert net.startswith("1 training frame(s)") and "si_pbesol.extxyz:frame 7: 0.3 eV/Å per atom" in net
+    assert net.startswith("1 frame(s)") and "si_pbesol.extxyz:frame 7: 0.3 eV/Å per atom" in net
 
 
 def test_a_frame_with_stress_in_gpa_is_named():
@@ -906,7 +906,7 @@ def test_a_frame_with_stress_in_gpa_is_named():
     bad = list(frames)
     bad[2] = Frame(bad[2].atoms, bad[2].energy, bad[2].forces, bad[2].stress / GPa + 10.0, bad[2].source)
     message = warn_about_stray_stresses(bad, model)
-    assert message.startswith("1 training frame(s) have a DFT stress component more than 0.3 eV/Å³ (48 GPa)")
+    assert message.startswith("1 frame(s) have a DFT stress component more than 0.3 eV/Å³ (48 GPa)")
     assert "si_pbesol.extxyz:frame 2: " in message and "GPa and kbar" in message
 
 
@@ -949,7 +949,7 @@ def test_per_atom_energies_in_a_set_of_mixed_sizes_are_recognised():
     per_atom = [Frame(f.atoms, f.energy / len(f.atoms), f.forces, None, f.source) for f in mixed]
     message = warn_about_stray_energies(per_atom, model)
     assert message.startswith(
-        "the DFT energies of the 8 training frames (si.xyz) look like energies per atom"
+        "the DFT energies of the 8 frames (si.xyz) look like energies per atom"
     )
 
 
@@ -981,6 +981,68 @@ def test_finetune_warns_about_units_and_single_stoichiometry(mace_model_path, tm
     checks = result.report["data_checks"]
     assert checks["label_slopes"]["forces"] == pytest.approx(1 / 51.422, rel=1e-6)
     assert len(checks["warnings"]) == 2
+
+
+def test_energies_per_atom_of_two_atom_cells_are_flagged(mace_model_path, tmp_path, caplog):
+    """Primitive Si cells labelled with the base model's own forces and its energies per atom:
+    the energy slope (0.5) lies inside the plausible range, the force slope (1) gives it away;
+    the same frames with total energies pass. A validation file gets the same checks."""
+    base = SparseCalc(mace_model_path)
+    totals, per_atom = [], []
+    for k in range(6):
+        atoms = bulk("Si", "diamond", a=5.3 + 0.04 * k)
+        atoms.rattle(0.05, seed=k)
+        atoms.calc = base
+        forces, energy = atoms.get_forces(), atoms.get_potential_energy()
+        totals.append(labelled(atoms, energy=energy, forces=forces))
+        per_atom.append(labelled(atoms, energy=energy / 2, forces=forces))
+    message = "all of 2 atoms, follow the base model's with a slope of 0.5"
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        finetune_with_report(mace_model_path, totals, method="shift", valid_fraction=0.0)
+    assert "energies per atom" not in caplog.text
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        result = finetune_with_report(mace_model_path, per_atom, method="shift", valid_fraction=0.0)
+    assert any(message in w for w in result.report["data_checks"]["warnings"])
+    write(tmp_path / "valid.extxyz", per_atom[4:])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        finetune_with_report(mace_model_path, totals[:4], valid=tmp_path / "valid.extxyz", method="shift")
+    assert "valid.extxyz:frame" in caplog.text  # its energies stray beyond what shifts explain
+
+
+def test_reference_labels_left_unread_are_pointed_out(mace_model_path, tmp_path, caplog):
+    """An extxyz written after a model ran on DFT data: the model's values under energy/forces,
+    the DFT's under REF_energy/REF_forces. Read by default, the run says so; with the keys, not."""
+    frames = []
+    for atoms in water_frames(4):
+        atoms.info["REF_energy"] = atoms.get_potential_energy() - 0.3
+        atoms.arrays["REF_forces"] = atoms.get_forces() * 1.1
+        frames.append(atoms)
+    write(tmp_path / "evaluated.extxyz", frames)
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        result = finetune_with_report(mace_model_path, tmp_path / "evaluated.extxyz", method="shift")
+    assert "also carry REF_energy, REF_forces" in caplog.text and "--energy-key" in caplog.text
+    assert any("REF_energy" in w for w in result.report["data_checks"]["warnings"])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        finetune_with_report(mace_model_path, tmp_path / "evaluated.extxyz", method="shift",
+                             energy_key="REF_energy", forces_key="REF_forces")  # fmt: skip
+    assert "also carry" not in caplog.text
+
+
+def test_isolated_atom_energies_count_towards_fixing_the_shifts():
+    """Water and silicon fix δ_Si and 2δ_H + δ_O; an isolated H atom fixes the rest. The warning
+    asks for isolated-atom energies only while some combination stays free."""
+    from ase_sparsecalc.finetune.label_checks import warn_if_shifts_underdetermined
+
+    silicon = labelled(bulk("Si", "diamond", a=5.43), forces=np.zeros((2, 3)))
+    frames = [frame_from_atoms(a, f"f{k}") for k, a in enumerate([*water_frames(2), silicon])]
+    assert warn_if_shifts_underdetermined(frames, {"H": -13.6}) is None
+    assert warn_if_shifts_underdetermined(frames, {"H": -13.6, "O": -2042.0, "Si": -4.0}) is None
+    for isolated in (None, {"Si": -4.0}):
+        message = warn_if_shifts_underdetermined(frames, isolated)
+        assert "2 independent composition(s) for 3 elements (H, O, Si)" in message
+    assert "and the isolated-atom energies of Si:" in message
 
 
 def test_a_split_that_leaves_no_validation_frames_is_warned_about(mace_model_path, caplog):

@@ -48,7 +48,9 @@ from .label_checks import (
     warn_about_stray_stresses,
     warn_about_stress_offset,
     warn_if_charge_states_mixed,
+    warn_if_energies_per_atom_of_one_size,
     warn_if_energy_labels_mixed,
+    warn_if_reference_labels_unread,
     warn_if_shifts_underdetermined,
     warn_if_spin_disagrees_with_magmom,
 )
@@ -253,17 +255,23 @@ def _finetune_in_session(
     backend.add_energy_shifts(shifts)
     slopes, data_warnings = {}, []
     if process.is_main:
-        slopes = label_slopes(train_frames, base_train)
-        data_warnings += warn_about_label_scales(slopes, _describe(train))
-        stress_offset = warn_about_stress_offset(train_frames, base_train)
+        # validation frames choose the restored epoch: their labels get the same checks
+        checked = train_frames + valid_frames
+        base_checked = {**base_train, **{len(train_frames) + k: p for k, p in base_valid.items()}}
+        slopes = label_slopes(checked, base_checked)
+        sources = _describe(train) + (f", {_describe(valid)}" if valid is not None else "")
+        data_warnings += warn_about_label_scales(slopes, sources)
+        stress_offset = warn_about_stress_offset(checked, base_checked)
         further = (
-            warn_about_stray_energies(train_frames, base_train),
-            warn_about_net_forces(train_frames),
-            stress_offset or warn_about_stray_stresses(train_frames, base_train),  # one cause, one message
+            warn_if_energies_per_atom_of_one_size(checked, slopes),
+            warn_about_stray_energies(checked, base_checked),
+            warn_about_net_forces(checked),
+            stress_offset or warn_about_stray_stresses(checked, base_checked),  # one cause, one message
             warn_if_shifts_underdetermined(train_frames, isolated),
-            warn_if_energy_labels_mixed(train_frames),
-            warn_if_charge_states_mixed(train_frames + valid_frames, backend.takes_charge_and_spin),
-            warn_if_spin_disagrees_with_magmom(train_frames + valid_frames, backend.takes_charge_and_spin),
+            warn_if_energy_labels_mixed(checked),
+            warn_if_reference_labels_unread(checked),
+            warn_if_charge_states_mixed(checked, backend.takes_charge_and_spin),
+            warn_if_spin_disagrees_with_magmom(checked, backend.takes_charge_and_spin),
         )
         data_warnings += [message for message in further if message]
     before = {

@@ -59,6 +59,9 @@ class Frame:
         Total magnetic moment of the DFT solution (μB; the calculator's ``magmom``, else the sum
         of its ``magmoms``), when the file gives one. Not a label: it is compared with the spin
         multiplicity a spin-conditioned base model is given.
+    reference_keys : tuple of str
+        Keys named as reference labels (``REF_energy``, ``DFT_forces``, ...) that the frame
+        carries beside the labels read by default (see :func:`reference_label_keys`).
 
     Frames built by hand get the same shape checks as those read from files
     (:class:`~ase_sparsecalc.errors.MissingLabelError` names the frame's ``source``).
@@ -72,6 +75,7 @@ class Frame:
     config_type: str | None = None
     energy_label: str | None = None
     magmom: float | None = None
+    reference_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Labels as float arrays of the documented shapes."""
@@ -417,7 +421,27 @@ def frame_from_atoms(
     if (charge, spin) != NEUTRAL_SINGLET:
         clean.info.update({CHARGE_KEY: charge, SPIN_KEY: spin})
     tag = str(config_type) if config_type is not None else None
-    return Frame(clean, energy, forces, stress, where, tag, energy_label, _total_magmom(results))
+    unread = () if (energy_key or forces_key) else reference_label_keys(atoms)
+    return Frame(clean, energy, forces, stress, where, tag, energy_label, _total_magmom(results), unread)
+
+
+REFERENCE_PREFIXES = ("ref_", "dft_", "ref", "dft")
+"""How training files name their DFT labels when other values (model predictions, say) sit under
+``energy`` and ``forces``: ``REF_energy`` (MACE's convention), ``DFT_forces``, ``dft_energy``."""
+
+
+def reference_label_keys(atoms: Atoms) -> tuple[str, ...]:
+    """Keys of ``atoms.info`` / ``atoms.arrays`` named as reference energies, forces, stresses
+    or virials (:data:`REFERENCE_PREFIXES`), sorted."""
+    found = []
+    for key in (*atoms.info, *atoms.arrays):
+        lowered = key.lower()
+        for prefix in REFERENCE_PREFIXES:
+            rest = lowered.removeprefix(prefix)
+            if rest != lowered and rest.startswith(("energy", "force", "stress", "virial")):
+                found.append(key)
+                break
+    return tuple(sorted(set(found)))
 
 
 def _total_magmom(results: dict) -> float | None:

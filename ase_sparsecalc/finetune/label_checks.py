@@ -106,6 +106,31 @@ def warn_about_label_scales(slopes: Mapping[str, float], source: str) -> list[st
     return messages
 
 
+def warn_if_energies_per_atom_of_one_size(frames: Sequence[Frame], slopes: Mapping[str, float]) -> str | None:
+    """Warn when every frame has N atoms and the energy slope is about the force slope / N.
+
+    Energies per atom instead of per structure give an energy slope of 1/N: far outside
+    :data:`PLAUSIBLE_SLOPE` for large cells, but inside it for the primitive cells of most
+    crystals (N = 2 to 4), where the force slope, untouched by the mistake, gives it away.
+    Returns the message, or None.
+    """
+    sizes = {len(f.atoms) for f in frames}
+    if len(sizes) != 1 or "energy" not in slopes or not slopes.get("forces", 0.0) > 0.0:
+        return None
+    n_atoms = sizes.pop()
+    ratio = slopes["energy"] / slopes["forces"]
+    if n_atoms < 2 or ratio > 0.75 or abs(ratio * n_atoms - 1.0) > 0.25:
+        return None
+    message = (
+        f"the DFT energies of {_describe_frames(frames)}, all of {n_atoms} atoms, follow the base "
+        f"model's with a slope of {slopes['energy']:.3g} where the forces follow with "
+        f"{slopes['forces']:.3g}: about 1/{n_atoms} of it, as energies per atom instead of per "
+        "structure give; give the total energy of each structure"
+    )
+    logger.warning(message)
+    return message
+
+
 STRAY_ENERGY = 0.5
 """eV/atom: a frame whose DFT energy differs from the base model's by more than this, beyond
 what per-element shifts explain, is reported (functionals differ by tens of meV/atom there)."""
@@ -164,7 +189,7 @@ def warn_about_stray_energies(
         STRAY_ENERGY,
         "{:+.3g} eV/atom",
         most,
-        f"{{count}} training frame(s) have DFT energies that per-element shifts leave more than "
+        f"{{count}} frame(s) have DFT energies that per-element shifts leave more than "
         f"{STRAY_ENERGY} eV/atom from the base model's ({{listed}}): check for energies per atom "
         "instead of per structure, another unit, or frames from another DFT setup",
     )
@@ -191,10 +216,10 @@ def _rms(values: np.ndarray) -> float:
 
 
 def _describe_frames(frames: Sequence[Frame]) -> str:
-    """``"the N training frames (a.xyz, b.xyz)"``: how many frames, and the files they come from."""
+    """``"the N frames (a.xyz, b.xyz)"``: how many frames, and the files they come from."""
     files = list(dict.fromkeys(f.source.rsplit(":frame ", 1)[0] for f in frames))
     shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-    return f"the {len(frames)} training frames ({shown})"
+    return f"the {len(frames)} frames ({shown})"
 
 
 def warn_about_net_forces(frames: Sequence[Frame], most: int = 3) -> str | None:
@@ -215,7 +240,7 @@ def warn_about_net_forces(frames: Sequence[Frame], most: int = 3) -> str | None:
         NET_FORCE,
         "{:.3g} eV/Å per atom",
         most,
-        f"{{count}} training frame(s) have DFT forces whose sum is more than {NET_FORCE} eV/Å per "
+        f"{{count}} frame(s) have DFT forces whose sum is more than {NET_FORCE} eV/Å per "
         "atom ({listed}); forces of an energy sum to zero, so no model can fit these: check that "
         "forces and positions belong to the same structure",
     )
@@ -251,7 +276,7 @@ def warn_about_stray_stresses(
         STRAY_STRESS,
         "{:.3g} eV/Å³",
         most,
-        f"{{count}} training frame(s) have a DFT stress component more than {STRAY_STRESS} eV/Å³ "
+        f"{{count}} frame(s) have a DFT stress component more than {STRAY_STRESS} eV/Å³ "
         f"({STRAY_STRESS / GPa:.0f} GPa) from the base model's ({{listed}}): check the unit "
         "(eV/Å³ expected; GPa and kbar read as eV/Å³ are 160 and 1600 times too large) and the sign",
     )
@@ -309,16 +334,40 @@ def warn_if_shifts_underdetermined(
     from ase.data import chemical_symbols
 
     elements = sorted({int(z) for f in frames for z in f.atoms.numbers})
-    rank = int(np.linalg.matrix_rank(composition_matrix(frames, elements)))
-    anchored = {chemical_symbols[z] for z in elements} <= set(isolated or {})
-    if rank >= len(elements) or anchored:
+    counts = composition_matrix(frames, elements)
+    rank = int(np.linalg.matrix_rank(counts))
+    # an isolated-atom energy fixes its element's shift on its own: one more composition
+    given = [k for k, z in enumerate(elements) if chemical_symbols[z] in (isolated or {})]
+    if int(np.linalg.matrix_rank(np.vstack([counts, np.eye(len(elements))[given]]))) >= len(elements):
         return None
     symbols = ", ".join(chemical_symbols[z] for z in elements)
+    anchored = [chemical_symbols[elements[k]] for k in given]
+    with_isolated = f" and the isolated-atom energies of {', '.join(anchored)}" if anchored else ""
     message = (
         f"the training frames hold {rank} independent composition(s) for {len(elements)} elements "
-        f"({symbols}): the per-element energy shifts are fixed only in combination, so energies of "
-        "other compositions (other molecules, formation energies) carry an arbitrary offset; give "
-        "isolated-atom energies (--isolated-atoms, or frames tagged config_type=IsolatedAtom) to fix it"
+        f"({symbols}){with_isolated}: the per-element energy shifts are fixed only in combination, "
+        "so energies of other compositions (other molecules, formation energies) carry an arbitrary "
+        "offset; give isolated-atom energies (--isolated-atoms, or frames tagged "
+        "config_type=IsolatedAtom) of the other elements to fix it"
+    )
+    logger.warning(message)
+    return message
+
+
+def warn_if_reference_labels_unread(frames: Sequence[Frame]) -> str | None:
+    """Warn when frames read without ``--energy-key``/``--forces-key`` carry reference labels
+    under their own names (``REF_energy``, ``DFT_forces``): files written after a model was run
+    on DFT data keep the model's predictions under ``energy`` and ``forces``, and training on
+    those fits the model to itself. Returns the message, or None."""
+    keys = sorted({key for frame in frames for key in frame.reference_keys})
+    if not keys:
+        return None
+    carrying = [f for f in frames if f.reference_keys]
+    message = (
+        f"{len(carrying)} of {_describe_frames(frames)} also carry {', '.join(keys)} (e.g. "
+        f"{carrying[0].source}); their labels were read from 'energy' and 'forces'. If those keys "
+        "hold the DFT values, pass --energy-key and --forces-key (--stress-key, --virial-key) "
+        "with their names (energy_key= ... in Python)"
     )
     logger.warning(message)
     return message
@@ -341,7 +390,7 @@ def warn_if_energy_labels_mixed(frames: Sequence[Frame]) -> str | None:
         return None
     free, plain = by_label["free_energy"], by_label["energy"]
     message = (
-        f"{len(free)} training frame(s) have free energies (free_energy, e.g. {free[0]}) and "
+        f"{len(free)} frame(s) have free energies (free_energy, e.g. {free[0]}) and "
         f"{len(plain)} have only an energy (energy, e.g. {plain[0]}): for smeared (metallic) "
         "calculations the two differ by the electronic entropy term; pass --energy-key to read "
         "one kind everywhere (energy_key= in Python)"
@@ -395,7 +444,7 @@ def warn_if_spin_disagrees_with_magmom(frames: Sequence[Frame], takes_charge_and
         return None
     first = polarised[0]
     message = (
-        f"{len(polarised)} training frame(s) are singlets (spin multiplicity 1: atoms.info['spin'] "
+        f"{len(polarised)} frame(s) are singlets (spin multiplicity 1: atoms.info['spin'] "
         f"absent or 1) but come from a spin-polarised DFT solution (e.g. {first.source}: magnetic moment "
         f"{first.magmom:.2f} μB); the base model takes the multiplicity as an input, so set "
         "atoms.info['spin'] = 2S + 1 (2S: the total moment in μB) for each frame"
