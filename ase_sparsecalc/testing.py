@@ -45,6 +45,8 @@ def build_mace_model(
     atomic_energies: Sequence[float] | None = None,
     charge_and_spin: bool = False,
     heads: Sequence[str] | None = None,
+    interaction: str = "RealAgnosticResidualInteractionBlock",
+    agnostic_product: bool = False,
     seed: int = 0,
 ) -> torch.nn.Module:
     """A small ``ScaleShiftMACE`` with random weights (float64).
@@ -66,6 +68,12 @@ def build_mace_model(
     heads : sequence of str, optional
         Output heads of a multi-head model (head k's isolated-atom energies are those of
         ``atomic_energies`` minus k eV); default: one head.
+    interaction : str
+        mace's interaction block (a key of ``mace.modules.interaction_classes``), e.g.
+        ``"RealAgnosticResidualNonLinearInteractionBlock"`` (radial MLP of ``torch.nn.Linear``
+        layers, scalar parameters).
+    agnostic_product : bool
+        mace's ``use_agnostic_product``: one set of symmetric-contraction weights for all elements.
     seed : int
         Seed of the weight initialisation.
     """
@@ -78,7 +86,8 @@ def build_mace_model(
     if heads is not None:  # one row of E0s and one scale and shift per head
         energies = np.stack([energies - k for k in range(len(heads))])
         scale_shift = {k: [v] * len(heads) for k, v in scale_shift.items()} | {"heads": list(heads)}
-    block = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
+    block = modules.interaction_classes[interaction]
+    options = {"use_agnostic_product": True} if agnostic_product else {}
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
@@ -100,6 +109,7 @@ def build_mace_model(
             gate=torch.nn.functional.silu,
             **scale_shift,
             **(copy.deepcopy(_CHARGE_AND_SPIN_EMBEDDINGS) if charge_and_spin else {}),  # models keep it
+            **options,
         )
     finally:
         torch.set_default_dtype(previous)

@@ -481,3 +481,62 @@ def test_trainable_set_follows_the_delta_record(backends):
     assert radial > 0
     assert total(hyperparameters={"exclude_kinds": ["radial"]}) == everything - readout - radial
     assert total(hyperparameters={"trainable_tensors": [name]}) == params[name].numel()
+
+
+# --------------------------------------------------------------------------- other MACE shapes
+@pytest.fixture(scope="module")
+def nonlinear_agnostic():
+    """A MACE model with mace's nonlinear interaction block (a radial MLP of torch.nn.Linear
+    layers, element-embedding linears, scalar parameters) and element-agnostic products."""
+    from ase_sparsecalc.backends.mace import mace_backend_from_module
+    from ase_sparsecalc.testing import build_mace_model
+
+    model = build_mace_model(
+        interaction="RealAgnosticResidualNonLinearInteractionBlock", agnostic_product=True, max_ell=2
+    )
+    return mace_backend_from_module(model, "nonlinear.model", torch.device("cpu"), torch.float64)
+
+
+def test_radial_mlp_of_torch_linear_layers_maps_rows_to_paths(nonlinear_agnostic):
+    """Output row r of the radial MLP is weight r of the tensor product: switching that weight on
+    alone moves the output irrep l_out and reads the input irrep l_in that the entry reports."""
+    backend = nonlinear_agnostic
+    interaction = backend.model.interactions[0]
+    mlp, tp = interaction.conv_tp_weights, interaction.conv_tp
+    name = "interactions.0.conv_tp_weights.net.9.weight"
+    out_layer = dict(backend.model.named_parameters())[name]
+    assert out_layer.shape[0] == tp.weight_numel and isinstance(mlp.net[9], torch.nn.Linear)
+    rows = np.arange(tp.weight_numel)
+    n_in = out_layer.shape[1]
+    one_per_row = TensorDelta.create(rows * n_in + 3, torch.ones(rows.size), tuple(out_layer.shape))
+    delta = SparseDelta({name: one_per_row})
+    entries = delta_entries(delta, backend)
+    x1 = torch.randn(1, tp.irreps_in1.dim, dtype=torch.float64)
+    x2 = torch.randn(1, tp.irreps_in2.dim, dtype=torch.float64)
+    for row, entry in zip(rows, entries, strict=True):
+        weights = torch.zeros(1, tp.weight_numel, dtype=torch.float64)
+        weights[0, row] = 1.0
+        y = tp(x1, x2, weights)[0]
+        slices = zip(tp.irreps_out, tp.irreps_out.slices(), strict=True)
+        moved = {m.ir.l for m, sl in slices if y[sl].abs().max() > 0}
+        read = set()
+        for m, sl in zip(tp.irreps_in1, tp.irreps_in1.slices(), strict=True):
+            only = torch.zeros_like(x1)
+            only[:, sl] = x1[:, sl]
+            if tp(only, x2, weights).abs().max() > 0:
+                read.add(m.ir.l)
+        assert ({entry["l_out"]}, {entry["l_in"]}) == (moved, read) and entry["radial"]
+
+
+def test_agnostic_products_are_shared_and_edge_embeddings_per_element(nonlinear_agnostic):
+    """With use_agnostic_product the symmetric-contraction weights hold one row for all elements
+    (counted as shared); the nonlinear block's source/target embeddings read the element one-hot."""
+    backend = nonlinear_agnostic
+    names = [n for n, _ in backend.model.named_parameters() if ".contractions." in n or "_embedding" in n]
+    delta = synthetic_delta(backend, names)
+    by_element = {r["group"]: r for r in delta_pattern(delta, backend, by="element", trainable=names)}
+    contraction = sum(p.numel() for n, p in backend.model.named_parameters() if ".contractions." in n)
+    embeddings = sum(p.numel() for n, p in backend.model.named_parameters() if "_embedding" in n)
+    assert by_element["shared"]["total"] == contraction
+    per_element = embeddings // len(backend.atomic_numbers)
+    assert all(by_element[chemical_symbols[z]]["total"] == per_element for z in backend.atomic_numbers)

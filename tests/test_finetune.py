@@ -136,6 +136,27 @@ def test_baseline_methods_train_and_export(method, mace_model_path, frames):
     assert by_element.get("Si", 0) == by_element.get("Cu", 0) == 0 and by_element["C"] > 0
 
 
+@pytest.mark.parametrize("method", ["full", "elora", "sparse"])
+def test_methods_train_a_mace_model_with_scalar_parameters(method, frames, tmp_path):
+    """mace's nonlinear interaction block has 0-dimensional parameters (alpha, beta) and a radial
+    MLP of torch.nn.Linear layers: every method trains it, and the saved delta reproduces the
+    trained model's predictions."""
+    from ase_sparsecalc.testing import save_mace_model
+
+    path = save_mace_model(tmp_path / "nonlinear.model", max_ell=2, seed=2,
+                           interaction="RealAgnosticResidualNonLinearInteractionBlock")  # fmt: skip
+    result = finetune_with_report(path, frames[:6], frames[6:8], method=method, density=0.05, rank=2, **FAST)
+    report = result.report
+    assert report["after"]["train"]["forces_mae"] < report["before"]["train"]["forces_mae"]
+    if method == "full":
+        assert {"interactions.0.alpha", "interactions.0.beta"} <= set(result.delta.tensors)
+    calc = SparseCalc(path, delta=result.delta, default_dtype="float64")
+    predicted = calc.batch_evaluate([f.atoms for f in frames[6:8]])
+    errors = [np.abs(p["forces"] - f.forces) for p, f in zip(predicted, frames[6:8], strict=True)]
+    mae_mev = 1e3 * np.concatenate(errors).mean()
+    assert mae_mev == pytest.approx(report["after"]["valid"]["forces_mae"], rel=1e-6)
+
+
 def test_a_penalty_run_that_stays_dense_says_so(mace_model_path, frames, caplog):
     """The penalty form (no target density) after a few steps changes most weights: the run
     reports it instead of calling the result sparse without comment."""

@@ -83,17 +83,28 @@ def radial_mlp_infos(
     layer: int | None,
     module: str,
 ) -> list[WeightInfo]:
-    """Weight infos of a radial MLP (e3nn ``FullyConnectedNet``) feeding ``tp``'s path weights.
+    """Weight infos of a radial MLP feeding ``tp``'s path weights.
 
-    Hidden layers carry no irrep; the output layer's columns are ``tp``'s path weights, so each
-    column range maps to one path ``l_in -> l_out``.
+    Hidden layers (and layer norms) carry no irrep; the output layer's outputs are ``tp``'s path
+    weights, so each range of them maps to one path ``l_in -> l_out``. e3nn's
+    ``FullyConnectedNet`` stores a layer as (in, out): the outputs are column ranges. mace's
+    ``RadialMLP`` (nonlinear interaction blocks) uses ``torch.nn.Linear``, (out, in): the
+    outputs are row ranges, which are contiguous flat ranges.
     """
     infos = []
+    torch_linear = {f"{n}.weight" for n, m in mlp.named_modules() if isinstance(m, torch.nn.Linear)}
     layers = [(n, p) for n, p in mlp.named_parameters() if n.endswith("weight")]
     for k, (pname, param) in enumerate(layers):
         shape = tuple(param.shape)
-        last = k == len(layers) - 1 and shape[-1] == tp.weight_numel
-        segments = tensor_product_segments(tp) if last else whole_tensor_segment(shape)
+        coordinate, segments = "flat", whole_tensor_segment(shape)
+        if k == len(layers) - 1 and pname in torch_linear and shape[0] == tp.weight_numel:
+            n_in = shape[1]
+            segments = tuple(
+                PathSegment(s.start * n_in, s.stop * n_in, s.l_in, s.l_out, (s.stop - s.start, n_in))
+                for s in tensor_product_segments(tp)
+            )
+        elif k == len(layers) - 1 and pname not in torch_linear and shape[-1] == tp.weight_numel:
+            coordinate, segments = "column", tensor_product_segments(tp)
         infos.append(
             WeightInfo(
                 name=f"{prefix}.{pname}",
@@ -101,7 +112,7 @@ def radial_mlp_infos(
                 layer=layer,
                 module=module,
                 kind="radial",
-                coordinate="column" if last else "flat",
+                coordinate=coordinate,
                 segments=segments,
             )
         )

@@ -143,7 +143,10 @@ class MaceBackend(Backend):
             kind = _kind_of(mod_name)
             segments = None
             if isinstance(module, o3.Linear) and module.weight_numel > 0 and module.internal_weights:
-                is_embedding = mod_name.startswith("node_embedding")
+                # the node embedding, and the edge-source/target embeddings of mace's nonlinear
+                # interaction blocks, read the element one-hot: their input axis is the element
+                one_hot = mod_name.endswith("_embedding") and module.irreps_in == o3.Irreps(f"{n_el}x0e")
+                is_embedding = mod_name.startswith("node_embedding") or one_hot
                 segments = linear_segments(module, element_axis=0 if is_embedding else None)
             elif isinstance(module, o3.TensorProduct) and module.internal_weights and module.weight_numel > 0:
                 in2 = module.irreps_in2
@@ -169,6 +172,8 @@ class MaceBackend(Backend):
                 for k, contraction in enumerate(module.contractions):
                     l_out = module.irreps_out[k].ir.l
                     for pname, param in contraction.named_parameters():
+                        # one row per element; one shared row with use_agnostic_product
+                        axis = 0 if param.shape[0] == n_el else None
                         infos.append(
                             WeightInfo(
                                 f"{mod_name}.contractions.{k}.{pname}",
@@ -177,7 +182,7 @@ class MaceBackend(Backend):
                                 f"{rest}.contractions.{k}.{pname}",
                                 "symmetric_contraction",
                                 "flat",
-                                whole(tuple(param.shape), None, l_out, element_axis=0),
+                                whole(tuple(param.shape), None, l_out, element_axis=axis),
                                 self.atomic_numbers,
                             )
                         )

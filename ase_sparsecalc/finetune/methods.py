@@ -578,7 +578,8 @@ def _path_blocks(info: WeightInfo) -> list[tuple[int, int]]:
         return [(rows, seg.stop - seg.start) for seg in info.segments]
     blocks = []
     for seg in info.segments:
-        shape = seg.shape if prod(seg.shape) == seg.stop - seg.start else (seg.stop - seg.start,)
+        whole = seg.shape and prod(seg.shape) == seg.stop - seg.start  # not a scalar (shape ())
+        shape = seg.shape if whole else (seg.stop - seg.start,)
         rows = prod(shape[:-1]) if len(shape) > 1 else 1
         blocks.append((rows, shape[-1]))
     return blocks
