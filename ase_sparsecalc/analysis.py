@@ -468,6 +468,7 @@ def delta_summary(
         "base_model": meta.base_model or layout.backend.model_name,
         "backend": meta.backend or layout.backend.name,
         "base_fingerprint": meta.base_fingerprint,
+        "head": meta.head,
         "method": meta.method,
         "hyperparameters": meta.hyperparameters,
         "nnz": delta.nnz,

@@ -82,7 +82,8 @@ def base_backend(delta: SparseDelta, backend: Backend | str | None = None) -> Ba
     delta : SparseDelta
     backend : Backend, str or None
         A loaded backend (returned as is), a model name or file (loaded), or None to load the
-        base the delta names (``delta.metadata.base_model``), on the CPU in float64.
+        base the delta names (``delta.metadata.base_model``), on the CPU in float64; a name or
+        file is loaded through the output head the delta was fitted through, if it names one.
 
     Raises
     ------
@@ -101,7 +102,7 @@ def base_backend(delta: SparseDelta, backend: Backend | str | None = None) -> Ba
             "(a loaded backend, a model name or a model file), or --base on the command line"
         )
     try:
-        return load_backend(base)
+        return load_backend(base, head=delta.metadata.head)  # a multi-head base through the delta's head
     except ModelNotFoundError as exc:
         raise ModelNotFoundError(
             f"cannot load the base model {base!r} that the delta names ({exc}); pass "

@@ -144,6 +144,26 @@ def test_delta_fitted_through_one_head_is_refused_on_another(tmp_path, mace_mode
     assert random_sparse_delta(load_backend(mace_model_path), seed=2).metadata.head is None
 
 
+def test_inspect_loads_a_multi_head_base_through_the_deltas_head(tmp_path, capsys):
+    """The model has no default head: inspect takes the head from the delta, says so in its
+    header, and warns about nothing."""
+    import warnings
+
+    from ase_sparsecalc.cli import main
+    from ase_sparsecalc.testing import random_sparse_delta
+
+    path = save_mace_model(tmp_path / "two_heads.model", atomic_numbers=(1, 6, 8), heads=["pbe", "omol"])
+    delta = random_sparse_delta(load_backend(path, head="omol"), density=0.05, seed=1)
+    saved = delta.save(tmp_path / "d.safetensors")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["inspect", str(saved)]) == 0
+        assert main(["inspect", str(saved), "--base", str(path)]) == 0
+    assert not [w for w in caught if "head" in str(w.message)]
+    out = capsys.readouterr().out
+    assert out.count(", head omol)") == 2
+
+
 def test_finetune_fits_through_the_head_it_is_given(tmp_path, capsys):
     from ase_sparsecalc import SparseDelta
     from ase_sparsecalc.cli import main
@@ -229,3 +249,38 @@ def test_forcing_the_wrong_backend_names_the_model_kind(mace_model_path):
     unsafe globals, which would suggest a security problem)."""
     with pytest.raises(BaseModelError, match=r"backend='sevennet' asked for, but the file holds a MACE"):
         load_backend(mace_model_path, backend="sevennet")
+
+
+def test_files_that_are_not_whole_potentials_say_what_they_hold(tmp_path):
+    """A MACE state dict, a MACE training checkpoint and a dipole model: each refused with what
+    it is and which file to give instead, for either backend the loader would pick."""
+    from e3nn import o3
+
+    from ase_sparsecalc.testing import build_mace_model
+    from ase_sparsecalc.torch_setup import import_keeping_weights_only
+
+    weights = build_mace_model().state_dict()
+    torch.save(weights, tmp_path / "weights.pt")
+    torch.save({"model": weights, "optimizer": {}, "epoch": 3}, tmp_path / "run_epoch-3.pt")
+    for backend in (None, "mace"):
+        with pytest.raises(BaseModelError, match=r"weights\.pt: .*a bare MACE state dict.*torch\.save"):
+            load_backend(tmp_path / "weights.pt", backend=backend)
+        with pytest.raises(BaseModelError, match=r"run_epoch-3\.pt: .*a training checkpoint \(keys model"):
+            load_backend(tmp_path / "run_epoch-3.pt", backend=backend)
+    modules = import_keeping_weights_only("mace.modules")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        dipoles = modules.AtomicDipolesMACE(
+            r_max=4.0, num_bessel=6, num_polynomial_cutoff=5, max_ell=1,
+            interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+            interaction_cls_first=modules.interaction_classes["RealAgnosticInteractionBlock"],
+            num_interactions=2, num_elements=2, hidden_irreps=o3.Irreps("8x0e+8x1o"),
+            MLP_irreps=o3.Irreps("8x0e"), avg_num_neighbors=8.0, atomic_numbers=[1, 8], correlation=2,
+            gate=torch.nn.functional.silu, atomic_energies=None,
+        )  # fmt: skip
+    finally:
+        torch.set_default_dtype(previous)
+    torch.save(dipoles, tmp_path / "dipoles.model")
+    with pytest.raises(BaseModelError, match=r"dipoles\.model: the model is an AtomicDipolesMACE"):
+        load_backend(tmp_path / "dipoles.model")

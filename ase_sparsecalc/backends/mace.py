@@ -13,7 +13,7 @@ from ..errors import BaseModelError, StructureError
 from ..graph import CHARGE_KEY, SPIN_KEY
 from ..torch_setup import import_keeping_weights_only
 from .base import Backend, ModelOutput, WeightInfo
-from .safe_load import MACE_ALLOWED, load_checkpoint
+from .safe_load import MACE_ALLOWED, describe_non_model, load_checkpoint
 
 if TYPE_CHECKING:
     from ..delta import DeltaMetadata, SparseDelta
@@ -226,7 +226,13 @@ def load_mace_model(path: str | Path) -> torch.nn.Module:
     import_mace()
     model = load_checkpoint(path, MACE_ALLOWED)
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "atomic_numbers"):
-        raise BaseModelError(f"{path}: not a MACE model file (got {type(model).__name__})")
+        raise BaseModelError(f"{path}: not a MACE model file: {describe_non_model(model)}")
+    kind = type(model).__name__
+    if "Dipole" in kind or "Dielectric" in kind:
+        raise BaseModelError(
+            f"{path}: the model is an {kind} (dipoles, with per-atom charges as input), not a "
+            "potential this calculator drives; use an energy model (MACE, ScaleShiftMACE)"
+        )
     return model
 
 

@@ -22,7 +22,7 @@ source: named foundation models are checked against SHA-256 digests (see
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +139,31 @@ def referenced_globals(path: str | Path) -> list[str]:
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
     except Exception as exc:
-        raise BaseModelError(f"{path}: not a readable torch checkpoint ({exc})") from exc
+        hint = (
+            "; a TorchScript (compiled) model cannot be changed by a delta: give the model file it "
+            "was compiled from (mace_run_train writes NAME.model beside NAME_compiled.model)"
+            if "torchscript" in str(exc).lower()
+            else ""
+        )
+        raise BaseModelError(f"{path}: not a readable torch checkpoint ({exc}){hint}") from exc
+
+
+def describe_non_model(loaded: Any) -> str:
+    """What a checkpoint holds when it is not a whole model, and which file to give instead."""
+    if isinstance(loaded, Mapping):
+        keys = [str(k) for k in loaded]
+        if "model" in loaded and {"optimizer", "lr_scheduler", "epoch"} & set(keys):
+            return (
+                f"a training checkpoint (keys {', '.join(keys[:6])}), not a model file; give the "
+                "model file the training wrote (mace_run_train: NAME.model beside checkpoints/)"
+            )
+        if keys and all(isinstance(v, torch.Tensor) for v in loaded.values()):
+            kind = "MACE " if any(k.startswith(("node_embedding", "interactions.")) for k in keys) else ""
+            return (
+                f"a bare {kind}state dict (weights without the model they belong to); save the whole "
+                "model instead (torch.save(model, path), as MACE's .model files are)"
+            )
+    return f"got a {type(loaded).__name__}"
 
 
 def load_checkpoint(path: str | Path, allowed: Iterable[str]) -> Any:

@@ -15,7 +15,7 @@ import torch
 from ..errors import BackendNotInstalledError, BaseModelError
 from ..torch_setup import prepare_torch
 from .base import Backend, ModelOutput, WeightInfo, state_dict_fingerprint
-from .safe_load import SEVENNET_ALLOWED, load_checkpoint
+from .safe_load import SEVENNET_ALLOWED, describe_non_model, load_checkpoint
 
 _LAYER = re.compile(r"^(\d+)_(.*)$")
 _VOIGT_TO_ASE = [0, 1, 2, 4, 5, 3]  # sevenn: xx yy zz xy yz zx -> ASE: xx yy zz yz xz xy
@@ -190,7 +190,9 @@ def load_sevennet(
 
     checkpoint = load_checkpoint(path, SEVENNET_ALLOWED)
     if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
-        raise BaseModelError(f"{path}: not a SevenNet checkpoint (no model_state_dict)")
+        raise BaseModelError(
+            f"{path}: not a SevenNet checkpoint (no model_state_dict): {describe_non_model(checkpoint)}"
+        )
     try:
         model, config = model_from_checkpoint(checkpoint)
     except Exception as exc:

@@ -169,7 +169,8 @@ def _header(path: str, s: dict[str, Any]) -> list[str]:
     shift_text = ", ".join(f"{k} {v:+.1f}" for k, v in shifts.items()) + " meV/atom" if shifts else "none"
     lines = [
         f"delta          {path}",
-        f"base           {s['base_model']} ({s['backend']}, fingerprint {s['base_fingerprint'][:12] or '-'})",
+        f"base           {s['base_model']} ({s['backend']}, fingerprint {s['base_fingerprint'][:12] or '-'}"
+        + (f", head {s['head']})" if s.get("head") else ")"),
         f"method         {s['method']}" + (f" ({hyper})" if hyper else ""),
         f"non-zeros      {s['nnz']:,} of {s['total']:,} trainable weights (density {_pct(s['density'])}) "
         f"in {s['tensors_changed']} tensors",
