@@ -118,9 +118,9 @@ def test_finetuned_model_stays_equivariant(mace_model_path, frames, silicon):
 
 @pytest.mark.parametrize("method", ["l1", "gmp", "full", "elora"])
 def test_baseline_methods_train_and_export(method, mace_model_path, frames):
-    result = finetune_with_report(
-        mace_model_path, frames[:8], frames[8:10], method=method, density=0.05, penalty=1e-3, rank=2, **FAST
-    )
+    options = {"l1": {"density": 0.05, "penalty": 1e-3}, "gmp": {"density": 0.05}, "elora": {"rank": 2}}
+    result = finetune_with_report(mace_model_path, frames[:8], frames[8:10], method=method,
+                                  **options.get(method, {}), **FAST)  # fmt: skip
     delta, report = result.delta, result.report
     assert report["after"]["train"]["forces_mae"] < report["before"]["train"]["forces_mae"]
     if method in ("l1", "gmp"):
@@ -145,7 +145,8 @@ def test_methods_train_a_mace_model_with_scalar_parameters(method, frames, tmp_p
 
     path = save_mace_model(tmp_path / "nonlinear.model", max_ell=2, seed=2,
                            interaction="RealAgnosticResidualNonLinearInteractionBlock")  # fmt: skip
-    result = finetune_with_report(path, frames[:6], frames[6:8], method=method, density=0.05, rank=2, **FAST)
+    options = {"sparse": {"density": 0.05}, "elora": {"rank": 2}}.get(method, {})
+    result = finetune_with_report(path, frames[:6], frames[6:8], method=method, **options, **FAST)
     report = result.report
     assert report["after"]["train"]["forces_mae"] < report["before"]["train"]["forces_mae"]
     if method == "full":

@@ -77,8 +77,8 @@ def add_parser(subparsers) -> None:
     g.add_argument(
         "--penalty",
         type=float,
-        help="l1 strength on the relative delta (default: 1e-3 for l1, 0 for the others; with "
-        "--density none it sets the sparse delta's sparsity)",
+        help="l1 strength on the relative delta, sparse and l1 only (default: 1e-3 for l1, 0 for "
+        "sparse; with --density none it sets the sparse delta's sparsity)",
     )
     g.add_argument(
         "--threshold",

@@ -180,6 +180,7 @@ class FinetuneConfig:
         """Check every option; raises :class:`~ase_sparsecalc.errors.ConfigError` (a ValueError)."""
         if self.method not in ALL_METHODS:
             raise ConfigError(f"method must be one of {', '.join(ALL_METHODS)}; got {self.method!r}")
+        self._refuse_options_of_other_methods()
         if self.density is not None and not 0.0 < self.density <= 1.0:
             raise ConfigError(f"density must be in (0, 1], got {self.density}")
         if self.method in ("l1", "gmp") and self.density is None:
@@ -245,6 +246,36 @@ class FinetuneConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_fraction <= self.prune_end_fraction <= 1:
             raise ConfigError("need 0 <= warmup_fraction <= prune_end_fraction <= 1")
+        if self.huber_delta is not None and not self.huber_delta > 0:
+            raise ConfigError(f"huber_delta must be positive (eV/atom, eV/Å, eV/Å³), got {self.huber_delta}")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"patience must be at least 1 epoch, got {self.patience}")
+        if self.energy_weight == self.forces_weight == self.stress_weight == 0:
+            raise ConfigError("energy_weight, forces_weight and stress_weight are all 0: nothing to fit")
+
+    def _refuse_options_of_other_methods(self) -> None:
+        """Refuse options set away from their defaults that the method would ignore, and record
+        ``density=None`` for the methods that have none (full, elora and shift change what they
+        change), so that the record never claims a density the delta was not made to."""
+        defaults = FinetuneConfig.__dataclass_fields__
+        ignored = []
+        has_no_density = self.method in ("full", "elora", "shift")
+        if has_no_density and self.density not in (None, defaults["density"].default):
+            ignored.append(f"density={self.density}")
+        if self.method not in ("sparse", "l1") and self.penalty:
+            ignored.append(f"penalty={self.penalty}")
+        if self.method != "sparse" and self.hard_threshold is not None:
+            ignored.append(f"hard_threshold={self.hard_threshold}")
+        if self.method != "sparse" and self.masked_decay != defaults["masked_decay"].default:
+            ignored.append(f"masked_decay={self.masked_decay}")
+        if self.method != "elora" and self.rank != defaults["rank"].default:
+            ignored.append(f"rank={self.rank}")
+        if self.method == "shift" and (self.lr is not None or self.train_readouts):
+            ignored.append("lr" if self.lr is not None else "train_readouts")
+        if ignored:
+            raise ConfigError(f"{', '.join(ignored)} does not apply to method {self.method!r}")
+        if has_no_density:
+            self.density = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of all options."""
