@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import math
+import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -302,6 +303,13 @@ class SparseDelta:
                 flat[idx] = originals[name] + tdelta.values.to(flat.device, flat.dtype)
         previous = None
         if backend is not None:
+            if backend.applied_deltas and self.metadata.energy_shifts:
+                warnings.warn(
+                    f"delta {self.source or '(in memory)'} is applied on top of another delta: their "
+                    "weight changes and their energy shifts add up, and each was fitted against the "
+                    "bare base model, not against the other",
+                    stacklevel=2,
+                )
             previous = backend.energy_shifts_by_number()
             backend.add_energy_shifts(self.metadata.energy_shifts)
             backend.applied_deltas.append(self)
@@ -447,8 +455,6 @@ def check_fingerprint(delta: SparseDelta, fingerprint: str, model_name: str, str
 
 def refuse_or_warn(message: str, strict: bool, stacklevel: int = 4) -> None:
     """Raise :class:`DeltaMismatchError` with ``message``, or with ``strict=False`` warn."""
-    import warnings
-
     if strict:
         raise DeltaMismatchError(
             message + "; pass strict=False (--no-strict on the command line) to apply it anyway"

@@ -123,6 +123,9 @@ def check_writable(path: str | Path) -> Path:
     """
     path = Path(path)
     refuse_folder(path)
+    blocking = next((part for part in path.parents if part.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise OutputFileError(f"{path}: {blocking} is a file, not a folder")
     missing = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,11 @@ class OutputFileError(SparseCalcError, OSError):
     """An output file cannot be written (folder missing and not creatable, no permission, disk full)."""
 
 
+class TrainingDivergedError(SparseCalcError, FloatingPointError):
+    """The training loss became NaN or infinite: the run stops at that step (the message says
+    which, and suggests a lower learning rate)."""
+
+
 class CheckpointError(SparseCalcError):
     """A training checkpoint cannot be used to resume (unreadable, or made for other inputs)."""
 

@@ -162,7 +162,7 @@ CASES = {
             "{model}",
             "--no-progress",
         ],
-        ["blocker/out.safetensors", "cannot write"],
+        ["blocker/out.safetensors", "blocker is a file, not a folder"],
     ),
     "finetune_bad_option": (
         [

@@ -59,10 +59,12 @@ def test_apply_twice_and_remove_unapplied_fail(backend64):
 
 def test_stacked_deltas_remove_in_reverse_order(backend64):
     before = {k: v.clone() for k, v in backend64.model.state_dict().items()}
-    a = random_sparse_delta(backend64, density=0.05, seed=1)
-    b = random_sparse_delta(backend64, density=0.05, seed=2)
+    a = random_sparse_delta(backend64, density=0.05, seed=1, energy_shifts={"Si": -0.3})
+    b = random_sparse_delta(backend64, density=0.05, seed=2, energy_shifts={"Si": -0.2})
     a.apply(backend64)
-    b.apply(backend64)
+    with pytest.warns(UserWarning, match="on top of another delta: their weight changes and their energy"):
+        b.apply(backend64)
+    assert backend64.energy_shifts_by_number()[14] == pytest.approx(-0.5)
     with pytest.raises(DeltaShapeError):
         a.remove(backend64)
     b.remove(backend64)

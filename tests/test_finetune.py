@@ -87,6 +87,15 @@ def test_sparse_finetune_lowers_loss_and_hits_density(mace_model_path, frames, t
         assert (tmp_path / "report" / name).stat().st_size > 0
     written = json.loads((tmp_path / "report" / "report.json").read_text())
     assert written["units"]["forces_mae"] == "meV/Å" and written["units"]["energy_mae"] == "meV/atom"
+    # the file a user shares says how the run went, not only what was asked for
+    hyper = delta.metadata.hyperparameters
+    assert (hyper["epochs_run"], hyper["stop_reason"]) == (FAST["epochs"], "epochs")
+    assert hyper["best_epoch"] == result.report["training"]["best_epoch"] >= 1
+    # a shift-only run into the same report folder leaves no plot of the trained delta behind
+    report_dir = tmp_path / "report"
+    finetune_with_report(mace_model_path, frames[:12], frames[12:], method="shift", report_dir=report_dir)
+    assert not (tmp_path / "report" / "learning_curves.png").exists()
+    assert not (tmp_path / "report" / "sparsity.png").exists()
 
 
 def test_saved_delta_reproduces_trained_model_exactly(mace_model_path, frames):

@@ -60,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error_line(args.command, f"error: {exc}")
         return 2
     except KeyboardInterrupt:
-        _error_line(args.command, "interrupted")
+        resume = " (--resume continues from the last checkpoint)" if args.command == "finetune" else ""
+        _error_line(args.command, "interrupted" + resume)
         return 130
     except Exception as exc:
         if args.verbose:

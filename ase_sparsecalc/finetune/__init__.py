@@ -27,7 +27,7 @@ from ..graph import SPIN_KEY, build_graph
 from ..weight_map import TRAINABLE_KEY
 from .batches import make_batches, predict
 from .budget import plan_epochs
-from .config import FinetuneConfig
+from .config import RESUMABLE_CHANGES, FinetuneConfig
 from .data import (
     Frame,
     check_duplicates,
@@ -312,7 +312,7 @@ def _finetune_in_session(
         history = state.history
         state_info = {
             "epochs_run": state.epoch,
-            "best_epoch": state.best_epoch,
+            "best_epoch": state.best_epoch if state.best_epoch > 0 else None,  # None: no epoch completed
             "stop_reason": state.stop_reason,
         }
         if state.planned_epochs is not None:
@@ -321,6 +321,7 @@ def _finetune_in_session(
     delta = SparseDelta(
         tensors, _metadata(backend, config, shifts, train_frames, valid_frames, train, trainable, isolated)
     )
+    delta.metadata.hyperparameters.update(state_info)  # how the run went, beside what was asked for
     if process.is_main and config.method == "sparse" and config.density is None and delta.density > 0.5:
         message = (
             f"the l1 penalty ({config.penalty:g}) left {100 * delta.density:.1f} % of the weights changed: "
@@ -473,9 +474,6 @@ def _make_method(backend: Backend, infos: list[WeightInfo], config: FinetuneConf
     return method.to(backend.device)
 
 
-RESUMABLE_CHANGES = ("max_time", "time_budget", "device", "extra")
-"""Options a resumed run may change: wall-time limits (a budget plans a run only at its start;
-the plan is in the checkpoint) and the device (a job preempted on one GPU resumes on another)."""
 
 
 def _run_fingerprint(backend: Backend, config: FinetuneConfig, data_id: str) -> str:
@@ -630,4 +628,7 @@ def _write_report_files(
         paths["sparsity"] = plot_sparsity(
             rows, directory / "sparsity.png", title=f"density {100 * delta.density:.2f} %"
         )
+    for name in ("learning_curves", "sparsity"):  # an earlier run's plot beside this report would mislead
+        if name not in paths:
+            (directory / f"{name}.png").unlink(missing_ok=True)
     return paths

@@ -20,6 +20,11 @@ DEFAULT_LR = {"sparse": 1e-2, "l1": 1e-2, "gmp": 1e-2, "full": 2e-3, "elora": 2e
 """Default learning rate of each method (relative units), from the ethanol study in docs/benchmarks.md."""
 
 
+RESUMABLE_CHANGES = ("max_time", "time_budget", "device", "extra")
+"""Options a resumed run may change: wall-time limits (a budget plans a run only at its start;
+the plan is in the checkpoint) and the device (a job preempted on one GPU resumes on another)."""
+
+
 @dataclass
 class FinetuneConfig:
     """Everything that decides a fine-tune's result.

@@ -534,9 +534,10 @@ def _named_label(atoms, results, key, defaults, where, what, required=True) -> t
         if name in atoms.arrays:
             return name, atoms.arrays[name]
     if required and what != "energy":
-        raise MissingLabelError(
-            f"{where}: no {what} (looked for {', '.join(names)})" + _key_hint(atoms, what)
-        )
+        hint = _key_hint(atoms, what)
+        if not hint and what == "forces":
+            hint = "; frames without forces train on their energies with --allow-missing-forces"
+        raise MissingLabelError(f"{where}: no {what} (looked for {', '.join(names)}){hint}")
     return None, None
 
 

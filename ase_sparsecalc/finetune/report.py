@@ -98,19 +98,20 @@ def plot_learning_curves(history: Sequence[Mapping], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_density, ax_size) = plt.subplots(1, 3, figsize=(13, 3.8))
-    ax_loss.semilogy(epochs, [h["train_loss"] for h in history], label="train")
-    ax_loss.semilogy(epochs, [h["valid_loss"] for h in history], label="validation")
+    marker = "o" if len(history) < 20 else None  # a run of one or a few epochs still shows its points
+    fig, (ax_loss, ax_density, ax_size) = plt.subplots(1, 3, figsize=(13.5, 3.8), layout="constrained")
+    ax_loss.semilogy(epochs, [h["train_loss"] for h in history], label="train", marker=marker)
+    ax_loss.semilogy(epochs, [h["valid_loss"] for h in history], label="validation", marker=marker)
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
-    ax_density.plot(epochs, [100 * h["density"] for h in history], label="changed weights")
-    _plot_key(ax_density, history, "support_turnover", "new in the support", scale=100.0)
+    ax_density.plot(epochs, [100 * h["density"] for h in history], label="changed weights", marker=marker)
+    _plot_key(ax_density, history, "support_turnover", "new in the support", scale=100.0, marker=marker)
     ax_density.set_xlabel("epoch")
     ax_density.set_ylabel("% (of the weights; of the support)")
     ax_density.legend()
-    _plot_key(ax_size, history, "median_change", "median |Δ|")
-    _plot_key(ax_size, history, "threshold", "threshold")
+    _plot_key(ax_size, history, "median_change", "median |Δ|", marker=marker)
+    _plot_key(ax_size, history, "threshold", "threshold", marker=marker)
     ax_size.set_xlabel("epoch")
     ax_size.set_ylabel("× RMS of the base tensor")
     if ax_size.lines:
@@ -118,11 +119,13 @@ def plot_learning_curves(history: Sequence[Mapping], path: str | Path) -> Path:
     return _save_figure(fig, Path(path))
 
 
-def _plot_key(ax, history: Sequence[Mapping], key: str, label: str, scale: float = 1.0) -> None:
+def _plot_key(
+    ax, history: Sequence[Mapping], key: str, label: str, scale: float = 1.0, marker: str | None = None
+) -> None:
     """Plot ``key`` against epoch over the epochs that recorded it (older histories lack it)."""
     points = [(h["epoch"], scale * h[key]) for h in history if key in h]
     if points:
-        ax.plot(*zip(*points, strict=True), label=label)
+        ax.plot(*zip(*points, strict=True), label=label, marker=marker)
 
 
 def tensor_density_rows(delta, infos) -> list[dict]:

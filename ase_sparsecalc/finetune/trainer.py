@@ -27,10 +27,10 @@ import torch
 from ..backends.base import Backend
 from ..backends.safe_load import load_failure
 from ..delta_io import atomic_write_bytes
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TrainingDivergedError
 from . import distributed
 from .batches import LabelledBatch, LossWeights, batch_loss
-from .config import FinetuneConfig
+from .config import RESUMABLE_CHANGES, FinetuneConfig
 from .methods import DeltaMethod
 
 logger = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ class Trainer:
             bar.set_postfix(
                 loss=f"{train_loss:.3g}", valid=f"{valid_loss:.3g}", density=f"{self.method.density():.3g}"
             )
-            if self._patience_exhausted():
+            if self._patience_exhausted() and self.state.epoch < self.epochs:
                 self.state.stop_reason = "early_stopping"
             self.save_checkpoint()
             for callback in self.callbacks:
@@ -261,6 +261,12 @@ class Trainer:
         value = float(loss.detach())
         if self.process.distributed:
             value = distributed.all_reduce_gradients(self._optimized_parameters(), value)
+        if not math.isfinite(value):  # every rank sees the reduced value: all stop together
+            raise TrainingDivergedError(
+                f"the training loss became {value} at step {self.state.step + 1} (epoch "
+                f"{self.state.epoch + 1}): the run diverged. Lower the learning rate (lr="
+                f"{self.config.lr:g}; --lr), or look for labels far from the rest"
+            )
         self.optimizer.step()
         self.method.after_step(self.optimizer.param_groups[0]["lr"])
         self.scheduler.step()
@@ -360,8 +366,10 @@ class Trainer:
                 payload.get("fingerprint") if isinstance(payload, dict) else None, self.fingerprint
             )
             verb = "differs" if differ in _PARTS else "differ"
+            recorded = payload.get("config") if isinstance(payload, dict) else None
+            options = _changed_options(recorded, self.config)
             raise CheckpointError(
-                f"{path}: the checkpoint's {differ} {verb} from this run's; "
+                f"{path}: the checkpoint's {differ} {verb} from this run's{options}; "
                 "start without --resume or use another output folder"
             )
         try:
@@ -376,6 +384,17 @@ class Trainer:
                 f"{exc}); delete it to start afresh"
             ) from exc
         self.state.stop_reason = ""
+
+
+def _changed_options(recorded: object, config: FinetuneConfig) -> str:
+    """`` (lr: 0.01 then, 0.02 now)``: the options a checkpoint's run set otherwise; "" if none
+    can be named."""
+    if not isinstance(recorded, dict):
+        return ""
+    now = config.to_dict()
+    kept = [k for k in sorted(now) if k not in RESUMABLE_CHANGES and k in recorded]
+    changed = [k for k in kept if recorded[k] != now[k]]
+    return f" ({'; '.join(f'{k}: {recorded[k]!r} then, {now[k]!r} now' for k in changed)})" if changed else ""
 
 
 def make_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
