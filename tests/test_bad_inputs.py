@@ -794,6 +794,17 @@ def test_a_diverging_run_stops_at_the_step_it_diverges(mace_model_path, tmp_path
     assert not output.exists()
 
 
+def test_runs_that_could_change_nothing_are_refused(mace_model_path):
+    """Energy-only frames with their energy weight at 0, and a density below one weight."""
+    energy_only = water_frames(3)
+    for atoms in energy_only:
+        atoms.calc.results.pop("forces")
+    with pytest.raises(ConfigError, match="have energies, and every one of them has loss weight 0"):
+        finetune(mace_model_path, energy_only, allow_missing_forces=True, energy_weight=0.0, **FAST)
+    with pytest.raises(ConfigError, match=r"density 1e-09 of \d+ trainable weights keeps no weight"):
+        finetune(mace_model_path, water_frames(3), density=1e-9, **FAST)
+
+
 def test_methods_without_a_density_record_none():
     """full, elora and shift change what they change: the record does not claim the default 3 %."""
     assert [FinetuneConfig(method=m).density for m in ("full", "elora", "shift")] == [None, None, None]

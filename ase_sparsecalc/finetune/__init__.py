@@ -22,7 +22,7 @@ from ..backends import Backend, WeightInfo, load_backend
 from ..backends.base import PathSegment
 from ..delta import DeltaMetadata, SparseDelta
 from ..delta_io import check_writable
-from ..errors import EmptyDatasetError
+from ..errors import ConfigError, EmptyDatasetError
 from ..graph import SPIN_KEY, build_graph
 from ..weight_map import TRAINABLE_KEY
 from .batches import make_batches, predict
@@ -283,7 +283,14 @@ def _finetune_in_session(
 
     history, state_info, tensors, trainable = [], {}, {}, []
     if config.method != "shift":
+        _refuse_a_run_with_nothing_to_fit(config, train_frames)
         trainable = trainable_infos(backend, config)
+        numel = sum(info.numel for info in trainable)
+        if config.density is not None and config.density * numel < 1:
+            raise ConfigError(
+                f"density {config.density:g} of {numel} trainable weights keeps no weight; "
+                f"the smallest useful density is 1/{numel} = {1 / numel:.2g}"
+            )
         method = _make_method(backend, trainable, config)
         data_id = dataset_summary(train_frames)["sha256"] + dataset_summary(valid_frames)["sha256"]
         trainer = Trainer(
@@ -474,6 +481,21 @@ def _make_method(backend: Backend, infos: list[WeightInfo], config: FinetuneConf
     return method.to(backend.device)
 
 
+
+
+def _refuse_a_run_with_nothing_to_fit(config: FinetuneConfig, frames: list[Frame]) -> None:
+    """Raise ConfigError when no label of the training frames carries a positive loss weight."""
+    weighted = [
+        ("energies", config.energy_weight, True),
+        ("forces", config.forces_weight, any(f.forces is not None for f in frames)),
+        ("stresses", config.stress_weight, any(f.stress is not None for f in frames)),
+    ]
+    if not any(weight > 0 and present for _, weight, present in weighted):
+        present = [name for name, _, there in weighted if there]
+        raise ConfigError(
+            f"the training frames have {', '.join(present)}, and every one of them has loss weight 0: "
+            "nothing to fit (--energy-weight, --forces-weight, --stress-weight)"
+        )
 
 
 def _run_fingerprint(backend: Backend, config: FinetuneConfig, data_id: str) -> str:
