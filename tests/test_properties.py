@@ -25,6 +25,9 @@ from ase_sparsecalc.testing import random_sparse_delta
 
 SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 
+# these tests stack random deltas on purpose, to check that apply and remove undo each other
+pytestmark = pytest.mark.filterwarnings("ignore:delta .* is applied on top of another delta:UserWarning")
+
 
 def _bits(t: torch.Tensor) -> bytes:
     """The exact bytes of a tensor (so -0.0 and 0.0 differ, as they should for bit-exactness)."""
