@@ -1040,6 +1040,8 @@ def test_energies_per_atom_of_two_atom_cells_are_flagged(mace_model_path, tmp_pa
     with caplog.at_level("WARNING", logger="ase_sparsecalc"):
         finetune_with_report(mace_model_path, totals, method="shift", valid_fraction=0.0)
     assert "energies per atom" not in caplog.text
+    # labels that are the base model's own outputs are named as such
+    assert "training forces equal the base model's to" in caplog.text
     with caplog.at_level("WARNING", logger="ase_sparsecalc"):
         result = finetune_with_report(mace_model_path, per_atom, method="shift", valid_fraction=0.0)
     assert any(message in w for w in result.report["data_checks"]["warnings"])
@@ -1062,6 +1064,7 @@ def test_reference_labels_left_unread_are_pointed_out(mace_model_path, tmp_path,
     with caplog.at_level("WARNING", logger="ase_sparsecalc"):
         result = finetune_with_report(mace_model_path, tmp_path / "evaluated.extxyz", method="shift")
     assert "also carry REF_energy, REF_forces" in caplog.text and "--energy-key" in caplog.text
+    assert "look like the base model's own predictions" not in caplog.text  # these are not its
     assert any("REF_energy" in w for w in result.report["data_checks"]["warnings"])
     caplog.clear()
     with caplog.at_level("WARNING", logger="ase_sparsecalc"):

@@ -343,10 +343,14 @@ def test_resume_gives_the_same_delta(mace_model_path, frames, tmp_path):
             **options,
         )
     assert (tmp_path / "checkpoint.pt").is_file()
-    resumed = finetune(
+    resumed = finetune_with_report(
         mace_model_path, frames[:8], frames[8:10], checkpoint_dir=tmp_path, resume=True, **options
     )
-    _assert_same_delta(resumed, reference)
+    _assert_same_delta(resumed.delta, reference)
+    # the training time counts both runs: the history's clock goes on across the resume
+    times = [h["wall_time"] for h in resumed.report["history"]]
+    assert len(times) == 4 and times == sorted(set(times))  # strictly increasing
+    assert resumed.report["training"]["training_time_s"] == times[-1]
 
 
 def test_time_budget_plans_the_run_that_fits(mace_model_path, frames):

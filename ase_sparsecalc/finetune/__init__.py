@@ -50,6 +50,7 @@ from .label_checks import (
     warn_if_charge_states_mixed,
     warn_if_energies_per_atom_of_one_size,
     warn_if_energy_labels_mixed,
+    warn_if_labels_are_the_base_models,
     warn_if_reference_labels_unread,
     warn_if_shifts_underdetermined,
     warn_if_spin_disagrees_with_magmom,
@@ -280,6 +281,8 @@ def _finetune_in_session(
         if valid_frames
         else {},
     }
+    echo = warn_if_labels_are_the_base_models(before["train"]) if process.is_main else None
+    data_warnings += [echo] if echo else []
 
     history, state_info, tensors, trainable = [], {}, {}, []
     if config.method != "shift":
@@ -319,6 +322,7 @@ def _finetune_in_session(
         history = state.history
         state_info = {
             "epochs_run": state.epoch,
+            "training_time_s": history[-1]["wall_time"] if history else 0.0,  # across resumed runs
             "best_epoch": state.best_epoch if state.best_epoch > 0 else None,  # None: no epoch completed
             "stop_reason": state.stop_reason,
         }
@@ -364,7 +368,7 @@ def _finetune_in_session(
         "data": delta.metadata.training_data,
         "data_checks": {"label_slopes": slopes, "warnings": data_warnings},
         "history": history,
-        "units": {**METRIC_UNITS, "energy_shifts_eV": "eV/atom", "wall_time_s": "s"},
+        "units": {**METRIC_UNITS, "energy_shifts_eV": "eV/atom", "wall_time_s": "s", "training_time_s": "s"},
     }
     paths: dict[str, Path] = {}
     if output is not None and process.is_main:

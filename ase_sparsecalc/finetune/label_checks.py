@@ -354,6 +354,28 @@ def warn_if_shifts_underdetermined(
     return message
 
 
+ECHO_FORCES_MAE = 0.05
+"""meV/Å: training labels closer than this to the base model's forces are its own predictions
+(DFT and a foundation model differ by tens to hundreds of meV/Å)."""
+
+
+def warn_if_labels_are_the_base_models(before: Mapping[str, float]) -> str | None:
+    """Warn when the labels equal the base model's predictions (``before``: the training-frame
+    errors of base + shifts, as :func:`~.metrics.error_metrics` gives them): a file of the
+    model's own outputs, which a fine-tune can only reproduce. Returns the message, or None."""
+    forces = before.get("forces_mae")
+    if forces is None or forces >= ECHO_FORCES_MAE:
+        return None
+    message = (
+        f"the training forces equal the base model's to {forces:.2g} meV/Å (mean absolute "
+        "difference; DFT and a foundation model differ by tens of meV/Å or more): these labels look "
+        "like the base model's own predictions, not DFT. Check which keys hold the DFT values "
+        "(--energy-key, --forces-key)"
+    )
+    logger.warning(message)
+    return message
+
+
 def warn_if_reference_labels_unread(frames: Sequence[Frame]) -> str | None:
     """Warn when frames read without ``--energy-key``/``--forces-key`` carry reference labels
     under their own names (``REF_energy``, ``DFT_forces``): files written after a model was run

@@ -54,7 +54,8 @@ class TrainingState:
     step : int
         Optimizer steps taken.
     history : list of dict
-        Per epoch: train loss, validation loss, density, learning rate, wall time.
+        Per epoch: train loss, validation loss, density, learning rate, wall time (s of
+        training so far, across resumed runs).
     best_loss : float
         Lowest validation loss among epochs eligible for early stopping.
     best_epoch : int
@@ -187,6 +188,7 @@ class Trainer:
     def train(self, progress: bool = True) -> TrainingState:
         """Run (or continue) training until epochs, early stopping or ``max_time``."""
         start = time.monotonic()
+        earlier = self.state.history[-1].get("wall_time", 0.0) if self.state.history else 0.0  # resumed
         bar = _progress_bar(self.epochs, self.state.epoch, progress and self.process.is_main)
         while self.state.epoch < self.epochs:
             epoch = self.state.epoch
@@ -205,7 +207,7 @@ class Trainer:
                     )
                 break
             valid_loss = self.validation_loss()
-            self._record(epoch, train_loss, valid_loss, time.monotonic() - start)
+            self._record(epoch, train_loss, valid_loss, earlier + time.monotonic() - start)
             bar.update(1)
             bar.set_postfix(
                 loss=f"{train_loss:.3g}", valid=f"{valid_loss:.3g}", density=f"{self.method.density():.3g}"
