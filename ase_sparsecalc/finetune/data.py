@@ -218,8 +218,10 @@ def _unreadable(path: Path, exc: Exception, file_format: str | None) -> str:
         where = f"frame {frame} (frames 0 to {frame - 1} read)"
     xyz = (file_format or _guessed_format(path)) in ("extxyz", "xyz")
     layout = _xyz_layout_problem(path) if xyz else None
-    if layout:
-        return f"{path}: ASE cannot read this file: {layout}"
+    if layout:  # at its first line the file may be no (ext)xyz at all: say how it was read
+        return f"{path}: ASE cannot read this file: {layout}" + (
+            _format_note(path, file_format) if layout.startswith("line 1 ") else ""
+        )
     message = f"{path}: ASE cannot read {where} ({type(exc).__name__}: {exc})"
     if "expecting special 3x3 matrix" in str(exc):
         return message + (
