@@ -46,7 +46,8 @@ from ase_sparsecalc.errors import (
     UnknownElementError,
 )
 from ase_sparsecalc.finetune import FinetuneConfig, finetune, finetune_with_report, read_frames
-from ase_sparsecalc.finetune.data import Frame, check_duplicates, drop_duplicate_frames, frame_from_atoms
+from ase_sparsecalc.finetune.data import Frame, frame_from_atoms
+from ase_sparsecalc.finetune.duplicates import check_duplicates, drop_duplicate_frames
 from ase_sparsecalc.graph import build_graph
 from ase_sparsecalc.testing import random_sparse_delta
 
@@ -486,8 +487,8 @@ def test_a_broken_frame_inside_a_file_is_located(tmp_path):
     crystal = labelled(bulk("Si", "diamond", a=5.43))
     voigt = tmp_path / "voigt.extxyz"
     voigt.write_text(
-        "2\nLattice=\"0 2.715 2.715 2.715 0 2.715 2.715 2.715 0\" Properties=species:S:1:pos:R:3 "
-        "energy=-10.0 stress=\"0.01 0.01 0.01 0 0 0\" pbc=\"T T T\"\n"
+        '2\nLattice="0 2.715 2.715 2.715 0 2.715 2.715 2.715 0" Properties=species:S:1:pos:R:3 '
+        'energy=-10.0 stress="0.01 0.01 0.01 0 0 0" pbc="T T T"\n'
         + "".join(f"Si {x:.4f} {y:.4f} {z:.4f}\n" for x, y, z in crystal.positions)
     )
     with pytest.raises(DataFileError, match=r"voigt\.extxyz: .*stress= and virial= as 9 numbers.*stress-key"):
@@ -988,9 +989,7 @@ def test_per_atom_energies_in_a_set_of_mixed_sizes_are_recognised():
     assert warn_about_stray_energies(mixed, model) is None
     per_atom = [Frame(f.atoms, f.energy / len(f.atoms), f.forces, None, f.source) for f in mixed]
     message = warn_about_stray_energies(per_atom, model)
-    assert message.startswith(
-        "the DFT energies of the 8 frames (si.xyz) look like energies per atom"
-    )
+    assert message.startswith("the DFT energies of the 8 frames (si.xyz) look like energies per atom")
 
 
 def test_runs_too_short_for_the_density_schedule_are_warned_about(mace_model_path):

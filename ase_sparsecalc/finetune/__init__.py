@@ -30,16 +30,15 @@ from .budget import plan_epochs
 from .config import RESUMABLE_CHANGES, FinetuneConfig
 from .data import (
     Frame,
-    check_duplicates,
     check_elements_in_training,
     dataset_summary,
-    drop_duplicate_frames,
     read_frames,
     read_isolated_atom_energies,
     split_frames,
     take_isolated_atoms,
 )
 from .distributed import ProcessInfo, distributed_session
+from .duplicates import check_duplicates, drop_duplicate_frames
 from .label_checks import (
     label_slopes,
     warn_about_label_scales,
@@ -483,8 +482,6 @@ def _make_method(backend: Backend, infos: list[WeightInfo], config: FinetuneConf
     params = dict(backend.model.named_parameters())
     method = METHODS[config.method](infos, {i.name: params[i.name] for i in infos}, options)
     return method.to(backend.device)
-
-
 
 
 def _refuse_a_run_with_nothing_to_fit(config: FinetuneConfig, frames: list[Frame]) -> None:
