@@ -1051,6 +1051,29 @@ def test_energies_per_atom_of_two_atom_cells_are_flagged(mace_model_path, tmp_pa
     assert "valid.extxyz:frame" in caplog.text  # its energies stray beyond what shifts explain
 
 
+def test_forces_that_vanish_by_symmetry_are_not_taken_for_the_base_models(mace_model_path, caplog):
+    """An equation of state of perfect crystals: the DFT forces are zero by symmetry, as are the
+    base model's, yet the labels are DFT. No warning that they are the model's own predictions;
+    the same cells rattled and labelled with the model's forces do get it."""
+    base = SparseCalc(mace_model_path)
+    eos, echoed = [], []
+    for k in range(5):
+        atoms = bulk("Si", "diamond", a=5.30 + 0.05 * k, cubic=True)
+        atoms.calc = base
+        energy = atoms.get_potential_energy() + 0.02 * k**2
+        eos.append(labelled(atoms, energy=energy, forces=np.zeros((8, 3))))
+        atoms = atoms.copy()
+        atoms.rattle(0.05, seed=k)
+        atoms.calc = base
+        echoed.append(labelled(atoms, energy=atoms.get_potential_energy(), forces=atoms.get_forces()))
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        finetune_with_report(mace_model_path, eos, method="shift", valid_fraction=0.0)
+    assert "look like the base model's own predictions" not in caplog.text
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        finetune_with_report(mace_model_path, echoed, method="shift", valid_fraction=0.0)
+    assert "look like the base model's own predictions" in caplog.text
+
+
 def test_reference_labels_left_unread_are_pointed_out(mace_model_path, tmp_path, caplog):
     """An extxyz written after a model ran on DFT data: the model's values under energy/forces,
     the DFT's under REF_energy/REF_forces. Read by default, the run says so; with the keys, not."""

@@ -280,7 +280,7 @@ def _finetune_in_session(
         if valid_frames
         else {},
     }
-    echo = warn_if_labels_are_the_base_models(before["train"]) if process.is_main else None
+    echo = warn_if_labels_are_the_base_models(before["train"], train_frames) if process.is_main else None
     data_warnings += [echo] if echo else []
 
     history, state_info, tensors, trainable = [], {}, {}, []

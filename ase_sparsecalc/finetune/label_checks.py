@@ -358,13 +358,22 @@ ECHO_FORCES_MAE = 0.05
 """meV/Å: training labels closer than this to the base model's forces are its own predictions
 (DFT and a foundation model differ by tens to hundreds of meV/Å)."""
 
+ECHO_MIN_FORCE = 1.0
+"""meV/Å: least mean absolute label force for the comparison to mean anything. Forces that vanish
+by symmetry (an equation of state, a relaxed crystal) are zero in the DFT and in any model."""
 
-def warn_if_labels_are_the_base_models(before: Mapping[str, float]) -> str | None:
+
+def warn_if_labels_are_the_base_models(before: Mapping[str, float], frames: Sequence[Frame]) -> str | None:
     """Warn when the labels equal the base model's predictions (``before``: the training-frame
-    errors of base + shifts, as :func:`~.metrics.error_metrics` gives them): a file of the
-    model's own outputs, which a fine-tune can only reproduce. Returns the message, or None."""
+    errors of base + shifts, as :func:`~.metrics.error_metrics` gives them; ``frames``: those
+    training frames): a file of the model's own outputs, which a fine-tune can only reproduce.
+    Frames whose forces all but vanish (mean absolute force below :data:`ECHO_MIN_FORCE`) cannot
+    tell, and never warn. Returns the message, or None."""
     forces = before.get("forces_mae")
     if forces is None or forces >= ECHO_FORCES_MAE:
+        return None
+    labelled = [np.ravel(f.forces) for f in frames if f.forces is not None]
+    if not labelled or 1000.0 * float(np.mean(np.abs(np.concatenate(labelled)))) < ECHO_MIN_FORCE:
         return None
     message = (
         f"the training forces equal the base model's to {forces:.2g} meV/Å (mean absolute "
