@@ -98,6 +98,10 @@ CASES = {
         ["foreign.safetensors", "fingerprint"],
     ),
     "eval_bad_device": (["eval", "{good_extxyz}", "--base", "{model}", "--device", "gpu"], ["gpu", "device"]),
+    "eval_misnamed_forces_key": (
+        ["eval", "{good_extxyz}", "--base", "{model}", "--forces-key", "REF_forces"],
+        ["good.extxyz", "no frame has forces under 'REF_forces'"],
+    ),
     "eval_unknown_compile_mode": (
         ["eval", "{good_extxyz}", "--base", "{model}", "--compile", "fastest"],
         ["compile_mode", "fastest", "reduce-overhead"],

@@ -369,3 +369,30 @@ def test_frames_are_named_by_their_place_in_the_file(index):
     expected = [positions] if isinstance(positions, int) else list(positions)
     frames = read_frames(f"{SI_DATA}@{index}")
     assert [int(f.source.rsplit("frame ", 1)[1]) for f in frames] == expected
+
+
+def test_forces_kept_under_another_name_are_pointed_out(tmp_path, caplog):
+    """Frames whose forces sit under ``REF_forces``: read where forces are optional (evaluation),
+    the missing forces are named with the key to pass; a key no frame has is refused."""
+    import ase.io
+    from ase.build import molecule
+
+    from ase_sparsecalc.errors import MissingLabelError
+
+    frames = []
+    for k in range(3):
+        atoms = molecule("H2O")
+        atoms.rattle(0.02, seed=k)
+        atoms.info["REF_energy"] = -14.0 - 0.01 * k
+        atoms.arrays["REF_forces"] = np.full((3, 3), 0.1 * k)
+        frames.append(atoms)
+    path = tmp_path / "ref.extxyz"
+    ase.io.write(path, frames)
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        read = read_frames(str(path), energy_key="REF_energy", require_forces=False)
+    assert all(f.forces is None for f in read)
+    assert "no frame has forces under 'forces'; the frame has REF_forces" in caplog.text
+    read = read_frames(str(path), energy_key="REF_energy", forces_key="REF_forces", require_forces=False)
+    np.testing.assert_allclose(read[2].forces, 0.2)
+    with pytest.raises(MissingLabelError, match=r"ref\.extxyz: no frame has forces under 'REF_force'.*REF_f"):
+        read_frames(str(path), energy_key="REF_energy", forces_key="REF_force", require_forces=False)

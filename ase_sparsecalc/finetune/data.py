@@ -150,13 +150,23 @@ def read_frames(
     if isinstance(sources, (str, Path, Atoms)):
         sources = [sources]
     frames: list[Frame] = []
+    first: Atoms | None = None  # as read, with its arrays: where to look for labels under other names
     for position, spec in enumerate(sources):
         for atoms, where in _read_structures(spec, index, position, file_format):
+            first = atoms if first is None else first
             frames.append(
                 frame_from_atoms(atoms, where, energy_key, forces_key, stress_key, require_forces, virial_key)
             )
     if not frames:
         raise EmptyDatasetError(f"{', '.join(map(str, sources))}: no frames to read")
+    if all(f.forces is None for f in frames):  # only where forces are optional
+        hint = _key_hint(first, "forces")
+        if forces_key:
+            names = ", ".join(map(str, sources))
+            hint = hint or "; check the key"
+            raise MissingLabelError(f"{names}: no frame has forces under {forces_key!r}{hint}")
+        if hint:
+            logger.warning("%s: no frame has forces under 'forces'%s", ", ".join(map(str, sources)), hint)
     named = virial_key or stress_key
     if named and all(f.stress is None for f in frames):
         raise MissingLabelError(
