@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the metrics."""
     from ..finetune.data import read_frames
-    from ..finetune.metrics import METRIC_UNITS, error_metrics
+    from ..finetune.metrics import METRIC_UNITS, error_metrics, predict
 
     frames = read_frames(
         args.data,
@@ -62,16 +62,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         isolated = []
     calc = make_calculator(args)
-    predictions = _predict(calc, frames, args.batch_size)
+    predictions = predict(calc, frames, args.batch_size)
     metrics = error_metrics(frames, predictions)
     metrics["base"] = calc.backend.model_name
     metrics["delta"] = args.delta
     metrics["isolated_atoms_left_out"] = len(isolated)
-    metrics["units"] = METRIC_UNITS
+    metrics["units"] = {**METRIC_UNITS, "forces_mae_by_element": "meV/Å"}
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
-    print(f"{len(frames)} frames, base {metrics['base']}, delta {args.delta or '(none)'}")
+    counts = f"{_frames(len(frames))}{_label_counts(metrics)}"
+    print(f"{counts}, base {metrics['base']}, delta {args.delta or '(none)'}")
     if not args.delta:
         print(
             "  (no delta: energies are on the base model's zero of energy, which another DFT code "
@@ -86,37 +87,36 @@ def run(args: argparse.Namespace) -> int:
     for key, unit in METRIC_UNITS.items():
         if key in metrics:
             print(f"  {key:14s}{metrics[key]:12.3f}  {unit}")
+    by_element = metrics.get("forces_mae_by_element", {})
+    if len(by_element) > 1:
+        print("  forces_mae of " + ", ".join(f"{el} {mae:.3f}" for el, mae in by_element.items()) + "  meV/Å")
     if "by_config_type" in metrics:
-        print(f"  {'config_type':20s}{'frames':>8s}{'E MAE meV/atom':>16s}{'F MAE meV/Å':>14s}")
-        for tag, part in metrics["by_config_type"].items():
-            forces = f"{part['forces_mae']:14.3f}" if "forces_mae" in part else f"{'-':>14s}"
-            print(f"  {tag:20.20s}{part['frames']:8d}{part['energy_mae']:16.3f}{forces}")
+        _print_by_config_type(metrics["by_config_type"])
     return 0
 
 
-def _predict(calc, frames: list, batch_size: int) -> dict[int, dict]:
-    """Predictions per frame index: energy (eV), forces (n, 3) eV/Å and, for frames with a stress
-    label, stress (3, 3) eV/Å³. Frames with and without stress labels go in separate batches, so
-    one molecule or isolated atom in a file of crystals does not turn stress off for the rest."""
-    from ase.stress import voigt_6_to_full_3x3_stress
+def _frames(n: int) -> str:
+    return f"{n} frame" if n == 1 else f"{n} frames"
 
-    predictions: dict[int, dict] = {}
-    with_stress = [k for k, f in enumerate(frames) if f.stress is not None]
-    without_stress = [k for k, f in enumerate(frames) if f.stress is None]
-    for chosen, properties in (
-        (with_stress, ["energy", "forces", "stress"]),
-        (without_stress, ["energy", "forces"]),
-    ):
-        if not chosen:
-            continue
-        results = calc.batch_evaluate(
-            [frames[k].atoms for k in chosen],
-            properties,
-            batch_size=batch_size,
-            names=[frames[k].source for k in chosen],
-        )
-        for k, res in zip(chosen, results, strict=True):
-            predictions[k] = {"energy": res["energy"], "forces": res["forces"]}
-            if "stress" in properties:
-                predictions[k]["stress"] = voigt_6_to_full_3x3_stress(res["stress"])
-    return predictions
+
+def _label_counts(metrics: dict) -> str:
+    """`` (forces in 5, stress in 4)`` where not every frame has forces or stress labelled."""
+    counts = [
+        f"{name} in {metrics.get(f'{name}_frames', 0)}"
+        for name in ("forces", "stress")
+        if metrics.get(f"{name}_frames", 0) != metrics["frames"]
+    ]
+    return f" ({', '.join(counts)})" if counts else ""
+
+
+def _print_by_config_type(parts: dict[str, dict]) -> None:
+    """The errors of each ``config_type`` tag, one row each (``-``: no such labels)."""
+    with_stress = any("stress_mae" in part for part in parts.values())
+    header = f"  {'config_type':24s}{'frames':>8s}{'E MAE meV/atom':>16s}{'F MAE meV/Å':>14s}"
+    print(header + (f"{'σ MAE GPa':>12s}" if with_stress else ""))
+    for tag, part in parts.items():
+        row = f"  {tag:24.24s}{part['frames']:8d}{part['energy_mae']:16.3f}"
+        row += f"{part['forces_mae']:14.3f}" if "forces_mae" in part else f"{'-':>14s}"
+        if with_stress:
+            row += f"{part['stress_mae']:12.3f}" if "stress_mae" in part else f"{'-':>12s}"
+        print(row)

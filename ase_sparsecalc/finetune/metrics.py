@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+from ase.stress import voigt_6_to_full_3x3_stress
 from ase.units import GPa
 
 from .data import Frame
+
+if TYPE_CHECKING:
+    from ..calculator import SparseCalc
 
 UNTAGGED = "(none)"
 """The ``by_config_type`` key of frames without a ``config_type`` tag."""
@@ -27,9 +32,10 @@ def error_metrics(frames: Sequence[Frame], predictions: Mapping[int, Mapping[str
         ``energy_mae``/``energy_rmse`` in meV/atom, ``forces_mae``/``forces_rmse`` in meV/Å
         (over Cartesian components), ``stress_mae``/``stress_rmse`` in GPa (over the nine
         components of the 3x3 tensor, where labelled), ``forces_mae_by_element`` in meV/Å, and
-        the counts used. When the frames carry more
-        than one ``config_type`` tag (bulk, surface, MD at 300 K, ...), ``by_config_type``
-        holds the same metrics for each tag (``"(none)"`` for untagged frames).
+        the frames each average runs over (``frames``, ``forces_frames``, ``stress_frames``).
+        When the frames carry more than one ``config_type`` tag (bulk, surface, MD at 300 K,
+        ...), ``by_config_type`` holds the same metrics for each tag (``"(none)"`` for untagged
+        frames).
     """
     e_err, f_err, s_err, f_elem = [], [], [], []
     for k, frame in enumerate(frames):
@@ -45,6 +51,7 @@ def error_metrics(frames: Sequence[Frame], predictions: Mapping[int, Mapping[str
     if f_err:
         forces = np.concatenate(f_err)
         out.update(_mae_rmse("forces", forces, 1000.0))
+        out["forces_frames"] = len(f_err)
         numbers = np.concatenate(f_elem)
         from ase.data import chemical_symbols
 
@@ -64,6 +71,41 @@ def error_metrics(frames: Sequence[Frame], predictions: Mapping[int, Mapping[str
                 [frames[k] for k in chosen], {i: predictions[k] for i, k in enumerate(chosen)}
             )
     return out
+
+
+def predict(calc: SparseCalc, frames: Sequence[Frame], batch_size: int | None = 16) -> dict[int, dict]:
+    """A calculator's predictions for labelled frames, as :func:`error_metrics` takes them.
+
+    Per frame index: energy (eV), forces (n, 3) eV/Å and, for frames with a stress label,
+    stress (3, 3) eV/Å³, from batched model calls of at most ``batch_size`` structures. Frames
+    with and without stress labels go in separate batches, so one molecule or isolated atom in a
+    file of crystals does not turn stress off for the rest.
+
+    Example::
+
+        frames = read_frames("test.extxyz")
+        metrics = error_metrics(frames, predict(SparseCalc(delta="si.safetensors"), frames))
+    """
+    predictions: dict[int, dict] = {}
+    with_stress = [k for k, f in enumerate(frames) if f.stress is not None]
+    without_stress = [k for k, f in enumerate(frames) if f.stress is None]
+    for chosen, properties in (
+        (with_stress, ["energy", "forces", "stress"]),
+        (without_stress, ["energy", "forces"]),
+    ):
+        if not chosen:
+            continue
+        results = calc.batch_evaluate(
+            [frames[k].atoms for k in chosen],
+            properties,
+            batch_size=batch_size,
+            names=[frames[k].source for k in chosen],
+        )
+        for k, res in zip(chosen, results, strict=True):
+            predictions[k] = {"energy": res["energy"], "forces": res["forces"]}
+            if "stress" in properties:
+                predictions[k]["stress"] = voigt_6_to_full_3x3_stress(res["stress"])
+    return predictions
 
 
 def _mae_rmse(name: str, errors: np.ndarray, scale: float) -> dict[str, float]:
