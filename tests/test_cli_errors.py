@@ -313,3 +313,28 @@ def test_unexpected_exception_is_one_line_unless_verbose(files, capsys, monkeypa
     assert len(err) == 1 and "internal error: KeyError" in err[0] and "sparsecalc -v eval" in err[0]
     with pytest.raises(KeyError):
         main(["-v", *argv])
+
+
+class _ClosedPipe:
+    """A stdout whose reader has gone (``sparsecalc ... | head -1``): every write fails."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return self._fd
+
+
+def test_a_closed_output_pipe_stops_the_command_quietly(files, tmp_path, monkeypatch, capsys):
+    """Output piped into ``head``: status 141 (as a shell reports SIGPIPE), nothing on stderr."""
+    with open(tmp_path / "stdout", "w") as sink:
+        monkeypatch.setattr(sys, "stdout", _ClosedPipe(sink.fileno()))
+        status = main(["inspect", files["good_safetensors"], "--base", files["model"], "--max-rows", "0"])
+    assert status == 141
+    assert capsys.readouterr().err == ""
