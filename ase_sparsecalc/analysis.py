@@ -458,6 +458,9 @@ def delta_summary(
 ) -> dict:
     """Header facts of a delta: base, method, non-zeros, density, energy shifts (meV/atom).
 
+    ``base_model``/``base_fingerprint`` are the base the delta was made for,
+    ``analysed_base``/``analysed_fingerprint`` the one it was mapped onto (``backend``).
+
     ``density`` is over the analysed trainable set (see :func:`delta_pattern`);
     ``metadata_trainable_numel`` is the count the fitting method recorded, if any.
     """
@@ -468,6 +471,8 @@ def delta_summary(
         "base_model": meta.base_model or layout.backend.model_name,
         "backend": meta.backend or layout.backend.name,
         "base_fingerprint": meta.base_fingerprint,
+        "analysed_base": layout.backend.model_name,
+        "analysed_fingerprint": layout.backend.fingerprint,
         "head": meta.head,
         "method": meta.method,
         "hyperparameters": meta.hyperparameters,

@@ -9,6 +9,8 @@ statistics live in :mod:`ase_sparsecalc.analysis`.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -20,6 +22,10 @@ from .errors import BaseModelError, DeltaShapeError, ModelNotFoundError
 if TYPE_CHECKING:
     from .backends.base import Backend, WeightInfo
     from .delta import SparseDelta
+
+logger = logging.getLogger(__name__)
+
+_SAID: set[tuple[str, str]] = set()  # (delta's base, analysed base) fingerprints already warned about
 
 OTHER = "other"
 """Group of entries in tensors without weight info."""
@@ -104,6 +110,8 @@ def base_backend(delta: SparseDelta, backend: Backend | str | None = None) -> Ba
     try:
         return load_backend(base, head=delta.metadata.head)  # a multi-head base through the delta's head
     except ModelNotFoundError as exc:
+        if backend is not None:  # the caller named it
+            raise ModelNotFoundError(f"cannot load the base model {base!r} ({exc})") from exc
         raise ModelNotFoundError(
             f"cannot load the base model {base!r} that the delta names ({exc}); pass "
             "backend=... or --base with the model it was made for"
@@ -192,7 +200,20 @@ def build_layout(delta: SparseDelta, backend: Backend | str | None, trainable: T
         A delta tensor is not a parameter of the base, or its shape differs.
     """
     backend = base_backend(delta, backend)
-    backend.check_delta_compatible(delta, strict=False)
+    with warnings.catch_warnings():  # another base's weights are said once, below, in plain words
+        warnings.simplefilter("ignore")
+        backend.check_delta_compatible(delta, strict=False)
+    made_for = delta.metadata.base_fingerprint
+    if made_for and made_for != backend.fingerprint and (made_for, backend.fingerprint) not in _SAID:
+        _SAID.add((made_for, backend.fingerprint))
+        logger.warning(
+            "the delta was made for %r (fingerprint %s…); analysed against %r (fingerprint %s…), "
+            "whose weights give the base values and the ratios |Δ|/|W0|",
+            delta.metadata.base_model,
+            made_for[:12],
+            backend.model_name,
+            backend.fingerprint[:12],
+        )
     infos = backend.weight_infos()
     by_name = {i.name: i for i in infos}
     params = base_flat_parameters(backend)

@@ -540,3 +540,21 @@ def test_agnostic_products_are_shared_and_edge_embeddings_per_element(nonlinear_
     assert by_element["shared"]["total"] == contraction
     per_element = embeddings // len(backend.atomic_numbers)
     assert all(by_element[chemical_symbols[z]]["total"] == per_element for z in backend.atomic_numbers)
+
+
+def test_inspecting_against_another_base_says_which_weights_were_used(
+    mace_model_path, other_mace_model_path, tmp_path, capsys, caplog
+):
+    """``inspect --base`` with a model of the same shape but other weights: the header names the
+    base the delta was made for and the one analysed, and one warning says so in words."""
+    delta = random_sparse_delta(load_backend(mace_model_path), density=0.02, seed=3)
+    path = delta.save(tmp_path / "d.safetensors")
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        assert main(["inspect", str(path), "--base", other_mace_model_path, "--by", "all"]) == 0
+    header = capsys.readouterr().out
+    assert re.search(r"^base +\S*small_mace\.model", header, re.M)
+    assert re.search(r"^analysed with +\S*other_mace\.model .*not the delta's base", header, re.M)
+    said = [r.getMessage() for r in caplog.records if "analysed against" in r.getMessage()]
+    assert len(said) == 1 and "other_mace.model" in said[0]
+    assert main(["inspect", str(path)]) == 0  # against its own base: no such line
+    assert "analysed with" not in capsys.readouterr().out

@@ -176,6 +176,12 @@ def _header(path: str, s: dict[str, Any]) -> list[str]:
         f"in {s['tensors_changed']} tensors",
         f"energy shifts  {shift_text}",
     ]
+    if s["base_fingerprint"] and s["analysed_fingerprint"] != s["base_fingerprint"]:
+        lines.insert(
+            2,
+            f"analysed with  {s['analysed_base']} (fingerprint {s['analysed_fingerprint'][:12]}, "
+            "not the delta's base)",
+        )
     recorded = s["metadata_trainable_numel"]
     if recorded and recorded != s["total"]:
         lines.append(f"note           the delta records {recorded:,} trainable weights; totals below "
