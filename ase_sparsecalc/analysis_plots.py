@@ -75,16 +75,20 @@ def write_heatmap(
     ax = fig.add_subplot(1, 1, 1)
     scale = 100.0 if percent else 1.0
     shown = np.ma.masked_invalid(matrix * scale)
-    image = ax.imshow(shown, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xticks(range(n_cols), labels=list(col_labels), rotation=45 if n_cols > 6 else 0, ha="right")
+    finite = matrix[np.isfinite(matrix)] * scale
+    top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    low = min(0.0, float(finite.min())) if finite.size else 0.0  # densities start at zero
+    image = ax.imshow(shown, aspect="auto", cmap="viridis", interpolation="nearest", vmin=low, vmax=top)
+    crowded = n_cols > 6 or max((len(str(c)) for c in col_labels), default=0) * n_cols > 40
+    rotation, align = (45, "right") if crowded else (0, "center")
+    ax.set_xticks(range(n_cols), labels=list(col_labels), rotation=rotation, ha=align)
     ax.set_yticks(range(n_rows), labels=list(row_labels))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label=colorbar_label)
     if n_rows * n_cols <= 150 and n_cols <= 12:
-        finite = matrix[np.isfinite(matrix)] * scale
-        middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+        middle = (low + top) / 2
         for i in range(n_rows):
             for j in range(n_cols):
                 if np.isfinite(matrix[i, j]):
@@ -122,8 +126,8 @@ def write_pattern_plots(tables: dict[str, list[dict[str, Any]]], directory: str 
     -------
     list of Path
         ``layer_l_density.png``, ``layer_element_density.png`` (element-specific weights only,
-        at most :data:`MAX_HEATMAP_ELEMENTS` elements, the most changed; skipped if the model has
-        none) and ``layer_kind_density.png``.
+        the elements with changed weights, at most :data:`MAX_HEATMAP_ELEMENTS` of them, the most
+        changed; skipped if none changed) and ``layer_kind_density.png``.
     """
     directory = Path(directory)
     written = []
@@ -136,7 +140,8 @@ def write_pattern_plots(tables: dict[str, list[dict[str, Any]]], directory: str 
         rows = tables[key]
         if col_dim == "element":
             rows = [r for r in rows if r["element"] not in ("shared", "other")]
-            rows = _top_rows(rows, "element", MAX_HEATMAP_ELEMENTS)
+            changed = {r["element"] for r in rows if r.get("nnz", 0)}
+            rows = _top_rows([r for r in rows if r["element"] in changed], "element", MAX_HEATMAP_ELEMENTS)
             if not rows:
                 continue
         row_labels, col_labels, matrix = heatmap_matrix(rows, row_dim, col_dim)

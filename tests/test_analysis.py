@@ -558,3 +558,24 @@ def test_inspecting_against_another_base_says_which_weights_were_used(
     assert len(said) == 1 and "other_mace.model" in said[0]
     assert main(["inspect", str(path)]) == 0  # against its own base: no such line
     assert "analysed with" not in capsys.readouterr().out
+
+
+def test_element_heatmap_shows_only_elements_whose_weights_changed(tmp_path):
+    """A delta that leaves every element-specific weight alone writes no layer × element plot
+    (forty columns of zeros say nothing); one that changes O gets the plot."""
+    from ase_sparsecalc.analysis_plots import write_pattern_plots
+
+    def row(layer, dim, label, nnz):
+        return {"layer": layer, dim: label, "nnz": nnz, "total": 100, "density": nnz / 100}
+
+    tables = {
+        "layer,l": [row("0", "l", "s", 3), row("1", "l", "p", 1)],
+        "layer,kind": [row("0", "kind", "linear", 3), row("1", "kind", "self_connection", 1)],
+        "layer,element": [row("0", "element", el, 0) for el in ("H", "C", "O")]
+        + [row("0", "element", "shared", 4)],
+    }
+    written = write_pattern_plots(tables, tmp_path / "none")
+    assert sorted(p.name for p in written) == ["layer_kind_density.png", "layer_l_density.png"]
+    tables["layer,element"][2]["nnz"] = 2
+    written = write_pattern_plots(tables, tmp_path / "oxygen")
+    assert "layer_element_density.png" in [p.name for p in written]
