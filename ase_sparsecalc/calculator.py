@@ -119,7 +119,8 @@ class SparseCalc(Calculator):
         super().__init__(**kwargs)
         if enable_cueq and compile_mode is not None:
             raise ConfigError(
-                "choose one of enable_cueq=True and compile_mode=...; together they are not supported"
+                "choose one of --cueq (enable_cueq=True) and --compile (compile_mode=...); together "
+                "they are not supported"
             )
         check_compile_mode(compile_mode)  # before the (slow) loading of the base
         delta_obj = _as_delta(delta)

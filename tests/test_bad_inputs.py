@@ -761,23 +761,23 @@ def test_checkpoint_error_still_importable_from_trainer():
         ({"method": "magic"}, "method must be one of"),
         ({"optimizer": "sgd"}, "optimizer must be one of adamw, factored_adam"),
         ({"masked_decay": -0.5}, "masked_decay must be >= 0"),
-        ({"best_from": 1.5}, r"best_from must be in \[0, 1\]"),
+        ({"best_from": 1.5}, "best_from must be in [0, 1]"),
         ({"method": "full", "exclude_kinds": ("radial",)}, "exclude_kinds does not apply to method 'full'"),
         ({"method": "gmp", "dense_kinds": ("embedding",)}, "dense_kinds applies to method 'sparse' only"),
-        ({"method": "full", "density": 0.01}, "density=0.01 does not apply to method 'full'"),
-        ({"method": "full", "penalty": 0.1}, "penalty=0.1 does not apply"),
-        ({"method": "gmp", "hard_threshold": False}, "hard_threshold=False does not apply to method 'gmp'"),
-        ({"method": "elora", "masked_decay": 0.5}, "masked_decay=0.5 does not apply"),
-        ({"rank": 3}, "rank=3 does not apply to method 'sparse'"),
-        ({"method": "shift", "lr": 5.0}, "lr does not apply to method 'shift'"),
-        ({"method": "shift", "train_readouts": True}, "train_readouts does not apply"),
+        ({"method": "full", "density": 0.01}, "--density 0.01 (density=0.01) does not apply to"),
+        ({"method": "full", "penalty": 0.1}, "(penalty=0.1) does not apply"),
+        ({"method": "gmp", "hard_threshold": False}, "--threshold soft (hard_threshold=False) does not"),
+        ({"method": "elora", "masked_decay": 0.5}, "--masked-decay 0.5 (masked_decay=0.5) does not apply"),
+        ({"rank": 3}, "--rank 3 (rank=3) does not apply to method 'sparse'"),
+        ({"method": "shift", "lr": 5.0}, "--lr 5.0 (lr=5.0) does not apply to method 'shift'"),
+        ({"method": "shift", "train_readouts": True}, "--train-readouts (train_readouts=True) does not"),
         ({"huber_delta": 0.0}, "huber_delta must be positive"),
         ({"patience": 0}, "patience must be at least 1"),
         ({"energy_weight": 0, "forces_weight": 0, "stress_weight": 0}, "nothing to fit"),
     ],
 )
 def test_bad_finetune_options(options, problem):
-    with pytest.raises(ConfigError, match=problem):
+    with pytest.raises(ConfigError, match=re.escape(problem)):
         FinetuneConfig(**options)
     with pytest.raises(ValueError):  # still a ValueError for callers that catch that
         FinetuneConfig(**options)

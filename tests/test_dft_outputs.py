@@ -282,7 +282,7 @@ def test_virials_become_stresses(tmp_path):
     ase.io.write(path, [*relabelled, water])
     mixed = read_frames(str(path), virial_key="REF_virial")
     assert [f.stress is None for f in mixed] == [False, False, False, True]
-    with pytest.raises(ConfigError, match="stress_key or virial_key"):
+    with pytest.raises(ConfigError, match="a stress key or a virial key, not both"):
         read_frames(str(path), stress_key="stress", virial_key="REF_virial")
 
 

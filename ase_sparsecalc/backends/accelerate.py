@@ -138,7 +138,7 @@ class CueqAccelerator(Accelerator):
             except Exception as exc:  # mace raises plain exceptions for unsupported models
                 raise BaseModelError(
                     f"cannot convert this MACE model to cuEquivariance ({type(exc).__name__}: {exc}); "
-                    "run without enable_cueq"
+                    "run without --cueq (enable_cueq=False)"
                 ) from exc
         return module.to(self.device, self.dtype)
 

@@ -266,17 +266,20 @@ class FinetuneConfig:
         ignored = []
         has_no_density = self.method in ("full", "elora", "shift")
         if has_no_density and self.density not in (None, defaults["density"].default):
-            ignored.append(f"density={self.density}")
+            ignored.append(f"--density {self.density} (density={self.density})")
         if self.method not in ("sparse", "l1") and self.penalty:
-            ignored.append(f"penalty={self.penalty}")
+            ignored.append(f"--penalty {self.penalty} (penalty={self.penalty})")
         if self.method != "sparse" and self.hard_threshold is not None:
-            ignored.append(f"hard_threshold={self.hard_threshold}")
+            threshold = "hard" if self.hard_threshold else "soft"
+            ignored.append(f"--threshold {threshold} (hard_threshold={self.hard_threshold})")
         if self.method != "sparse" and self.masked_decay != defaults["masked_decay"].default:
-            ignored.append(f"masked_decay={self.masked_decay}")
+            ignored.append(f"--masked-decay {self.masked_decay} (masked_decay={self.masked_decay})")
         if self.method != "elora" and self.rank != defaults["rank"].default:
-            ignored.append(f"rank={self.rank}")
-        if self.method == "shift" and (self.lr is not None or self.train_readouts):
-            ignored.append("lr" if self.lr is not None else "train_readouts")
+            ignored.append(f"--rank {self.rank} (rank={self.rank})")
+        if self.method == "shift" and self.lr is not None:
+            ignored.append(f"--lr {self.lr} (lr={self.lr})")
+        if self.method == "shift" and self.train_readouts:
+            ignored.append("--train-readouts (train_readouts=True)")
         if ignored:
             raise ConfigError(f"{', '.join(ignored)} does not apply to method {self.method!r}")
         if has_no_density:

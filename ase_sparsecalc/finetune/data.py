@@ -383,7 +383,7 @@ def frame_from_atoms(
 ) -> Frame:
     """Turn one labelled ``Atoms`` into a :class:`Frame` (labels validated; see :func:`read_frames`)."""
     if stress_key and virial_key:
-        raise ConfigError("give stress_key or virial_key, not both")
+        raise ConfigError("give a stress key or a virial key, not both (--stress-key, --virial-key)")
     if len(atoms) == 0:
         raise StructureError(f"{where}: the frame has no atoms")
     results = dict(atoms.calc.results) if atoms.calc is not None else {}
