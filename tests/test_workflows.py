@@ -676,3 +676,19 @@ def test_read_structure_errors(tmp_path):
     with pytest.raises(DataFileError, match=r"POSCAR: ASE could not parse it .*truncated or malformed"):
         read_structure(truncated)
     assert len(read_structure(good)) == 2
+
+
+def test_npt_of_a_slab_with_a_periodic_vacuum_is_warned_about(mace_model_path, caplog):
+    """A slab with pbc all True under a barostat: the vacuum would be barostatted like crystal.
+    The run says so; NVT of the same slab, which keeps the cell, does not."""
+    from ase.build import fcc100
+
+    slab = fcc100("Cu", size=(1, 1, 3), vacuum=6.0, periodic=True)
+    calc = SparseCalc(mace_model_path)
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        run_md(slab, calc, ensemble="npt", temperature_K=100, steps=2)
+    assert "empty space along periodic cell vector(s) c, which the barostat treats as crystal" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        run_md(slab, calc, ensemble="nvt", temperature_K=100, steps=2)
+    assert "empty space" not in caplog.text

@@ -32,6 +32,7 @@ from ase.md.velocitydistribution import Stationary
 from ..calculator import has_3d_cell
 from ..errors import ConfigError
 from ._output import streamed_frames, streamed_text
+from ._periodicity import warn_about_periodic_vacuum
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +214,8 @@ def run_md(
             f"{atoms.get_chemical_formula()}: NPT needs a cell periodic in 3 dimensions "
             f"(pbc={atoms.pbc.tolist()}); use nvt or nve"
         )
+    if ensemble == "npt":
+        warn_about_periodic_vacuum(atoms, "the barostat")
 
     atoms = atoms.copy()
     atoms.calc = calc
