@@ -692,3 +692,39 @@ def test_npt_of_a_slab_with_a_periodic_vacuum_is_warned_about(mace_model_path, c
     with caplog.at_level("WARNING", logger="ase_sparsecalc"):
         run_md(slab, calc, ensemble="nvt", temperature_K=100, steps=2)
     assert "empty space" not in caplog.text
+
+
+def test_phonons_name_constraints_left_out_and_unrelaxed_structures(mace_model_path, caplog):
+    """phonopy displaces every atom, so FixAtoms is named as not applied; a structure away from
+    the model's minimum is named too, a perfect crystal (zero forces by symmetry) is not."""
+    from ase.constraints import FixAtoms
+
+    calc = SparseCalc(mace_model_path)
+    options = dict(supercell=2, mesh=(2, 2, 2), band_npoints=3)
+    perfect = bulk("Si", "diamond", a=5.43)
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        phonons(perfect, calc, **options)
+    assert "not at a minimum" not in caplog.text and "constraints" not in caplog.text
+    fixed = perfect.copy()
+    fixed.set_constraint(FixAtoms(indices=[0]))
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        phonons(fixed, calc, **options)
+    assert "the constraints (FixAtoms) are not applied" in caplog.text
+    caplog.clear()
+    from ase.calculators.emt import EMT  # any ASE calculator; the random test model is too soft
+
+    copper = bulk("Cu", "fcc", a=3.6, cubic=True)
+    copper.positions[0] += [0.05, 0.02, 0.0]
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        phonons(copper, EMT(), supercell=1, mesh=(2, 2, 2), band_npoints=3, primitive=None)
+    assert "Cu4 is not at a minimum of this model: forces up to" in caplog.text
+
+
+def test_a_relaxed_structure_carries_no_velocities(mace_model_path):
+    """The input's momenta belong to it, not to the minimum a relaxation finds."""
+    atoms = bulk("Si", "diamond", a=5.43)
+    atoms.rattle(0.03, seed=1)
+    atoms.set_momenta(np.full((2, 3), 0.1))
+    result = relax(atoms, SparseCalc(mace_model_path), steps=3)
+    assert "momenta" not in result.atoms.arrays
+    assert "momenta" in atoms.arrays  # the caller's structure is left as it was

@@ -37,6 +37,9 @@ from ._periodicity import axis_names, leaves_periodic_axes, open_axes, warn_abou
 
 logger = logging.getLogger(__name__)
 
+UNRELAXED_FORCE = 0.01
+"""eV/Å: residual forces above this in the undisplaced supercell are warned about."""
+
 THZ_TO_CM1 = 1e12 / (units._c * 100.0)
 """Wavenumber (cm⁻¹) of 1 THz."""
 THZ_TO_MEV = units._hplanck * 1e12 / units._e * 1e3
@@ -183,6 +186,13 @@ def phonons(
         refuse_file_as_folder(Path(output_dir))
     open_ = open_axes(atoms, "phonons")
     warn_about_periodic_vacuum(atoms, "the phonon supercell")
+    if atoms.constraints:
+        logger.warning(
+            "%s: phonopy displaces every atom; the constraints (%s) are not applied, so these are "
+            "the phonons of the free structure",
+            atoms.get_chemical_formula(),
+            ", ".join(type(c).__name__ for c in atoms.constraints),
+        )
     supercell_matrix = _supercell_matrix(supercell, open_, atoms.get_chemical_formula())
     mesh = [1 if k in open_ else int(n) for k, n in enumerate(mesh)]
     if not 0 < displacement < 0.2:
@@ -214,7 +224,16 @@ def phonons(
     forces = np.array([r["forces"] for r in results[: len(displaced)]])
     if subtract_residual_forces:
         residual = results[-1]["forces"]
-        logger.info("largest residual force in the perfect supercell: %.2e eV/Å", np.abs(residual).max())
+        largest = float(np.linalg.norm(residual, axis=1).max())
+        logger.info("largest residual force in the perfect supercell: %.2e eV/Å", largest)
+        if largest > UNRELAXED_FORCE:
+            logger.warning(
+                "%s is not at a minimum of this model: forces up to %.3f eV/Å without displacement "
+                "(subtracted, but the harmonic force constants hold only near a minimum); relax it "
+                "with the same model first (sparsecalc relax --cell, or workflows.relax)",
+                atoms.get_chemical_formula(),
+                largest,
+            )
         forces = forces - residual[None]
     phonon.forces = forces
     phonon.supercell_energies = np.array([r["energy"] for r in results[: len(displaced)]])

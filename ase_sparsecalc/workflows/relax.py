@@ -150,6 +150,7 @@ def relax(
     if cell:
         warn_about_periodic_vacuum(atoms, "the cell relaxation")
     atoms = atoms.copy()
+    atoms.arrays.pop("momenta", None)  # velocities of the input belong to it, not to the minimum
     if fix_symmetry:
         from ase.constraints import FixSymmetry
 
