@@ -323,11 +323,15 @@ class SparseCalc(Calculator):
             unshifted = sorted(untrained - set(shifted))
             if unshifted:
                 shift_note += f"; {', '.join(unshifted)} have no energy shift"
+            effect = (
+                "the delta changes their energies and forces too (the model shares weights between "
+                "elements), untested against DFT"
+                if self.delta.nnz
+                else "the delta changes no weights, so their forces are the base model's"
+            )
             warnings.warn(
                 f"{where}: element(s) {', '.join(sorted(untrained))} are not in the training data of "
-                f"the delta {_describe_delta(self.delta)} ({', '.join(trained)}); the delta changes "
-                "their energies and forces too (the model shares weights between elements), "
-                f"untested against DFT{shift_note}",
+                f"the delta {_describe_delta(self.delta)} ({', '.join(trained)}); {effect}{shift_note}",
                 UntrainedElementWarning,
                 stacklevel=2,
             )

@@ -1112,16 +1112,18 @@ def test_isolated_atom_energies_count_towards_fixing_the_shifts():
 
 def test_a_split_that_leaves_no_validation_frames_is_warned_about(mace_model_path, caplog):
     """Water and methane: each composition is needed in training, so the random split keeps
-    both there and epochs are chosen on the training loss; the user is told."""
+    both there and epochs are chosen on the training loss; the user is told. Not when none
+    were asked for, nor for energy shifts, which have no epochs to choose."""
     frames = [labelled(molecule("H2O"), energy=-14.0), labelled(molecule("CH4"), energy=-24.0)]
     with caplog.at_level("WARNING", logger="ase_sparsecalc"):
-        result = finetune_with_report(mace_model_path, frames, method="shift", valid_fraction=0.5)
+        result = finetune_with_report(mace_model_path, frames, method="full", epochs=1, valid_fraction=0.5)
     assert "no validation frames (too few frames to hold any out, or every frame's composition" in caplog.text
     assert result.report["data"]["valid_frames"] == 0
     caplog.clear()
     with caplog.at_level("WARNING", logger="ase_sparsecalc"):
-        finetune_with_report(mace_model_path, frames, method="shift", valid_fraction=0.0)
-    assert "no validation frames" not in caplog.text  # asked for none
+        finetune_with_report(mace_model_path, frames, method="full", epochs=1, valid_fraction=0.0)
+        finetune_with_report(mace_model_path, frames, method="shift", valid_fraction=0.5)
+    assert "no validation frames" not in caplog.text  # asked for none; nothing to choose
 
 
 def test_mixed_free_energies_and_energies_are_flagged(tmp_path, caplog):

@@ -8,6 +8,7 @@ import torch
 from ase import Atoms
 
 from ase_sparsecalc import SparseCalc, load_backend
+from ase_sparsecalc.delta import DeltaMetadata, SparseDelta
 from ase_sparsecalc.errors import (
     AtomsTooCloseError,
     ConfigError,
@@ -268,6 +269,15 @@ def test_elements_outside_the_training_data_are_warned_about_once(mace_model_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error", UntrainedElementWarning)
         calc.batch_evaluate([silicon])
+    shifts_only = SparseDelta({}, DeltaMetadata(method="shift", energy_shifts={"H": 0.1}))
+    shifts_only.metadata.training_data = {"elements": ["H", "C", "O"]}
+    calc.set_delta(shifts_only)  # changes no weight: silicon is exactly the base model's
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        calc.batch_evaluate([silicon])
+    (message,) = [str(w.message) for w in caught if issubclass(w.category, UntrainedElementWarning)]
+    assert "changes no weights, so their forces are the base model's" in message
+    assert "shares weights" not in message
 
 
 def test_float32_runs_close_to_float64(base_for, backend_kind, silicon):

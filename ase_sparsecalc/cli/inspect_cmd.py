@@ -12,6 +12,8 @@ import json
 import math
 from typing import Any
 
+from ._common import non_negative_int
+
 DEFAULT_BY = "layer,l,element,kind"
 TITLES = {
     "all": "Overall",
@@ -77,7 +79,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.add_argument("--plot", metavar="DIR", help="also write heatmap PNGs into DIR")
     parser.add_argument(
-        "--max-rows", type=int, default=30, help="longest table printed; 0 prints all rows (default: 30)"
+        "--max-rows",
+        type=non_negative_int,
+        default=30,
+        help="longest table printed; 0 prints all rows (default: 30)",
     )
     parser.set_defaults(func=run)
     return parser
@@ -196,8 +201,9 @@ def _limit(rows: list[dict[str, Any]], max_rows: int, size_key: str) -> tuple[li
     changed = [k for k in range(len(rows)) if rows[k][size_key] > 0]
     keep = set(sorted(changed, key=lambda k: -rows[k][size_key])[:max_rows])
     dropped = [r for k, r in enumerate(rows) if k not in keep]
+    more = "more " if keep else ""
     note = (
-        f"  ... {len(dropped)} more groups with {sum(r[size_key] for r in dropped):,} non-zeros "
+        f"  ... {len(dropped)} {more}groups with {sum(r[size_key] for r in dropped):,} non-zeros "
         "(--max-rows 0 shows all)"
     )
     return [r for k, r in enumerate(rows) if k in keep], note

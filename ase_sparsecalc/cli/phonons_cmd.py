@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..errors import ConfigError
 from . import add_model_arguments, make_calculator
@@ -99,9 +100,10 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize_phonons(phonon, temperature_K=min(300.0, args.tmax), threshold_THz=args.threshold)
     for line in summary_lines(summary, time.perf_counter() - start):
         print(line)
+    folder = Path(args.output_dir)
     print(
         f"  wrote phonopy.yaml, FORCE_CONSTANTS, band.yaml, total_dos.dat, thermal_properties.yaml"
-        f"{'' if args.no_plot else ', phonons.png, thermal_properties.png'} to {args.output_dir}/"
+        f"{'' if args.no_plot else ', phonons.png, thermal_properties.png'} to {folder}/"
     )
     return 0
 

@@ -223,7 +223,7 @@ def _finetune_in_session(
         train_frames, valid_frames = split_frames(train_frames, config.valid_fraction, config.seed)
     check_duplicates(train_frames + valid_frames)
     check_elements_in_training(train_frames, valid_frames)
-    if process.is_main:  # under torchrun, one copy of each warning
+    if process.is_main and config.method != "shift":  # one copy under torchrun; shift has no epochs
         if not valid_frames and (valid is not None or config.valid_fraction > 0):
             logger.warning(
                 "no validation frames (too few frames to hold any out, or every frame's composition is "

@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 PLAUSIBLE_SLOPE = (0.25, 4.0)
 """Label / base-model slopes outside this range trigger a warning."""
 
+PLURALS = {"forces": "forces", "energy": "energies", "stress": "stresses"}
+
 MIN_SPREAD = {"forces": 1e-3, "energy": 1e-4, "stress": 1e-5}
 """Least RMS of the base model's values (eV/Å, eV/atom, eV/Å³) for a slope to mean anything."""
 
@@ -98,7 +100,7 @@ def warn_about_label_scales(slopes: Mapping[str, float], source: str) -> list[st
     for name, slope in slopes.items():
         if not low <= slope <= high:
             messages.append(
-                f"{source}: the DFT {name} are {slope:.3g} times the base model's (least squares; "
+                f"{source}: the DFT {PLURALS[name]} are {slope:.3g} times the base model's (least squares; "
                 f"expected near 1); check their units and sign ({hints[name]})"
             )
     for message in messages:

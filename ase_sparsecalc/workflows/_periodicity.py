@@ -42,7 +42,7 @@ def open_axes(atoms: Atoms, task: str) -> np.ndarray:
     pbc = np.asarray(atoms.pbc, dtype=bool)
     if not pbc.any() or not has_cell_volume(atoms):
         raise StructureError(
-            f"{name}: {task} needs a periodic cell with a non-zero volume (pbc={pbc.tolist()}, "
+            f"{name}: no {task} without a periodic cell with a non-zero volume (pbc={pbc.tolist()}, "
             f"cell {atoms.cell.array.round(6).tolist()}); a slab or wire must hold its vacuum in the cell"
         )
     if not pbc.all() and leaves_periodic_axes(atoms.cell.array, pbc):
