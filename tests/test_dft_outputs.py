@@ -396,3 +396,33 @@ def test_forces_kept_under_another_name_are_pointed_out(tmp_path, caplog):
     np.testing.assert_allclose(read[2].forces, 0.2)
     with pytest.raises(MissingLabelError, match=r"ref\.extxyz: no frame has forces under 'REF_force'.*REF_f"):
         read_frames(str(path), energy_key="REF_energy", forces_key="REF_force", require_forces=False)
+
+
+def test_stresses_of_slabs_without_a_vacuum_vector_are_named_as_left_out(tmp_path, caplog):
+    """A slab written with pbc T T F and no third cell vector: its stress has no volume to refer
+    to, so it is not used, and the reading says so once with an example frame."""
+    import ase.io
+    from ase.build import fcc111
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = []
+    for k in range(3):
+        slab = fcc111("Al", size=(2, 2, 3), vacuum=6.0)
+        slab.info.pop("adsorbate_info", None)  # not a plain value: extxyz skips it with a warning
+        slab.rattle(0.02, seed=k)
+        slab.calc = SinglePointCalculator(
+            slab, energy=-40.0 - 0.01 * k, forces=np.zeros((12, 3)), stress=np.full(6, 0.001)
+        )
+        frames.append(slab)
+    with_cell = tmp_path / "slab.extxyz"
+    ase.io.write(with_cell, frames)
+    assert all(f.stress is not None for f in read_frames(str(with_cell)))
+    for slab in frames:
+        slab.cell[2] = 0.0
+    without = tmp_path / "slab_nocell.extxyz"
+    ase.io.write(without, frames)
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        read = read_frames(str(without))
+    assert all(f.stress is None for f in read)
+    assert "3 frame(s) give a stress but have no cell with a volume (e.g. " in caplog.text
+    assert "slab_nocell.extxyz" in caplog.text

@@ -60,6 +60,9 @@ class Frame:
     reference_keys : tuple of str
         Keys named as reference labels (``REF_energy``, ``DFT_forces``, ...) that the frame
         carries beside the labels read by default (see :func:`reference_label_keys`).
+    stress_left_out : bool
+        The file gave a stress, but the cell has no volume (a slab without its vacuum vector),
+        so it is not used.
 
     Frames built by hand get the same shape checks as those read from files
     (:class:`~ase_sparsecalc.errors.MissingLabelError` names the frame's ``source``).
@@ -74,6 +77,7 @@ class Frame:
     energy_label: str | None = None
     magmom: float | None = None
     reference_keys: tuple[str, ...] = ()
+    stress_left_out: bool = False
 
     def __post_init__(self) -> None:
         """Labels as float arrays of the documented shapes."""
@@ -159,6 +163,15 @@ def read_frames(
             )
     if not frames:
         raise EmptyDatasetError(f"{', '.join(map(str, sources))}: no frames to read")
+    left_out = [f for f in frames if f.stress_left_out]
+    if left_out:
+        logger.warning(
+            "%d frame(s) give a stress but have no cell with a volume (e.g. %s: a slab or wire "
+            "without its vacuum vector); their stresses are not used. Give the cell its vacuum "
+            "vector to train on them",
+            len(left_out),
+            left_out[0].source,
+        )
     if all(f.forces is None for f in frames):  # only where forces are optional
         hint = _key_hint(first, "forces")
         if forces_key:
@@ -419,10 +432,11 @@ def frame_from_atoms(
                 f"({len(atoms)}, 3)"
             )
         forces = forces.reshape(len(atoms), 3)
+    stress_left_out = False
     if stress is not None:
         stress = _stress_matrix(_as_float_array(stress, where, "stress"), where)
         if not has_cell_volume(atoms):
-            stress = None  # a stress without a cell volume has no meaning; ignore it
+            stress, stress_left_out = None, True  # a stress without a cell volume has no meaning
     for name, value in (("energy", energy), ("forces", forces), ("stress", stress)):
         if value is not None and not np.all(np.isfinite(value)):
             raise NonFiniteLabelError(f"{where}: {name} contains NaN or inf")
@@ -432,7 +446,8 @@ def frame_from_atoms(
         clean.info.update({CHARGE_KEY: charge, SPIN_KEY: spin})
     tag = str(config_type) if config_type is not None else None
     unread = () if (energy_key or forces_key) else reference_label_keys(atoms)
-    return Frame(clean, energy, forces, stress, where, tag, energy_label, _total_magmom(results), unread)
+    magmom = _total_magmom(results)
+    return Frame(clean, energy, forces, stress, where, tag, energy_label, magmom, unread, stress_left_out)
 
 
 REFERENCE_PREFIXES = ("ref_", "dft_", "ref", "dft")
