@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ase_sparsecalc import SparseCalc, SparseDelta, load_backend
+from ase_sparsecalc.cli import main
 from ase_sparsecalc.delta_io import METADATA_KEY
 from ase_sparsecalc.errors import (
     AtomsTooCloseError,
@@ -512,7 +513,6 @@ def test_ase_databases_are_read_with_selections(tmp_path):
 def test_a_file_whose_name_misleads_ase_is_read_with_the_format_given(tmp_path, capsys):
     """extxyz frames saved as ``.data`` (ASE guesses RuNNer) and ``.txt`` (no guess): the errors
     say how ASE read the file and point to --format, which then reads them."""
-    from ase_sparsecalc.cli import main
 
     frames = water_frames(3)
     for name in ("frames.data", "frames.txt"):
@@ -1126,7 +1126,7 @@ def test_a_split_that_leaves_no_validation_frames_is_warned_about(mace_model_pat
     assert "no validation frames" not in caplog.text  # asked for none; nothing to choose
 
 
-def test_mixed_free_energies_and_energies_are_flagged(tmp_path, caplog):
+def test_mixed_free_energies_and_energies_are_flagged(mace_model_path, tmp_path, caplog):
     """One file with free energies (VASP-like: free_energy and energy) and one with energies
     only: warned about, naming a frame of each; one key read everywhere: no warning."""
     from ase.calculators.singlepoint import SinglePointCalculator
@@ -1148,6 +1148,10 @@ def test_mixed_free_energies_and_energies_are_flagged(tmp_path, caplog):
     assert "--energy-key" in caplog.text
     assert warn_if_energy_labels_mixed(read_frames(files, energy_key="energy")) is None
     assert warn_if_energy_labels_mixed(read_frames(files[1:])) is None
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):  # evaluation reads labels alike
+        assert main(["eval", *files, "--base", mace_model_path, "--json"]) == 0
+    assert "have free energies (free_energy, e.g. " in caplog.text
 
 
 def test_isolated_atom_file_reads_like_the_training_data(tmp_path):

@@ -45,6 +45,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the metrics."""
     from ..finetune.data import read_frames
+    from ..finetune.label_checks import warn_if_energy_labels_mixed, warn_if_reference_labels_unread
     from ..finetune.metrics import METRIC_UNITS, error_metrics, predict
 
     frames = read_frames(
@@ -56,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         file_format=args.file_format,
         require_forces=False,
     )
+    warn_if_energy_labels_mixed(frames)  # as fine-tuning does: the labels mean the same everywhere
+    warn_if_reference_labels_unread(frames)
     isolated = [f for f in frames if f.is_isolated_atom]
     if isolated and not args.include_isolated_atoms and len(isolated) < len(frames):
         frames = [f for f in frames if not f.is_isolated_atom]
