@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .delta import FORMAT_VERSION, DeltaMetadata, SparseDelta, TensorDelta, check_energy_shifts
 from .errors import DeltaError, DeltaFileError, DeltaFormatError, OutputFileError
+from .file_kinds import describe_as_delta_misplaced
 
 FORMAT_NAME = "ase_sparsecalc.delta"
 METADATA_KEY = "ase_sparsecalc"
@@ -204,9 +205,9 @@ def load_delta(path: str | Path) -> SparseDelta:
     except OSError as exc:
         raise DeltaFileError(f"{path}: cannot read delta file ({exc})") from exc
     except Exception as exc:  # safetensors raises its own SafetensorError for corrupt headers
-        raise DeltaFileError(
-            f"{path}: not a valid safetensors delta file (truncated or corrupt?): {exc}"
-        ) from exc
+        kind = describe_as_delta_misplaced(path)
+        problem = kind or f" (truncated or corrupt?): {exc}"
+        raise DeltaFileError(f"{path}: not a valid safetensors delta file{problem}") from exc
     header = _parse_header(path, raw_meta)
     shapes = header.pop("tensor_shapes")
     header.pop("format", None)

@@ -98,6 +98,18 @@ CASES = {
         ["foreign.safetensors", "fingerprint"],
     ),
     "eval_bad_device": (["eval", "{good_extxyz}", "--base", "{model}", "--device", "gpu"], ["gpu", "device"]),
+    "eval_model_given_as_delta": (
+        ["eval", "{good_extxyz}", "--base", "{model}", "--delta", "{model}"],
+        ["small_mace.model", "zip archive", "--base"],
+    ),
+    "eval_delta_given_as_base": (
+        ["eval", "{good_extxyz}", "--base", "{good_safetensors}"],
+        ["good.safetensors", "safetensors file", "--delta"],
+    ),
+    "eval_structure_given_as_delta": (
+        ["eval", "{good_extxyz}", "--base", "{model}", "--delta", "{good_extxyz}"],
+        ["good.extxyz", "text file", "beginning '3'"],
+    ),
     "eval_misnamed_forces_key": (
         ["eval", "{good_extxyz}", "--base", "{model}", "--forces-key", "REF_forces"],
         ["good.extxyz", "no frame has forces under 'REF_forces'"],

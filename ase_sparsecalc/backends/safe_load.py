@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import BaseModelError, ModelNotFoundError, UnsafeCheckpointError
+from ..file_kinds import describe_as_model_misplaced
 
 NUMPY_ARRAYS = (
     "numpy.core.multiarray._reconstruct",
@@ -143,7 +144,7 @@ def referenced_globals(path: str | Path) -> list[str]:
             "; a TorchScript (compiled) model cannot be changed by a delta: give the model file it "
             "was compiled from (mace_run_train writes NAME.model beside NAME_compiled.model)"
             if "torchscript" in str(exc).lower()
-            else ""
+            else describe_as_model_misplaced(path)
         )
         raise BaseModelError(f"{path}: not a readable torch checkpoint ({exc}){hint}") from exc
 
