@@ -454,7 +454,7 @@ def test_empty_and_unreadable_trajectories(tmp_path):
         read_frames(f"{data}@5:")
     with pytest.raises(DataFileError, match=r"three\.extxyz: the slice '0:3:0' after '@' has a step of 0"):
         read_frames(f"{data}@0:3:0")
-    with pytest.raises(DataFileError, match=r"three\.extxyz: has no frame '7'"):
+    with pytest.raises(DataFileError, match=r"three\.extxyz: has no frame '7' \(it has 3: 0 to 2, or -3"):
         read_frames(f"{data}@7")
     with pytest.raises(DataFileError, match=r"missing\.extxyz: file not found"):
         read_frames(tmp_path / "missing.extxyz")

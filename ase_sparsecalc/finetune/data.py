@@ -212,7 +212,9 @@ def _read_structures(
     except (EmptyDatasetError, DataFileError):
         raise
     except (IndexError, StopIteration) as exc:
-        raise DataFileError(f"{path}: has no frame {idx!r}; check the index after '@'") from exc
+        total = _count_frames(path, file_format)
+        count = f" (it has {total}: 0 to {total - 1}, or -{total} to -1)" if total else ""
+        raise DataFileError(f"{path}: has no frame {idx!r}{count}; check the index after '@'") from exc
     except Exception as exc:  # ASE's parsers raise anything from ValueError to KeyError
         raise DataFileError(_unreadable(path, exc, file_format)) from exc
     if isinstance(images, Atoms):
