@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from ase.data import chemical_symbols
 
-from .errors import DeltaShapeError
+from .backends.base import WEIGHT_KINDS
+from .errors import ConfigError, DeltaShapeError
 from .weight_map import OTHER, TRAINABLE_KEY, Layout, TensorRecord, Trainable, base_backend, build_layout
 
 if TYPE_CHECKING:
@@ -56,7 +57,6 @@ GROUPINGS = ("all", "tensor", "layer", "module", "kind", "l", "path", "element")
 L_LETTERS = "spdfghi"
 """Spectroscopic letter of each angular momentum l = 0, 1, 2, ..."""
 
-KIND_ORDER = ("embedding", "linear", "self_connection", "radial", "symmetric_contraction", "readout")
 UNDEFINED = "n/a"
 SHARED = "shared"
 
@@ -128,7 +128,7 @@ def _dims(by: str | Sequence[str]) -> tuple[str, ...]:
     dims = (by,) if isinstance(by, str) else tuple(by)
     bad = [d for d in dims if d not in GROUPINGS]
     if not dims or bad:
-        raise ValueError(f"by={by!r}: group by one or more of {', '.join(GROUPINGS)}")
+        raise ConfigError(f"by={by!r}: group by one or more of {', '.join(GROUPINGS)}")
     return dims
 
 
@@ -189,7 +189,7 @@ def _sort_key(dim: str, value: Any, first_seen: dict) -> tuple:
     if dim == "element":
         return (value if value >= 0 else big - value,)
     if dim == "kind":
-        return (KIND_ORDER.index(value) if value in KIND_ORDER else big, value)
+        return (WEIGHT_KINDS.index(value) if value in WEIGHT_KINDS else big, value)
     if dim == "layer":
         if value.isdigit():
             return (1, int(value))

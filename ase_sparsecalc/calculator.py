@@ -23,6 +23,7 @@ from .errors import (
     UntrainedElementWarning,
 )
 from .graph import build_graph, charge_and_spin, has_cell_volume
+from .torch_setup import dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class SparseCalc(Calculator):
         # what ASE records with results (calc.todict(): trajectories, databases)
         self.parameters.update(
             base=self.backend.model_name,
-            default_dtype=str(self.backend.dtype).removeprefix("torch."),  # "float32" for torch.float32 too
+            default_dtype=dtype_name(self.backend.dtype),
             device=str(self.backend.device),
         )
         self.set_delta(delta_obj, strict=strict)
@@ -283,7 +284,7 @@ class SparseCalc(Calculator):
             names = [f"structure {k} ({a.get_chemical_formula()})" for k, a in enumerate(structures)]
         names = list(names)
         if len(names) != len(structures):
-            raise ValueError(f"{len(names)} names for {len(structures)} structures")
+            raise ConfigError(f"{len(names)} names for {len(structures)} structures")
         want_stress = "stress" in properties
         for atoms, name in zip(structures, names, strict=True):
             if want_stress and not has_cell_volume(atoms):
@@ -408,7 +409,7 @@ def chunk_indices(sizes: Sequence[int], max_structures: int | None, max_atoms: i
     """
     for name, bound in (("batch_size", max_structures), ("max_atoms", max_atoms)):
         if bound is not None and bound < 1:
-            raise ValueError(f"{name} must be a positive integer or None, got {bound}")
+            raise ConfigError(f"{name} must be a positive integer or None, got {bound}")
     groups: list[list[int]] = []
     current: list[int] = []
     atoms = 0

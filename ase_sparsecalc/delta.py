@@ -27,7 +27,15 @@ import numpy as np
 import torch
 
 from ._version import __version__
-from .errors import DeltaError, DeltaFormatError, DeltaMismatchError, DeltaShapeError, DeltaValueError
+from .errors import (
+    DeltaError,
+    DeltaFormatError,
+    DeltaMismatchError,
+    DeltaShapeError,
+    DeltaStateError,
+    DeltaValueError,
+)
+from .torch_setup import dtype_name
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -285,7 +293,7 @@ class SparseDelta:
         module = backend.model if backend is not None else target
         try:
             if module in self._applied:
-                raise DeltaShapeError("this delta is already applied to that model; remove it first")
+                raise DeltaStateError("this delta is already applied to that model; remove it first")
             if backend is not None:
                 backend.check_delta_compatible(self, strict=strict)
                 check_energy_shifts(self.metadata.energy_shifts)
@@ -326,10 +334,10 @@ class SparseDelta:
         module = backend.model if backend is not None else target
         record = self._applied.get(module)
         if record is None:
-            raise DeltaShapeError("this delta is not applied to that model")
+            raise DeltaStateError("this delta is not applied to that model")
         if backend is not None:
             if not backend.applied_deltas or backend.applied_deltas[-1] is not self:
-                raise DeltaShapeError(
+                raise DeltaStateError(
                     "deltas stacked on one model must be removed in reverse order of applying"
                 )
             backend.applied_deltas.pop()
@@ -386,7 +394,7 @@ class SparseDelta:
         meta = metadata or DeltaMetadata(method="from_models", hyperparameters={"atol": atol})
         if isinstance(base, Backend):
             base.fill_metadata(meta)
-        meta.dtype = str(next(iter(tuned_mod.parameters())).dtype).removeprefix("torch.")
+        meta.dtype = dtype_name(next(iter(tuned_mod.parameters())).dtype)
         meta.trainable_numel = meta.trainable_numel or sum(p.numel() for p in base_params.values())
         return cls(tensors, meta)
 

@@ -30,7 +30,6 @@ FORMAT_NAME = "ase_sparsecalc.delta"
 METADATA_KEY = "ase_sparsecalc"
 INDICES_SUFFIX = "::indices"
 VALUES_SUFFIX = "::values"
-DELTA_SUFFIX = ".safetensors"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import ConfigError
+
 MAX_CANDIDATES = 2**23
 """Most pair-image candidates (N² × images) of one structure listed on the device: 8.4 million
 (a 512-atom cell with a 5-6 Å cutoff needs 27 images: 7.1 million). The candidates' squared
@@ -125,7 +127,7 @@ def device_neighbour_pairs(
     """
     pbc = np.asarray(pbc, dtype=bool)
     if pbc.any() and not pbc.all():
-        raise ValueError(f"neighbour lists on the device need pbc all True or all False, got {pbc.tolist()}")
+        raise ConfigError(f"neighbour lists on the device need pbc all True or all False, got {pbc.tolist()}")
     device = positions.device
     cell = np.asarray(cell, dtype=np.float64)
     offsets = image_offsets(cell, pbc, cutoff)

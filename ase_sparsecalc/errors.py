@@ -10,12 +10,14 @@ Hierarchy::
     ├── ConfigError                an option has a value that is not allowed (device, dtype, ...)
     ├── OutputFileError            an output file (delta, report, checkpoint) cannot be written
     ├── CheckpointError            a training checkpoint cannot be used to resume
+    ├── TrainingDivergedError      the training loss became NaN or infinite
     ├── NonFiniteResultError       the model (with its delta) gave NaN or inf for a structure
     ├── DeltaError                 a delta file or in-memory delta is unusable
     │   ├── DeltaFileError         missing, unreadable, truncated or not a safetensors file
     │   ├── DeltaFormatError       unknown format version or malformed metadata
     │   ├── DeltaMismatchError     made for another base model (fingerprint differs)
     │   ├── DeltaShapeError        names, shapes or indices do not fit the model
+    │   ├── DeltaStateError        applied twice, removed out of order or without being applied
     │   └── DeltaValueError        NaN or inf values
     ├── BaseModelError             the base foundation model cannot be loaded
     │   ├── ModelNotFoundError     unknown name, missing file, or offline with no cached copy
@@ -87,6 +89,11 @@ class DeltaMismatchError(DeltaError):
 
 class DeltaShapeError(DeltaError):
     """A delta tensor does not exist in the model, has another shape, or indices out of range."""
+
+
+class DeltaStateError(DeltaError, RuntimeError):
+    """A delta is applied where it already is, removed where it is not, or removed out of the
+    last-in, first-out order of stacked deltas; or a model with deltas applied is copied."""
 
 
 class DeltaValueError(DeltaError, ValueError):

@@ -18,7 +18,7 @@ from ase.neighborlist import primitive_neighbor_list
 from matscipy.neighbours import neighbour_list
 
 from .device_neighbours import device_is_faster, device_neighbour_pairs, plane_spacings
-from .errors import AtomsTooCloseError, StructureError
+from .errors import AtomsTooCloseError, ConfigError, StructureError
 
 MIN_DISTANCE = 0.1
 """Closest allowed approach of two atoms, Å; anything closer is treated as broken input."""
@@ -343,7 +343,7 @@ def build_graph(
         No atoms, non-finite positions or cell, or a periodic axis without a cell vector.
     """
     if neighbours not in ("auto", "host", "device"):
-        raise ValueError(f"neighbours must be 'auto', 'host' or 'device', got {neighbours!r}")
+        raise ConfigError(f"neighbours must be 'auto', 'host' or 'device', got {neighbours!r}")
     positions, numbers, batch, edges, shifts, cells, pbcs, ptr = [], [], [], [], [], [], [], [0]
     charges_and_spins = []
     for k, atoms in enumerate(structures):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import BaseModelError, DeltaShapeError, ModelNotFoundError
+from .errors import BaseModelError, ConfigError, DeltaShapeError, ModelNotFoundError
 
 if TYPE_CHECKING:
     from .backends.base import Backend, WeightInfo
@@ -160,7 +160,7 @@ def trainable_names(
     elif trainable == "all":
         chosen = {i.name for i in infos}
     elif isinstance(trainable, str):
-        raise ValueError(
+        raise ConfigError(
             f"trainable={trainable!r}: use 'auto', 'all', a collection of tensor names or a "
             "function of a WeightInfo"
         )

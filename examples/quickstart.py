@@ -27,22 +27,10 @@ from ase.build import bulk
 
 from ase_sparsecalc import SparseCalc
 from ase_sparsecalc.finetune import finetune_with_report, read_frames
-from ase_sparsecalc.finetune.metrics import error_metrics
+from ase_sparsecalc.finetune.metrics import evaluate
 from ase_sparsecalc.workflows import relax
 
 DATA = Path(__file__).parent / "data"
-
-
-def test_errors(calc: SparseCalc, frames) -> dict:
-    """Energy (meV/atom), force (meV/Å) and stress (GPa) errors of ``calc`` on ``frames``."""
-    from ase.stress import voigt_6_to_full_3x3_stress
-
-    results = calc.batch_evaluate([f.atoms for f in frames], ["energy", "forces", "stress"])
-    predictions = {
-        k: {"energy": r["energy"], "forces": r["forces"], "stress": voigt_6_to_full_3x3_stress(r["stress"])}
-        for k, r in enumerate(results)
-    }
-    return error_metrics(frames, predictions)
 
 
 def lattice_constant(calc: SparseCalc) -> float:
@@ -87,7 +75,7 @@ def main() -> None:
     rows = []
     for label, delta in (("SevenNet-0 + shifts", shift.delta), ("sparse delta", sparse.delta)):
         calc = SparseCalc("sevennet-0", delta=delta, default_dtype="float64")
-        errors = test_errors(calc, test)
+        errors = evaluate(calc, test)
         rows.append(
             (label, errors["energy_mae"], errors["forces_mae"], errors["stress_mae"], lattice_constant(calc))
         )

@@ -1223,3 +1223,18 @@ def test_frames_without_forces_train_on_request(mace_model_path, tmp_path):
     assert result.report["data"]["frames"] == 6
     assert np.isfinite(result.report["after"]["train"]["forces_mae"])
     assert (tmp_path / "r" / "parity.png").is_file()
+
+
+def test_finetune_options_are_checked_by_name_and_leave_the_callers_random_state(mace_model_path):
+    """A misspelt option is named with the field it probably meant; a config given together with
+    options (which it would ignore) is refused; a run leaves torch's global random state as it
+    found it."""
+    frames = water_frames(4)
+    with pytest.raises(ConfigError, match=r"unknown fine-tuning option\(s\): epoch \(did you mean epochs"):
+        finetune(mace_model_path, frames, epoch=3)
+    with pytest.raises(ConfigError, match="give either config= or options"):
+        finetune_with_report(mace_model_path, frames, config=FinetuneConfig(method="shift"), epochs=3)
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    finetune(mace_model_path, frames, method="shift", valid_fraction=0.0)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from ase_sparsecalc import SparseCalc, SparseDelta, TensorDelta, load_backend
 from ase_sparsecalc.delta import DeltaMetadata
-from ase_sparsecalc.errors import DeltaError, DeltaFileError, DeltaShapeError
+from ase_sparsecalc.errors import DeltaError, DeltaFileError, DeltaStateError
 from ase_sparsecalc.testing import random_sparse_delta
 
 SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
@@ -263,7 +263,7 @@ def test_calculators_sharing_a_base_never_leak_state(pair, ops):
             pair.current[which] = k
         elif op == "stack":
             if k in pair.order(which):
-                with pytest.raises(DeltaShapeError, match="already applied"):
+                with pytest.raises(DeltaStateError, match="already applied"):
                     pair.deltas[k].apply(calc.backend)
             else:
                 pair.deltas[k].apply(calc.backend)

@@ -728,3 +728,17 @@ def test_a_relaxed_structure_carries_no_velocities(mace_model_path):
     result = relax(atoms, SparseCalc(mace_model_path), steps=3)
     assert "momenta" not in result.atoms.arrays
     assert "momenta" in atoms.arrays  # the caller's structure is left as it was
+
+
+def test_md_returns_the_structure_with_its_own_constraints(mace_model_path):
+    """A Langevin run fixes the centre of mass with a FixCom constraint for the run only: the
+    structure returned carries the constraints it came with."""
+    from ase.constraints import FixAtoms, FixCom
+
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    result = run_md(atoms, SparseCalc(mace_model_path), ensemble="nvt", thermostat="langevin", steps=2)
+    assert result.atoms.constraints == []
+    atoms.set_constraint(FixAtoms(indices=[0]))
+    result = run_md(atoms, SparseCalc(mace_model_path), ensemble="nvt", thermostat="langevin", steps=2)
+    assert [type(c) for c in result.atoms.constraints] == [FixAtoms]
+    assert not any(isinstance(c, FixCom) for c in result.atoms.constraints)

@@ -27,7 +27,7 @@ import torch
 from ase.data import atomic_numbers as symbol_to_number
 from ase.data import chemical_symbols
 
-from ..errors import UnknownElementError
+from ..errors import DeltaStateError, UnknownElementError
 from ..graph import NEUTRAL_SINGLET, charge_and_spin
 from ..torch_setup import dtype_name
 
@@ -243,7 +243,7 @@ class Backend(ABC):
     def copy(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Backend:
         """An independent copy (own weights) without applied deltas, optionally moved/cast."""
         if self.applied_deltas:
-            raise RuntimeError("copy() of a backend with applied deltas; remove them first")
+            raise DeltaStateError("copy() of a backend with applied deltas; remove them first")
         clone = copy.copy(self)
         clone.model = copy.deepcopy(self.model)
         clone.applied_deltas = []

@@ -56,7 +56,8 @@ class MaceBackend(Backend):
             self._z_to_index[z] = k
         super().__post_init__()
 
-    def to(self, device=None, dtype=None) -> MaceBackend:
+    def to(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> MaceBackend:
+        """Move and cast the model (and the element lookup table) in place; returns self."""
         super().to(device, dtype)
         self._z_to_index = self._z_to_index.to(self.device)
         return self
@@ -283,14 +284,3 @@ def mace_backend_from_module(
         dtype=dtype,
         head=head,
     )
-
-
-def load_mace(
-    path: str | Path,
-    model_name: str,
-    device: torch.device,
-    dtype: torch.dtype,
-    head: str | None = None,
-) -> MaceBackend:
-    """Load a MACE model file as a backend on ``device`` in ``dtype``."""
-    return mace_backend_from_module(load_mace_model(path), model_name, device, dtype, head)

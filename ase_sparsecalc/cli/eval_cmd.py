@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate and print the metrics."""
     from ..finetune.data import read_frames
     from ..finetune.label_checks import warn_if_energy_labels_mixed, warn_if_reference_labels_unread
-    from ..finetune.metrics import METRIC_UNITS, error_metrics, predict
+    from ..finetune.metrics import METRIC_UNITS, evaluate
 
     frames = read_frames(
         args.data,
@@ -65,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         isolated = []
     calc = make_calculator(args)
-    predictions = predict(calc, frames, args.batch_size)
-    metrics = error_metrics(frames, predictions)
+    metrics = evaluate(calc, frames, args.batch_size)
     metrics["base"] = calc.backend.model_name
     metrics["delta"] = args.delta
     metrics["isolated_atoms_left_out"] = len(isolated)

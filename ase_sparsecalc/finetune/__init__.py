@@ -7,11 +7,14 @@ report with errors before/after and plots). See :class:`FinetuneConfig` for ever
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -140,8 +143,8 @@ def finetune_with_report(
     (``WORLD_SIZE > 1``) the processes train data-parallel (see :mod:`.distributed`); every rank
     returns the same delta and only rank 0 writes files.
     """
-    config = config or FinetuneConfig(**options)
-    with distributed_session(config.device) as process:
+    config = _config_from(config, options)
+    with _own_random_state(), distributed_session(config.device) as process:
         return _finetune_in_session(
             process,
             base,
@@ -164,6 +167,37 @@ def finetune_with_report(
             config=config,
             callbacks=callbacks,
         )
+
+
+def _own_random_state():
+    """torch's global random state, seeded by the run, restored afterwards: a fine-tune leaves the
+    caller's random numbers as they were."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    return torch.random.fork_rng(devices=devices)
+
+
+def _config_from(config: FinetuneConfig | None, options: dict[str, Any]) -> FinetuneConfig:
+    """``config``, or a :class:`FinetuneConfig` of ``options``; refuses both at once (the options
+    would be ignored) and names options that are no field, with the closest field."""
+    if config is not None:
+        if options:
+            raise ConfigError(
+                f"give either config= or options ({', '.join(sorted(options))}), not both; "
+                "dataclasses.replace(config, ...) changes a config"
+            )
+        return config
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        import difflib
+
+        known = fields | set(inspect.signature(finetune_with_report).parameters) - {"options"}
+        named = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=1)
+            named.append(name + (f" (did you mean {close[0]}?)" if close else ""))
+        raise ConfigError(f"unknown fine-tuning option(s): {', '.join(named)}")
+    return FinetuneConfig(**options)
 
 
 def _finetune_in_session(

@@ -77,13 +77,13 @@ def environment_world() -> tuple[int, int, int]:
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", str(rank)))
     except ValueError as exc:
-        raise ValueError(
+        raise ConfigError(
             "WORLD_SIZE, RANK and LOCAL_RANK must be integers (as torchrun sets them); got "
             f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}, RANK={os.environ.get('RANK')!r}, "
             f"LOCAL_RANK={os.environ.get('LOCAL_RANK')!r}"
         ) from exc
     if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} must lie in [0, WORLD_SIZE={world})")
+        raise ConfigError(f"RANK={rank} must lie in [0, WORLD_SIZE={world})")
     return rank, world, local
 
 
@@ -139,7 +139,7 @@ def distributed_session(device: str = "cpu") -> Iterator[ProcessInfo]:
         yield ProcessInfo(0, 1, 0, _process_device(device, 0, 1))
         return
     if not dist.is_available():
-        raise RuntimeError("this torch build has no torch.distributed; run a single process")
+        raise ConfigError("this torch build has no torch.distributed; run a single process")
     proc_device = _process_device(device, local, world)
     resolve_device(proc_device)  # "cuda" without a GPU: the usual ConfigError, not torch's
     on_gpu = proc_device.startswith("cuda")

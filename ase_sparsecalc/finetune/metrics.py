@@ -73,7 +73,7 @@ def error_metrics(frames: Sequence[Frame], predictions: Mapping[int, Mapping[str
     return out
 
 
-def predict(calc: SparseCalc, frames: Sequence[Frame], batch_size: int | None = 16) -> dict[int, dict]:
+def predict_frames(calc: SparseCalc, frames: Sequence[Frame], batch_size: int | None = 16) -> dict[int, dict]:
     """A calculator's predictions for labelled frames, as :func:`error_metrics` takes them.
 
     Per frame index: energy (eV), forces (n, 3) eV/Å and, for frames with a stress label,
@@ -81,10 +81,7 @@ def predict(calc: SparseCalc, frames: Sequence[Frame], batch_size: int | None = 
     with and without stress labels go in separate batches, so one molecule or isolated atom in a
     file of crystals does not turn stress off for the rest.
 
-    Example::
-
-        frames = read_frames("test.extxyz")
-        metrics = error_metrics(frames, predict(SparseCalc(delta="si.safetensors"), frames))
+    :func:`evaluate` combines the two.
     """
     predictions: dict[int, dict] = {}
     with_stress = [k for k, f in enumerate(frames) if f.stress is not None]
@@ -106,6 +103,18 @@ def predict(calc: SparseCalc, frames: Sequence[Frame], batch_size: int | None = 
             if "stress" in properties:
                 predictions[k]["stress"] = voigt_6_to_full_3x3_stress(res["stress"])
     return predictions
+
+
+def evaluate(calc: SparseCalc, frames: Sequence[Frame], batch_size: int | None = 16) -> dict:
+    """:func:`error_metrics` of ``calc`` on labelled ``frames``, as ``sparsecalc eval`` prints them.
+
+    Example::
+
+        frames = read_frames("test.extxyz")
+        metrics = evaluate(SparseCalc(delta="si.safetensors"), frames)
+        metrics["forces_mae"]  # meV/Å
+    """
+    return error_metrics(frames, predict_frames(calc, frames, batch_size))
 
 
 def _mae_rmse(name: str, errors: np.ndarray, scale: float) -> dict[str, float]:

@@ -26,6 +26,7 @@ class TensorwiseAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update of every parameter with a gradient; returns the closure's loss, if any."""
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -94,6 +95,7 @@ class FactoredAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update of every parameter with a gradient; returns the closure's loss, if any."""
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             blocks = group["blocks"] or [None] * len(group["params"])

@@ -17,6 +17,7 @@ one, the conserved energy of the extended system.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -100,6 +101,7 @@ class MDResult:
 
     @property
     def n_atoms(self) -> int:
+        """Number of atoms of the final structure."""
         return len(self.atoms)
 
     @property
@@ -221,6 +223,7 @@ def run_md(
     atoms.calc = calc
     rng = np.random.default_rng(seed)
     ndof = degrees_of_freedom(atoms)
+    constraints = list(atoms.constraints)  # the integrator may add FixCom for the run only
     if init_velocities:
         initialise_velocities(atoms, temperature_K, rng, ndof)
     dyn = _integrator(
@@ -241,6 +244,7 @@ def run_md(
             dyn.attach(lambda: _update_bar(bar, dyn, recorder), interval=1)
         dyn.run(steps)
     wall = time.perf_counter() - start
+    atoms.set_constraint(constraints)
     logger.info("%d MD steps in %.1f s", steps, wall)
 
     files = {k: Path(v) for k, v in (("trajectory", traj), ("log", logfile)) if v is not None}
@@ -416,17 +420,9 @@ def _log_header(atoms: Atoms, dyn: MolecularDynamics, ensemble: str, timestep_fs
     )
 
 
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _progress(steps: int, enabled: bool):
     if not enabled:
-        return _NullContext()
+        return contextlib.nullcontext()
     from tqdm.auto import tqdm
 
     return tqdm(total=steps, unit="step", desc="MD", leave=False)

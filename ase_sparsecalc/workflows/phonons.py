@@ -110,6 +110,7 @@ class PhononSummary:
 
     @property
     def dynamically_stable(self) -> bool:
+        """No mode below the imaginary threshold on the mesh or the band path."""
         return not self.imaginary
 
 
