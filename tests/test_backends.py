@@ -284,3 +284,15 @@ def test_files_that_are_not_whole_potentials_say_what_they_hold(tmp_path):
     torch.save(dipoles, tmp_path / "dipoles.model")
     with pytest.raises(BaseModelError, match=r"dipoles\.model: the model is an AtomicDipolesMACE"):
         load_backend(tmp_path / "dipoles.model")
+
+
+def test_clear_cache_forgets_loaded_models(mace_model_path):
+    """Loaded files are kept for later calls until clear_cache(); loading again then rereads."""
+    from ase_sparsecalc import backends
+
+    first = load_backend(mace_model_path)
+    assert any(key[0].endswith("small_mace.model") for key in backends._CACHE)
+    backends.clear_cache()
+    assert not backends._CACHE
+    again = load_backend(mace_model_path)
+    assert again.fingerprint == first.fingerprint

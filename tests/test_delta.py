@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ase_sparsecalc import SparseDelta, TensorDelta, load_backend
-from ase_sparsecalc.errors import DeltaMismatchError, DeltaShapeError, DeltaValueError
+from ase_sparsecalc.errors import DeltaMismatchError, DeltaShapeError, DeltaStateError, DeltaValueError
 from ase_sparsecalc.testing import random_sparse_delta
 
 
@@ -50,10 +50,10 @@ def test_apply_remove_is_bit_exact(backend64):
 
 def test_apply_twice_and_remove_unapplied_fail(backend64):
     delta = random_sparse_delta(backend64, density=0.01)
-    with pytest.raises(DeltaShapeError):
+    with pytest.raises(DeltaStateError):
         delta.remove(backend64)
     delta.apply(backend64)
-    with pytest.raises(DeltaShapeError):
+    with pytest.raises(DeltaStateError):
         delta.apply(backend64)
 
 
@@ -65,7 +65,7 @@ def test_stacked_deltas_remove_in_reverse_order(backend64):
     with pytest.warns(UserWarning, match="on top of another delta: their weight changes and their energy"):
         b.apply(backend64)
     assert backend64.energy_shifts_by_number()[14] == pytest.approx(-0.5)
-    with pytest.raises(DeltaShapeError):
+    with pytest.raises(DeltaStateError):
         a.remove(backend64)
     b.remove(backend64)
     a.remove(backend64)

@@ -27,10 +27,17 @@ __all__ = [
     "ModelOutput",
     "PathSegment",
     "WeightInfo",
+    "clear_cache",
     "default_base",
     "load_backend",
     "sniff_backend",
 ]
+
+
+def clear_cache() -> None:
+    """Forget the models :func:`load_backend` keeps for later calls (their memory is freed once
+    no backend made from them is left)."""
+    _CACHE.clear()
 
 
 def default_base() -> str:
@@ -83,6 +90,9 @@ def load_backend(
         Force the backend of a model file (otherwise sniffed from the file).
     head : str, optional
         Output head of a multi-head MACE model.
+
+    Each model file is read once per process and kept (on the CPU, as loaded) for later calls,
+    which get their own copy; :func:`clear_cache` lets the kept copies go.
     """
     device_ = resolve_device(device)
     dtype_ = resolve_dtype(dtype)
