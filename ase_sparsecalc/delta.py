@@ -13,12 +13,13 @@ File input and output live in :mod:`ase_sparsecalc.delta_io`; this module does n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import math
 import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -322,6 +323,26 @@ class SparseDelta:
             backend.add_energy_shifts(self.metadata.energy_shifts)
             backend.applied_deltas.append(self)
         self._applied[module] = _AppliedRecord(originals, previous)
+
+    @contextlib.contextmanager
+    def applied(self, target: Backend | torch.nn.Module, strict: bool = True) -> Iterator[None]:
+        """Apply the delta for a ``with`` block and remove it on leaving, also on an error.
+
+        >>> with delta.applied(backend):                                # doctest: +SKIP
+        ...     results = backend.evaluate(graph)
+        """
+        self.apply(target, strict=strict)
+        try:
+            yield
+        finally:
+            self.remove(target)
+
+    def is_applied(self, target: Backend | torch.nn.Module) -> bool:
+        """Whether this delta is applied to ``target`` (a backend or its model) now."""
+        from .backends.base import Backend
+
+        module = target.model if isinstance(target, Backend) else target
+        return module in self._applied
 
     def remove(self, target: Backend | torch.nn.Module) -> None:
         """Undo :meth:`apply` exactly: the original entries are written back bit for bit.

@@ -115,3 +115,19 @@ def test_density_uses_trainable_numel(backend64):
     delta = random_sparse_delta(backend64, density=0.03)
     assert delta.density == pytest.approx(0.03, rel=0.05)
     assert np.isclose(delta.nnz / delta.metadata.trainable_numel, delta.density)
+
+
+def test_applied_block_removes_the_delta_also_on_an_error(backend64):
+    """``with delta.applied(backend):`` merges the delta for the block and restores the base
+    weights bit for bit on leaving, whether the block ends normally or raises."""
+    before = {k: v.clone() for k, v in backend64.model.state_dict().items()}
+    delta = random_sparse_delta(backend64, density=0.02, seed=4)
+    with delta.applied(backend64):
+        assert delta.is_applied(backend64)
+        assert any(not torch.equal(v, backend64.model.state_dict()[k]) for k, v in before.items())
+    assert not delta.is_applied(backend64)
+    with pytest.raises(KeyError), delta.applied(backend64):
+        raise KeyError("inside the block")
+    assert not delta.is_applied(backend64)
+    for k, v in backend64.model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -375,15 +375,14 @@ def _finetune_in_session(
         logger.warning(message)
         data_warnings.append(message)
     backend.set_energy_shifts_by_number({})
-    delta.apply(backend)
     if config.refit_shifts and config.method != "shift":
         _refit_shifts(backend, delta, train_frames, train_batches)
-    after_train, after_valid = predict(backend, train_batches), predict(backend, valid_batches)
+    with delta.applied(backend):
+        after_train, after_valid = predict(backend, train_batches), predict(backend, valid_batches)
     after = {
         "train": error_metrics(train_frames, after_train),
         "valid": error_metrics(valid_frames, after_valid) if valid_frames else {},
     }
-    delta.remove(backend)
 
     report = {
         "base": backend.model_name,
@@ -619,15 +618,13 @@ def _shifts_of_untrained_elements(
 
 
 def _refit_shifts(backend: Backend, delta: SparseDelta, frames: list[Frame], batches) -> None:
-    """Least-squares correction of the shifts on top of the calibrated model (in place)."""
-    current = backend.energy_shifts_by_number()
-    predictions = predict(backend, batches)
+    """Least-squares correction of the delta's shifts on top of the calibrated model (in place)."""
+    with delta.applied(backend):
+        predictions = predict(backend, batches)
     correction = fit_energy_shifts(frames, _energies(predictions, len(frames)))
-    delta.remove(backend)
     for symbol, value in correction.items():
         delta.metadata.energy_shifts[symbol] = delta.metadata.energy_shifts.get(symbol, 0.0) + value
-    delta.apply(backend)
-    logger.debug("shifts refitted: %s -> %s", current, backend.energy_shifts_by_number())
+    logger.debug("shifts refitted by %s", correction)
 
 
 def _metadata(
