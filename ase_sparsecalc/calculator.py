@@ -162,7 +162,8 @@ class SparseCalc(Calculator):
         """Switch to another delta (or to the bare base with None) without reloading the base.
 
         A delta that cannot be applied (another base model, unknown tensors) raises and leaves the
-        calculator with the delta it had.
+        calculator with the delta it had. ``strict=False`` applies a delta made for another base
+        model (same architecture, other weights) with a warning instead of refusing it.
         """
         new = _as_delta(delta)
         old = self.delta

@@ -168,6 +168,12 @@ def test_md_rejects_unknown_ensemble(sevennet64):
         run_md(_primitive_si(), sevennet64, "nph", steps=1, progress=False)
 
 
+def test_md_rejects_a_trajectory_interval_of_zero(mace_model_path, tmp_path):
+    calc = SparseCalc(mace_model_path)
+    with pytest.raises(ConfigError, match="traj_interval must be positive, got 0"):
+        run_md(_primitive_si(), calc, steps=1, traj=tmp_path / "a.traj", traj_interval=0)
+
+
 # ------------------------------------------------------------------------------------ relax
 def test_relax_lattice_matches_sevennetcalculator(strained_si):
     """float32 (SevenNetCalculator runs float32 only): same relaxed cell to 1e-3 Å."""

@@ -199,7 +199,8 @@ def run_md(
     _check_choice("ensemble", ensemble, ENSEMBLES)
     _check_choice("thermostat", thermostat, THERMOSTATS)
     _check_choice("barostat", barostat, BAROSTATS)
-    for name, value in (("timestep_fs", timestep_fs), ("steps", steps), ("log_interval", log_interval)):
+    positive = {"timestep_fs": timestep_fs, "steps": steps, "log_interval": log_interval}
+    for name, value in (positive | {"traj_interval": traj_interval} if traj else positive).items():
         if not value > 0:
             raise ConfigError(f"{name} must be positive, got {value}")
     if ensemble != "npt" and pressure_GPa != 0.0:
