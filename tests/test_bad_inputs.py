@@ -859,7 +859,7 @@ def test_elements_only_in_validation_frames(mace_model_path, tmp_path):
     """An element that only validation frames hold would get no energy shift and no training:
     a random split keeps such frames in training; a validation file with them is refused."""
     from ase_sparsecalc.errors import DataFileError
-    from ase_sparsecalc.finetune.data import split_frames
+    from ase_sparsecalc.finetune.dataset import split_frames
 
     methane = labelled(molecule("CH4"), energy=-24.0)
     frames = [frame_from_atoms(a, f"w{k}") for k, a in enumerate(water_frames(9))]
@@ -1158,7 +1158,7 @@ def test_isolated_atom_file_reads_like_the_training_data(tmp_path):
     """The isolated-atom file honours the energy key, refuses two energies of one element, and
     a dict takes symbols or atomic numbers only."""
     from ase_sparsecalc.errors import DataFileError
-    from ase_sparsecalc.finetune.data import read_isolated_atom_energies
+    from ase_sparsecalc.finetune.dataset import read_isolated_atom_energies
 
     atoms = []
     for symbol, energy in (("H", -13.6), ("O", -432.0), ("H", -13.6)):
@@ -1194,7 +1194,7 @@ def test_isolated_atom_file_reads_like_the_training_data(tmp_path):
 
 def test_dataset_hash_covers_every_label():
     """Resuming checks the data by this hash: stress labels and tags change it."""
-    from ase_sparsecalc.finetune.data import dataset_summary
+    from ase_sparsecalc.finetune.dataset import dataset_summary
 
     frames = read_frames(str(Path(__file__).parents[1] / "examples" / "data" / "si_pbesol.extxyz@:3"))
     reference = dataset_summary(frames)["sha256"]

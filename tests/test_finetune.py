@@ -19,7 +19,7 @@ from ase_sparsecalc.finetune import (
     trainable_infos,
 )
 from ase_sparsecalc.finetune.batches import make_batches, predict
-from ase_sparsecalc.finetune.data import read_isolated_atom_energies
+from ase_sparsecalc.finetune.dataset import read_isolated_atom_energies
 from ase_sparsecalc.finetune.methods import METHODS, MethodOptions
 from ase_sparsecalc.finetune.trainer import Trainer
 from ase_sparsecalc.testing import random_rotation

@@ -31,11 +31,10 @@ from ..weight_map import TRAINABLE_KEY
 from .batches import make_batches, predict
 from .budget import plan_epochs
 from .config import RESUMABLE_CHANGES, FinetuneConfig
-from .data import (
-    Frame,
+from .data import Frame, read_frames
+from .dataset import (
     check_elements_in_training,
     dataset_summary,
-    read_frames,
     read_isolated_atom_energies,
     split_frames,
     take_isolated_atoms,

@@ -18,7 +18,7 @@ from ase.units import GPa
 
 from ..graph import charge_and_spin
 from .data import Frame
-from .reference import composition_matrix
+from .dataset import composition_matrix
 
 logger = logging.getLogger(__name__)
 

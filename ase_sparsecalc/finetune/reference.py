@@ -23,7 +23,8 @@ import numpy as np
 from ase.data import atomic_numbers as symbol_to_number
 from ase.data import chemical_symbols
 
-from .data import Frame, composition_matrix
+from .data import Frame
+from .dataset import composition_matrix
 
 __all__ = ["SINGULAR_CUTOFF", "composition_matrix", "fit_energy_shifts", "shifted_energies"]
 
