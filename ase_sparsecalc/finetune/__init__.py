@@ -41,21 +41,7 @@ from .dataset import (
 )
 from .distributed import ProcessInfo, distributed_session
 from .duplicates import check_duplicates, drop_duplicate_frames
-from .label_checks import (
-    label_slopes,
-    warn_about_label_scales,
-    warn_about_net_forces,
-    warn_about_stray_energies,
-    warn_about_stray_stresses,
-    warn_about_stress_offset,
-    warn_if_charge_states_mixed,
-    warn_if_energies_per_atom_of_one_size,
-    warn_if_energy_labels_mixed,
-    warn_if_labels_are_the_base_models,
-    warn_if_reference_labels_unread,
-    warn_if_shifts_underdetermined,
-    warn_if_spin_disagrees_with_magmom,
-)
+from .label_checks import check_labels, warn_if_labels_are_the_base_models
 from .methods import METHODS, MethodOptions
 from .metrics import METRIC_UNITS, error_metrics
 from .reference import fit_energy_shifts, shifted_energies
@@ -288,25 +274,16 @@ def _finetune_in_session(
     backend.add_energy_shifts(shifts)
     slopes, data_warnings = {}, []
     if process.is_main:
-        # validation frames choose the restored epoch: their labels get the same checks
-        checked = train_frames + valid_frames
-        base_checked = {**base_train, **{len(train_frames) + k: p for k, p in base_valid.items()}}
-        slopes = label_slopes(checked, base_checked)
         sources = _describe(train) + (f", {_describe(valid)}" if valid is not None else "")
-        data_warnings += warn_about_label_scales(slopes, sources)
-        stress_offset = warn_about_stress_offset(checked, base_checked)
-        further = (
-            warn_if_energies_per_atom_of_one_size(checked, slopes),
-            warn_about_stray_energies(checked, base_checked),
-            warn_about_net_forces(checked),
-            stress_offset or warn_about_stray_stresses(checked, base_checked),  # one cause, one message
-            warn_if_shifts_underdetermined(train_frames, isolated),
-            warn_if_energy_labels_mixed(checked),
-            warn_if_reference_labels_unread(checked),
-            warn_if_charge_states_mixed(checked, backend.takes_charge_and_spin),
-            warn_if_spin_disagrees_with_magmom(checked, backend.takes_charge_and_spin),
+        slopes, data_warnings = check_labels(
+            train_frames,
+            valid_frames,
+            base_train,
+            base_valid,
+            isolated,
+            backend.takes_charge_and_spin,
+            sources,
         )
-        data_warnings += [message for message in further if message]
     before = {
         "train": error_metrics(train_frames, _with_shifts(base_train, train_frames, shifts)),
         "valid": error_metrics(valid_frames, _with_shifts(base_valid, valid_frames, shifts))

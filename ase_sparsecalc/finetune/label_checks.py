@@ -484,3 +484,38 @@ def warn_if_spin_disagrees_with_magmom(frames: Sequence[Frame], takes_charge_and
     )
     logger.warning(message)
     return message
+
+
+def check_labels(
+    train: Sequence[Frame],
+    valid: Sequence[Frame],
+    base_train: Mapping[int, Mapping[str, np.ndarray]],
+    base_valid: Mapping[int, Mapping[str, np.ndarray]],
+    isolated: Mapping[str, float] | None,
+    takes_charge_and_spin: bool,
+    sources: str,
+) -> tuple[dict[str, float], list[str]]:
+    """Every check of this module on the training and validation frames (validation frames
+    choose the restored epoch, so their labels get the same checks).
+
+    ``base_train``/``base_valid``: the base model's predictions per frame index (eV, eV/Å,
+    eV/Å³), before energy shifts; ``isolated``: isolated-atom energies (eV) by symbol;
+    ``sources``: how messages name the files. Returns the label slopes and the warnings given.
+    """
+    checked = [*train, *valid]
+    base_checked = {**base_train, **{len(train) + k: p for k, p in base_valid.items()}}
+    slopes = label_slopes(checked, base_checked)
+    messages = warn_about_label_scales(slopes, sources)
+    stress_offset = warn_about_stress_offset(checked, base_checked)
+    further = (
+        warn_if_energies_per_atom_of_one_size(checked, slopes),
+        warn_about_stray_energies(checked, base_checked),
+        warn_about_net_forces(checked),
+        stress_offset or warn_about_stray_stresses(checked, base_checked),  # one cause, one message
+        warn_if_shifts_underdetermined(train, isolated),
+        warn_if_energy_labels_mixed(checked),
+        warn_if_reference_labels_unread(checked),
+        warn_if_charge_states_mixed(checked, takes_charge_and_spin),
+        warn_if_spin_disagrees_with_magmom(checked, takes_charge_and_spin),
+    )
+    return slopes, messages + [message for message in further if message]
