@@ -748,3 +748,21 @@ def test_md_returns_the_structure_with_its_own_constraints(mace_model_path):
     result = run_md(atoms, SparseCalc(mace_model_path), ensemble="nvt", thermostat="langevin", steps=2)
     assert [type(c) for c in result.atoms.constraints] == [FixAtoms]
     assert not any(isinstance(c, FixCom) for c in result.atoms.constraints)
+
+
+def test_npt_continues_an_nvt_trajectory_and_refuses_held_atoms(tmp_path):
+    """Frames of a Langevin run carry no FixCom (added for the run only), so NPT continues from
+    them; a structure with FixAtoms gets a clear refusal, not the integrator's error."""
+    from ase.calculators.emt import EMT
+    from ase.constraints import FixAtoms
+
+    copper = bulk("Cu", "fcc", a=3.6, cubic=True)
+    run_md(copper, EMT(), "nvt", temperature_K=300, steps=4, traj=tmp_path / "nvt.traj", traj_interval=2)
+    last = read(tmp_path / "nvt.traj")
+    assert last.constraints == []
+    result = run_md(last, EMT(), "npt", temperature_K=300, steps=2, init_velocities=False)
+    assert result.ensemble.startswith("npt")
+    held = copper.copy()
+    held.set_constraint(FixAtoms(indices=[0]))
+    with pytest.raises(ConfigError, match=r"NPT .* takes no constraints, and the structure has FixAtoms"):
+        run_md(held, EMT(), "npt", temperature_K=300, steps=2)

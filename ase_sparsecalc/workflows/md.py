@@ -219,8 +219,11 @@ def run_md(
         )
     if ensemble == "npt":
         warn_about_periodic_vacuum(atoms, "the barostat")
+        _refuse_constraints_under_a_barostat(atoms)
 
     atoms = atoms.copy()
+    if ensemble == "npt":  # a FixCom from an earlier run's file: the integrator keeps the momentum
+        atoms.set_constraint([c for c in atoms.constraints if type(c).__name__ != "FixCom"])
     atoms.calc = calc
     rng = np.random.default_rng(seed)
     ndof = degrees_of_freedom(atoms)
@@ -240,7 +243,7 @@ def run_md(
             log.write(_log_header(atoms, dyn, ensemble, timestep_fs, ndof))
         dyn.attach(lambda: recorder.record(log), interval=log_interval)
         if frames is not None:
-            dyn.attach(lambda: frames.write(atoms), interval=traj_interval)
+            dyn.attach(lambda: _write_frame(frames, atoms, constraints), interval=traj_interval)
         if bar is not None:
             dyn.attach(lambda: _update_bar(bar, dyn, recorder), interval=1)
         dyn.run(steps)
@@ -250,6 +253,28 @@ def run_md(
 
     files = {k: Path(v) for k, v in (("trajectory", traj), ("log", logfile)) if v is not None}
     return recorder.result(ensemble, type(dyn).__name__, timestep_fs, steps, wall, files)
+
+
+def _write_frame(frames, atoms: Atoms, constraints: list) -> None:
+    """Write ``atoms`` with the constraints it came with, not those the integrator added for the
+    run (a FixCom in the file would stop a later NPT run from it)."""
+    during = atoms.constraints
+    atoms.set_constraint(constraints)
+    try:
+        frames.write(atoms)
+    finally:
+        atoms.set_constraint(during)
+
+
+def _refuse_constraints_under_a_barostat(atoms: Atoms) -> None:
+    """ASE's MTK barostats move every atom with the cell and take no constraints; say so before
+    the run instead of failing in the integrator. A FixCom (left by an earlier NVT run) is dropped."""
+    held = [type(c).__name__ for c in atoms.constraints if type(c).__name__ != "FixCom"]
+    if held:
+        raise ConfigError(
+            f"{atoms.get_chemical_formula()}: NPT (ASE's MTK integrators) takes no constraints, and the "
+            f"structure has {', '.join(held)}; remove them (atoms.set_constraint()) or run NVT"
+        )
 
 
 def degrees_of_freedom(atoms: Atoms) -> int:
