@@ -137,12 +137,13 @@ def summary_lines(result) -> list[str]:
     ]
     if result.conserved_energy.size and result.conserved_energy[0] == result.conserved_energy[0]:
         lines.append(
-            f"  conserved energy: drift {1e3 * result.drift_per_atom:+.3f} meV/atom, "
+            f"  conserved energy: drift {1e3 * result.drift_per_atom:+.3f} meV/atom (linear fit), "
             f"fluctuation {1e3 * result.fluctuation_per_atom:.3f} meV/atom"
         )
     if result.pressure is not None:
         lines.append(
-            f"  pressure: mean {result.pressure.mean():.3f} GPa; volume {result.volume[0]:.2f} -> "
+            f"  pressure: mean {result.pressure[len(result.pressure) // 5 :].mean():.3f} GPa (last 80%); "
+            f"volume {result.volume[0]:.2f} -> "
             f"{result.volume[-1]:.2f} Å^3"
         )
     for kind, path in result.files.items():
