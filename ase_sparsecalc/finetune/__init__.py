@@ -55,16 +55,28 @@ FEW_VALID_FRAMES = 10
 FEW_STEPS = 100
 """Below this many optimizer steps a warning says the density schedule has too few to work with."""
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "read_frames"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "finetune_with_report", "read_frames"]
 
 FrameSource = str | Path | Atoms | Sequence[str | Path | Atoms] | Sequence[Frame]
 
 
+@dataclasses.dataclass
 class FinetuneResult:
-    """What :func:`finetune_with_report` returns: the delta, the report dict and file paths."""
+    """What :func:`finetune_with_report` returns.
 
-    def __init__(self, delta: SparseDelta, report: dict, paths: dict[str, Path]) -> None:
-        self.delta, self.report, self.paths = delta, report, paths
+    Attributes
+    ----------
+    delta : SparseDelta
+    report : dict
+        The report (errors before and after in meV/atom, meV/Å and GPa, density, timings, ...),
+        as written to ``report.json``.
+    paths : dict of str to Path
+        The files written (``"delta"``, ``"report"``, plots), by kind.
+    """
+
+    delta: SparseDelta
+    report: dict
+    paths: dict[str, Path]
 
 
 def finetune(
