@@ -431,7 +431,8 @@ class SparseDelta:
         """Where the delta concentrates, by layer unless ``by`` says otherwise; see
         :func:`ase_sparsecalc.analysis.delta_pattern`.
 
-        ``options`` (``trainable``, ``as_frame``) are passed on to it.
+        Without ``backend`` the base the delta names is loaded (on the CPU; a named MACE model is
+        downloaded on first use). ``options`` (``trainable``, ``as_frame``) are passed on.
         """
         from .analysis import delta_pattern
 
