@@ -1238,3 +1238,21 @@ def test_finetune_options_are_checked_by_name_and_leave_the_callers_random_state
     state = torch.get_rng_state()
     finetune(mace_model_path, frames, method="shift", valid_fraction=0.0)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_fit_that_trades_forces_for_stresses_is_named(caplog):
+    """Training that lowers the stress error but raises the force error on its own frames (as a
+    Pulay stress in some frames makes it) is reported with both changes; a fit that improves
+    the forces, or a shift-only run, is not."""
+    from ase_sparsecalc.finetune import _warn_if_forces_were_traded
+
+    before = {"forces_mae": 99.5, "energy_mae": 8.4, "stress_mae": 1.11}
+    worse = {"forces_mae": 101.2, "energy_mae": 1.8, "stress_mae": 0.76}
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        message = _warn_if_forces_were_traded(before, worse, FinetuneConfig())
+    assert message.startswith("training made the force error on its own frames worse (99.5 -> 101 meV/Å)")
+    assert "energy 8.4 -> 1.8 meV/atom, stress 1.11 -> 0.76 GPa" in message
+    assert "--stress-weight" in caplog.text
+    better = {**worse, "forces_mae": 60.0}
+    assert _warn_if_forces_were_traded(before, better, FinetuneConfig()) is None
+    assert _warn_if_forces_were_traded(before, worse, FinetuneConfig(method="shift")) is None

@@ -371,6 +371,8 @@ def _finetune_in_session(
         "train": error_metrics(train_frames, after_train),
         "valid": error_metrics(valid_frames, after_valid) if valid_frames else {},
     }
+    traded = _warn_if_forces_were_traded(before["train"], after["train"], config) if process.is_main else None
+    data_warnings += [traded] if traded else []
 
     report = {
         "base": backend.model_name,
@@ -407,6 +409,36 @@ def _finetune_in_session(
             )
         )
     return FinetuneResult(delta, report, paths)
+
+
+def _warn_if_forces_were_traded(before: dict, after: dict, config: FinetuneConfig) -> str | None:
+    """Warn when training made the force error on the training frames worse: the loss then
+    improved through the energies or stresses at the forces' expense, the mark of labels that
+    disagree with each other (a Pulay stress in some frames, energies from other settings).
+    Returns the message, or None."""
+    was, now = before.get("forces_mae"), after.get("forces_mae")
+    if (
+        config.method == "shift"
+        or not config.forces_weight
+        or was is None
+        or now is None
+        or now <= 1.01 * was
+    ):
+        return None
+    gains = [
+        f"{name} {before[key]:.3g} -> {after[key]:.3g} {unit}"
+        for name, key, unit in (("energy", "energy_mae", "meV/atom"), ("stress", "stress_mae", "GPa"))
+        if key in before and key in after and after[key] < before[key]
+    ]
+    message = (
+        f"training made the force error on its own frames worse ({was:.3g} -> {now:.3g} meV/Å)"
+        + (f" while improving {', '.join(gains)}" if gains else "")
+        + ": the labels pull against each other. Check the stresses (a Pulay stress in some "
+        "frames: converge the cutoff for every element) and energies (one set of DFT settings "
+        "throughout), or weigh the stress less (--stress-weight)"
+    )
+    logger.warning(message)
+    return message
 
 
 def _warn_if_too_few_steps(steps: int, config: FinetuneConfig) -> str | None:
