@@ -17,14 +17,37 @@ MAX_SAFETENSORS_HEADER = 100_000_000
 """The largest JSON header (bytes) safetensors accepts."""
 
 
-def file_kind(path: str | Path) -> str | None:
-    """``"zip"`` (PyTorch's format for models and checkpoints), ``"pickle"``, ``"safetensors"``,
-    ``"text"`` or None (unknown, empty or unreadable), from the first bytes of ``path``."""
+def describe_as_delta_misplaced(path: str | Path) -> str:
+    """``"; it is ..."`` saying what a file that is not a delta holds, or ``""`` if unknown."""
+    head = _head(path)
+    kind = _kind(head)
+    if kind == "zip":
+        return "; it is a zip archive, as PyTorch saves models: a base model goes to --base (base=)"
+    if kind == "pickle":
+        return "; it is a Python pickle (an older PyTorch file?), not a delta"
+    return _as_text(head, kind)
+
+
+def describe_as_model_misplaced(path: str | Path) -> str:
+    """``"; it is ..."`` saying what a file that is not a torch model holds, or ``""``."""
+    head = _head(path)
+    kind = _kind(head)
+    if kind == "safetensors":
+        return "; it is a safetensors file: a delta goes to --delta (delta=), beside its base"
+    return _as_text(head, kind)
+
+
+def _head(path: str | Path) -> bytes:
     try:
         with open(path, "rb") as handle:
-            head = handle.read(SNIFF_BYTES)
+            return handle.read(SNIFF_BYTES)
     except OSError:
-        return None
+        return b""
+
+
+def _kind(head: bytes) -> str | None:
+    """``"zip"`` (PyTorch's format for models and checkpoints), ``"pickle"``, ``"safetensors"``,
+    ``"text"`` or None (unknown, empty or unreadable), from a file's first bytes."""
     if head.startswith(b"PK\x03\x04"):
         return "zip"
     if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:  # pickle protocol 2 to 5
@@ -41,29 +64,9 @@ def file_kind(path: str | Path) -> str | None:
     return "text" if text and printable >= 0.95 * len(text) else None
 
 
-def describe_as_delta_misplaced(path: str | Path) -> str:
-    """``"; it is ..."`` saying what a file that is not a delta holds, or ``""`` if unknown."""
-    kind = file_kind(path)
-    if kind == "zip":
-        return "; it is a zip archive, as PyTorch saves models: a base model goes to --base (base=)"
-    if kind == "pickle":
-        return "; it is a Python pickle (an older PyTorch file?), not a delta"
-    if kind == "text":
-        return f"; it is a text file (a structure or data file?) beginning {_first_line(path)!r}"
-    return ""
-
-
-def describe_as_model_misplaced(path: str | Path) -> str:
-    """``"; it is ..."`` saying what a file that is not a torch model holds, or ``""``."""
-    kind = file_kind(path)
-    if kind == "safetensors":
-        return "; it is a safetensors file: a delta goes to --delta (delta=), beside its base"
-    if kind == "text":
-        return f"; it is a text file (a structure or data file?) beginning {_first_line(path)!r}"
-    return ""
-
-
-def _first_line(path: str | Path, width: int = 40) -> str:
-    with open(path, "rb") as handle:
-        line = handle.read(SNIFF_BYTES).decode("utf-8", errors="replace").splitlines()
-    return (line[0] if line else "")[:width]
+def _as_text(head: bytes, kind: str | None, width: int = 40) -> str:
+    """``"; it is a text file ... beginning '...'"`` for a text file, else ``""``."""
+    if kind != "text":
+        return ""
+    first = head.decode("utf-8").splitlines()[0][:width]
+    return f"; it is a text file (a structure or data file?) beginning {first!r}"

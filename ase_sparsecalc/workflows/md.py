@@ -27,6 +27,7 @@ from typing import IO
 import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
+from ase.constraints import FixCom
 from ase.md.md import MolecularDynamics
 from ase.md.velocitydistribution import Stationary
 
@@ -233,7 +234,7 @@ def run_md(
 
     atoms = atoms.copy()
     if ensemble == "npt":  # a FixCom from an earlier run's file: the integrator keeps the momentum
-        atoms.set_constraint([c for c in atoms.constraints if type(c).__name__ != "FixCom"])
+        atoms.set_constraint([c for c in atoms.constraints if not isinstance(c, FixCom)])
     atoms.calc = calc
     rng = np.random.default_rng(seed)
     ndof = degrees_of_freedom(atoms)
@@ -279,7 +280,7 @@ def _write_frame(frames, atoms: Atoms, constraints: list) -> None:
 def _refuse_constraints_under_a_barostat(atoms: Atoms) -> None:
     """ASE's MTK barostats move every atom with the cell and take no constraints; say so before
     the run instead of failing in the integrator. A FixCom (left by an earlier NVT run) is dropped."""
-    held = [type(c).__name__ for c in atoms.constraints if type(c).__name__ != "FixCom"]
+    held = [type(c).__name__ for c in atoms.constraints if not isinstance(c, FixCom)]
     if held:
         raise ConfigError(
             f"{atoms.get_chemical_formula()}: NPT (ASE's MTK integrators) takes no constraints, and the "
@@ -295,8 +296,6 @@ def degrees_of_freedom(atoms: Atoms) -> int:
     Atoms pinned in space (:func:`pins_atoms`: a slab's fixed bottom layers) break momentum
     conservation; then only what the constraints remove is subtracted.
     """
-    from ase.constraints import FixCom
-
     dof = 3 * len(atoms) - sum(c.get_removed_dof(atoms) for c in atoms.constraints)
     if not any(isinstance(c, FixCom) for c in atoms.constraints) and not pins_atoms(atoms):
         dof -= 3
@@ -355,14 +354,12 @@ def _integrator(
 
         return VelocityVerlet(atoms, timestep=dt)
     if ensemble == "nvt":
-        if thermostat in ("langevin", "bussi"):
-            # ASE's advice: fix the centre of mass with a constraint (not Langevin's fixcm=True);
-            # it also makes Bussi count 3N - 3 degrees of freedom. Not with pinned atoms, which
-            # FixCom would drag along with the others.
-            from ase.constraints import FixCom
-
-            if not any(isinstance(c, FixCom) for c in atoms.constraints) and not pins_atoms(atoms):
-                atoms.constraints = [*atoms.constraints, FixCom()]
+        # ASE's advice: fix the centre of mass with a constraint (not Langevin's fixcm=True); it
+        # also makes Bussi count 3N - 3 degrees of freedom. Not with pinned atoms, which FixCom
+        # would drag along with the others.
+        has_fixcom = any(isinstance(c, FixCom) for c in atoms.constraints)
+        if thermostat in ("langevin", "bussi") and not has_fixcom and not pins_atoms(atoms):
+            atoms.constraints = [*atoms.constraints, FixCom()]
         if thermostat == "langevin":
             from ase.md.langevin import Langevin
 
