@@ -12,7 +12,7 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from .backends import Backend, load_backend
+from .backends import Backend, delta_head, load_backend
 from .backends.accelerate import check_compile_mode
 from .delta import SparseDelta
 from .errors import (
@@ -128,9 +128,9 @@ class SparseCalc(Calculator):
         base_from_delta = base is None and delta_obj is not None and bool(delta_obj.metadata.base_model)
         if base_from_delta:
             base = delta_obj.metadata.base_model
-        if head is None and delta_obj is not None:  # a delta fitted through one head of a model
-            head = delta_obj.metadata.head
         try:
+            if head is None and delta_obj is not None:  # a delta fitted through one head of a model
+                head = delta_head(delta_obj, base, backend)
             self.backend: Backend = load_backend(
                 base, device=device, dtype=default_dtype, backend=backend, head=head
             )

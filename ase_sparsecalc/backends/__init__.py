@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from ..errors import BackendNotInstalledError, BaseModelError, ConfigError, Mode
 from ..torch_setup import resolve_device, resolve_dtype
 from . import foundation_models
 from .base import Backend, ModelOutput, PathSegment, WeightInfo
+
+if TYPE_CHECKING:
+    from ..delta import SparseDelta
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +31,14 @@ __all__ = [
     "ModelOutput",
     "PathSegment",
     "WeightInfo",
+    "backend_kind",
     "clear_cache",
     "default_base",
+    "delta_head",
     "load_backend",
+    "model_file",
     "sniff_backend",
+    "stored_dtype",
 ]
 
 
@@ -75,6 +83,7 @@ def load_backend(
     dtype: str | torch.dtype = "float64",
     backend: str | None = None,
     head: str | None = None,
+    cache: bool = True,
 ) -> Backend:
     """Load a base model as a backend that the caller owns.
 
@@ -90,9 +99,10 @@ def load_backend(
         Force the backend of a model file (otherwise sniffed from the file).
     head : str, optional
         Output head of a multi-head MACE model.
-
-    Each model file is read once per process and kept (on the CPU, as loaded) for later calls,
-    which get their own copy; :func:`clear_cache` lets the kept copies go.
+    cache : bool
+        Each model file is read once per process and kept (on the CPU, as loaded) for later
+        calls, which get their own copy; :func:`clear_cache` lets the kept copies go.
+        ``False``: read the file now and keep nothing (for a file that is about to change).
     """
     device_ = resolve_device(device)
     dtype_ = resolve_dtype(dtype)
@@ -108,6 +118,47 @@ def load_backend(
                 f"{loaded_head!r}; load the model with head={head!r} instead"
             )
         return base.copy(device_, dtype_)
+    return _as_loaded(base, backend, head, cache).copy(device_, dtype_)
+
+
+def stored_dtype(
+    base: str | Path | None = None, *, backend: str | None = None, head: str | None = None
+) -> torch.dtype:
+    """The dtype of the weights as the model file stores them (:func:`load_backend` casts)."""
+    return _as_loaded(base, backend, head).dtype
+
+
+def model_file(base: str | Path | None = None, *, backend: str | None = None) -> Path:
+    """The file a base model is read from: the path given, or a named model's cached download."""
+    return _resolve(default_base() if base is None else base, backend)[0]
+
+
+def backend_kind(base: str | Path | Backend | None = None, backend: str | None = None) -> str:
+    """``"mace"`` or ``"sevennet"``: the backend that a base (as :func:`load_backend` takes it)
+    needs, found without loading or downloading the model."""
+    if isinstance(base, Backend):
+        return base.name
+    base = default_base() if base is None else base
+    if backend is not None or Path(base).is_file():
+        return backend or sniff_backend(base)
+    named = foundation_models.lookup(str(base))
+    return named.backend if named is not None else _resolve(base, backend)[2]
+
+
+def delta_head(
+    delta: SparseDelta, base: str | Path | Backend | None, backend: str | None = None
+) -> str | None:
+    """The head a delta was fitted through, where ``base`` is a MACE model; else None (a delta
+    made for another kind of model is then refused, with the reason, when it is applied)."""
+    head = delta.metadata.head
+    if head is None or backend_kind(base, backend) != "mace":
+        return None
+    return head
+
+
+def _as_loaded(base: str | Path | None, backend: str | None, head: str | None, cache: bool = True) -> Backend:
+    """The backend of a model file, on the CPU in the file's dtype: the cached one, or (first
+    use, or ``cache=False``) one read now."""
     base = default_base() if base is None else base
     path, model_name, kind, default_head = _resolve(base, backend)
     head = head if head is not None else default_head
@@ -115,9 +166,11 @@ def load_backend(
         raise ConfigError(f"{model_name}: head={head!r} applies to multi-head MACE models only")
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, kind, head)
+    if not cache:
+        return _load(path, model_name, kind, head)
     if key not in _CACHE:
         _CACHE[key] = _load(path, model_name, kind, head)
-    return _CACHE[key].copy(device_, dtype_)
+    return _CACHE[key]
 
 
 def _resolve(base: str | Path, backend: str | None) -> tuple[Path, str, str, str | None]:

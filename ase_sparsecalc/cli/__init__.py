@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from .._version import __version__
 from ..errors import SparseCalcError
 
-SUBCOMMANDS = ("finetune", "eval", "md", "relax", "phonons", "inspect")
+SUBCOMMANDS = ("finetune", "eval", "md", "relax", "phonons", "inspect", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,310 @@
+"""A base model with a delta merged in, written as a model file of the base's own package.
+
+A delta file is small, but only this package applies it. To run a calibrated potential with
+MACE's or SevenNet's own ASE calculator, or to convert it for LAMMPS with the backend's own tool
+(``mace_create_lammps_model``, ``sevenn_get_model``), export the merged model: the base's
+weights plus the delta, with the delta's per-element energy shifts folded into the model's own
+per-element reference energies (MACE's ``atomic_energies``, the E0s, of the delta's head;
+SevenNet's species-wise ``shift``). This is peft's ``merge_and_unload`` for foundation
+potentials.
+
+The file is the backend's native format, not a delta:
+
+* MACE: the whole model saved with ``torch.save``, as MACE saves ``.model`` files;
+* SevenNet: the base checkpoint (``.pth``) with its weights and energy shifts replaced.
+
+Before the file is put in place, it is read back and evaluated on a small probe structure,
+which must give the energy, forces and stress of the base with the delta applied.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.data import atomic_numbers as symbol_to_number
+from ase.data import chemical_symbols
+
+from .backends import delta_head, load_backend, model_file, stored_dtype
+from .backends.base import Backend
+from .delta import SparseDelta
+from .delta_io import atomic_write_bytes
+from .errors import BaseModelError, ConfigError, DeltaError
+from .torch_setup import dtype_name, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+# Largest difference allowed between the exported model and base + delta on the probe
+# structure, by the file's dtype: energy per atom (eV), forces (eV/Å) and stress (eV/Å³).
+EXPORT_TOLERANCE = {
+    torch.float64: (1e-8, 1e-7, 1e-8),
+    torch.float32: (2e-4, 2e-3, 2e-5),
+}
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_merged_model` wrote.
+
+    Attributes
+    ----------
+    path : Path
+        The merged model file.
+    backend : str
+        ``"mace"`` or ``"sevennet"``.
+    dtype : str
+        ``"float32"`` or ``"float64"``: the dtype of the weights in the file.
+    changed_entries : int
+        Weight entries the delta changed.
+    energy_shifts : dict
+        Per-element energy shifts (eV/atom) folded into the model's reference energies.
+    max_force_difference : float
+        Largest force difference (eV/Å) between the file and base + delta on the probe structure.
+    """
+
+    path: Path
+    backend: str
+    dtype: str
+    changed_entries: int
+    energy_shifts: dict[str, float]
+    max_force_difference: float
+
+
+def export_merged_model(
+    delta: str | Path | SparseDelta,
+    path: str | Path,
+    *,
+    base: str | Path | None = None,
+    head: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    strict: bool = True,
+) -> ExportResult:
+    """Write ``base`` with ``delta`` merged in as a MACE model file or a SevenNet checkpoint.
+
+    Parameters
+    ----------
+    delta : str, Path or SparseDelta
+        The delta to merge.
+    path : str or Path
+        The file to write (by convention ``.model`` for MACE, ``.pth`` for SevenNet); written
+        to a temporary name and renamed once checked.
+    base : str or Path, optional
+        Named foundation model or model file; default: the base the delta names.
+    head : str, optional
+        Output head of a multi-head MACE model; default: the head the delta was fitted through.
+        The delta's energy shifts go into this head's reference energies. Weights shared by all
+        heads change for every head.
+    dtype : {"float32", "float64"}, optional
+        dtype of the weights in the file; default: the base file's.
+    strict : bool
+        Refuse a delta made for another base model (``False``: merge it with a warning).
+
+    Returns
+    -------
+    ExportResult
+
+    Raises
+    ------
+    ConfigError
+        ``path`` is the base model file or the delta file.
+    DeltaMismatchError
+        The delta was made for another base model.
+    BaseModelError
+        The model has no per-element reference energies to fold the delta's shifts into, or the
+        exported file does not reproduce base + delta.
+    """
+    delta_obj = delta if isinstance(delta, SparseDelta) else SparseDelta.load(delta)
+    base = base if base is not None else (delta_obj.metadata.base_model or None)
+    head = head if head is not None else delta_head(delta_obj, base)
+    _refuse_overwriting_inputs(Path(path), model_file(base), delta_obj)
+    file_dtype = resolve_dtype(dtype) if dtype is not None else stored_dtype(base, head=head)
+
+    merged = load_backend(base, dtype="float64", head=head)  # merge and fold in float64, then cast
+    try:
+        delta_obj.apply(merged, strict=strict)
+    except DeltaError as exc:
+        raise type(exc)(f"cannot export: {exc}") from exc
+    shifts = dict(delta_obj.metadata.energy_shifts)
+    if merged.name == "mace":
+        data = _mace_model_bytes(merged, file_dtype)
+    else:
+        data = _sevennet_checkpoint_bytes(merged, model_file(base), file_dtype)
+
+    probe = probe_structure(merged, delta_obj)
+    expected = _predict(merged, probe)
+    exported = _predict_from_bytes(data, merged.name, getattr(merged, "head", None), probe)
+    max_force_difference = _check_agreement(expected, exported, file_dtype, Path(path))
+    written = atomic_write_bytes(path, data)
+    logger.info("wrote %s (%s, %s)", written, merged.name, dtype_name(file_dtype))
+    return ExportResult(
+        path=written,
+        backend=merged.name,
+        dtype=dtype_name(file_dtype),
+        changed_entries=delta_obj.nnz,
+        energy_shifts=shifts,
+        max_force_difference=max_force_difference,
+    )
+
+
+def _refuse_overwriting_inputs(path: Path, base_file: Path, delta: SparseDelta) -> None:
+    """Refuse an output path that is the base model file or the delta file itself."""
+    inputs = {"the base model file": base_file}
+    if delta.source is not None:
+        inputs["the delta file"] = Path(delta.source)
+    for what, input_path in inputs.items():
+        if path.exists() and input_path.exists() and path.resolve() == input_path.resolve():
+            raise ConfigError(f"{path}: is {what}; write the merged model to another file")
+
+
+# ---------------------------------------------------------------------- MACE
+def _mace_model_bytes(merged: Backend, dtype: torch.dtype) -> bytes:
+    """The merged MACE model, shifts folded into the head's E0s, as ``torch.save`` writes it."""
+    import copy
+
+    model = copy.deepcopy(merged.model).to(device="cpu", dtype=torch.float64)
+    block = getattr(model, "atomic_energies_fn", None)
+    energies = getattr(block, "atomic_energies", None)
+    shifts = merged.energy_shifts_by_number()
+    if shifts and not isinstance(energies, torch.Tensor):
+        raise BaseModelError(
+            f"{merged.model_name}: the model has no per-element reference energies "
+            "(atomic_energies_fn.atomic_energies) to fold the delta's energy shifts into"
+        )
+    if shifts:
+        row = energies if energies.dim() == 1 else energies[_head_index(merged, model)]
+        index = {int(z): k for k, z in enumerate(merged.atomic_numbers)}
+        with torch.no_grad():
+            for z, shift in shifts.items():
+                row[index[z]] += shift
+    model.to(dtype=dtype)
+    for parameter in model.parameters():  # as MACE saves models: trainable again
+        parameter.requires_grad_(True)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    return buffer.getvalue()
+
+
+def _head_index(merged: Backend, model: torch.nn.Module) -> int:
+    heads = [str(h) for h in getattr(model, "heads", ["default"])]
+    return heads.index(merged.head) if merged.head in heads else 0
+
+
+# ---------------------------------------------------------------------- SevenNet
+def _sevennet_checkpoint_bytes(merged: Backend, checkpoint_path: Path, dtype: torch.dtype) -> bytes:
+    """The base checkpoint with merged weights and the shifts added to the species-wise shift."""
+    from .backends.safe_load import SEVENNET_ALLOWED, load_checkpoint
+
+    checkpoint = load_checkpoint(checkpoint_path, SEVENNET_ALLOWED)
+    state = {k: v.detach().to("cpu", torch.float64).clone() for k, v in merged.model.state_dict().items()}
+    shifts = merged.energy_shifts_by_number()
+    if shifts:
+        key, type_index = _species_wise_shift(merged)
+        for z, shift in shifts.items():
+            state[key][type_index[z]] += shift
+        config_shift = checkpoint["config"].get("shift")
+        if config_shift is not None and np.size(config_shift) == state[key].numel():
+            values = state[key].numpy().astype(np.asarray(config_shift).dtype)
+            checkpoint["config"]["shift"] = values.tolist() if isinstance(config_shift, list) else values
+    original = checkpoint["model_state_dict"]
+    if set(original) != set(state):
+        raise BaseModelError(
+            f"{checkpoint_path}: the checkpoint's weights do not match the loaded model's "
+            f"({len(set(original) ^ set(state))} names differ)"
+        )
+    checkpoint["model_state_dict"] = {
+        name: state[name].to(dtype if original[name].is_floating_point() else original[name].dtype)
+        for name in original
+    }
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    return buffer.getvalue()
+
+
+def _species_wise_shift(merged: Backend) -> tuple[str, dict[int, int]]:
+    """State-dict name of the per-species energy shift, and each element's index in it."""
+    from sevenn.nn.scale import SpeciesWiseRescale
+
+    for name, module in merged.model.named_modules():
+        if isinstance(module, SpeciesWiseRescale):
+            type_map = {int(z): int(i) for z, i in merged.config["_type_map"].items()}
+            return f"{name}.shift", type_map
+    raise BaseModelError(
+        f"{merged.model_name}: the model's energy shift is one number for all elements, so the "
+        "delta's per-element energy shifts cannot be folded into it"
+    )
+
+
+# ---------------------------------------------------------------------- the check
+def probe_structure(backend: Backend, delta: SparseDelta) -> Atoms:
+    """A small periodic structure of the delta's elements, to compare two models on.
+
+    The elements are those the delta was trained on (else those it shifts, else the model's
+    first), cycled over the 8 sites of a sheared, rattled simple-cubic 2×2×2 grid with 2.2 Å
+    spacing, so that every atom has neighbours and no symmetry zeroes the forces.
+    """
+    known = set(backend.atomic_numbers)
+    trained = (delta.metadata.training_data or {}).get("elements") or list(delta.metadata.energy_shifts)
+    numbers = [symbol_to_number[s] for s in trained if s in symbol_to_number]
+    numbers = [z for z in numbers if z in known] or [min(known)]
+    spacing = 2.2
+    grid = np.array([(i, j, k) for i in range(2) for j in range(2) for k in range(2)], dtype=float)
+    rng = np.random.default_rng(0)
+    positions = grid * spacing + rng.normal(scale=0.08, size=grid.shape)
+    cell = 2 * spacing * (np.eye(3) + np.array([[0.0, 0.03, 0.0], [0.0, 0.0, 0.02], [0.01, 0.0, 0.0]]))
+    symbols = [chemical_symbols[numbers[k % len(numbers)]] for k in range(len(positions))]
+    return Atoms(symbols, positions=positions, cell=cell, pbc=True)
+
+
+def _predict(backend: Backend, atoms: Atoms) -> dict[str, np.ndarray]:
+    """Energy (eV), forces (eV/Å) and stress (eV/Å³, 3×3) of ``atoms`` with ``backend``."""
+    from .graph import build_graph
+
+    graph = build_graph([atoms], backend.cutoff, backend.device, backend.dtype)
+    out = backend.evaluate(graph, compute_forces=True, compute_stress=True)
+    return {
+        "energy": out.energy.detach().cpu().numpy(),
+        "forces": out.forces.detach().cpu().numpy(),
+        "stress": out.stress.detach().cpu().numpy(),
+    }
+
+
+def _predict_from_bytes(data: bytes, kind: str, head: str | None, atoms: Atoms) -> dict[str, np.ndarray]:
+    """Predictions of the model in ``data`` (read as a file would be, with the safe loader)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        candidate = Path(folder) / ("merged.model" if kind == "mace" else "merged.pth")
+        candidate.write_bytes(data)
+        backend = load_backend(candidate, dtype="float64", backend=kind, head=head, cache=False)
+        return _predict(backend, atoms)
+
+
+def _check_agreement(
+    expected: dict[str, np.ndarray], exported: dict[str, np.ndarray], dtype: torch.dtype, path: Path
+) -> float:
+    """Raise BaseModelError unless the exported model reproduces base + delta; return the
+    largest force difference (eV/Å)."""
+    n_atoms = len(expected["forces"])
+    tolerances = dict(zip(("energy", "forces", "stress"), EXPORT_TOLERANCE[dtype], strict=True))
+    differences = {key: float(np.abs(expected[key] - exported[key]).max()) for key in tolerances}
+    differences["energy"] /= n_atoms
+    units = {"energy": "eV/atom", "forces": "eV/Å", "stress": "eV/Å³"}
+    wrong = [
+        f"{key} by {differences[key]:.3g} {units[key]} (allowed {tolerances[key]:g})"
+        for key in tolerances
+        if differences[key] > tolerances[key]
+    ]
+    if wrong:
+        raise BaseModelError(
+            f"{path}: not written: the merged model does not reproduce base + delta on a probe "
+            f"structure: {'; '.join(wrong)}"
+        )
+    return differences["forces"]
+
+
+__all__ = ["EXPORT_TOLERANCE", "ExportResult", "export_merged_model", "probe_structure"]

@@ -1,0 +1,168 @@
+"""Merged-model export: the file, run by the backend's own calculator, is base + delta."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ase_sparsecalc import SparseCalc, load_backend
+from ase_sparsecalc.backends import stored_dtype
+from ase_sparsecalc.cli import main
+from ase_sparsecalc.errors import BaseModelError, ConfigError, DeltaMismatchError
+from ase_sparsecalc.export import export_merged_model
+from ase_sparsecalc.testing import random_sparse_delta, save_mace_model
+
+HEADS = ["dft_a", "dft_b"]
+
+
+@pytest.fixture(scope="module")
+def two_head_mace(tmp_path_factory) -> str:
+    """A two-head MACE model (H, C, O, Si, Cu), float64."""
+    path = tmp_path_factory.mktemp("export") / "two_heads.model"
+    save_mace_model(path, atomic_energies=[-13.6, -1029.5, -2042.0, -4.0, -3.5], heads=HEADS, seed=5)
+    return str(path)
+
+
+def _mace_delta(model_path: str, folder, head: str = "dft_b") -> str:
+    backend = load_backend(model_path, dtype="float64", head=head)
+    delta = random_sparse_delta(backend, energy_shifts={"Si": 0.37, "H": -0.21}, seed=3)
+    return str(delta.save(folder / "delta.safetensors"))
+
+
+def _energy_forces_stress(atoms, calc) -> tuple[float, np.ndarray, np.ndarray | None]:
+    atoms = atoms.copy()
+    atoms.calc = calc
+    stress = atoms.get_stress() if atoms.pbc.all() else None
+    return atoms.get_potential_energy(), atoms.get_forces(), stress
+
+
+@pytest.mark.filterwarnings("ignore:Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD:UserWarning")
+def test_mace_export_run_by_macecalculator_is_base_plus_delta(
+    two_head_mace, tmp_path, silicon, ethanol, monkeypatch, capsys
+):
+    delta_path = _mace_delta(two_head_mace, tmp_path)
+    out = tmp_path / "merged.model"
+    assert main(["export", delta_path, "-o", str(out)]) == 0
+    assert "Si +0.3700" in capsys.readouterr().out
+
+    # MACECalculator unpickles its model with weights_only off, via this variable that mace sets
+    # on import and ase_sparsecalc removes again; give it back for this test only.
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    from mace.calculators import MACECalculator
+
+    own = MACECalculator(model_paths=str(out), device="cpu", default_dtype="float64", head="dft_b")
+    for atoms in (silicon, ethanol):
+        e_ref, f_ref, s_ref = _energy_forces_stress(atoms, SparseCalc(delta=delta_path))
+        e_own, f_own, s_own = _energy_forces_stress(atoms, own)
+        assert e_own == pytest.approx(e_ref, abs=1e-8)
+        np.testing.assert_allclose(f_own, f_ref, atol=1e-9)
+        if s_ref is not None:
+            np.testing.assert_allclose(s_own, s_ref, atol=1e-10)
+    e_base, _, _ = _energy_forces_stress(ethanol, SparseCalc(two_head_mace, head="dft_b"))
+    assert abs(e_own - e_base) > 0.1  # the delta and its shifts are in the file
+
+    # the shifts went into the delta's head only; the other head keeps its reference energies
+    merged = torch.load(out, weights_only=False).atomic_energies_fn.atomic_energies
+    original = torch.load(two_head_mace, weights_only=False).atomic_energies_fn.atomic_energies
+    torch.testing.assert_close(merged[0], original[0])
+    np.testing.assert_allclose((merged[1] - original[1]).numpy(), [-0.21, 0, 0, 0.37, 0], atol=1e-12)
+
+
+def test_sevennet_export_run_by_sevennetcalculator_is_base_plus_delta(tmp_path, silicon):
+    sevenn_calculator = pytest.importorskip("sevenn.calculator")
+    backend = load_backend("sevennet-0", dtype="float64")
+    delta = random_sparse_delta(backend, energy_shifts={"Si": 0.25}, seed=4)
+    delta_path = delta.save(tmp_path / "delta.safetensors")
+    result = export_merged_model(delta_path, tmp_path / "merged.pth")
+    assert (result.backend, result.dtype, result.changed_entries) == ("sevennet", "float32", delta.nnz)
+
+    ours = SparseCalc(delta=delta_path, default_dtype="float32")
+    e_ref, f_ref, s_ref = _energy_forces_stress(silicon, ours)
+    own = sevenn_calculator.SevenNetCalculator(str(result.path), device="cpu")
+    e_own, f_own, s_own = _energy_forces_stress(silicon, own)
+    assert e_own == pytest.approx(e_ref, abs=1e-4)
+    np.testing.assert_allclose(f_own, f_ref, atol=1e-4)
+    np.testing.assert_allclose(s_own, s_ref, atol=1e-6)
+    base = sevenn_calculator.SevenNetCalculator("7net-0", device="cpu")
+    e_base, _, _ = _energy_forces_stress(silicon, base)
+    assert abs(e_own - e_base) > 8 * 0.25 - 1.0  # 8 Si atoms shifted by 0.25 eV, plus the weights
+
+
+def test_sevennet_export_deploys_for_lammps(tmp_path, silicon):
+    """sevenn's own LAMMPS deployment (``sevenn_get_model``, TorchScript) of the exported
+    checkpoint gives base + delta."""
+    pytest.importorskip("sevenn")
+    from sevenn.calculator import SevenNetCalculator
+
+    backend = load_backend("sevennet-0", dtype="float64")
+    delta = random_sparse_delta(backend, energy_shifts={"Si": -0.4}, seed=6)
+    delta_path = delta.save(tmp_path / "d.safetensors")
+    merged = export_merged_model(delta_path, tmp_path / "merged.pth").path
+    # a process of its own: e3nn's constants need weights_only off under torch >= 2.6 there
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    tool = Path(sys.executable).with_name("sevenn_get_model")
+    subprocess.run([str(tool), str(merged), "-o", "deployed"], cwd=tmp_path, env=env, check=True)
+
+    e_ref, f_ref, _ = _energy_forces_stress(silicon, SparseCalc(delta=delta_path, default_dtype="float32"))
+    lammps_model = SevenNetCalculator(str(tmp_path / "deployed.pt"), file_type="torchscript", device="cpu")
+    e_own, f_own, _ = _energy_forces_stress(silicon, lammps_model)
+    assert e_own == pytest.approx(e_ref, abs=1e-4)
+    np.testing.assert_allclose(f_own, f_ref, atol=1e-4)
+
+
+def test_export_writes_the_asked_dtype_and_loads_back(two_head_mace, tmp_path, silicon):
+    delta_path = _mace_delta(two_head_mace, tmp_path)
+    result = export_merged_model(delta_path, tmp_path / "merged32.model", dtype="float32")
+    assert result.dtype == "float32" and stored_dtype(result.path, head="dft_b") == torch.float32
+    e_ref, f_ref, _ = _energy_forces_stress(silicon, SparseCalc(delta=delta_path))
+    e_own, f_own, _ = _energy_forces_stress(silicon, SparseCalc(result.path, head="dft_b"))
+    assert e_own == pytest.approx(e_ref, abs=1e-3)
+    np.testing.assert_allclose(f_own, f_ref, atol=1e-3)
+
+
+def test_export_refuses_to_overwrite_its_inputs(two_head_mace, tmp_path):
+    delta_path = _mace_delta(two_head_mace, tmp_path)
+    before = Path(two_head_mace).read_bytes()
+    with pytest.raises(ConfigError, match="is the base model file"):
+        export_merged_model(delta_path, two_head_mace)
+    with pytest.raises(ConfigError, match="is the delta file"):
+        export_merged_model(delta_path, delta_path)
+    assert Path(two_head_mace).read_bytes() == before
+
+
+def test_export_refuses_a_delta_for_another_base(mace_model_path, other_mace_model_path, tmp_path):
+    delta_path = random_sparse_delta(load_backend(mace_model_path)).save(tmp_path / "d.safetensors")
+    out = tmp_path / "merged.model"
+    with pytest.raises(DeltaMismatchError, match="cannot export"):
+        export_merged_model(delta_path, out, base=other_mace_model_path)
+    assert not out.exists()
+
+
+def test_a_mace_delta_given_a_sevennet_base_is_refused_for_its_backend(two_head_mace, tmp_path):
+    """The delta's head is not pressed on a SevenNet base: the refusal names the real mismatch."""
+    pytest.importorskip("sevenn")
+    delta_path = _mace_delta(two_head_mace, tmp_path)
+    with pytest.raises(DeltaMismatchError, match="made for a 'mace' model"):
+        export_merged_model(delta_path, tmp_path / "merged.pth", base="sevennet-0")
+    with pytest.raises(DeltaMismatchError, match="made for a 'mace' model"):
+        SparseCalc("sevennet-0", delta=delta_path)
+
+
+def test_an_export_that_does_not_reproduce_base_plus_delta_is_not_written(
+    two_head_mace, tmp_path, monkeypatch
+):
+    """The check on the probe structure catches shifts folded into the wrong head."""
+    from ase_sparsecalc import export
+
+    delta_path = _mace_delta(two_head_mace, tmp_path)
+    monkeypatch.setattr(export, "_head_index", lambda merged, model: 0)
+    out = tmp_path / "merged.model"
+    with pytest.raises(BaseModelError, match=r"not written.*energy by"):
+        export_merged_model(delta_path, out)
+    assert not out.exists() and not list(tmp_path.glob(".merged.model*"))
