@@ -122,21 +122,22 @@ def export_merged_model(
     base = base if base is not None else (delta_obj.metadata.base_model or None)
     head = head if head is not None else delta_head(delta_obj, base)
     _refuse_overwriting_inputs(Path(path), model_file(base), delta_obj)
-    file_dtype = resolve_dtype(dtype) if dtype is not None else stored_dtype(base, head=head)
+    requested = resolve_dtype(dtype) if dtype is not None else None  # None: each tensor as stored
+    file_dtype = requested or stored_dtype(base, head=head)
 
-    merged = load_backend(base, dtype="float64", head=head)  # merge and fold in float64, then cast
+    merged = load_backend(base, dtype="float64", head=head)  # merge and fold in float64
     try:
         delta_obj.apply(merged, strict=strict)
     except DeltaError as exc:
         raise type(exc)(f"cannot export: {exc}") from exc
-    shifts = dict(delta_obj.metadata.energy_shifts)
-    if merged.name == "mace":
-        data = _mace_model_bytes(merged, file_dtype)
-    else:
-        data = _sevennet_checkpoint_bytes(merged, model_file(base), file_dtype)
-
     probe = probe_structure(merged, delta_obj)
     expected = _predict(merged, probe)
+    if merged.name == "mace":
+        _fold_shifts_into_mace_e0s(merged)
+        data = _mace_model_bytes(merged, model_file(base), requested)
+    else:
+        _fold_shifts_into_sevennet_shift(merged)
+        data = _sevennet_checkpoint_bytes(merged, model_file(base), requested)
     exported = _predict_from_bytes(data, merged.name, getattr(merged, "head", None), probe)
     max_force_difference = _check_agreement(expected, exported, file_dtype, Path(path))
     written = atomic_write_bytes(path, data)
@@ -146,7 +147,7 @@ def export_merged_model(
         backend=merged.name,
         dtype=dtype_name(file_dtype),
         changed_entries=delta_obj.nnz,
-        energy_shifts=shifts,
+        energy_shifts=dict(delta_obj.metadata.energy_shifts),
         max_force_difference=max_force_difference,
     )
 
@@ -162,81 +163,100 @@ def _refuse_overwriting_inputs(path: Path, base_file: Path, delta: SparseDelta) 
 
 
 # ---------------------------------------------------------------------- MACE
-def _mace_model_bytes(merged: Backend, dtype: torch.dtype) -> bytes:
-    """The merged MACE model, shifts folded into the head's E0s, as ``torch.save`` writes it."""
-    import copy
-
-    model = copy.deepcopy(merged.model).to(device="cpu", dtype=torch.float64)
-    block = getattr(model, "atomic_energies_fn", None)
-    energies = getattr(block, "atomic_energies", None)
+def _fold_shifts_into_mace_e0s(merged: Backend) -> None:
+    """Move the backend's energy shifts into its model's E0s (``atomic_energies``) of its head."""
     shifts = merged.energy_shifts_by_number()
-    if shifts and not isinstance(energies, torch.Tensor):
+    if not shifts:
+        return
+    energies = getattr(getattr(merged.model, "atomic_energies_fn", None), "atomic_energies", None)
+    if not isinstance(energies, torch.Tensor):
         raise BaseModelError(
             f"{merged.model_name}: the model has no per-element reference energies "
             "(atomic_energies_fn.atomic_energies) to fold the delta's energy shifts into"
         )
-    if shifts:
-        row = energies if energies.dim() == 1 else energies[_head_index(merged, model)]
-        index = {int(z): k for k, z in enumerate(merged.atomic_numbers)}
-        with torch.no_grad():
-            for z, shift in shifts.items():
-                row[index[z]] += shift
-    model.to(dtype=dtype)
-    for parameter in model.parameters():  # as MACE saves models: trainable again
-        parameter.requires_grad_(True)
+    row = energies if energies.dim() == 1 else energies[_head_index(merged)]
+    index = {int(z): k for k, z in enumerate(merged.atomic_numbers)}
+    with torch.no_grad():
+        for z, shift in shifts.items():
+            row[index[z]] += shift
+    merged.set_energy_shifts_by_number({})
+
+
+def _head_index(merged: Backend) -> int:
+    heads = [str(h) for h in getattr(merged.model, "heads", ["default"])]
+    return heads.index(merged.head) if merged.head in heads else 0
+
+
+def _mace_model_bytes(merged: Backend, base_file: Path, dtype: torch.dtype | None) -> bytes:
+    """The base model file's module with the merged values copied in, as ``torch.save`` writes it.
+
+    Copying into the module as stored keeps every tensor's stored dtype (unless ``dtype`` is
+    given) and everything else about the module as the base file has it.
+    """
+    from .backends.mace import load_mace_model
+
+    model = load_mace_model(base_file)
+    model.load_state_dict(merged.model.state_dict())
+    if dtype is not None:
+        model.to(dtype=dtype)
     buffer = io.BytesIO()
     torch.save(model, buffer)
     return buffer.getvalue()
 
 
-def _head_index(merged: Backend, model: torch.nn.Module) -> int:
-    heads = [str(h) for h in getattr(model, "heads", ["default"])]
-    return heads.index(merged.head) if merged.head in heads else 0
-
-
 # ---------------------------------------------------------------------- SevenNet
-def _sevennet_checkpoint_bytes(merged: Backend, checkpoint_path: Path, dtype: torch.dtype) -> bytes:
-    """The base checkpoint with merged weights and the shifts added to the species-wise shift."""
+def _fold_shifts_into_sevennet_shift(merged: Backend) -> None:
+    """Move the backend's energy shifts into its model's species-wise energy shift."""
+    shifts = merged.energy_shifts_by_number()
+    if not shifts:
+        return
+    found = _species_wise_rescale(merged.model)
+    if found is None:
+        raise BaseModelError(
+            f"{merged.model_name}: the model's energy shift is one number for all elements, so "
+            "the delta's per-element energy shifts cannot be folded into it"
+        )
+    rescale = found[1]
+    type_index = {int(z): int(i) for z, i in merged.config["_type_map"].items()}
+    with torch.no_grad():
+        for z, shift in shifts.items():
+            rescale.shift[type_index[z]] += shift
+    merged.set_energy_shifts_by_number({})
+
+
+def _species_wise_rescale(model: torch.nn.Module) -> tuple[str, torch.nn.Module] | None:
+    """The name and module of SevenNet's per-species energy scale and shift, if it has one."""
+    from sevenn.nn.scale import SpeciesWiseRescale
+
+    return next(((n, m) for n, m in model.named_modules() if isinstance(m, SpeciesWiseRescale)), None)
+
+
+def _sevennet_checkpoint_bytes(merged: Backend, checkpoint_path: Path, dtype: torch.dtype | None) -> bytes:
+    """The base checkpoint with the merged values in its ``model_state_dict`` (each tensor in its
+    stored dtype unless ``dtype`` is given) and its configured ``shift`` updated to match."""
     from .backends.safe_load import SEVENNET_ALLOWED, load_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_path, SEVENNET_ALLOWED)
-    state = {k: v.detach().to("cpu", torch.float64).clone() for k, v in merged.model.state_dict().items()}
-    shifts = merged.energy_shifts_by_number()
-    if shifts:
-        key, type_index = _species_wise_shift(merged)
-        for z, shift in shifts.items():
-            state[key][type_index[z]] += shift
-        config_shift = checkpoint["config"].get("shift")
-        if config_shift is not None and np.size(config_shift) == state[key].numel():
-            values = state[key].numpy().astype(np.asarray(config_shift).dtype)
-            checkpoint["config"]["shift"] = values.tolist() if isinstance(config_shift, list) else values
     original = checkpoint["model_state_dict"]
+    state = merged.model.state_dict()
     if set(original) != set(state):
         raise BaseModelError(
             f"{checkpoint_path}: the checkpoint's weights do not match the loaded model's "
             f"({len(set(original) ^ set(state))} names differ)"
         )
     checkpoint["model_state_dict"] = {
-        name: state[name].to(dtype if original[name].is_floating_point() else original[name].dtype)
-        for name in original
+        name: state[name].detach().to("cpu", dtype if dtype and value.is_floating_point() else value.dtype)
+        for name, value in original.items()
     }
+    found = _species_wise_rescale(merged.model)
+    shift_name = f"{found[0]}.shift" if found else None
+    config_shift = checkpoint["config"].get("shift")
+    if shift_name and config_shift is not None and np.size(config_shift) == state[shift_name].numel():
+        values = state[shift_name].cpu().numpy().astype(np.asarray(config_shift).dtype)
+        checkpoint["config"]["shift"] = values.tolist() if isinstance(config_shift, list) else values
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     return buffer.getvalue()
-
-
-def _species_wise_shift(merged: Backend) -> tuple[str, dict[int, int]]:
-    """State-dict name of the per-species energy shift, and each element's index in it."""
-    from sevenn.nn.scale import SpeciesWiseRescale
-
-    for name, module in merged.model.named_modules():
-        if isinstance(module, SpeciesWiseRescale):
-            type_map = {int(z): int(i) for z, i in merged.config["_type_map"].items()}
-            return f"{name}.shift", type_map
-    raise BaseModelError(
-        f"{merged.model_name}: the model's energy shift is one number for all elements, so the "
-        "delta's per-element energy shifts cannot be folded into it"
-    )
 
 
 # ---------------------------------------------------------------------- the check

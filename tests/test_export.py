@@ -93,6 +93,22 @@ def test_sevennet_export_run_by_sevennetcalculator_is_base_plus_delta(tmp_path, 
     e_base, _, _ = _energy_forces_stress(silicon, base)
     assert abs(e_own - e_base) > 8 * 0.25 - 1.0  # 8 Si atoms shifted by 0.25 eV, plus the weights
 
+    # each tensor keeps its stored dtype; the configured shift follows the weights' shift
+    from ase_sparsecalc.backends import model_file
+    from ase_sparsecalc.backends.safe_load import SEVENNET_ALLOWED, load_checkpoint
+
+    written = load_checkpoint(result.path, SEVENNET_ALLOWED)
+    original = load_checkpoint(model_file("sevennet-0"), SEVENNET_ALLOWED)
+    assert {t.dtype for t in written["model_state_dict"].values()} == {
+        t.dtype for t in original["model_state_dict"].values()
+    }
+    si = original["config"]["_type_map"][14]
+    shift = written["config"]["shift"][si] - original["config"]["shift"][si]
+    assert shift == pytest.approx(0.25, abs=1e-6)
+    assert written["model_state_dict"]["rescale_atomic_energy.shift"][si] == pytest.approx(
+        float(original["model_state_dict"]["rescale_atomic_energy.shift"][si]) + 0.25, abs=1e-6
+    )
+
 
 def test_sevennet_export_deploys_for_lammps(tmp_path, silicon):
     """sevenn's own LAMMPS deployment (``sevenn_get_model``, TorchScript) of the exported
@@ -161,7 +177,7 @@ def test_an_export_that_does_not_reproduce_base_plus_delta_is_not_written(
     from ase_sparsecalc import export
 
     delta_path = _mace_delta(two_head_mace, tmp_path)
-    monkeypatch.setattr(export, "_head_index", lambda merged, model: 0)
+    monkeypatch.setattr(export, "_head_index", lambda merged: 0)
     out = tmp_path / "merged.model"
     with pytest.raises(BaseModelError, match=r"not written.*energy by"):
         export_merged_model(delta_path, out)
