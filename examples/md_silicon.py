@@ -54,7 +54,7 @@ def main() -> None:
         timestep_fs=2.0,
         steps=args.steps,
         friction_per_fs=0.02,
-        traj=args.out / "nvt.traj",
+        trajectory=args.out / "nvt.traj",
         logfile=args.out / "nvt.log",
         seed=1,
     )
@@ -70,7 +70,7 @@ def main() -> None:
         timestep_fs=2.0,
         steps=args.steps,
         init_velocities=False,
-        traj=args.out / "nve.traj",
+        trajectory=args.out / "nve.traj",
         logfile=args.out / "nve.log",
     )
     drift, fluct = 1e3 * nve.drift_per_atom, 1e3 * nve.fluctuation_per_atom

@@ -170,8 +170,20 @@ def test_md_rejects_unknown_ensemble(sevennet64):
 
 def test_md_rejects_a_trajectory_interval_of_zero(mace_model_path, tmp_path):
     calc = SparseCalc(mace_model_path)
-    with pytest.raises(ConfigError, match="traj_interval must be positive, got 0"):
-        run_md(_primitive_si(), calc, steps=1, traj=tmp_path / "a.traj", traj_interval=0)
+    with pytest.raises(ConfigError, match="trajectory_interval must be positive, got 0"):
+        run_md(_primitive_si(), calc, steps=1, trajectory=tmp_path / "a.traj", trajectory_interval=0)
+
+
+def test_md_takes_the_earlier_option_names_with_a_warning(tmp_path):
+    from ase.calculators.emt import EMT
+
+    copper = bulk("Cu", "fcc", a=3.6, cubic=True)
+    renamed = "traj= is now trajectory= and traj_interval= is now trajectory_interval="
+    with pytest.warns(FutureWarning, match=renamed):
+        result = run_md(copper, EMT(), steps=4, traj=tmp_path / "a.traj", traj_interval=2, progress=False)
+    assert result.files["trajectory"] == tmp_path / "a.traj" and len(read(tmp_path / "a.traj", ":")) == 3
+    with pytest.raises(TypeError, match="unexpected keyword argument 'trajectroy'"):
+        run_md(copper, EMT(), steps=1, trajectroy=tmp_path / "b.traj")
 
 
 # ------------------------------------------------------------------------------------ relax
@@ -757,7 +769,8 @@ def test_npt_continues_an_nvt_trajectory_and_refuses_held_atoms(tmp_path):
     from ase.constraints import FixAtoms
 
     copper = bulk("Cu", "fcc", a=3.6, cubic=True)
-    run_md(copper, EMT(), "nvt", temperature_K=300, steps=4, traj=tmp_path / "nvt.traj", traj_interval=2)
+    nvt = tmp_path / "nvt.traj"
+    run_md(copper, EMT(), "nvt", temperature_K=300, steps=4, trajectory=nvt, trajectory_interval=2)
     last = read(tmp_path / "nvt.traj")
     assert last.constraints == []
     result = run_md(last, EMT(), "npt", temperature_K=300, steps=2, init_velocities=False)

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         temperature_K=args.temperature,
         timestep_fs=args.timestep,
         steps=args.steps,
-        traj=args.traj,
+        trajectory=args.traj,
         logfile=args.log,
         seed=args.seed,
         init_velocities=not args.keep_velocities,
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         barostat=args.barostat,
         pdamp_fs=args.pdamp,
         log_interval=args.log_interval,
-        traj_interval=args.traj_interval,
+        trajectory_interval=args.traj_interval,
         progress=not args.no_progress,
     )
     for line in summary_lines(result):

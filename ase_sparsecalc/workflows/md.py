@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -138,7 +139,7 @@ def run_md(
     timestep_fs: float = 1.0,
     steps: int = 1000,
     *,
-    traj: str | Path | None = None,
+    trajectory: str | Path | None = None,
     logfile: str | Path | None = None,
     seed: int = 0,
     init_velocities: bool = True,
@@ -149,8 +150,9 @@ def run_md(
     barostat: str = "isotropic",
     pdamp_fs: float | None = None,
     log_interval: int = 1,
-    traj_interval: int = 10,
+    trajectory_interval: int = 10,
     progress: bool = True,
+    **renamed: object,
 ) -> MDResult:
     """Run molecular dynamics on a copy of ``atoms``.
 
@@ -167,9 +169,10 @@ def run_md(
         Time step, fs (1–2 fs for most solids; 0.5 fs with hydrogen).
     steps : int
         Number of MD steps.
-    traj : str or Path, optional
-        Trajectory file (``.traj`` or ``.extxyz``), one frame every ``traj_interval`` steps, with
-        energy, forces and stress.
+    trajectory : str or Path, optional
+        Trajectory file (``.traj`` or ``.extxyz``), one frame every ``trajectory_interval``
+        steps, with energy, forces and stress. (``traj=`` and ``traj_interval=``, the earlier
+        names, still work, with a FutureWarning.)
     logfile : str or Path, optional
         Text log, one line every ``log_interval`` steps (columns in :data:`LOG_COLUMNS`).
     seed : int
@@ -189,7 +192,7 @@ def run_md(
         NPT cell degrees of freedom: volume only, or the full cell.
     pdamp_fs : float, optional
         Barostat time constant, fs (default 1000 time steps).
-    log_interval, traj_interval : int
+    log_interval, trajectory_interval : int
         Steps between log records / trajectory frames.
     progress : bool
         Show a progress bar (tqdm, on stderr).
@@ -207,11 +210,17 @@ def run_md(
     3N; they are given the target scaled by (degrees of freedom) / 3N, so that the reported mean
     temperature is the target in small cells too (unscaled: 1.14 times it for 8 atoms).
     """
+    if renamed:
+        options = _renamed_options(renamed)
+        trajectory = options.get("trajectory", trajectory)
+        trajectory_interval = options.get("trajectory_interval", trajectory_interval)
     _check_choice("ensemble", ensemble, ENSEMBLES)
     _check_choice("thermostat", thermostat, THERMOSTATS)
     _check_choice("barostat", barostat, BAROSTATS)
     positive = {"timestep_fs": timestep_fs, "steps": steps, "log_interval": log_interval}
-    for name, value in (positive | {"traj_interval": traj_interval} if traj else positive).items():
+    if trajectory:
+        positive["trajectory_interval"] = trajectory_interval
+    for name, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{name} must be positive, got {value}")
     if ensemble != "npt" and pressure_GPa != 0.0:
@@ -249,12 +258,16 @@ def run_md(
     atoms.get_forces()  # a structure the model cannot evaluate fails here, before any file is opened
 
     start = time.perf_counter()
-    with streamed_frames(traj) as frames, streamed_text(logfile) as log, _progress(steps, progress) as bar:
+    with (
+        streamed_frames(trajectory) as frames,
+        streamed_text(logfile) as log,
+        _progress(steps, progress) as bar,
+    ):
         if log is not None:
             log.write(_log_header(atoms, dyn, ensemble, timestep_fs, ndof))
         dyn.attach(lambda: recorder.record(log), interval=log_interval)
         if frames is not None:
-            dyn.attach(lambda: _write_frame(frames, atoms, constraints), interval=traj_interval)
+            dyn.attach(lambda: _write_frame(frames, atoms, constraints), interval=trajectory_interval)
         if bar is not None:
             dyn.attach(lambda: _update_bar(bar, dyn, recorder), interval=1)
         dyn.run(steps)
@@ -262,8 +275,26 @@ def run_md(
     atoms.set_constraint(constraints)
     logger.info("%d MD steps in %.1f s", steps, wall)
 
-    files = {k: Path(v) for k, v in (("trajectory", traj), ("log", logfile)) if v is not None}
+    files = {k: Path(v) for k, v in (("trajectory", trajectory), ("log", logfile)) if v is not None}
     return recorder.result(ensemble, type(dyn).__name__, timestep_fs, steps, wall, files)
+
+
+_RENAMED = {"traj": "trajectory", "traj_interval": "trajectory_interval"}
+
+
+def _renamed_options(options: dict[str, object]) -> dict[str, object]:
+    """The earlier names of run_md's options under their present names, with a FutureWarning;
+    a TypeError, as Python gives, for any other unexpected keyword."""
+    unknown = sorted(set(options) - set(_RENAMED))
+    if unknown:
+        raise TypeError(f"run_md() got an unexpected keyword argument {unknown[0]!r}")
+    warnings.warn(
+        "run_md's " + " and ".join(f"{old}= is now {_RENAMED[old]}=" for old in options)
+        + ", as in ASE's dynamics and relax()",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return {_RENAMED[old]: value for old, value in options.items()}
 
 
 def _write_frame(frames, atoms: Atoms, constraints: list) -> None:
