@@ -250,9 +250,9 @@ def _finetune_in_session(
         train_frames, kept_valid = drop_duplicate_frames(train_frames, valid_frames or [], keep=keep)
         if valid_frames is not None:
             valid_frames = kept_valid
+    check_duplicates(train_frames + (valid_frames or []))  # in reading order, before the split
     if valid_frames is None:
         train_frames, valid_frames = split_frames(train_frames, config.valid_fraction, config.seed)
-    check_duplicates(train_frames + valid_frames)
     check_elements_in_training(train_frames, valid_frames)
     if process.is_main and config.method != "shift":  # one copy under torchrun; shift has no epochs
         if not valid_frames and (valid is not None or config.valid_fraction > 0):
