@@ -233,41 +233,9 @@ def _finetune_in_session(
         "require_forces": not allow_missing_forces,
     }
     backend = load_backend(base, device=process.device, dtype=config.dtype, head=head)
-    train_frames = _frames(train, keys)
-    valid_frames = _frames(valid, keys) if valid is not None else None
-    (train_frames, kept_valid), tagged = take_isolated_atoms(train_frames, valid_frames or [])
-    if valid_frames is not None:
-        if not kept_valid:
-            raise EmptyDatasetError(f"{_describe(valid)}: only isolated-atom frames, nothing to validate on")
-        valid_frames = kept_valid
-    if not train_frames:
-        raise EmptyDatasetError(f"{_describe(train)}: only isolated-atom frames, nothing to train on")
-    for frame in train_frames + (valid_frames or []):  # before any other check or warning
-        backend.check_elements(frame.atoms.numbers, frame.source)
-    isolated = _isolated_atom_energies(tagged, isolated_atoms, energy_key)
-    if drop_duplicates:  # before the split, so that no pair straddles train and validation
-        keep = "first" if drop_duplicates is True else drop_duplicates
-        train_frames, kept_valid = drop_duplicate_frames(train_frames, valid_frames or [], keep=keep)
-        if valid_frames is not None:
-            valid_frames = kept_valid
-    check_duplicates(train_frames + (valid_frames or []))  # in reading order, before the split
-    if valid_frames is None:
-        train_frames, valid_frames = split_frames(train_frames, config.valid_fraction, config.seed)
-    check_elements_in_training(train_frames, valid_frames)
-    if process.is_main and config.method != "shift":  # one copy under torchrun; shift has no epochs
-        if not valid_frames and (valid is not None or config.valid_fraction > 0):
-            logger.warning(
-                "no validation frames (too few frames to hold any out, or every frame's composition is "
-                "needed in training): the best epoch and early stopping are chosen on the training "
-                "loss; pass validation frames (valid=..., --valid) to check against held-out data"
-            )
-        elif 0 < len(valid_frames) < FEW_VALID_FRAMES:
-            logger.warning(
-                "only %d validation frame(s): the best epoch (restored at the end) and early stopping "
-                "are chosen on them; pass more (valid=... or a larger valid_fraction) where you can",
-                len(valid_frames),
-            )
-
+    train_frames, valid_frames, isolated = _read_and_check_frames(
+        process, backend, train, valid, keys, isolated_atoms, energy_key, drop_duplicates, config
+    )
     if process.is_main and process.world_size > config.batch_size:
         logger.warning(
             "batch_size %d is smaller than the number of processes (%d): %d of them idle at every "
@@ -305,55 +273,19 @@ def _finetune_in_session(
     echo = warn_if_labels_are_the_base_models(before["train"], train_frames) if process.is_main else None
     data_warnings += [echo] if echo else []
 
-    history, state_info, tensors, trainable = [], {}, {}, []
+    training = _Training()
     if config.method != "shift":
-        _refuse_a_run_with_nothing_to_fit(config, train_frames)
-        trainable = trainable_infos(backend, config)
-        numel = sum(info.numel for info in trainable)
-        if config.density is not None and config.density * numel < 1:
-            raise ConfigError(
-                f"density {config.density:g} of {numel} trainable weights keeps no weight; "
-                f"the smallest useful density is 1/{numel} = {1 / numel:.2g}"
-            )
-        method = _make_method(backend, trainable, config)
-        data_id = dataset_summary(train_frames)["sha256"] + dataset_summary(valid_frames)["sha256"]
-        trainer = Trainer(
-            backend,
-            method,
-            train_batches,
-            valid_batches,
-            config,
-            checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
-            fingerprint=_run_fingerprint(backend, config, data_id),
-            callbacks=callbacks,
-        )
-        if resume:
-            checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
-            if checkpoint is not None and checkpoint.is_file():
-                trainer.load_checkpoint(checkpoint)
-            else:
-                where = checkpoint or "(no checkpoint directory given)"
-                logger.warning("no checkpoint at %s to resume from: starting afresh", where)
-        if config.time_budget is not None and trainer.state.step == 0:
-            plan_epochs(trainer, config.time_budget)
-        short = _warn_if_too_few_steps(trainer.total_steps, config) if process.is_main else None
-        data_warnings += [short] if short else []
-        state = trainer.train(progress=progress)
-        tensors = method.export()
-        history = state.history
-        state_info = {
-            "epochs_run": state.epoch,
-            "training_time_s": history[-1]["wall_time"] if history else 0.0,  # across resumed runs
-            "best_epoch": state.best_epoch if state.best_epoch > 0 else None,  # None: no epoch completed
-            "stop_reason": state.stop_reason,
-        }
-        if state.planned_epochs is not None:
-            state_info["epochs_planned"] = state.planned_epochs
+        training = _train_weights(
+            process, backend, config, train_frames, valid_frames, train_batches, valid_batches,
+            checkpoint_dir=checkpoint_dir, resume=resume, progress=progress, callbacks=callbacks,
+        )  # fmt: skip
+        data_warnings += training.warnings
 
     delta = SparseDelta(
-        tensors, _metadata(backend, config, shifts, train_frames, valid_frames, train, trainable, isolated)
+        training.tensors,
+        _metadata(backend, config, shifts, train_frames, valid_frames, train, training.trainable, isolated),
     )
-    delta.metadata.hyperparameters.update(state_info)  # how the run went, beside what was asked for
+    delta.metadata.hyperparameters.update(training.state_info)  # how the run went, beside what was asked for
     if process.is_main and config.method == "sparse" and config.density is None and delta.density > 0.5:
         message = (
             f"the l1 penalty ({config.penalty:g}) left {100 * delta.density:.1f} % of the weights changed: "
@@ -380,16 +312,16 @@ def _finetune_in_session(
         "method": config.method,
         "density": delta.density,
         "nnz": delta.nnz,
-        "trainable_weights": sum(i.numel for i in trainable),
+        "trainable_weights": sum(i.numel for i in training.trainable),
         "energy_shifts_eV": delta.metadata.energy_shifts,
         "before": before,
         "after": after,
-        "training": state_info,
+        "training": training.state_info,
         "wall_time_s": time.monotonic() - started,
         "config": config.to_dict(),
         "data": delta.metadata.training_data,
         "data_checks": {"label_slopes": slopes, "warnings": data_warnings},
-        "history": history,
+        "history": training.history,
         "units": {**METRIC_UNITS, "energy_shifts_eV": "eV/atom", "wall_time_s": "s", "training_time_s": "s"},
     }
     paths: dict[str, Path] = {}
@@ -409,6 +341,131 @@ def _finetune_in_session(
             )
         )
     return FinetuneResult(delta, report, paths)
+
+
+def _read_and_check_frames(
+    process: ProcessInfo,
+    backend: Backend,
+    train: FrameSource,
+    valid: FrameSource | None,
+    keys: dict,
+    isolated_atoms: str | Path | dict | None,
+    energy_key: str | None,
+    drop_duplicates: bool | str,
+    config: FinetuneConfig,
+) -> tuple[list[Frame], list[Frame], dict[str, float]]:
+    """Training and validation frames, checked, and the isolated-atom energies (eV) given.
+
+    Reads the frames, takes isolated atoms out, refuses unknown elements and repeated
+    structures (or drops them), and splits validation frames off the training frames when
+    none are given; warns when few or none are left for validation.
+    """
+    train_frames = _frames(train, keys)
+    valid_frames = _frames(valid, keys) if valid is not None else None
+    (train_frames, kept_valid), tagged = take_isolated_atoms(train_frames, valid_frames or [])
+    if valid_frames is not None:
+        if not kept_valid:
+            raise EmptyDatasetError(f"{_describe(valid)}: only isolated-atom frames, nothing to validate on")
+        valid_frames = kept_valid
+    if not train_frames:
+        raise EmptyDatasetError(f"{_describe(train)}: only isolated-atom frames, nothing to train on")
+    for frame in train_frames + (valid_frames or []):  # before any other check or warning
+        backend.check_elements(frame.atoms.numbers, frame.source)
+    isolated = _isolated_atom_energies(tagged, isolated_atoms, energy_key)
+    if drop_duplicates:  # before the split, so that no pair straddles train and validation
+        keep = "first" if drop_duplicates is True else drop_duplicates
+        train_frames, kept_valid = drop_duplicate_frames(train_frames, valid_frames or [], keep=keep)
+        if valid_frames is not None:
+            valid_frames = kept_valid
+    check_duplicates(train_frames + (valid_frames or []))  # in reading order, before the split
+    if valid_frames is None:
+        train_frames, valid_frames = split_frames(train_frames, config.valid_fraction, config.seed)
+    check_elements_in_training(train_frames, valid_frames)
+    if process.is_main and config.method != "shift":  # one copy under torchrun; shift has no epochs
+        if not valid_frames and (valid is not None or config.valid_fraction > 0):
+            logger.warning(
+                "no validation frames (too few frames to hold any out, or every frame's composition is "
+                "needed in training): the best epoch and early stopping are chosen on the training "
+                "loss; pass validation frames (valid=..., --valid) to check against held-out data"
+            )
+        elif 0 < len(valid_frames) < FEW_VALID_FRAMES:
+            logger.warning(
+                "only %d validation frame(s): the best epoch (restored at the end) and early stopping "
+                "are chosen on them; pass more (valid=... or a larger valid_fraction) where you can",
+                len(valid_frames),
+            )
+    return train_frames, valid_frames, isolated
+
+
+@dataclasses.dataclass
+class _Training:
+    """What training the weights gave: the delta's tensors, the per-epoch history, how the run
+    went (epochs, time, best epoch, why it stopped), the trainable weights and any warnings."""
+
+    tensors: dict = dataclasses.field(default_factory=dict)
+    history: list = dataclasses.field(default_factory=list)
+    state_info: dict = dataclasses.field(default_factory=dict)
+    trainable: list[WeightInfo] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+
+def _train_weights(
+    process: ProcessInfo,
+    backend: Backend,
+    config: FinetuneConfig,
+    train_frames: list[Frame],
+    valid_frames: list[Frame],
+    train_batches: list,
+    valid_batches: list,
+    *,
+    checkpoint_dir: str | Path | None,
+    resume: bool,
+    progress: bool,
+    callbacks: Sequence,
+) -> _Training:
+    """Train the delta's weights with the configured method (all but ``shift``), from a
+    checkpoint where ``resume`` finds one."""
+    _refuse_a_run_with_nothing_to_fit(config, train_frames)
+    trainable = trainable_infos(backend, config)
+    numel = sum(info.numel for info in trainable)
+    if config.density is not None and config.density * numel < 1:
+        raise ConfigError(
+            f"density {config.density:g} of {numel} trainable weights keeps no weight; "
+            f"the smallest useful density is 1/{numel} = {1 / numel:.2g}"
+        )
+    method = _make_method(backend, trainable, config)
+    data_id = dataset_summary(train_frames)["sha256"] + dataset_summary(valid_frames)["sha256"]
+    trainer = Trainer(
+        backend,
+        method,
+        train_batches,
+        valid_batches,
+        config,
+        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+        fingerprint=_run_fingerprint(backend, config, data_id),
+        callbacks=callbacks,
+    )
+    if resume:
+        checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
+        if checkpoint is not None and checkpoint.is_file():
+            trainer.load_checkpoint(checkpoint)
+        else:
+            where = checkpoint or "(no checkpoint directory given)"
+            logger.warning("no checkpoint at %s to resume from: starting afresh", where)
+    if config.time_budget is not None and trainer.state.step == 0:
+        plan_epochs(trainer, config.time_budget)
+    short = _warn_if_too_few_steps(trainer.total_steps, config) if process.is_main else None
+    state = trainer.train(progress=progress)
+    history = state.history
+    state_info = {
+        "epochs_run": state.epoch,
+        "training_time_s": history[-1]["wall_time"] if history else 0.0,  # across resumed runs
+        "best_epoch": state.best_epoch if state.best_epoch > 0 else None,  # None: no epoch completed
+        "stop_reason": state.stop_reason,
+    }
+    if state.planned_epochs is not None:
+        state_info["epochs_planned"] = state.planned_epochs
+    return _Training(method.export(), history, state_info, trainable, [short] if short else [])
 
 
 def _warn_if_forces_were_traded(before: dict, after: dict, config: FinetuneConfig) -> str | None:
