@@ -31,6 +31,18 @@ MAX_ATOMS_PER_CALL = 2048
 """Default bound on the atoms of one batched model call in :meth:`SparseCalc.batch_evaluate`."""
 
 
+def base_of_delta_not_found(delta: SparseDelta, exc: ModelNotFoundError) -> ModelNotFoundError:
+    """The error for a delta whose recorded base model cannot be found: it names the delta, the
+    base it records and how to pass that base."""
+    fingerprint = delta.metadata.base_fingerprint
+    return ModelNotFoundError(
+        f"delta {_describe_delta(delta)}: made for the base model {delta.metadata.base_model!r}"
+        + (f" (fingerprint {fingerprint[:12]})" if fingerprint else "")
+        + f", which cannot be loaded here ({exc}); pass that model's file or name as "
+        "base=... (--base on the command line)"
+    )
+
+
 def has_3d_cell(atoms: Atoms) -> bool:
     """True when the structure is periodic in all three directions with a non-zero volume."""
     return bool(atoms.pbc.all()) and has_cell_volume(atoms)
@@ -137,13 +149,7 @@ class SparseCalc(Calculator):
         except ModelNotFoundError as exc:
             if not base_from_delta:
                 raise
-            fingerprint = delta_obj.metadata.base_fingerprint
-            raise ModelNotFoundError(
-                f"delta {_describe_delta(delta_obj)}: made for the base model {base!r}"
-                + (f" (fingerprint {fingerprint[:12]})" if fingerprint else "")
-                + f", which cannot be loaded here ({exc}); pass that model's file or name as "
-                "base=... (--base on the command line)"
-            ) from exc
+            raise base_of_delta_not_found(delta_obj, exc) from exc
         self.delta: SparseDelta | None = None
         # what ASE records with results (calc.todict(): trajectories, databases)
         self.parameters.update(

@@ -20,6 +20,7 @@ import math
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from .delta import FORMAT_VERSION, DeltaMetadata, SparseDelta, TensorDelta, check_energy_shifts
@@ -32,13 +33,14 @@ INDICES_SUFFIX = "::indices"
 VALUES_SUFFIX = "::values"
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+def atomic_write_bytes(path: str | Path, data: bytes, check: Callable[[Path], None] | None = None) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
 
     The data are flushed to disk before the rename, and the rename is flushed after it, so
     ``path`` holds either its previous content or all of ``data``, even if the process is killed
     or the machine loses power in between. A kill can leave a ``.NAME.*.tmp`` file behind; it
-    is never read.
+    is never read. ``check(temporary_path)``, where given, runs before the rename; an error it
+    raises removes the temporary file and leaves ``path`` as it was.
 
     Raises
     ------
@@ -57,6 +59,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        if check is not None:
+            check(Path(tmp))
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,17 +31,21 @@ from ase import Atoms
 from ase.data import atomic_numbers as symbol_to_number
 from ase.data import chemical_symbols
 
-from .backends import delta_head, load_backend, model_file, stored_dtype
+from .backends import backend_kind, delta_head, load_backend, model_file, stored_dtype
 from .backends.base import Backend
+from .calculator import base_of_delta_not_found
 from .delta import SparseDelta
-from .delta_io import atomic_write_bytes
-from .errors import BaseModelError, ConfigError, DeltaError
+from .delta_io import atomic_write_bytes, check_writable
+from .errors import BaseModelError, ConfigError, DeltaError, ModelNotFoundError
 from .torch_setup import dtype_name, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
 # Largest difference allowed between the exported model and base + delta on the probe
 # structure, by the file's dtype: energy per atom (eV), forces (eV/Å) and stress (eV/Å³).
+LARGE_REFERENCE_ENERGY = 50.0
+"""eV/atom: above this, a merged model's float32 total energies lose accuracy (a warning)."""
+
 EXPORT_TOLERANCE = {
     torch.float64: (1e-8, 1e-7, 1e-8),
     torch.float32: (2e-4, 2e-3, 2e-5),
@@ -59,17 +64,21 @@ class ExportResult:
         ``"mace"`` or ``"sevennet"``.
     dtype : str
         ``"float32"`` or ``"float64"``: the dtype of the weights in the file.
+    head : str or None
+        The head of a multi-head MACE model whose reference energies took the shifts.
     changed_entries : int
         Weight entries the delta changed.
     energy_shifts : dict
         Per-element energy shifts (eV/atom) folded into the model's reference energies.
     max_force_difference : float
-        Largest force difference (eV/Å) between the file and base + delta on the probe structure.
+        Largest force difference (eV/Å) between the file and base + delta on the probe
+        structure, both evaluated in float64.
     """
 
     path: Path
     backend: str
     dtype: str
+    head: str | None
     changed_entries: int
     energy_shifts: dict[str, float]
     max_force_difference: float
@@ -119,10 +128,24 @@ def export_merged_model(
         exported file does not reproduce base + delta.
     """
     delta_obj = delta if isinstance(delta, SparseDelta) else SparseDelta.load(delta)
+    base_from_delta = base is None and bool(delta_obj.metadata.base_model)
     base = base if base is not None else (delta_obj.metadata.base_model or None)
+    try:
+        base_file = model_file(base)
+    except ModelNotFoundError as exc:
+        if not base_from_delta:
+            raise
+        raise base_of_delta_not_found(delta_obj, exc) from exc
+    path = Path(path)
+    _check_output(path, base_file, delta_obj)
     head = head if head is not None else delta_head(delta_obj, base)
-    _refuse_overwriting_inputs(Path(path), model_file(base), delta_obj)
+    kind = backend_kind(base)
     requested = resolve_dtype(dtype) if dtype is not None else None  # None: each tensor as stored
+    if kind == "sevennet" and requested == torch.float64:
+        raise ConfigError(
+            "--dtype float64 (dtype='float64') applies to MACE bases only: sevenn builds every "
+            "model from a checkpoint in float32, so a float64 checkpoint would run in float32"
+        )
     file_dtype = requested or stored_dtype(base, head=head)
 
     merged = load_backend(base, dtype="float64", head=head)  # merge and fold in float64
@@ -130,26 +153,46 @@ def export_merged_model(
         delta_obj.apply(merged, strict=strict)
     except DeltaError as exc:
         raise type(exc)(f"cannot export: {exc}") from exc
+    if delta_obj.nnz == 0 and not delta_obj.metadata.energy_shifts:
+        logger.warning("%s: the delta changes nothing; the merged model is a copy of the base", path)
     probe = probe_structure(merged, delta_obj)
     expected = _predict(merged, probe)
     if merged.name == "mace":
         _fold_shifts_into_mace_e0s(merged)
-        data = _mace_model_bytes(merged, model_file(base), requested)
+        data = _mace_model_bytes(merged, base_file, requested)
     else:
         _fold_shifts_into_sevennet_shift(merged)
-        data = _sevennet_checkpoint_bytes(merged, model_file(base), requested)
-    exported = _predict_from_bytes(data, merged.name, getattr(merged, "head", None), probe)
-    max_force_difference = _check_agreement(expected, exported, file_dtype, Path(path))
-    written = atomic_write_bytes(path, data)
+        data = _sevennet_checkpoint_bytes(merged, base_file, requested)
+    agreement: dict[str, float] = {}
+
+    def check(candidate: Path) -> None:
+        exported = _predict_from_file(candidate, merged.name, getattr(merged, "head", None), probe)
+        agreement.update(_check_agreement(expected, exported, file_dtype, path))
+
+    written = atomic_write_bytes(path, data, check=check)
+    _warn_about_float32_energies(path, expected["energy"], len(probe))
     logger.info("wrote %s (%s, %s)", written, merged.name, dtype_name(file_dtype))
     return ExportResult(
         path=written,
         backend=merged.name,
         dtype=dtype_name(file_dtype),
+        head=getattr(merged, "head", None) if len(getattr(merged.model, "heads", [None])) > 1 else None,
         changed_entries=delta_obj.nnz,
         energy_shifts=dict(delta_obj.metadata.energy_shifts),
-        max_force_difference=max_force_difference,
+        max_force_difference=agreement["forces"],
     )
+
+
+def _check_output(path: Path, base_file: Path, delta: SparseDelta) -> None:
+    """Refuse an output that is not a model file name or is an input, and check that the
+    folder can be written, before any work."""
+    _refuse_overwriting_inputs(path, base_file, delta)
+    if path.suffix == ".safetensors":
+        raise ConfigError(
+            f"{path}: a merged model is a model file, not a delta; name it .model (MACE) or .pth "
+            "(SevenNet)"
+        )
+    check_writable(path)
 
 
 def _refuse_overwriting_inputs(path: Path, base_file: Path, delta: SparseDelta) -> None:
@@ -196,9 +239,9 @@ def _mace_model_bytes(merged: Backend, base_file: Path, dtype: torch.dtype | Non
     from .backends.mace import load_mace_model
 
     model = load_mace_model(base_file)
-    model.load_state_dict(merged.model.state_dict())
-    if dtype is not None:
+    if dtype is not None:  # before the values are copied in, so that they are rounded only once
         model.to(dtype=dtype)
+    model.load_state_dict(merged.model.state_dict())
     buffer = io.BytesIO()
     torch.save(model, buffer)
     return buffer.getvalue()
@@ -263,20 +306,21 @@ def _sevennet_checkpoint_bytes(merged: Backend, checkpoint_path: Path, dtype: to
 def probe_structure(backend: Backend, delta: SparseDelta) -> Atoms:
     """A small periodic structure of the delta's elements, to compare two models on.
 
-    The elements are those the delta was trained on (else those it shifts, else the model's
-    first), cycled over the 8 sites of a sheared, rattled simple-cubic 2×2×2 grid with 2.2 Å
-    spacing, so that every atom has neighbours and no symmetry zeroes the forces.
+    The elements are those the delta was trained on or shifts (else the model's first), cycled
+    over the sites of a sheared, rattled simple-cubic k×k×k grid with 2.2 Å spacing (k ≥ 2,
+    large enough that every element gets a site), so that every atom has neighbours and no
+    symmetry zeroes the forces.
     """
     known = set(backend.atomic_numbers)
-    trained = (delta.metadata.training_data or {}).get("elements") or list(delta.metadata.energy_shifts)
-    numbers = [symbol_to_number[s] for s in trained if s in symbol_to_number]
-    numbers = [z for z in numbers if z in known] or [min(known)]
+    named = [*((delta.metadata.training_data or {}).get("elements") or []), *delta.metadata.energy_shifts]
+    numbers = sorted({symbol_to_number[s] for s in named if s in symbol_to_number} & known) or [min(known)]
+    k = max(2, math.ceil(len(numbers) ** (1 / 3) - 1e-9))
     spacing = 2.2
-    grid = np.array([(i, j, k) for i in range(2) for j in range(2) for k in range(2)], dtype=float)
+    grid = np.array([(i, j, m) for i in range(k) for j in range(k) for m in range(k)], dtype=float)
     rng = np.random.default_rng(0)
     positions = grid * spacing + rng.normal(scale=0.08, size=grid.shape)
-    cell = 2 * spacing * (np.eye(3) + np.array([[0.0, 0.03, 0.0], [0.0, 0.0, 0.02], [0.01, 0.0, 0.0]]))
-    symbols = [chemical_symbols[numbers[k % len(numbers)]] for k in range(len(positions))]
+    cell = k * spacing * (np.eye(3) + np.array([[0.0, 0.03, 0.0], [0.0, 0.0, 0.02], [0.01, 0.0, 0.0]]))
+    symbols = [chemical_symbols[numbers[i % len(numbers)]] for i in range(len(positions))]
     return Atoms(symbols, positions=positions, cell=cell, pbc=True)
 
 
@@ -293,22 +337,17 @@ def _predict(backend: Backend, atoms: Atoms) -> dict[str, np.ndarray]:
     }
 
 
-def _predict_from_bytes(data: bytes, kind: str, head: str | None, atoms: Atoms) -> dict[str, np.ndarray]:
-    """Predictions of the model in ``data`` (read as a file would be, with the safe loader)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        candidate = Path(folder) / ("merged.model" if kind == "mace" else "merged.pth")
-        candidate.write_bytes(data)
-        backend = load_backend(candidate, dtype="float64", backend=kind, head=head, cache=False)
-        return _predict(backend, atoms)
+def _predict_from_file(path: Path, kind: str, head: str | None, atoms: Atoms) -> dict[str, np.ndarray]:
+    """Predictions of the model file at ``path``, read as any model file is (safe loader)."""
+    backend = load_backend(path, dtype="float64", backend=kind, head=head, cache=False)
+    return _predict(backend, atoms)
 
 
 def _check_agreement(
     expected: dict[str, np.ndarray], exported: dict[str, np.ndarray], dtype: torch.dtype, path: Path
 ) -> float:
     """Raise BaseModelError unless the exported model reproduces base + delta; return the
-    largest force difference (eV/Å)."""
+    largest differences (energy per atom, forces, stress)."""
     n_atoms = len(expected["forces"])
     tolerances = dict(zip(("energy", "forces", "stress"), EXPORT_TOLERANCE[dtype], strict=True))
     differences = {key: float(np.abs(expected[key] - exported[key]).max()) for key in tolerances}
@@ -324,7 +363,30 @@ def _check_agreement(
             f"{path}: not written: the merged model does not reproduce base + delta on a probe "
             f"structure: {'; '.join(wrong)}"
         )
-    return differences["forces"]
+    return differences
 
 
-__all__ = ["EXPORT_TOLERANCE", "ExportResult", "export_merged_model", "probe_structure"]
+def _warn_about_float32_energies(path: Path, energy: np.ndarray, n_atoms: int) -> None:
+    """Warn when the merged model's reference energies are large enough (all-electron or
+    pseudopotential total energies, as in Quantum ESPRESSO or ORCA data) that float32 runs lose
+    accuracy in total energies: the model sums them in its own dtype, whereas SparseCalc adds
+    the delta's shifts in float64."""
+    per_atom = abs(float(energy.sum())) / n_atoms
+    if per_atom > LARGE_REFERENCE_ENERGY:
+        logger.warning(
+            "%s: energies reach %.0f eV/atom, so total energies computed in float32 lose accuracy as "
+            "structures grow (forces do not); run the merged model in float64 for energies "
+            "(MACECalculator(default_dtype='float64'); SparseCalc with the delta keeps the shifts "
+            "in float64)",
+            path,
+            per_atom,
+        )
+
+
+__all__ = [
+    "EXPORT_TOLERANCE",
+    "LARGE_REFERENCE_ENERGY",
+    "ExportResult",
+    "export_merged_model",
+    "probe_structure",
+]

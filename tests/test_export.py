@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -14,8 +15,14 @@ import torch
 from ase_sparsecalc import SparseCalc, load_backend
 from ase_sparsecalc.backends import stored_dtype
 from ase_sparsecalc.cli import main
-from ase_sparsecalc.errors import BaseModelError, ConfigError, DeltaMismatchError
-from ase_sparsecalc.export import export_merged_model
+from ase_sparsecalc.errors import (
+    BaseModelError,
+    ConfigError,
+    DeltaMismatchError,
+    ModelNotFoundError,
+    OutputFileError,
+)
+from ase_sparsecalc.export import export_merged_model, probe_structure
 from ase_sparsecalc.testing import random_sparse_delta, save_mace_model
 
 HEADS = ["dft_a", "dft_b"]
@@ -182,3 +189,78 @@ def test_an_export_that_does_not_reproduce_base_plus_delta_is_not_written(
     with pytest.raises(BaseModelError, match=r"not written.*energy by"):
         export_merged_model(delta_path, out)
     assert not out.exists() and not list(tmp_path.glob(".merged.model*"))
+
+
+def test_a_float32_mace_base_exports_to_float64(tmp_path, silicon):
+    """Values are copied into the float64 module, not rounded through the stored float32 one."""
+    import io
+
+    from ase_sparsecalc.delta_io import atomic_write_bytes
+    from ase_sparsecalc.testing import build_mace_model
+
+    buffer = io.BytesIO()
+    torch.save(build_mace_model(seed=7).float(), buffer)
+    base32 = atomic_write_bytes(tmp_path / "base32.model", buffer.getvalue())
+    delta = random_sparse_delta(load_backend(base32), energy_shifts={"Si": 0.3}, seed=8)
+    delta_path = delta.save(tmp_path / "d.safetensors")
+    result = export_merged_model(delta_path, tmp_path / "merged64.model", dtype="float64")
+    assert result.dtype == "float64" and stored_dtype(result.path) == torch.float64
+    assert result.max_force_difference < 1e-9
+    e_ref, f_ref, _ = _energy_forces_stress(silicon, SparseCalc(delta=delta_path))
+    e_own, f_own, _ = _energy_forces_stress(silicon, SparseCalc(result.path))
+    assert e_own == pytest.approx(e_ref, abs=1e-8)
+    np.testing.assert_allclose(f_own, f_ref, atol=1e-9)
+
+
+def test_bad_export_requests_are_refused_before_any_work(mace_model_path, tmp_path):
+    delta_path = random_sparse_delta(load_backend(mace_model_path)).save(tmp_path / "d.safetensors")
+    with pytest.raises(ConfigError, match=r"merged\.safetensors: a merged model is a model file"):
+        export_merged_model(delta_path, tmp_path / "merged.safetensors")
+    with pytest.raises(OutputFileError, match="is a folder"):
+        export_merged_model(delta_path, tmp_path)
+    if importlib.util.find_spec("sevenn") is not None:
+        sevennet_delta = random_sparse_delta(load_backend("sevennet-0")).save(tmp_path / "s.safetensors")
+        with pytest.raises(ConfigError, match="applies to MACE bases only"):
+            export_merged_model(sevennet_delta, tmp_path / "merged.pth", dtype="float64")
+
+
+def test_a_delta_whose_base_has_moved_says_how_to_name_it(tmp_path):
+    base = save_mace_model(tmp_path / "base.model", seed=9)
+    delta_path = random_sparse_delta(load_backend(base)).save(tmp_path / "d.safetensors")
+    base.rename(tmp_path / "moved.model")
+    with pytest.raises(ModelNotFoundError, match=r"made for the base model .*base\.model.*--base"):
+        export_merged_model(delta_path, tmp_path / "merged.model")
+
+
+def test_large_reference_energies_warn_about_float32_totals(mace_model_path, tmp_path, caplog):
+    """All-electron-size shifts (ORCA, FHI-aims data) make float32 total energies inaccurate."""
+    delta = random_sparse_delta(load_backend(mace_model_path), energy_shifts={"C": -1000.0, "H": -13.0})
+    delta_path = delta.save(tmp_path / "d.safetensors")
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        export_merged_model(delta_path, tmp_path / "merged.model")
+    assert "total energies computed in float32 lose accuracy" in caplog.text
+    caplog.clear()
+    small = random_sparse_delta(load_backend(mace_model_path), energy_shifts={"Si": 0.2})
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        export_merged_model(small.save(tmp_path / "small.safetensors"), tmp_path / "small.model")
+    assert "float32" not in caplog.text
+
+
+def test_the_probe_holds_every_element_the_delta_names():
+    pytest.importorskip("sevenn")
+    backend = load_backend("sevennet-0")
+    symbols = ["H", "Li", "C", "N", "O", "F", "Na", "Mg", "Si", "Cl"]
+    delta = random_sparse_delta(backend, density=1e-4, energy_shifts=dict.fromkeys(symbols, 0.1))
+    probe = probe_structure(backend, delta)
+    assert sorted(set(probe.get_chemical_symbols())) == sorted(symbols)
+    assert len(probe) == 27  # a 3x3x3 grid: 8 sites cannot hold 10 elements
+    assert probe.get_all_distances(mic=True)[np.triu_indices(len(probe), 1)].min() > 1.5
+
+
+def test_cli_warnings_are_one_line(mace_model_path, other_mace_model_path, tmp_path, capsys):
+    delta_path = random_sparse_delta(load_backend(mace_model_path)).save(tmp_path / "d.safetensors")
+    out = tmp_path / "merged.model"
+    args = ["export", str(delta_path), "--base", other_mace_model_path, "--no-strict", "-o", str(out)]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: delta was made for base model" in err and "UserWarning" not in err

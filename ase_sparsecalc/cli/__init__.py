@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .._version import __version__
@@ -52,6 +53,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s"
     )
+    with warnings.catch_warnings():  # restores the usual display when main() returns
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Show a Python warning as the log shows its messages: one line, without the source line."""
+    print(f"WARNING: {message}", file=sys.stderr if file is None else file)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the chosen subcommand; errors become one line on stderr and an exit status."""
     try:
         status = int(args.func(args) or 0)
         sys.stdout.flush()  # here, so that a closed pipe is caught below and not at exit

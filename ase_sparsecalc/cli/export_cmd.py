@@ -21,7 +21,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("delta", metavar="DELTA", help="delta file (.safetensors)")
     parser.add_argument("-o", "--output", required=True, help="merged model file to write (.model or .pth)")
     parser.add_argument("--base", help="named foundation model or model file (default: the delta's base)")
-    parser.add_argument("--head", help="head of a multi-head MACE model (default: the delta's)")
+    parser.add_argument(
+        "--head",
+        help="head of a multi-head MACE model whose reference energies take the delta's shifts "
+        "(default: the head the delta was fitted through); run the merged model with that head",
+    )
     parser.add_argument(
         "--dtype",
         choices=["float32", "float64"],
@@ -45,10 +49,12 @@ def run(args: argparse.Namespace) -> int:
     )
     shifts = ", ".join(f"{s} {v:+.4f}" for s, v in sorted(result.energy_shifts.items())) or "none"
     print(f"wrote {result.path}: {result.backend} model, {result.dtype}")
+    if result.head is not None:
+        print(f"  head with the delta's energy shifts: {result.head} (run it with head={result.head!r})")
     print(f"  changed weight entries merged: {result.changed_entries}")
     print(f"  energy shifts folded into the reference energies (eV/atom): {shifts}")
     print(
-        "  checked against base + delta on a probe structure: forces agree to "
+        "  checked against base + delta on a probe structure, both in float64: forces agree to "
         f"{result.max_force_difference:.1e} eV/Å"
     )
     return 0
