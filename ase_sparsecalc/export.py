@@ -120,7 +120,12 @@ def export_merged_model(
     Raises
     ------
     ConfigError
-        ``path`` is the base model file or the delta file.
+        ``path`` is the base model file, the delta file or a ``.safetensors`` name, or float64
+        was asked of a SevenNet base.
+    OutputFileError
+        ``path`` cannot be written (checked before any work).
+    ModelNotFoundError
+        The base (given, or the one the delta names) cannot be found.
     DeltaMismatchError
         The delta was made for another base model.
     BaseModelError

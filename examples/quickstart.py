@@ -8,6 +8,8 @@ does not. The script
 1. fits per-element energy shifts only (the ``shift`` baseline: the zero-shot model),
 2. fine-tunes a sparse delta (3 % of the equivariant path weights),
 3. evaluates both on the held-out test frames and relaxes the crystal with each,
+4. writes SevenNet-0 with the delta merged in as a SevenNet checkpoint, for sevenn's own
+   calculator and its LAMMPS deployment,
 
 and compares with the DFT reference. Five to twelve minutes on two CPU cores (library defaults:
 one structure per optimizer step; the test force error drops from about 157 to 11-12 meV/Å and
@@ -26,6 +28,7 @@ import ase.io
 from ase.build import bulk
 
 from ase_sparsecalc import SparseCalc
+from ase_sparsecalc.export import export_merged_model
 from ase_sparsecalc.finetune import finetune_with_report, read_frames
 from ase_sparsecalc.finetune.metrics import evaluate
 from ase_sparsecalc.workflows import relax
@@ -85,6 +88,10 @@ def main() -> None:
     a_dft = reference["equation_of_state"]["lattice_constant_A"]
     print(f"{'PBEsol DFT (GPAW)':22s}{'':31s}{a_dft:9.4f}")
     print(f"\nreport and plots: {args.out / 'report'}")
+
+    # The same potential outside this package: SevenNetCalculator(path), or sevenn_get_model.
+    merged = export_merged_model(sparse.delta, args.out / "si_pbesol_sevennet0_merged.pth")
+    print(f"merged SevenNet checkpoint (sevenn's own calculator, LAMMPS): {merged.path}")
 
 
 if __name__ == "__main__":
