@@ -287,15 +287,14 @@ def _sevennet_checkpoint_bytes(merged: Backend, checkpoint_path: Path, dtype: to
     checkpoint = load_checkpoint(checkpoint_path, SEVENNET_ALLOWED)
     original = checkpoint["model_state_dict"]
     state = merged.model.state_dict()
-    if set(original) != set(state):
-        raise BaseModelError(
-            f"{checkpoint_path}: the checkpoint's weights do not match the loaded model's "
-            f"({len(set(original) ^ set(state))} names differ)"
-        )
-    checkpoint["model_state_dict"] = {
-        name: state[name].detach().to("cpu", dtype if dtype and value.is_floating_point() else value.dtype)
-        for name, value in original.items()
-    }
+    if set(original) == set(state):
+        stored = {name: value.dtype for name, value in original.items()}
+    else:  # an older sevenn's names, which sevenn maps on loading: write the names it uses now
+        floats = next(value.dtype for value in original.values() if value.is_floating_point())
+        stored = {name: floats if value.is_floating_point() else value.dtype for name, value in state.items()}
+    if dtype is not None:
+        stored = {name: dtype if kind.is_floating_point else kind for name, kind in stored.items()}
+    checkpoint["model_state_dict"] = {name: state[name].detach().to("cpu", stored[name]) for name in stored}
     found = _species_wise_rescale(merged.model)
     shift_name = f"{found[0]}.shift" if found else None
     config_shift = checkpoint["config"].get("shift")

@@ -264,3 +264,27 @@ def test_cli_warnings_are_one_line(mace_model_path, other_mace_model_path, tmp_p
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "WARNING: delta was made for base model" in err and "UserWarning" not in err
+
+
+def test_a_checkpoint_with_older_weight_names_is_written_with_the_current_ones(tmp_path, monkeypatch):
+    """sevenn renames weights between versions (and maps old names when loading): the export
+    writes the names the installed sevenn uses, with the checkpoint's float dtype."""
+    pytest.importorskip("sevenn")
+    from ase_sparsecalc.backends import safe_load
+
+    real_load = safe_load.load_checkpoint
+
+    def older_names(path, allowed):
+        checkpoint = real_load(path, allowed)
+        state = checkpoint["model_state_dict"]
+        state["old_style.weight"] = state.pop("rescale_atomic_energy.scale")
+        return checkpoint
+
+    backend = load_backend("sevennet-0", dtype="float64")
+    delta_path = random_sparse_delta(backend, energy_shifts={"Si": 0.1}).save(tmp_path / "d.safetensors")
+    monkeypatch.setattr(safe_load, "load_checkpoint", older_names)
+    result = export_merged_model(delta_path, tmp_path / "merged.pth")
+    monkeypatch.undo()
+    written = safe_load.load_checkpoint(result.path, safe_load.SEVENNET_ALLOWED)["model_state_dict"]
+    assert "rescale_atomic_energy.scale" in written and "old_style.weight" not in written
+    assert {t.dtype for t in written.values() if t.is_floating_point()} == {torch.float32}
