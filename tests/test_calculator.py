@@ -287,6 +287,27 @@ def test_float32_runs_close_to_float64(base_for, backend_kind, silicon):
     np.testing.assert_allclose(e32["forces"], e64["forces"], atol=1e-3)
 
 
+def test_float32_total_energy_of_a_large_cell_with_all_electron_e0s(mace_model_path):
+    """The model's E0s (here -1029.5 eV for C, -2042 eV for O) are added and summed in float64:
+    a 576-atom float32 cell lands within 1e-3 eV of float64 (1.0 eV off when the model summed
+    them in float32), and the per-atom energies still sum to the energy."""
+    from ase.build import molecule
+
+    box = Atoms(cell=[10.0, 10.0, 10.0], pbc=True)
+    for corner in np.ndindex(2, 2, 2):
+        ethanol = molecule("CH3CH2OH")
+        ethanol.translate(5.0 * np.array(corner) + 2.0)
+        box += ethanol
+    cell = box.repeat((2, 2, 2))
+    results = {}
+    for dtype in ("float32", "float64"):
+        cell.calc = SparseCalc(mace_model_path, default_dtype=dtype)
+        results[dtype] = (cell.get_potential_energy(), cell.get_potential_energies().sum())
+    assert abs(results["float32"][0]) > 2e5
+    assert results["float32"][0] == pytest.approx(results["float64"][0], abs=1e-3)
+    assert results["float32"][1] == pytest.approx(results["float32"][0], abs=1e-6)
+
+
 def test_failed_set_delta_keeps_the_delta_it_had(mace_model_path, other_mace_model_path, silicon):
     """A delta for another base is refused and the calculator goes on with its delta, not with
     the bare base or results cached from before."""

@@ -17,6 +17,7 @@ from .safe_load import MACE_ALLOWED, describe_non_model, load_checkpoint
 
 if TYPE_CHECKING:
     from ..delta import DeltaMetadata, SparseDelta
+    from ..graph import AtomicGraph
 
 _LAYER = re.compile(r"^(interactions|products|readouts)\.(\d+)\.(.*)$")
 
@@ -54,12 +55,15 @@ class MaceBackend(Backend):
         self._z_to_index = torch.full((119,), -1, dtype=torch.int64)
         for k, z in enumerate(self.atomic_numbers):
             self._z_to_index[z] = k
+        self._e0 = _isolated_atom_energies(self.model, self._head_index)  # float64, as loaded
         super().__post_init__()
 
     def to(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> MaceBackend:
-        """Move and cast the model (and the element lookup table) in place; returns self."""
+        """Move and cast the model (and the element lookup tables) in place; returns self."""
         super().to(device, dtype)
         self._z_to_index = self._z_to_index.to(self.device)
+        if self._e0 is not None:
+            self._e0 = self._e0.to(self.device)
         return self
 
     def _model_outputs(self, graph, compute_forces, compute_stress, training, parameters):
@@ -85,13 +89,44 @@ class MaceBackend(Backend):
             compute_force=compute_forces,
             compute_stress=compute_stress,
         )
+        energy, atom_energies = out["energy"], out.get("node_energy")
+        if atom_energies is not None and self._adds_e0_in_float64:
+            energy, atom_energies = self._with_float64_e0(atom_energies, index, graph)
         stress = out.get("stress") if compute_stress else None
         return ModelOutput(
-            energy=out["energy"],
+            energy=energy,
             forces=out.get("forces") if compute_forces else None,
             stress=None if stress is None else stress.reshape(-1, 3, 3),
-            atom_energies=out.get("node_energy"),
+            atom_energies=atom_energies,
         )
+
+    @property
+    def _adds_e0_in_float64(self) -> bool:
+        """Whether :meth:`_with_float64_e0` applies: a model below float64 whose per-atom
+        energies sum to its energy (not so with an embedding readout, whose energy MACE adds to
+        the total only)."""
+        return (
+            self.dtype != torch.float64
+            and self._e0 is not None
+            and not hasattr(self.model, "embedding_readout")
+        )
+
+    def _with_float64_e0(
+        self, node_energy: torch.Tensor, index: torch.Tensor, graph: AtomicGraph
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energies (G,) and per-atom energies (N,), eV, float64, with the E0s added in float64.
+
+        In float32 the model adds each atom's isolated-atom energy E0 in float32 and sums the
+        atoms in float32. With E0s of hundreds of eV (all-electron references, as MACE-OFF's)
+        the total then drifts by eV in cells of thousands of atoms. Here each atom's E0 as the
+        model added it (its value in the model's dtype; the one-hot product is exact) is replaced
+        by the float64 E0 and the atoms are summed in float64.
+        """
+        table = self.model.atomic_energies_fn.atomic_energies
+        e0_in_model = (table if table.dim() == 1 else table[self._head_index])[index]
+        atoms = node_energy.to(torch.float64) - e0_in_model.to(torch.float64) + self._e0[index]
+        zeros = torch.zeros(graph.n_graphs, dtype=torch.float64, device=atoms.device)
+        return zeros.index_add(0, graph.batch, atoms), atoms
 
     def fill_metadata(self, meta: DeltaMetadata) -> DeltaMetadata:
         """As the base class, and for a multi-head model the head."""
@@ -188,6 +223,16 @@ class MaceBackend(Backend):
                             )
                         )
         return infos
+
+
+def _isolated_atom_energies(model: torch.nn.Module, head_index: int) -> torch.Tensor | None:
+    """The model's E0s (eV) of one head, one per element in its order, as float64 on the CPU
+    (None for a model without them)."""
+    table = getattr(getattr(model, "atomic_energies_fn", None), "atomic_energies", None)
+    if not isinstance(table, torch.Tensor):
+        return None
+    row = table if table.dim() == 1 else table[head_index]
+    return row.detach().to("cpu", torch.float64).clone()
 
 
 def _cell_with_unit_rows_for_open_axes(cell: torch.Tensor) -> torch.Tensor:
