@@ -70,9 +70,9 @@ class ExportResult:
         Weight entries the delta changed.
     energy_shifts : dict
         Per-element energy shifts (eV/atom) folded into the model's reference energies.
-    max_force_difference : float
-        Largest force difference (eV/Å) between the file and base + delta on the probe
-        structure, both evaluated in float64.
+    max_energy_difference, max_force_difference : float
+        Energy difference per atom (eV/atom) and largest force difference (eV/Å) between the
+        file and base + delta on the probe structure, both evaluated in float64.
     """
 
     path: Path
@@ -81,6 +81,7 @@ class ExportResult:
     head: str | None
     changed_entries: int
     energy_shifts: dict[str, float]
+    max_energy_difference: float
     max_force_difference: float
 
 
@@ -175,7 +176,7 @@ def export_merged_model(
         agreement.update(_check_agreement(expected, exported, file_dtype, path))
 
     written = atomic_write_bytes(path, data, check=check)
-    _warn_about_float32_energies(path, expected["energy"], len(probe))
+    _warn_about_float32_energies(path, expected["energy"], len(probe), merged.name, file_dtype)
     logger.info("wrote %s (%s, %s)", written, merged.name, dtype_name(file_dtype))
     return ExportResult(
         path=written,
@@ -184,6 +185,7 @@ def export_merged_model(
         head=getattr(merged, "head", None) if len(getattr(merged.model, "heads", [None])) > 1 else None,
         changed_entries=delta_obj.nnz,
         energy_shifts=dict(delta_obj.metadata.energy_shifts),
+        max_energy_difference=agreement["energy"],
         max_force_difference=agreement["forces"],
     )
 
@@ -370,21 +372,35 @@ def _check_agreement(
     return differences
 
 
-def _warn_about_float32_energies(path: Path, energy: np.ndarray, n_atoms: int) -> None:
+def _warn_about_float32_energies(
+    path: Path, energy: np.ndarray, n_atoms: int, kind: str, dtype: torch.dtype
+) -> None:
     """Warn when the merged model's reference energies are large enough (all-electron or
-    pseudopotential total energies, as in Quantum ESPRESSO or ORCA data) that float32 runs lose
-    accuracy in total energies: the model sums them in its own dtype, whereas SparseCalc adds
-    the delta's shifts in float64."""
+    pseudopotential total energies, as in Quantum ESPRESSO or ORCA data) that float32 costs
+    accuracy in total energies: in the file's float32 reference energies, and in the backends'
+    own calculators, which add and sum them in the dtype they run in."""
     per_atom = abs(float(energy.sum())) / n_atoms
-    if per_atom > LARGE_REFERENCE_ENERGY:
-        logger.warning(
-            "%s: energies reach %.0f eV/atom, so total energies computed in float32 lose accuracy as "
-            "structures grow (forces do not); run the merged model in float64 for energies "
-            "(MACECalculator(default_dtype='float64'); SparseCalc with the delta keeps the shifts "
-            "in float64)",
-            path,
-            per_atom,
+    if per_atom <= LARGE_REFERENCE_ENERGY:
+        return
+    if kind == "sevennet":
+        advice = (
+            "sevenn runs float32 only, so where total energies matter use SparseCalc with the delta, "
+            "which adds the shifts in float64"
         )
+    elif dtype != torch.float64:
+        advice = (
+            "export with --dtype float64 (dtype='float64'), since the file's float32 reference "
+            "energies are rounded, and run it with MACECalculator(default_dtype='float64')"
+        )
+    else:
+        advice = "run it with MACECalculator(default_dtype='float64') where total energies matter"
+    logger.warning(
+        "%s: energies reach %.0f eV/atom, so float32 total energies lose accuracy as structures grow "
+        "(forces do not); %s",
+        path,
+        per_atom,
+        advice,
+    )
 
 
 __all__ = [

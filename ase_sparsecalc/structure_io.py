@@ -9,6 +9,7 @@ reader never sees half a file.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,28 @@ from ase import Atoms
 from ase.io.formats import UnknownFileTypeError, filetype, ioformats
 
 from .errors import DataFileError, StructureError
+
+LABEL_NAME = re.compile(
+    r"^(ref|dft)_|(^|_)(energy|energies|forces?|stress(es)?|virials?)(_|$)", re.IGNORECASE
+)
+"""Names of reference labels kept in ``atoms.info`` or ``atoms.arrays`` (``REF_energy``,
+``DFT_forces``, ``dft_energy``, ``stress``, ``energy_weight``, ...)."""
+
+
+def drop_input_labels(atoms: Atoms) -> list[str]:
+    """Remove reference labels from ``atoms.info`` and ``atoms.arrays`` in place; return their names.
+
+    A structure that a relaxation or MD run moves keeps its other metadata (``config_type``,
+    ``charge``, ``spin``, ...), but labels computed for the input geometry would be written
+    beside the new positions, and read back as that structure's labels.
+    """
+    dropped = [key for key in atoms.info if LABEL_NAME.search(key)]
+    for key in dropped:
+        del atoms.info[key]
+    arrays = [key for key in atoms.arrays if LABEL_NAME.search(key)]
+    for key in arrays:
+        del atoms.arrays[key]
+    return dropped + arrays
 
 
 def read_structure(path: str | Path, index: int = -1) -> Atoms:

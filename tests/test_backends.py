@@ -263,9 +263,9 @@ def test_files_that_are_not_whole_potentials_say_what_they_hold(tmp_path):
     torch.save(weights, tmp_path / "weights.pt")
     torch.save({"model": weights, "optimizer": {}, "epoch": 3}, tmp_path / "run_epoch-3.pt")
     for backend in (None, "mace"):
-        with pytest.raises(BaseModelError, match=r"weights\.pt: .*a bare MACE state dict.*torch\.save"):
+        with pytest.raises(BaseModelError, match=r"weights\.pt: a bare MACE state dict.*torch\.save"):
             load_backend(tmp_path / "weights.pt", backend=backend)
-        with pytest.raises(BaseModelError, match=r"run_epoch-3\.pt: .*a training checkpoint \(keys model"):
+        with pytest.raises(BaseModelError, match=r"run_epoch-3\.pt: a training checkpoint \(keys model"):
             load_backend(tmp_path / "run_epoch-3.pt", backend=backend)
     modules = import_keeping_weights_only("mace.modules")
     previous = torch.get_default_dtype()

@@ -350,3 +350,11 @@ def test_a_closed_output_pipe_stops_the_command_quietly(files, tmp_path, monkeyp
         status = main(["inspect", files["good_safetensors"], "--base", files["model"], "--max-rows", "0"])
     assert status == 141
     assert capsys.readouterr().err == ""
+
+
+def test_eval_header_says_which_labels_the_frames_carry():
+    from ase_sparsecalc.cli.eval_cmd import _label_counts
+
+    assert _label_counts({"frames": 40, "forces_frames": 40, "stress_frames": 0}) == " (no stress labels)"
+    assert _label_counts({"frames": 5, "forces_frames": 3, "stress_frames": 5}) == " (forces in 3)"
+    assert _label_counts({"frames": 5, "forces_frames": 5, "stress_frames": 5}) == ""

@@ -238,7 +238,12 @@ def test_large_reference_energies_warn_about_float32_totals(mace_model_path, tmp
     delta_path = delta.save(tmp_path / "d.safetensors")
     with caplog.at_level("WARNING", logger="ase_sparsecalc"):
         export_merged_model(delta_path, tmp_path / "merged.model")
-    assert "total energies computed in float32 lose accuracy" in caplog.text
+    assert "float32 total energies lose accuracy" in caplog.text
+    assert "MACECalculator(default_dtype='float64')" in caplog.text and "--dtype" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):  # the file's own E0s are rounded
+        export_merged_model(delta_path, tmp_path / "merged32.model", dtype="float32")
+    assert "export with --dtype float64" in caplog.text
     caplog.clear()
     small = random_sparse_delta(load_backend(mace_model_path), energy_shifts={"Si": 0.2})
     with caplog.at_level("WARNING", logger="ase_sparsecalc"):

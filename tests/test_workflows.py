@@ -792,3 +792,25 @@ def test_nose_hoover_holds_the_target_temperature_in_a_small_cell():
                     steps=8000, log_interval=10, seed=1)  # fmt: skip
     settled = np.asarray(result.temperature)[len(result.temperature) // 5 :]
     assert 0.85 < settled.mean() / 300 < 1.15
+
+
+def test_moved_structures_do_not_carry_the_inputs_dft_labels(tmp_path):
+    """REF_energy, DFT_forces and the like describe the input geometry: relaxed structures and
+    MD frames leave them out (they would be read back as labels), and keep other metadata."""
+    from ase.calculators.emt import EMT
+
+    copper = bulk("Cu", "fcc", a=3.7, cubic=True)
+    copper.rattle(0.05, seed=2)
+    copper.info.update(REF_energy=-12.3, dft_stress=np.zeros(6), config_type="rattled", charge=0)
+    copper.arrays["DFT_forces"] = np.ones((len(copper), 3))
+    copper.arrays["tags_kept"] = np.arange(len(copper))
+
+    relaxed = relax(copper, EMT(), fmax=0.05).atoms
+    run_md(copper, EMT(), steps=2, trajectory=tmp_path / "md.extxyz", trajectory_interval=1, progress=False)
+    frame = read(tmp_path / "md.extxyz", index=-1)
+    for atoms in (relaxed, frame):
+        assert not {"REF_energy", "dft_stress"} & set(atoms.info)
+        assert "DFT_forces" not in atoms.arrays
+        assert atoms.info["config_type"] == "rattled" and atoms.info["charge"] == 0
+        assert "tags_kept" in atoms.arrays
+    assert "REF_energy" in copper.info  # the input is not changed

@@ -272,7 +272,8 @@ def load_mace_model(path: str | Path) -> torch.nn.Module:
     import_mace()
     model = load_checkpoint(path, MACE_ALLOWED)
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "atomic_numbers"):
-        raise BaseModelError(f"{path}: not a MACE model file: {describe_non_model(model)}")
+        what = describe_non_model(model)
+        raise BaseModelError(f"{path}: {'not a MACE model file: ' if what.startswith('got a') else ''}{what}")
     kind = type(model).__name__
     if "Dipole" in kind or "Dielectric" in kind:
         raise BaseModelError(

@@ -190,9 +190,10 @@ def load_sevennet(
 
     checkpoint = load_checkpoint(path, SEVENNET_ALLOWED)
     if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
-        raise BaseModelError(
-            f"{path}: not a SevenNet checkpoint (no model_state_dict): {describe_non_model(checkpoint)}"
-        )
+        what = describe_non_model(checkpoint)
+        if what.startswith("got a"):  # nothing recognised: say what a SevenNet checkpoint needs
+            what = f"not a SevenNet checkpoint (no model_state_dict): {what}"
+        raise BaseModelError(f"{path}: {what}")  # else e.g. a MACE training checkpoint, named
     try:
         model, config = model_from_checkpoint(checkpoint)
     except Exception as exc:

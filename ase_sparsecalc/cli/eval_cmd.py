@@ -102,12 +102,15 @@ def _frames(n: int) -> str:
 
 
 def _label_counts(metrics: dict) -> str:
-    """`` (forces in 5, stress in 4)`` where not every frame has forces or stress labelled."""
-    counts = [
-        f"{name} in {metrics.get(f'{name}_frames', 0)}"
-        for name in ("forces", "stress")
-        if metrics.get(f"{name}_frames", 0) != metrics["frames"]
-    ]
+    """`` (forces in 5, stress in 4)`` where some but not all frames have forces or stress
+    labelled; ``(no stress labels)`` where none has (molecules)."""
+    counts = []
+    for name in ("forces", "stress"):
+        labelled = metrics.get(f"{name}_frames", 0)
+        if labelled == 0:
+            counts.append(f"no {name} labels")
+        elif labelled != metrics["frames"]:
+            counts.append(f"{name} in {labelled}")
     return f" ({', '.join(counts)})" if counts else ""
 
 

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  changed weight entries merged: {result.changed_entries}")
     print(f"  energy shifts folded into the reference energies (eV/atom): {shifts}")
     print(
-        "  checked against base + delta on a probe structure, both in float64: forces agree to "
-        f"{result.max_force_difference:.1e} eV/Å"
+        "  checked against base + delta on a probe structure, both in float64: energies agree to "
+        f"{result.max_energy_difference:.1e} eV/atom, forces to {result.max_force_difference:.1e} eV/Å"
     )
     return 0

@@ -34,6 +34,7 @@ from ase.md.velocitydistribution import Stationary
 
 from ..calculator import has_3d_cell
 from ..errors import ConfigError
+from ..structure_io import drop_input_labels
 from ._output import streamed_frames, streamed_text
 from ._periodicity import warn_about_periodic_vacuum
 
@@ -242,6 +243,7 @@ def run_md(
         _refuse_constraints_under_a_barostat(atoms)
 
     atoms = atoms.copy()
+    drop_input_labels(atoms)  # the input's DFT labels (REF_energy, ...) would go into every frame
     if ensemble == "npt":  # a FixCom from an earlier run's file: the integrator keeps the momentum
         atoms.set_constraint([c for c in atoms.constraints if not isinstance(c, FixCom)])
     atoms.calc = calc

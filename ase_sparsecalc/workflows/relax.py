@@ -13,6 +13,7 @@ from ase.calculators.calculator import Calculator
 
 from ..errors import ConfigError, StructureError
 from ..graph import has_cell_volume
+from ..structure_io import drop_input_labels
 from ._output import streamed_frames, streamed_text
 from ._periodicity import axis_names, open_axes, warn_about_periodic_vacuum
 
@@ -151,6 +152,7 @@ def relax(
         warn_about_periodic_vacuum(atoms, "the cell relaxation")
     atoms = atoms.copy()
     atoms.arrays.pop("momenta", None)  # velocities of the input belong to it, not to the minimum
+    drop_input_labels(atoms)  # the input's DFT labels (REF_energy, ...) belong to it too
     if fix_symmetry:
         from ase.constraints import FixSymmetry
 
