@@ -218,23 +218,17 @@ def _fold_shifts_into_mace_e0s(merged: Backend) -> None:
     shifts = merged.energy_shifts_by_number()
     if not shifts:
         return
-    energies = getattr(getattr(merged.model, "atomic_energies_fn", None), "atomic_energies", None)
-    if not isinstance(energies, torch.Tensor):
+    row = merged.reference_energies()
+    if row is None:
         raise BaseModelError(
             f"{merged.model_name}: the model has no per-element reference energies "
             "(atomic_energies_fn.atomic_energies) to fold the delta's energy shifts into"
         )
-    row = energies if energies.dim() == 1 else energies[_head_index(merged)]
     index = {int(z): k for k, z in enumerate(merged.atomic_numbers)}
     with torch.no_grad():
         for z, shift in shifts.items():
             row[index[z]] += shift
     merged.set_energy_shifts_by_number({})
-
-
-def _head_index(merged: Backend) -> int:
-    heads = [str(h) for h in getattr(merged.model, "heads", ["default"])]
-    return heads.index(merged.head) if merged.head in heads else 0
 
 
 def _mace_model_bytes(merged: Backend, base_file: Path, dtype: torch.dtype | None) -> bytes:

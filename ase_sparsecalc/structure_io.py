@@ -9,7 +9,6 @@ reader never sees half a file.
 from __future__ import annotations
 
 import os
-import re
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,27 +18,44 @@ from ase.io.formats import UnknownFileTypeError, filetype, ioformats
 
 from .errors import DataFileError, StructureError
 
-LABEL_NAME = re.compile(
-    r"^(ref|dft)_|(^|_)(energy|energies|forces?|stress(es)?|virials?)(_|$)", re.IGNORECASE
-)
-"""Names of reference labels kept in ``atoms.info`` or ``atoms.arrays`` (``REF_energy``,
-``DFT_forces``, ``dft_energy``, ``stress``, ``energy_weight``, ...)."""
+REFERENCE_PREFIXES = ("ref_", "dft_", "ref", "dft")
+"""How training files name their DFT labels when other values (model predictions, say) sit under
+``energy`` and ``forces``: ``REF_energy`` (MACE's convention), ``DFT_forces``, ``dft_energy``."""
+
+
+def reference_label_keys(atoms: Atoms) -> tuple[str, ...]:
+    """Keys of ``atoms.info`` / ``atoms.arrays`` named as reference energies, forces, stresses
+    or virials (:data:`REFERENCE_PREFIXES`), sorted."""
+    found = []
+    for key in (*atoms.info, *atoms.arrays):
+        lowered = key.lower()
+        for prefix in REFERENCE_PREFIXES:
+            rest = lowered.removeprefix(prefix)
+            if rest != lowered and rest.startswith(("energy", "force", "stress", "virial")):
+                found.append(key)
+                break
+    return tuple(sorted(set(found)))
+
+
+LABEL_NAMES = ("energy", "free_energy", "forces", "stress", "virial")
+"""Labels kept under their plain names in ``atoms.info`` / ``atoms.arrays`` (where ASE's
+readers have not turned them into calculator results)."""
 
 
 def drop_input_labels(atoms: Atoms) -> list[str]:
     """Remove reference labels from ``atoms.info`` and ``atoms.arrays`` in place; return their names.
 
-    A structure that a relaxation or MD run moves keeps its other metadata (``config_type``,
-    ``charge``, ``spin``, ...), but labels computed for the input geometry would be written
-    beside the new positions, and read back as that structure's labels.
+    The labels are those of :func:`reference_label_keys` (``REF_energy``, ``DFT_forces``, ...)
+    and :data:`LABEL_NAMES`. A structure that a relaxation or MD run moves keeps its other
+    metadata (``config_type``, ``charge``, ``spin``, ...), but labels computed for the input
+    geometry would be written beside the new positions, and read back as that structure's labels.
     """
-    dropped = [key for key in atoms.info if LABEL_NAME.search(key)]
+    plain = [key for key in (*atoms.info, *atoms.arrays) if key.lower() in LABEL_NAMES]
+    dropped = sorted({*reference_label_keys(atoms), *plain})
     for key in dropped:
-        del atoms.info[key]
-    arrays = [key for key in atoms.arrays if LABEL_NAME.search(key)]
-    for key in arrays:
-        del atoms.arrays[key]
-    return dropped + arrays
+        atoms.info.pop(key, None)
+        atoms.arrays.pop(key, None)
+    return dropped
 
 
 def read_structure(path: str | Path, index: int = -1) -> Atoms:

@@ -181,10 +181,14 @@ def test_an_export_that_does_not_reproduce_base_plus_delta_is_not_written(
     two_head_mace, tmp_path, monkeypatch
 ):
     """The check on the probe structure catches shifts folded into the wrong head."""
-    from ase_sparsecalc import export
+    from ase_sparsecalc.backends.mace import MaceBackend
 
     delta_path = _mace_delta(two_head_mace, tmp_path)
-    monkeypatch.setattr(export, "_head_index", lambda merged: 0)
+
+    def first_heads_row(backend):
+        return backend.model.atomic_energies_fn.atomic_energies[0]
+
+    monkeypatch.setattr(MaceBackend, "reference_energies", first_heads_row)
     out = tmp_path / "merged.model"
     with pytest.raises(BaseModelError, match=r"not written.*energy by"):
         export_merged_model(delta_path, out)

@@ -164,10 +164,10 @@ def _as_loaded(base: str | Path | None, backend: str | None, head: str | None, c
     head = head if head is not None else default_head
     if head is not None and kind != "mace":
         raise ConfigError(f"{model_name}: head={head!r} applies to multi-head MACE models only")
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, kind, head)
     if not cache:
         return _load(path, model_name, kind, head)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, kind, head)
     if key not in _CACHE:
         _CACHE[key] = _load(path, model_name, kind, head)
     return _CACHE[key]

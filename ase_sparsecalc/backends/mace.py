@@ -55,7 +55,8 @@ class MaceBackend(Backend):
         self._z_to_index = torch.full((119,), -1, dtype=torch.int64)
         for k, z in enumerate(self.atomic_numbers):
             self._z_to_index[z] = k
-        self._e0 = _isolated_atom_energies(self.model, self._head_index)  # float64, as loaded
+        e0 = _e0_row(self.model, self._head_index)
+        self._e0 = None if e0 is None else e0.detach().to("cpu", torch.float64).clone()  # as loaded
         super().__post_init__()
 
     def to(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> MaceBackend:
@@ -100,6 +101,12 @@ class MaceBackend(Backend):
             atom_energies=atom_energies,
         )
 
+    def reference_energies(self) -> torch.Tensor | None:
+        """The model's isolated-atom energies E0 (eV) of this backend's head, one per element in
+        the model's order and dtype: a view of the model's buffer, so writing to it changes the
+        model (None for a model without them)."""
+        return _e0_row(self.model, self._head_index)
+
     @property
     def _adds_e0_in_float64(self) -> bool:
         """Whether :meth:`_with_float64_e0` applies: a model below float64 whose per-atom
@@ -122,8 +129,7 @@ class MaceBackend(Backend):
         model added it (its value in the model's dtype; the one-hot product is exact) is replaced
         by the float64 E0 and the atoms are summed in float64.
         """
-        table = self.model.atomic_energies_fn.atomic_energies
-        e0_in_model = (table if table.dim() == 1 else table[self._head_index])[index]
+        e0_in_model = self.reference_energies()[index]
         atoms = node_energy.to(torch.float64) - e0_in_model.to(torch.float64) + self._e0[index]
         zeros = torch.zeros(graph.n_graphs, dtype=torch.float64, device=atoms.device)
         return zeros.index_add(0, graph.batch, atoms), atoms
@@ -225,14 +231,13 @@ class MaceBackend(Backend):
         return infos
 
 
-def _isolated_atom_energies(model: torch.nn.Module, head_index: int) -> torch.Tensor | None:
-    """The model's E0s (eV) of one head, one per element in its order, as float64 on the CPU
-    (None for a model without them)."""
+def _e0_row(model: torch.nn.Module, head_index: int) -> torch.Tensor | None:
+    """The row of the model's E0 buffer (``atomic_energies_fn.atomic_energies``, one row per head
+    or a single one) that a head uses, as a view; None for a model without E0s."""
     table = getattr(getattr(model, "atomic_energies_fn", None), "atomic_energies", None)
     if not isinstance(table, torch.Tensor):
         return None
-    row = table if table.dim() == 1 else table[head_index]
-    return row.detach().to("cpu", torch.float64).clone()
+    return table if table.dim() == 1 else table[head_index]
 
 
 def _cell_with_unit_rows_for_open_axes(cell: torch.Tensor) -> torch.Tensor:

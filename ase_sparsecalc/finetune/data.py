@@ -27,6 +27,7 @@ from ..errors import (
     StructureError,
 )
 from ..graph import CHARGE_KEY, NEUTRAL_SINGLET, SPIN_KEY, charge_and_spin, has_cell_volume
+from ..structure_io import reference_label_keys
 
 logger = logging.getLogger(__name__)
 
@@ -447,25 +448,6 @@ def frame_from_atoms(
     unread = () if (energy_key or forces_key) else reference_label_keys(atoms)
     magmom = _total_magmom(results)
     return Frame(clean, energy, forces, stress, where, tag, energy_label, magmom, unread, stress_left_out)
-
-
-REFERENCE_PREFIXES = ("ref_", "dft_", "ref", "dft")
-"""How training files name their DFT labels when other values (model predictions, say) sit under
-``energy`` and ``forces``: ``REF_energy`` (MACE's convention), ``DFT_forces``, ``dft_energy``."""
-
-
-def reference_label_keys(atoms: Atoms) -> tuple[str, ...]:
-    """Keys of ``atoms.info`` / ``atoms.arrays`` named as reference energies, forces, stresses
-    or virials (:data:`REFERENCE_PREFIXES`), sorted."""
-    found = []
-    for key in (*atoms.info, *atoms.arrays):
-        lowered = key.lower()
-        for prefix in REFERENCE_PREFIXES:
-            rest = lowered.removeprefix(prefix)
-            if rest != lowered and rest.startswith(("energy", "force", "stress", "virial")):
-                found.append(key)
-                break
-    return tuple(sorted(set(found)))
 
 
 def _total_magmom(results: dict) -> float | None:
