@@ -275,6 +275,21 @@ def test_cli_warnings_are_one_line(mace_model_path, other_mace_model_path, tmp_p
     assert "WARNING: delta was made for base model" in err and "UserWarning" not in err
 
 
+def test_cli_takes_the_delta_as_other_commands_name_it(mace_model_path, tmp_path, capsys):
+    delta_path = str(random_sparse_delta(load_backend(mace_model_path)).save(tmp_path / "d.safetensors"))
+    out = tmp_path / "merged.model"
+    assert main(["export", "--delta", delta_path, "-o", str(out)]) == 0
+    assert out.is_file()
+    capsys.readouterr()
+    for args in (
+        ["export", "-o", str(tmp_path / "a.model")],
+        ["export", delta_path, "--delta", delta_path, "-o", str(tmp_path / "b.model")],
+    ):
+        assert main(args) == 2
+        assert "give the delta file once" in capsys.readouterr().err
+    assert not (tmp_path / "a.model").exists() and not (tmp_path / "b.model").exists()
+
+
 def test_a_checkpoint_with_older_weight_names_is_written_with_the_current_ones(tmp_path, monkeypatch):
     """sevenn renames weights between versions (and maps old names when loading): the export
     writes the names the installed sevenn uses, with the checkpoint's float dtype."""

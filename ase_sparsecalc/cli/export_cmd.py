@@ -18,7 +18,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "checked against base + delta on a probe structure before it is put in place."
         ),
     )
-    parser.add_argument("delta", metavar="DELTA", help="delta file (.safetensors)")
+    parser.add_argument("delta", metavar="DELTA", nargs="?", help="delta file (.safetensors)")
+    parser.add_argument(
+        "--delta", dest="delta_option", metavar="DELTA", help="the delta file, as the other commands name it"
+    )
     parser.add_argument("-o", "--output", required=True, help="merged model file to write (.model or .pth)")
     parser.add_argument("--base", help="named foundation model or model file (default: the delta's base)")
     parser.add_argument(
@@ -37,10 +40,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
     from ..export import export_merged_model
 
+    if (args.delta is None) == (args.delta_option is None):
+        raise ConfigError("give the delta file once: as DELTA or as --delta DELTA")
     result = export_merged_model(
-        args.delta,
+        args.delta or args.delta_option,
         args.output,
         base=args.base,
         head=args.head,
