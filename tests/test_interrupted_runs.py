@@ -90,6 +90,56 @@ def test_killed_finetune_resumes_to_the_uninterrupted_delta(mace_model_path, tmp
     assert resumed_state["epoch"] == EPOCHS and len(resumed_state["history"]) == EPOCHS
 
 
+def test_sigterm_stops_a_finetune_as_ctrl_c_does(mace_model_path, tmp_path):
+    """A batch scheduler ends a job with SIGTERM: one line, exit status 143, the checkpoint kept."""
+    train = tmp_path / "ethanol6.extxyz"
+    write(train, read(DATA, ":6"))
+    output = tmp_path / "out" / "delta.safetensors"
+    checkpoint = output.with_name("delta_checkpoint") / "checkpoint.pt"
+    argv = [*_finetune_argv(train, output, mace_model_path), "--epochs", "500"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ase_sparsecalc", *argv],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not checkpoint.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        stderr = proc.communicate(timeout=60)[1].decode()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    last_line = stderr.strip().splitlines()[-1]
+    assert (
+        last_line == "sparsecalc finetune: stopped by SIGTERM (--resume continues from the last checkpoint)"
+    )
+    assert "Traceback" not in stderr
+    assert not output.exists()
+    assert sorted(p.name for p in output.parent.iterdir()) == ["delta_checkpoint"]  # no temporary files
+    assert [p.name for p in checkpoint.parent.iterdir()] == ["checkpoint.pt"]
+    torch.load(checkpoint, weights_only=True)  # complete
+
+
+def test_an_interruption_before_any_checkpoint_promises_no_resume(tmp_path, monkeypatch, capsys):
+    from ase_sparsecalc.cli import main
+
+    def interrupted_while_loading(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # the package's ``finetune`` attribute is the function; patch the subpackage's module object
+    monkeypatch.setattr(
+        sys.modules["ase_sparsecalc.finetune"], "finetune_with_report", interrupted_while_loading
+    )
+    assert main(["finetune", str(DATA), "-o", str(tmp_path / "d.safetensors")]) == 130
+    assert capsys.readouterr().err.strip() == "sparsecalc finetune: interrupted"
+
+
 def test_atomic_write_keeps_old_content_when_interrupted(tmp_path, monkeypatch):
     path = tmp_path / "report.json"
     atomic_write_bytes(path, b"old, complete")

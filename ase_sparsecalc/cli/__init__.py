@@ -13,6 +13,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -63,8 +64,29 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"WARNING: {message}", file=sys.stderr if file is None else file)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's end of the job, ``kill``), raised where the program is, so that
+    it stops as after Ctrl-C: temporary files removed, the last epoch's checkpoint kept."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
 def _run(args: argparse.Namespace) -> int:
     """Run the chosen subcommand; errors become one line on stderr and an exit status."""
+    try:
+        previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (main() called from a thread): leave SIGTERM alone
+        previous_handler = None
+    try:
+        return _run_command(args)
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:
         status = int(args.func(args) or 0)
         sys.stdout.flush()  # here, so that a closed pipe is caught below and not at exit
@@ -78,8 +100,13 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:  # a file the library hands to another package (ASE, phonopy)
         _error_line(args.command, f"error: {exc}")
         return 2
-    except KeyboardInterrupt:
-        resume = " (--resume continues from the last checkpoint)" if args.command == "finetune" else ""
+    except KeyboardInterrupt as exc:
+        checkpoint = getattr(args, "checkpoint_file", None)  # set by commands that write one
+        resumable = checkpoint is not None and checkpoint.is_file()
+        resume = " (--resume continues from the last checkpoint)" if resumable else ""
+        if isinstance(exc, Terminated):
+            _error_line(args.command, "stopped by SIGTERM" + resume)
+            return 128 + signal.SIGTERM
         _error_line(args.command, "interrupted" + resume)
         return 130
     except Exception as exc:

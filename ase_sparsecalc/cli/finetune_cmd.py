@@ -166,11 +166,13 @@ def _density(text: str) -> float | None:
 def run(args: argparse.Namespace) -> int:
     """Run the fine-tune and print a before/after summary."""
     from ..finetune import finetune_with_report
+    from ..finetune.trainer import CHECKPOINT_NAME
 
     output = Path(args.output)
     stem = output.stem  # "si.safetensors" -> "si"; any other extension goes the same way
     report_dir = Path(args.report_dir or output.with_name(f"{stem}_report"))
     checkpoint_dir = Path(args.checkpoint_dir or output.with_name(f"{stem}_checkpoint"))
+    args.checkpoint_file = checkpoint_dir / CHECKPOINT_NAME  # named if the run is interrupted
     config = FinetuneConfig(
         method=args.method,
         density=args.density,
