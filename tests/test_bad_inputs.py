@@ -974,6 +974,37 @@ def test_a_constant_isotropic_stress_offset_is_explained_as_pulay_stress():
     assert warn_about_stress_offset(scattered, model) is None
 
 
+def test_shear_stresses_in_vasp_voigt_order_are_recognised():
+    """Six-number stresses in VASP's order (xx yy zz xy yz zx) read as ASE's keep the diagonal (the
+    slope test passes) but misplace the shear: named, against SevenNet-0's real predictions; the
+    same DFT stresses in ASE's order raise nothing."""
+    pytest.importorskip("sevenn")
+    from ase_sparsecalc.finetune.label_checks import label_slopes, warn_if_shear_order_differs
+
+    frames = read_frames(str(Path(__file__).parents[1] / "examples" / "data" / "si_pbesol.extxyz@:12"))
+    calc = SparseCalc("sevennet-0")
+    model = {}
+    for k, frame in enumerate(frames):
+        atoms = frame.atoms.copy()
+        atoms.calc = calc
+        model[k] = {"stress": atoms.get_stress(voigt=False), "energy": atoms.get_potential_energy()}
+    assert warn_if_shear_order_differs(frames, model) is None
+
+    def vasp_order(stress):  # xx yy zz xy yz zx
+        return stress[[0, 1, 2, 0, 1, 2], [0, 1, 2, 1, 2, 0]]
+
+    mixed = [Frame(f.atoms, f.energy, f.forces, vasp_order(f.stress), f.source) for f in frames]
+    message = warn_if_shear_order_differs(mixed, model)
+    assert message is not None and "as xy yz xz (VASP's order: xy yz zx)" in message
+    assert "si_pbesol.extxyz" in message
+    assert label_slopes(mixed, model)["stress"] == pytest.approx(
+        label_slopes(frames, model)["stress"], rel=0.3
+    )
+    # without shear in the base model's stresses, there is nothing to judge
+    no_shear = {k: {"stress": np.diag(np.diag(p["stress"]))} for k, p in model.items()}
+    assert warn_if_shear_order_differs(mixed, no_shear) is None
+
+
 def test_per_atom_energies_in_a_set_of_mixed_sizes_are_recognised():
     from ase_sparsecalc.finetune.label_checks import warn_about_stray_energies
 

@@ -10,6 +10,7 @@ off for exotic chemistry); it warns, names the likely cause, and the report keep
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -284,6 +285,57 @@ def warn_about_stray_stresses(
     )
 
 
+SHEAR_NAMES = ("yz", "xz", "xy")
+"""The shear components in ASE's Voigt order (xx, yy, zz, yz, xz, xy)."""
+
+MIN_SHEAR = 0.1 * GPa
+"""eV/Å³: least RMS of the base model's shear stresses for their order to be judged."""
+
+
+def warn_if_shear_order_differs(
+    frames: Sequence[Frame], predictions: Mapping[int, Mapping[str, np.ndarray]]
+) -> str | None:
+    """Warn when the DFT shear stresses match the base model's better in another order.
+
+    Stresses written as six numbers in another program's Voigt order (VASP's is xx yy zz xy yz
+    zx; ASE's xx yy zz yz xz xy) and read in ASE's keep their diagonal, so the slope test of
+    :func:`label_slopes` passes, but their shear components land in the wrong places, and a
+    fine-tune learns wrong shear stresses. Over the frames with both stresses, the correlation of
+    the DFT shear components (yz, xz, xy) with the base model's is compared with that of the
+    base model's components in each other order; a warning names an order that correlates
+    better by more than 0.3 (and above 0.5). Skipped when the base model's shear stresses have
+    an RMS under :data:`MIN_SHEAR` (cubic cells near equilibrium, say). Returns the message, or None.
+    """
+    rows, cols = [1, 0, 0], [2, 2, 1]  # yz, xz, xy in a (3, 3) stress
+    chosen = [k for k, f in enumerate(frames) if f.stress is not None and "stress" in predictions[k]]
+    if len(chosen) < 3:
+        return None
+    labels = np.array([frames[k].stress[rows, cols] for k in chosen])  # (n, 3)
+    model = np.array([np.asarray(predictions[k]["stress"])[rows, cols] for k in chosen])
+    if _rms(model) < MIN_SHEAR or _rms(labels) == 0.0:
+        return None
+
+    def correlation(order: tuple[int, ...]) -> float:
+        permuted = model[:, list(order)]
+        return float(np.sum(labels * permuted) / (np.linalg.norm(labels) * np.linalg.norm(permuted)))
+
+    stated = correlation((0, 1, 2))
+    others = {order: correlation(order) for order in itertools.permutations(range(3)) if order != (0, 1, 2)}
+    order, best = max(others.items(), key=lambda item: item[1])
+    if best < 0.5 or best - stated < 0.3:
+        return None
+    read_as = " ".join(SHEAR_NAMES[i] for i in order)
+    vasp = " (VASP's order: xy yz zx)" if order == (2, 0, 1) else ""
+    message = (
+        f"the DFT shear stresses of {_describe_frames([frames[k] for k in chosen])} look like "
+        f"another Voigt order: read as ASE's yz xz xy, they correlate with the base model's at "
+        f"{stated:+.2f}, but as {read_as}{vasp} at {best:+.2f}. Six-number stresses must be in ASE's "
+        "order xx yy zz yz xz xy; write the stress as a 3x3 matrix, or reorder it"
+    )
+    logger.warning(message)
+    return message
+
+
 STRESS_OFFSET = 0.2
 """eV/Å³ (about 32 GPa): an isotropic stress this large, the same in every frame, between the
 DFT and the base model's stresses is reported. A change of functional moves the pressure at a
@@ -512,6 +564,7 @@ def check_labels(
         warn_about_stray_energies(checked, base_checked),
         warn_about_net_forces(checked),
         stress_offset or warn_about_stray_stresses(checked, base_checked),  # one cause, one message
+        warn_if_shear_order_differs(checked, base_checked),
         warn_if_shifts_underdetermined(train, isolated),
         warn_if_energy_labels_mixed(checked),
         warn_if_reference_labels_unread(checked),
