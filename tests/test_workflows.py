@@ -433,6 +433,37 @@ def test_phonons_primitive_choice(sevennet64, caplog):
         phonons(_primitive_si(), sevennet64, primitive="F", **kwargs)
 
 
+def test_phonon_supercells_must_be_whole_and_right_handed(sevennet64, tmp_path, capsys):
+    """A fractional supercell is not truncated, and a left-handed matrix (which phonopy cannot
+    build) is refused with the fix, not with phonopy's trimming error."""
+    si = _primitive_si()
+    with pytest.raises(ConfigError, match=r"supercell must hold whole numbers; got \(2\.7, 2, 2\)"):
+        phonons(si, sevennet64, supercell=(2.7, 2, 2))
+    with pytest.raises(ConfigError, match=r"negative determinant \(-8\).*negate it"):
+        phonons(si, sevennet64, supercell=(-2, 2, 2))
+    path = tmp_path / "si.extxyz"
+    si.write(path)
+    argv = [
+        "phonons",
+        str(path),
+        "--supercell",
+        "0",
+        "1",
+        "0",
+        "1",
+        "0",
+        "0",
+        "0",
+        "0",
+        "2",
+        "-o",
+        str(tmp_path / "ph"),
+    ]
+    assert main(argv) == 2
+    assert "negative determinant (-2)" in capsys.readouterr().err
+    assert not (tmp_path / "ph").exists()
+
+
 def test_phonon_summary_temperature_lies_on_the_grid(sevennet64):
     """Thermal properties up to 15 K: the grid ends at 15 K, and a summary asked for 300 K
     reports 15 K with the values computed there."""

@@ -358,14 +358,31 @@ def thermal_grid(t_max: float, step: float = 10.0) -> tuple[float, float, float]
 
 
 def _supercell_matrix(supercell, open_: Sequence[int] = (), name: str = "the structure") -> np.ndarray:
-    """(3, 3) int supercell matrix; a multiple ``n`` is ``n`` along periodic axes, 1 along open ones."""
-    arr = np.asarray(supercell, dtype=int)
+    """(3, 3) int supercell matrix; a multiple ``n`` is ``n`` along periodic axes, 1 along open ones.
+
+    Refused: values that are not whole numbers, shapes other than (), (3,) and (3, 3), and
+    matrices whose determinant (the number of primitive cells in the supercell) is not positive:
+    a left-handed matrix describes the same lattice as its negative, but phonopy cannot build it.
+    """
+    try:
+        values = np.asarray(supercell, dtype=float)
+    except (TypeError, ValueError):
+        values = np.full(1, np.nan)
+    if not np.all(np.isfinite(values)) or not np.array_equal(values, np.round(values)):
+        raise ConfigError(f"supercell must hold whole numbers; got {supercell!r}")
+    arr = values.astype(int)
     if arr.ndim == 0:
         arr = np.array([1 if k in open_ else int(arr) for k in range(3)])
     if arr.shape == (3,):
         arr = np.diag(arr)
     if arr.shape != (3, 3) or abs(round(np.linalg.det(arr))) < 1:
         raise ConfigError(f"supercell must be an int, 3 ints or a non-singular 3x3 matrix; got {supercell!r}")
+    if np.linalg.det(arr) < 0:
+        raise ConfigError(
+            f"supercell {arr.tolist()} has a negative determinant ({round(np.linalg.det(arr))}): it "
+            "describes a left-handed cell, which phonopy cannot build; negate it (the same lattice) "
+            "or swap two of its rows"
+        )
     for k in open_:
         if not (
             np.array_equal(arr[k], np.eye(3, dtype=int)[k])
