@@ -66,6 +66,10 @@ def files(mace_model_path, tmp_path_factory) -> dict[str, str]:
     random_sparse_delta(other, density=0.01).save(folder / "foreign.safetensors")
     (folder / "blocker").write_text("a file where a folder is expected")
     write(folder / "molecule.xyz", molecule("H2O"))
+    flat = bulk("Si", "diamond", a=5.43)
+    flat.cell[2] = flat.cell[0] + flat.cell[1]  # three cell vectors in one plane, pbc all True
+    write(folder / "flat.extxyz", flat)
+    write(folder / "crushed_molecule.xyz", crushed)
     named = {p.name.replace(".", "_"): str(p) for p in folder.iterdir()}
     return {"dir": str(folder), "model": mace_model_path, **named}
 
@@ -242,6 +246,29 @@ CASES = {
         [*SHORT_MD, "--traj", "{dir}/t.cif"],
         ["t.cif", "one frame at a time", ".extxyz"],
     ),
+    # errors and warnings about the structure a simulation command read name its file
+    "relax_cell_without_volume": (
+        ["relax", "{flat_extxyz}", "--base", "{model}", "-o", "{dir}/relaxed.extxyz"],
+        ["flat.extxyz (Si2): periodic", "linearly dependent"],
+    ),
+    "phonons_cell_without_volume": (
+        ["phonons", "{flat_extxyz}", "--base", "{model}", "-o", "{dir}/ph"],
+        ["flat.extxyz: Si2: no phonons"],
+    ),
+    "md_atoms_too_close": (
+        [
+            "md",
+            "{crushed_molecule_xyz}",
+            "--index",
+            "0",
+            "--base",
+            "{model}",
+            "--steps",
+            "2",
+            "--no-progress",
+        ],
+        ["crushed_molecule.xyz (frame 0) (H2O)", "Å apart"],
+    ),
     "phonons_output_folder_is_a_file": (
         ["phonons", "{molecule_xyz}", "--base", "{model}", "-o", "{blocker}"],
         ["blocker: is a file", "folder"],
@@ -358,3 +385,14 @@ def test_eval_header_says_which_labels_the_frames_carry():
     assert _label_counts({"frames": 40, "forces_frames": 40, "stress_frames": 0}) == " (no stress labels)"
     assert _label_counts({"frames": 5, "forces_frames": 3, "stress_frames": 5}) == " (forces in 3)"
     assert _label_counts({"frames": 5, "forces_frames": 5, "stress_frames": 5}) == ""
+
+
+def test_untrained_element_warning_names_the_structure_file(files, tmp_path, capsys):
+    delta = random_sparse_delta(load_backend(files["model"]), density=0.01)
+    delta.metadata.training_data = {"elements": ["H", "C"]}
+    delta_path = delta.save(tmp_path / "hc.safetensors")
+    argv = ["relax", files["molecule_xyz"], "--delta", str(delta_path), "--base", files["model"]]
+    assert main([*argv, "--steps", "1", "-o", str(tmp_path / "relaxed.xyz")]) in (0, 3)
+    warning = [line for line in capsys.readouterr().err.splitlines() if "not in the training data" in line]
+    assert len(warning) == 1 and warning[0].startswith("WARNING: ")
+    assert f"{files['molecule_xyz']} (H2O): element(s) O are not in the training data" in warning[0]

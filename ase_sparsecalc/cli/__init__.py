@@ -10,16 +10,18 @@ bug, reported in one line with exit status 1 (``sparsecalc -v COMMAND ...`` show
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
 import warnings
 from collections.abc import Sequence
 
 from .._version import __version__
-from ..errors import SparseCalcError
+from ..errors import NonFiniteResultError, SparseCalcError, StructureError
 
 SUBCOMMANDS = ("finetune", "eval", "md", "relax", "phonons", "inspect", "export")
 
@@ -55,13 +57,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s"
     )
     with warnings.catch_warnings():  # restores the usual display when main() returns
-        warnings.showwarning = _show_warning
+        warnings.showwarning = functools.partial(_show_warning, args=args)
         return _run(args)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def _show_warning(message, category, filename, lineno, file=None, line=None, *, args=None) -> None:
     """Show a Python warning as the log shows its messages: one line, without the source line."""
-    print(f"WARNING: {message}", file=sys.stderr if file is None else file)
+    text = _name_input_structure(args, str(message)) if args is not None else message
+    print(f"WARNING: {text}", file=sys.stderr if file is None else file)
+
+
+_STRUCTURE_LABEL = re.compile(r"^structure(?: \d+)? \(([^()]*)\)")
+"""How the calculator names a structure it was handed: ``structure (Si2)``, ``structure 0 (Si2)``."""
+
+
+def _name_input_structure(args: argparse.Namespace, message: str) -> str:
+    """``message`` with the calculator's ``structure 0 (Mg2)`` replaced by the structure file the
+    command read (``relax``, ``md``, ``phonons``); unchanged for other commands."""
+    path = getattr(args, "structure", None)
+    if path is None:
+        return message
+    name = path if getattr(args, "index", -1) == -1 else f"{path} (frame {args.index})"
+    return _STRUCTURE_LABEL.sub(lambda found: f"{name} ({found.group(1)})", message, count=1)
 
 
 class Terminated(KeyboardInterrupt):
@@ -95,7 +112,13 @@ def _run_command(args: argparse.Namespace) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as the shell reports a command stopped by a closed pipe
     except SparseCalcError as exc:
-        _error_line(args.command, f"error: {exc}")
+        message = str(exc)
+        if isinstance(exc, (StructureError, NonFiniteResultError)):
+            message = _name_input_structure(args, message)
+            path = getattr(args, "structure", None)
+            if path is not None and str(path) not in message:
+                message = f"{path}: {message}"
+        _error_line(args.command, f"error: {message}")
         return 2
     except OSError as exc:  # a file the library hands to another package (ASE, phonopy)
         _error_line(args.command, f"error: {exc}")

@@ -113,7 +113,7 @@ def announce(args: argparse.Namespace, atoms, calc) -> None:
     """Print which structure and which model a simulation subcommand runs, after refusing a
     structure the model cannot evaluate (unknown elements, a charge or spin it cannot take)
     with an error that names the file and frame, before any output is written."""
-    where = f"{args.structure} (frame {args.index})"
+    where = args.structure if args.index == -1 else f"{args.structure} (frame {args.index})"
     calc.backend.check_elements(atoms.numbers, where)
     calc.backend.check_charge_and_spin(atoms, where)
     print(f"{args.structure}: {atoms.get_chemical_formula()} ({len(atoms)} atoms)")
