@@ -353,6 +353,26 @@ def test_resume_gives_the_same_delta(mace_model_path, frames, tmp_path):
     assert resumed.report["training"]["training_time_s"] == times[-1]
 
 
+def test_resuming_a_run_that_stopped_early_trains_no_further(mace_model_path, frames, tmp_path, monkeypatch):
+    """Job scripts pass --resume every time: a run that ended by early stopping is finished, and
+    resuming it gives its delta again instead of training on."""
+    from ase_sparsecalc.finetune.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "_patience_exhausted", lambda self: self.state.epoch >= 2)
+    options = {**FAST, "epochs": 6, "density": 0.05}
+    first = finetune_with_report(
+        mace_model_path, frames[:8], frames[8:10], checkpoint_dir=tmp_path, **options
+    )
+    assert first.report["training"]["stop_reason"] == "early_stopping"
+    assert first.report["training"]["epochs_run"] == 2
+    again = finetune_with_report(
+        mace_model_path, frames[:8], frames[8:10], checkpoint_dir=tmp_path, resume=True, **options
+    )
+    assert again.report["training"]["stop_reason"] == "early_stopping"
+    assert again.report["training"]["epochs_run"] == 2
+    _assert_same_delta(again.delta, first.delta)
+
+
 def test_time_budget_plans_the_run_that_fits(mace_model_path, frames):
     """A time budget sets the number of epochs before training and undoes its timing steps: an
     ample budget gives exactly the configured run; a tiny one a whole one-epoch run, its density

@@ -190,7 +190,7 @@ class Trainer:
         start = time.monotonic()
         earlier = self.state.history[-1].get("wall_time", 0.0) if self.state.history else 0.0  # resumed
         bar = _progress_bar(self.epochs, self.state.epoch, progress and self.process.is_main)
-        while self.state.epoch < self.epochs:
+        while not self.state.stop_reason and self.state.epoch < self.epochs:
             epoch = self.state.epoch
             train_loss, timed_out = self._train_epoch(epoch, start)
             if timed_out:
@@ -385,7 +385,9 @@ class Trainer:
                 f"{path}: checkpoint is incomplete or from another version ({type(exc).__name__}: "
                 f"{exc}); delete it to start afresh"
             ) from exc
-        self.state.stop_reason = ""
+        if self.state.stop_reason == "max_time":  # cut short: continue it
+            self.state.stop_reason = ""
+        # a run that stopped early (or ran its epochs) has finished: resuming it trains no further
 
 
 def _changed_options(recorded: object, config: FinetuneConfig) -> str:
