@@ -456,6 +456,14 @@ def test_empty_and_unreadable_trajectories(tmp_path):
         read_frames(f"{data}@0:3:0")
     with pytest.raises(DataFileError, match=r"three\.extxyz: has no frame '7' \(it has 3: 0 to 2, or -3"):
         read_frames(f"{data}@7")
+    # ASE reads some frame for a negative index beyond the start: refused, not silently read
+    with pytest.raises(DataFileError, match=r"three\.extxyz: has no frame '-4' \(it has 3: 0 to 2, or -3"):
+        read_frames(f"{data}@-4")
+    for bad in ("a:b", "1:2:3:4"):
+        with pytest.raises(
+            DataFileError, match=rf"three\.extxyz: '{bad}' after '@' is not a frame index or slice"
+        ):
+            read_frames(f"{data}@{bad}")
     with pytest.raises(DataFileError, match=r"missing\.extxyz: file not found"):
         read_frames(tmp_path / "missing.extxyz")
     with pytest.raises(DataFileError, match="is a folder"):

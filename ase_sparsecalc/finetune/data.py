@@ -350,7 +350,15 @@ def _check_index(path: Path, idx: str | int, file_format: str | None = None) -> 
         return
     from ase.io.formats import string2index
 
-    selected = string2index(idx)
+    try:
+        selected = string2index(idx)
+    except (ValueError, TypeError):  # "a:b", "1:2:3:4"
+        selected = idx if ":" not in idx else None
+    if selected is None:
+        raise DataFileError(
+            f"{path}: {idx!r} after '@' is not a frame index or slice; use a number or a slice "
+            "such as 0, -1, 0:100 or ::10"
+        )
     if isinstance(selected, slice) and selected.step == 0:
         raise DataFileError(f"{path}: the slice {idx!r} after '@' has a step of 0; use 1 or more")
     if isinstance(selected, str) and (file_format or _guessed_format(path)) != "db":
@@ -381,7 +389,13 @@ def _frame_numbers(path: Path, idx: str | int, n_read: int, file_format: str | N
     import ase.io
 
     total = len(ase.io.read(str(path), index=":", format=file_format, do_not_split_by_at_sign=True))
-    chosen = range(total)[selected]
+    try:
+        chosen = range(total)[selected]
+    except IndexError:  # ASE reads some frame for a negative index beyond the file's start
+        raise DataFileError(
+            f"{path}: has no frame {idx!r} (it has {total}: 0 to {total - 1}, or -{total} to -1); "
+            "check the index after '@'"
+        ) from None
     return [chosen] if isinstance(chosen, int) else chosen
 
 
