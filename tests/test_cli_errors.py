@@ -396,3 +396,15 @@ def test_untrained_element_warning_names_the_structure_file(files, tmp_path, cap
     warning = [line for line in capsys.readouterr().err.splitlines() if "not in the training data" in line]
     assert len(warning) == 1 and warning[0].startswith("WARNING: ")
     assert f"{files['molecule_xyz']} (H2O): element(s) O are not in the training data" in warning[0]
+
+
+def test_finetune_refuses_to_write_its_delta_over_its_own_data(files, tmp_path, capsys):
+    data = tmp_path / "train.extxyz"
+    data.write_bytes(Path(files["good_extxyz"]).read_bytes())
+    before = data.read_bytes()
+    argv = ["finetune", f"{data}@0:3", "--method", "shift", "--base", files["model"], "--no-progress"]
+    assert main([*argv, "-o", str(data)]) == 2
+    assert "train.extxyz: is this run's training data" in capsys.readouterr().err
+    assert data.read_bytes() == before
+    assert main([*argv, "--isolated-atoms", files["molecule_xyz"], "-o", files["molecule_xyz"]]) == 2
+    assert "molecule.xyz: is this run's isolated-atom energies" in capsys.readouterr().err

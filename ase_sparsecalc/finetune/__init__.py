@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import inspect
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,13 +26,13 @@ from ..backends import Backend, WeightInfo, load_backend
 from ..backends.base import PathSegment
 from ..delta import DeltaMetadata, SparseDelta
 from ..delta_io import check_writable
-from ..errors import ConfigError, EmptyDatasetError
+from ..errors import ConfigError, EmptyDatasetError, OutputFileError
 from ..graph import SPIN_KEY, build_graph
 from ..weight_map import TRAINABLE_KEY
 from .batches import make_batches, predict
 from .budget import plan_epochs
 from .config import RESUMABLE_CHANGES, FinetuneConfig
-from .data import Frame, read_frames
+from .data import Frame, read_frames, split_path_index
 from .dataset import (
     check_elements_in_training,
     dataset_summary,
@@ -222,6 +223,15 @@ def _finetune_in_session(
 ) -> FinetuneResult:
     started = time.monotonic()
     if process.is_main:  # refuse an unwritable destination now, not after hours of training
+        _refuse_output_over_inputs(
+            output,
+            {
+                "training data": train,
+                "validation data": valid,
+                "isolated-atom energies": isolated_atoms,
+                "base model": base,
+            },
+        )
         _check_outputs_writable(output, report_dir, checkpoint_dir)
     torch.manual_seed(config.seed)
     keys = {
@@ -527,6 +537,24 @@ def _check_outputs_writable(
     for path in paths:
         if path is not None:
             check_writable(path)
+
+
+def _refuse_output_over_inputs(output: str | Path | None, inputs: dict[str, object]) -> None:
+    """Raise :class:`~ase_sparsecalc.errors.OutputFileError` when the delta would be written over
+    one of the run's own input files (``-o train.xyz``: the DFT data would be lost)."""
+    if output is None or not Path(output).exists():
+        return
+    for what, source in inputs.items():
+        specs = source if isinstance(source, Sequence) and not isinstance(source, str) else [source]
+        for spec in specs:
+            if not isinstance(spec, (str, Path)):
+                continue  # Atoms, frames, a loaded backend, a dict of energies
+            path = split_path_index(spec)[0]
+            if path.is_file() and os.path.samefile(path, output):
+                raise OutputFileError(
+                    f"{output}: is this run's {what}; writing the delta there would replace it. "
+                    "Choose another output name (-o), e.g. one ending in .safetensors"
+                )
 
 
 def _frames(source: FrameSource, keys: dict) -> list[Frame]:
