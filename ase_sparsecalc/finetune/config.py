@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,8 +200,8 @@ class FinetuneConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.method]
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive finite number, got {self.lr}")
         for name in ("exclude_kinds", "dense_kinds"):
             kinds = tuple(getattr(self, name))
             unknown = sorted(set(kinds) - set(WEIGHT_KINDS))
@@ -211,8 +212,10 @@ class FinetuneConfig:
             raise ConfigError("exclude_kinds does not apply to method 'full', which trains every parameter")
         if self.train_scalars and self.method != "sparse":
             raise ConfigError(f"train_scalars applies to method 'sparse' only, not {self.method!r}")
-        if self.scalar_lr_factor <= 0:
-            raise ConfigError(f"scalar_lr_factor must be positive, got {self.scalar_lr_factor}")
+        if not (math.isfinite(self.scalar_lr_factor) and self.scalar_lr_factor > 0):
+            raise ConfigError(
+                f"scalar_lr_factor must be a positive finite number, got {self.scalar_lr_factor}"
+            )
         if self.scalar_lr_factor != 1.0 and not self.train_scalars:
             raise ConfigError("scalar_lr_factor applies with train_scalars only")
         if self.dense_kinds and self.method != "sparse":
@@ -247,11 +250,11 @@ class FinetuneConfig:
             raise ConfigError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
         weights = ("energy_weight", "forces_weight", "stress_weight")
         for name in (*weights, "weight_decay", "penalty", "masked_decay"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_fraction <= self.prune_end_fraction <= 1:
             raise ConfigError("need 0 <= warmup_fraction <= prune_end_fraction <= 1")
-        if self.huber_delta is not None and not self.huber_delta > 0:
+        if self.huber_delta is not None and not (math.isfinite(self.huber_delta) and self.huber_delta > 0):
             raise ConfigError(f"huber_delta must be positive (eV/atom, eV/Å, eV/Å³), got {self.huber_delta}")
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"patience must be at least 1 epoch, got {self.patience}")
