@@ -985,10 +985,10 @@ def test_a_constant_isotropic_stress_offset_is_explained_as_pulay_stress():
     assert warn_about_stress_offset(scattered, model) is None
 
 
-def test_shear_stresses_in_vasp_voigt_order_are_recognised():
+def test_shear_stresses_in_vasp_voigt_order_or_of_the_wrong_sign_are_recognised():
     """Six-number stresses in VASP's order (xx yy zz xy yz zx) read as ASE's keep the diagonal (the
-    slope test passes) but misplace the shear: named, against SevenNet-0's real predictions; the
-    same DFT stresses in ASE's order raise nothing."""
+    slope test passes) but misplace the shear, and so do shear components of the wrong sign: named,
+    against SevenNet-0's real predictions; the same DFT stresses as given raise nothing."""
     pytest.importorskip("sevenn")
     from ase_sparsecalc.finetune.label_checks import label_slopes, warn_if_shear_order_differs
 
@@ -1006,11 +1006,15 @@ def test_shear_stresses_in_vasp_voigt_order_are_recognised():
 
     mixed = [Frame(f.atoms, f.energy, f.forces, vasp_order(f.stress), f.source) for f in frames]
     message = warn_if_shear_order_differs(mixed, model)
-    assert message is not None and "as xy yz xz (VASP's order: xy yz zx)" in message
+    assert message is not None and "with the order xy yz xz (VASP's order: xy yz zx)" in message
     assert "si_pbesol.extxyz" in message
     assert label_slopes(mixed, model)["stress"] == pytest.approx(
         label_slopes(frames, model)["stress"], rel=0.3
     )
+    flipped = [Frame(f.atoms, f.energy, f.forces, f.stress * (2 * np.eye(3) - 1), f.source) for f in frames]
+    message = warn_if_shear_order_differs(flipped, model)
+    assert message is not None and "with the opposite sign" in message
+    assert warn_if_shear_order_differs(frames[:5], {k: model[k] for k in range(5)}) is None  # too few
     # without shear in the base model's stresses, there is nothing to judge
     no_shear = {k: {"stress": np.diag(np.diag(p["stress"]))} for k, p in model.items()}
     assert warn_if_shear_order_differs(mixed, no_shear) is None

@@ -292,45 +292,60 @@ MIN_SHEAR = 0.1 * GPa
 """eV/Å³: least RMS of the base model's shear stresses for their order to be judged."""
 
 
+MIN_SHEAR_FRAMES = 6
+"""Least number of frames with stresses for the order of their shear components to be judged."""
+
+
 def warn_if_shear_order_differs(
     frames: Sequence[Frame], predictions: Mapping[int, Mapping[str, np.ndarray]]
 ) -> str | None:
-    """Warn when the DFT shear stresses match the base model's better in another order.
+    """Warn when the DFT shear stresses match the base model's better in another order or sign.
 
     Stresses written as six numbers in another program's Voigt order (VASP's is xx yy zz xy yz
     zx; ASE's xx yy zz yz xz xy) and read in ASE's keep their diagonal, so the slope test of
-    :func:`label_slopes` passes, but their shear components land in the wrong places, and a
-    fine-tune learns wrong shear stresses. Over the frames with both stresses, the correlation of
-    the DFT shear components (yz, xz, xy) with the base model's is compared with that of the
-    base model's components in each other order; a warning names an order that correlates
-    better by more than 0.3 (and above 0.5). Skipped when the base model's shear stresses have
-    an RMS under :data:`MIN_SHEAR` (cubic cells near equilibrium, say). Returns the message, or None.
+    :func:`label_slopes` passes, but their shear components land in the wrong places; shear
+    components of the opposite sign (a convention mixed up for the off-diagonal part only) pass
+    it too. A fine-tune then learns wrong shear stresses. Over the frames with both stresses, the
+    correlation of the DFT shear components (yz, xz, xy) with the base model's is compared with
+    that of the base model's components in each other order, each with either sign; a warning
+    names one that correlates better by more than 0.3 (and above 0.5). Skipped with fewer than
+    :data:`MIN_SHEAR_FRAMES` frames, or when the base model's shear stresses have an RMS under
+    :data:`MIN_SHEAR` (cubic cells near equilibrium, say). Returns the message, or None.
     """
     rows, cols = [1, 0, 0], [2, 2, 1]  # yz, xz, xy in a (3, 3) stress
     chosen = [k for k, f in enumerate(frames) if f.stress is not None and "stress" in predictions[k]]
-    if len(chosen) < 3:
+    if len(chosen) < MIN_SHEAR_FRAMES:
         return None
     labels = np.array([frames[k].stress[rows, cols] for k in chosen])  # (n, 3)
     model = np.array([np.asarray(predictions[k]["stress"])[rows, cols] for k in chosen])
     if _rms(model) < MIN_SHEAR or _rms(labels) == 0.0:
         return None
 
-    def correlation(order: tuple[int, ...]) -> float:
-        permuted = model[:, list(order)]
-        return float(np.sum(labels * permuted) / (np.linalg.norm(labels) * np.linalg.norm(permuted)))
+    def correlation(order: tuple[int, ...], sign: float) -> float:
+        other = sign * model[:, list(order)]
+        return float(np.sum(labels * other) / (np.linalg.norm(labels) * np.linalg.norm(other)))
 
-    stated = correlation((0, 1, 2))
-    others = {order: correlation(order) for order in itertools.permutations(range(3)) if order != (0, 1, 2)}
-    order, best = max(others.items(), key=lambda item: item[1])
+    stated = correlation((0, 1, 2), 1.0)
+    others = {
+        (order, sign): correlation(order, sign)
+        for order in itertools.permutations(range(3))
+        for sign in (1.0, -1.0)
+        if (order, sign) != ((0, 1, 2), 1.0)
+    }
+    (order, sign), best = max(others.items(), key=lambda item: item[1])
     if best < 0.5 or best - stated < 0.3:
         return None
-    read_as = " ".join(SHEAR_NAMES[i] for i in order)
-    vasp = " (VASP's order: xy yz zx)" if order == (2, 0, 1) else ""
+    if order == (0, 1, 2):
+        what = "the opposite sign (of the shear components only: the diagonal's sign is right)"
+    else:
+        read_as = " ".join(("-" if sign < 0 else "") + SHEAR_NAMES[i] for i in order)
+        vasp = " (VASP's order: xy yz zx)" if (order, sign) == ((2, 0, 1), 1.0) else ""
+        what = f"the order {read_as}{vasp}"
     message = (
-        f"the DFT shear stresses of {_describe_frames([frames[k] for k in chosen])} look like "
-        f"another Voigt order: read as ASE's yz xz xy, they correlate with the base model's at "
-        f"{stated:+.2f}, but as {read_as}{vasp} at {best:+.2f}. Six-number stresses must be in ASE's "
-        "order xx yy zz yz xz xy; write the stress as a 3x3 matrix, or reorder it"
+        f"the DFT shear stresses of {_describe_frames([frames[k] for k in chosen])} correlate with "
+        f"the base model's at {stated:+.2f} as read (ASE's Voigt order xx yy zz yz xz xy), but at "
+        f"{best:+.2f} with {what}. Six-number stresses must be in ASE's order and sign "
+        "(positive under tension); write the stress as a 3x3 matrix, or fix the order or sign"
     )
     logger.warning(message)
     return message
