@@ -464,6 +464,20 @@ def test_phonon_supercells_must_be_whole_and_right_handed(sevennet64, tmp_path, 
     assert not (tmp_path / "ph").exists()
 
 
+def test_phonons_of_a_left_handed_cell_are_those_of_the_same_lattice(sevennet64):
+    """Two cell vectors swapped (a negative determinant) describe the same crystal; phonopy cannot
+    reduce such a cell to its primitive one, so the lattice is handed to it negated."""
+    si = _primitive_si()
+    swapped = si.copy()
+    swapped.set_cell(si.cell.array[[1, 0, 2]], scale_atoms=False)
+    assert np.linalg.det(swapped.cell.array) < 0
+    kwargs = {"supercell": 2, "mesh": (2, 2, 2), "band_npoints": 3}
+    right, left = phonons(si, sevennet64, **kwargs), phonons(swapped, sevennet64, **kwargs)
+    q = [[0.0, 0.0, 0.0], [0.5, 0.0, 0.5], [0.5, 0.5, 0.5]]
+    np.testing.assert_allclose(frequencies_at(left, q), frequencies_at(right, q), atol=1e-4)
+    assert np.linalg.det(swapped.cell.array) < 0  # the caller's structure is left as it was
+
+
 def test_phonon_summary_temperature_lies_on_the_grid(sevennet64):
     """Thermal properties up to 15 K: the grid ends at 15 K, and a summary asked for 300 K
     reports 15 K with the values computed there."""

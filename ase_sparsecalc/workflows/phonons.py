@@ -195,6 +195,7 @@ def phonons(
             ", ".join(type(c).__name__ for c in atoms.constraints),
         )
     supercell_matrix = _supercell_matrix(supercell, open_, atoms.get_chemical_formula())
+    atoms = _right_handed(atoms)
     mesh = [1 if k in open_ else int(n) for k, n in enumerate(mesh)]
     if not 0 < displacement < 0.2:
         raise ConfigError(f"displacement must be in (0, 0.2) Å, got {displacement}")
@@ -279,6 +280,20 @@ def supercell_charge_and_spin(atoms: Atoms, n_cells: int) -> dict[str, float]:
     if (charge, spin) == NEUTRAL_SINGLET:
         return {}
     return {CHARGE_KEY: charge * n_cells, SPIN_KEY: (spin - 1.0) * n_cells + 1.0}
+
+
+def _right_handed(atoms: Atoms) -> Atoms:
+    """``atoms`` with a right-handed cell: a left-handed one (negative determinant, two cell
+    vectors swapped) gives the same lattice negated, positions unchanged, which phonopy can
+    reduce to its primitive cell (it refuses a left-handed primitive matrix)."""
+    if np.linalg.det(atoms.cell.array) >= 0:
+        return atoms
+    logger.info(
+        "%s: the cell is left-handed; its negative (the same lattice) is used", atoms.get_chemical_formula()
+    )
+    flipped = atoms.copy()
+    flipped.set_cell(-atoms.cell.array, scale_atoms=False)
+    return flipped
 
 
 # ---------------------------------------------------------------------------- conversions
