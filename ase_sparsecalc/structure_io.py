@@ -104,6 +104,9 @@ def read_structure(path: str | Path, index: int = -1) -> Atoms:
             "use a format ase.io.read knows (extxyz, cif, POSCAR, .traj, ...)"
         ) from exc
     except Exception as exc:  # ASE's parsers raise anything from ValueError to KeyError
+        layout = xyz_layout_problem(path) if guessed_format(path) in ("extxyz", "xyz") else None
+        if layout:
+            raise DataFileError(f"{path}: {layout}") from exc
         raise DataFileError(f"{path}: cannot be read as a structure ({type(exc).__name__}: {exc})") from exc
     if not isinstance(atoms, Atoms):
         raise DataFileError(f"{path}: index {index} gave {type(atoms).__name__}, expected one structure")
@@ -167,3 +170,45 @@ def write_structure(path: str | Path, images: Atoms | Sequence[Atoms], format: s
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def guessed_format(path: Path) -> str | None:
+    """The format ASE guesses from the file's name and content, or None."""
+    try:
+        return filetype(str(path))
+    except Exception:  # ASE raises its own errors for names and contents it cannot place
+        return None
+
+
+def xyz_layout_problem(path: Path) -> str | None:
+    """Where an (ext)xyz file's frames stop following their atom counts, or None.
+
+    Each frame is a line with the number of atoms N, a comment line and N atom lines. ASE
+    reports a count line it cannot read without saying where; this finds it.
+    """
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    line, frame, previous = 0, 0, None
+    while line < len(lines):
+        if not lines[line].strip() and not any(rest.strip() for rest in lines[line:]):
+            return None  # blank lines at the end
+        try:
+            n_atoms = int(lines[line])
+        except ValueError:
+            after = (
+                f"; frame {frame - 1} (from line {previous + 1}) has more or fewer atom lines than "
+                "its count says"
+                if previous is not None
+                else ""
+            )
+            text = lines[line][:40]
+            return f"line {line + 1} should hold the number of atoms of frame {frame}, not {text!r}{after}"
+        if line + 2 + n_atoms > len(lines):
+            return (
+                f"frame {frame} (line {line + 1}) counts {n_atoms} atoms, but the file ends after "
+                f"{max(0, len(lines) - line - 2)} atom lines"
+            )
+        previous, line, frame = line, line + 2 + n_atoms, frame + 1
+    return None

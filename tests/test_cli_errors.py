@@ -70,6 +70,8 @@ def files(mace_model_path, tmp_path_factory) -> dict[str, str]:
     flat.cell[2] = flat.cell[0] + flat.cell[1]  # three cell vectors in one plane, pbc all True
     write(folder / "flat.extxyz", flat)
     write(folder / "crushed_molecule.xyz", crushed)
+    lines = (folder / "good.extxyz").read_text().splitlines(keepends=True)
+    (folder / "cut.extxyz").write_text("".join(lines[:-2]))  # the last frame cut short
     named = {p.name.replace(".", "_"): str(p) for p in folder.iterdir()}
     return {"dir": str(folder), "model": mace_model_path, **named}
 
@@ -268,6 +270,10 @@ CASES = {
             "--no-progress",
         ],
         ["crushed_molecule.xyz (frame 0) (H2O)", "Å apart"],
+    ),
+    "relax_truncated_file": (
+        ["relax", "{cut_extxyz}", "--base", "{model}", "-o", "{dir}/relaxed.extxyz"],
+        ["cut.extxyz: frame 3 (line 16) counts 3 atoms, but the file ends after 1 atom lines"],
     ),
     "phonons_output_folder_is_a_file": (
         ["phonons", "{molecule_xyz}", "--base", "{model}", "-o", "{blocker}"],

@@ -27,7 +27,7 @@ from ..errors import (
     StructureError,
 )
 from ..graph import CHARGE_KEY, NEUTRAL_SINGLET, SPIN_KEY, charge_and_spin, has_cell_volume
-from ..structure_io import reference_label_keys
+from ..structure_io import guessed_format, reference_label_keys, xyz_layout_problem
 
 logger = logging.getLogger(__name__)
 
@@ -237,8 +237,8 @@ def _unreadable(path: Path, exc: Exception, file_format: str | None) -> str:
     frame = _first_unreadable_frame(path, file_format)
     if frame:
         where = f"frame {frame} (frames 0 to {frame - 1} read)"
-    xyz = (file_format or _guessed_format(path)) in ("extxyz", "xyz")
-    layout = _xyz_layout_problem(path) if xyz else None
+    xyz = (file_format or guessed_format(path)) in ("extxyz", "xyz")
+    layout = xyz_layout_problem(path) if xyz else None
     if layout:  # at its first line the file may be no (ext)xyz at all: say how it was read
         return f"{path}: ASE cannot read this file: {layout}" + (
             _format_note(path, file_format) if layout.startswith("line 1 ") else ""
@@ -267,40 +267,6 @@ def _first_unreadable_frame(path: Path, file_format: str | None) -> int | None:
     return None
 
 
-def _xyz_layout_problem(path: Path) -> str | None:
-    """Where an (ext)xyz file's frames stop following their atom counts, or None.
-
-    Each frame is a line with the number of atoms N, a comment line and N atom lines. ASE
-    reports a count line it cannot read without saying where; this finds it.
-    """
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return None
-    line, frame, previous = 0, 0, None
-    while line < len(lines):
-        if not lines[line].strip() and not any(rest.strip() for rest in lines[line:]):
-            return None  # blank lines at the end
-        try:
-            n_atoms = int(lines[line])
-        except ValueError:
-            after = (
-                f"; frame {frame - 1} (from line {previous + 1}) has more or fewer atom lines than "
-                "its count says"
-                if previous is not None
-                else ""
-            )
-            text = lines[line][:40]
-            return f"line {line + 1} should hold the number of atoms of frame {frame}, not {text!r}{after}"
-        if line + 2 + n_atoms > len(lines):
-            return (
-                f"frame {frame} (line {line + 1}) counts {n_atoms} atoms, but the file ends after "
-                f"{max(0, len(lines) - line - 2)} atom lines"
-            )
-        previous, line, frame = line, line + 2 + n_atoms, frame + 1
-    return None
-
-
 def _count_frames(path: Path, file_format: str | None) -> int:
     """Number of frames in a file ASE reads (0 where it cannot)."""
     import ase.io
@@ -318,23 +284,13 @@ def _is_selection(idx: str | int) -> bool:
     return isinstance(idx, str) and isinstance(string2index(idx), str)
 
 
-def _guessed_format(path: Path) -> str | None:
-    """The format ASE guesses from the file's name and content, or None."""
-    from ase.io.formats import filetype
-
-    try:
-        return filetype(str(path))
-    except Exception:  # ASE raises its own errors for names and contents it cannot place
-        return None
-
-
 def _format_note(path: Path, file_format: str | None) -> str:
     """How the file was read, for messages: the format given, or the one ASE guessed."""
     if file_format is not None:
         return f"; read as format {file_format!r}"
     from ase.io.formats import ioformats
 
-    guessed = _guessed_format(path)
+    guessed = guessed_format(path)
     if guessed not in ioformats:  # None, or a file extension that names no format
         return "; ASE cannot tell its format: give it with --format (file_format= in Python)"
     return f"; read as format {guessed!r}, ASE's guess: give the right one with --format (file_format=)"
@@ -361,7 +317,7 @@ def _check_index(path: Path, idx: str | int, file_format: str | None = None) -> 
         )
     if isinstance(selected, slice) and selected.step == 0:
         raise DataFileError(f"{path}: the slice {idx!r} after '@' has a step of 0; use 1 or more")
-    if isinstance(selected, str) and (file_format or _guessed_format(path)) != "db":
+    if isinstance(selected, str) and (file_format or guessed_format(path)) != "db":
         raise DataFileError(
             f"{path}: {idx!r} after '@' is not a frame index; use a number or a slice "
             "such as 0, -1, 0:100 or ::10 (selections such as natoms=4 work on ASE databases, .db)"
