@@ -196,8 +196,7 @@ def _check_output(path: Path, base_file: Path, delta: SparseDelta) -> None:
     _refuse_overwriting_inputs(path, base_file, delta)
     if path.suffix == ".safetensors":
         raise ConfigError(
-            f"{path}: a merged model is a model file, not a delta; name it .model (MACE) or .pth "
-            "(SevenNet)"
+            f"{path}: a merged model is a model file, not a delta; name it .model (MACE) or .pth (SevenNet)"
         )
     check_writable(path)
 

@@ -313,7 +313,13 @@ def _finetune_in_session(
         "train": error_metrics(train_frames, after_train),
         "valid": error_metrics(valid_frames, after_valid) if valid_frames else {},
     }
-    traded = _warn_if_forces_were_traded(before["train"], after["train"], config) if process.is_main else None
+    # a run cut short by max_time has unfinished schedules, which its own warning names
+    cut_short = training.state_info.get("stop_reason") == "max_time"
+    traded = (
+        _warn_if_forces_were_traded(before["train"], after["train"], config)
+        if process.is_main and not cut_short
+        else None
+    )
     data_warnings += [traded] if traded else []
 
     report = {

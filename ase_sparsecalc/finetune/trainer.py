@@ -198,12 +198,18 @@ class Trainer:
                 # complete epoch, which gives the same result as an uninterrupted run
                 self.state.stop_reason = "max_time"
                 if self.process.is_main:
+                    resume = (
+                        "--resume continues the run"
+                        if self.state.epoch > 0 and self.checkpoint_dir is not None
+                        else "no epoch was checkpointed, so nothing can be resumed"
+                    )
                     logger.warning(
                         "max_time reached after %d of %d epochs: the schedules are unfinished (the "
-                        "density target is cut to at the end); --resume continues the run, and "
-                        "time_budget (--time-budget) plans a run that fits instead",
+                        "density target is cut to at the end); %s, and time_budget (--time-budget) "
+                        "plans a run that fits instead",
                         self.state.epoch,
                         self.epochs,
+                        resume,
                     )
                 break
             valid_loss = self.validation_loss()

@@ -291,7 +291,8 @@ def _renamed_options(options: dict[str, object]) -> dict[str, object]:
     if unknown:
         raise TypeError(f"run_md() got an unexpected keyword argument {unknown[0]!r}")
     warnings.warn(
-        "run_md's " + " and ".join(f"{old}= is now {_RENAMED[old]}=" for old in options)
+        "run_md's "
+        + " and ".join(f"{old}= is now {_RENAMED[old]}=" for old in options)
         + ", as in ASE's dynamics and relax()",
         FutureWarning,
         stacklevel=3,
