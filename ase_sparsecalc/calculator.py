@@ -330,7 +330,7 @@ class SparseCalc(Calculator):
             )
             unshifted = sorted(untrained - set(shifted))
             if unshifted:
-                shift_note += f"; {', '.join(unshifted)} have no energy shift"
+                shift_note += f"; no energy shift for {', '.join(unshifted)}"
             effect = (
                 "the delta changes their energies and forces too (the model shares weights between "
                 "elements), untested against DFT"

@@ -86,6 +86,8 @@ def read_structure(path: str | Path, index: int = -1) -> Atoms:
         raise DataFileError(f"{path}: no such file")
     if path.is_dir():
         raise DataFileError(f"{path}: is a folder, expected a structure file")
+    if index < -1:  # some ASE readers return a frame for a negative index beyond the start
+        _check_frame_exists(path, index)
     try:
         atoms = read(path, index=index, do_not_split_by_at_sign=True)
     except IndexError as exc:
@@ -93,9 +95,11 @@ def read_structure(path: str | Path, index: int = -1) -> Atoms:
             raise DataFileError(
                 f"{path}: ASE could not parse it (IndexError: {exc}); is the file truncated or malformed?"
             ) from exc
+        _check_frame_exists(path, index)
         raise DataFileError(f"{path}: has no frame {index} ({exc}); choose another --index") from exc
     except StopIteration as exc:
         if index not in (0, -1):
+            _check_frame_exists(path, index)
             raise DataFileError(f"{path}: has no frame {index}; choose another --index") from exc
         raise DataFileError(f"{path}: holds no structure (empty file?)") from exc
     except UnknownFileTypeError as exc:
@@ -114,6 +118,22 @@ def read_structure(path: str | Path, index: int = -1) -> Atoms:
         raise StructureError(f"{path} (frame {index}): the structure has no atoms")
     atoms.calc = None
     return atoms
+
+
+def _check_frame_exists(path: Path, index: int) -> None:
+    """Raise :class:`DataFileError` saying how many frames ``path`` has if ``index`` is not one
+    of them; return quietly where the file cannot be counted (the caller's error then stands)."""
+    from ase.io import read
+
+    try:
+        total = len(read(path, index=":", do_not_split_by_at_sign=True))
+    except Exception:
+        return
+    if not -total <= index < total:
+        raise DataFileError(
+            f"{path}: has no frame {index} (it has {total}: 0 to {total - 1}, or -{total} to -1); "
+            "choose another --index"
+        )
 
 
 def output_format(path: str | Path) -> str:

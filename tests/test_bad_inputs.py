@@ -456,6 +456,14 @@ def test_empty_and_unreadable_trajectories(tmp_path):
         read_frames(f"{data}@0:3:0")
     with pytest.raises(DataFileError, match=r"three\.extxyz: has no frame '7' \(it has 3: 0 to 2, or -3"):
         read_frames(f"{data}@7")
+    from ase_sparsecalc.structure_io import read_structure
+
+    for index in (3, -4):  # the structure commands' --index: refused with the file's frame count
+        with pytest.raises(
+            DataFileError, match=rf"three\.extxyz: has no frame {index} \(it has 3: 0 to 2, or -3"
+        ):
+            read_structure(data, index=index)
+    assert len(read_structure(data, index=-3)) == len(water_frames(3)[0])
     # ASE reads some frame for a negative index beyond the start: refused, not silently read
     with pytest.raises(DataFileError, match=r"three\.extxyz: has no frame '-4' \(it has 3: 0 to 2, or -3"):
         read_frames(f"{data}@-4")

@@ -63,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None, *, args=None) -> None:
     """Show a Python warning as the log shows its messages: one line, without the source line."""
-    text = _name_input_structure(args, str(message)) if args is not None else message
+    text = str(message).removeprefix("Warning: ")  # phonopy's own messages start so
+    text = _name_input_structure(args, text) if args is not None else text
     print(f"WARNING: {text}", file=sys.stderr if file is None else file)
 
 
