@@ -249,7 +249,7 @@ def test_cli_eval_and_shift_on_vasp_outputs(tmp_path, capsys):
     assert after["forces_mae"] == pytest.approx(before["forces_mae"], rel=1e-6)  # shifts move no force
 
 
-def test_virials_become_stresses(tmp_path):
+def test_virials_become_stresses(tmp_path, caplog):
     """A file with MACE-style ``REF_virial`` (eV, 3x3) and no stress: ``virial_key`` gives
     stress = -virial / volume, the stress the DFT code reported."""
     import ase.io
@@ -269,7 +269,10 @@ def test_virials_become_stresses(tmp_path):
         relabelled.append(copy)
     path = tmp_path / "virials.extxyz"
     ase.io.write(path, relabelled)
-    assert all(f.stress is None for f in read_frames(str(path)))
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        assert all(f.stress is None for f in read_frames(str(path)))
+    assert "no frame has a stress, but frames have REF_virial" in caplog.text
+    assert "pass --virial-key REF_virial" in caplog.text
     frames = read_frames(str(path), virial_key="REF_virial")
     for frame, atoms in zip(frames, images, strict=True):
         np.testing.assert_allclose(frame.stress, atoms.get_stress(voigt=False), atol=1e-10)

@@ -154,9 +154,11 @@ def read_frames(
         sources = [sources]
     frames: list[Frame] = []
     first: Atoms | None = None  # as read, with its arrays: where to look for labels under other names
+    virials: set[str] = set()  # info keys that may hold virials (ASE leaves "virial" in info)
     for position, spec in enumerate(sources):
         for atoms, where in _read_structures(spec, index, position, file_format):
             first = atoms if first is None else first
+            virials.update(key for key in atoms.info if "virial" in key.lower())
             frames.append(
                 frame_from_atoms(atoms, where, energy_key, forces_key, stress_key, require_forces, virial_key)
             )
@@ -185,6 +187,16 @@ def read_frames(
             f"{', '.join(map(str, sources))}: no frame has a {'virial' if virial_key else 'stress'} "
             f"under {named!r} (or none has a cell with a volume); check the key"
         )
+    if not named and all(f.stress is None for f in frames):
+        virials = sorted(virials)
+        if virials and any(has_cell_volume(f.atoms) for f in frames):
+            logger.warning(
+                "%s: no frame has a stress, but frames have %s (MACE's training files keep "
+                "virials, in eV): pass --virial-key %s (virial_key= in Python) to train on them",
+                ", ".join(map(str, sources)),
+                ", ".join(virials),
+                virials[0],
+            )
     return frames
 
 
