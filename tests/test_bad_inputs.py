@@ -1204,6 +1204,12 @@ def test_mixed_free_energies_and_energies_are_flagged(mace_model_path, tmp_path,
     assert "--energy-key" in caplog.text
     assert warn_if_energy_labels_mixed(read_frames(files, energy_key="energy")) is None
     assert warn_if_energy_labels_mixed(read_frames(files[1:])) is None
+    assert "with elements in common (H, O)" in message
+    # a molecule set without smearing beside a metal's free energies: no element meets both kinds
+    copper = bulk("Cu", "fcc", a=3.6)
+    copper.calc = SinglePointCalculator(copper, energy=-3.70, free_energy=-3.71, forces=np.zeros((1, 3)))
+    write(tmp_path / "metal.extxyz", copper)
+    assert warn_if_energy_labels_mixed(read_frames([str(tmp_path / "metal.extxyz"), files[1]])) is None
     caplog.clear()
     with caplog.at_level("WARNING", logger="ase_sparsecalc"):  # evaluation reads labels alike
         assert main(["eval", *files, "--base", mace_model_path, "--json"]) == 0

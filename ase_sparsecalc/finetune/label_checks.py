@@ -15,6 +15,7 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from ase.data import chemical_symbols
 from ase.units import GPa
 
 from ..graph import charge_and_spin
@@ -480,18 +481,26 @@ def warn_if_energy_labels_mixed(frames: Sequence[Frame]) -> str | None:
     its ``energy``. VASP's ``free_energy`` (TOTEN) holds the electronic entropy term of a smeared
     calculation and its ``energy`` the sigma -> 0 extrapolation; for metals they differ by meV
     to tens of meV per atom, so files of both kinds in one training set disagree by that much.
-    Returns the message, or None.
+    Sets of the two kinds that share no element do not meet in any energy shift (a molecule set
+    without smearing beside a metal's free energies), and are not reported. Returns the message,
+    or None.
     """
-    by_label: dict[str, list[str]] = {}
+    by_label: dict[str, list[Frame]] = {}
     for frame in frames:
         if frame.energy_label is not None:
-            by_label.setdefault(frame.energy_label, []).append(frame.source)
+            by_label.setdefault(frame.energy_label, []).append(frame)
     if not {"free_energy", "energy"} <= set(by_label):
         return None
     free, plain = by_label["free_energy"], by_label["energy"]
+    shared = {int(z) for f in free for z in f.atoms.numbers} & {
+        int(z) for f in plain for z in f.atoms.numbers
+    }
+    if not shared:
+        return None
     message = (
-        f"{len(free)} frame(s) have free energies (free_energy, e.g. {free[0]}) and "
-        f"{len(plain)} have only an energy (energy, e.g. {plain[0]}): for smeared (metallic) "
+        f"{len(free)} frame(s) have free energies (free_energy, e.g. {free[0].source}) and "
+        f"{len(plain)} have only an energy (energy, e.g. {plain[0].source}), with elements in "
+        f"common ({', '.join(chemical_symbols[z] for z in sorted(shared))}): for smeared (metallic) "
         "calculations the two differ by the electronic entropy term; pass --energy-key to read "
         "one kind everywhere (energy_key= in Python)"
     )
