@@ -579,3 +579,25 @@ def test_element_heatmap_shows_only_elements_whose_weights_changed(tmp_path):
     tables["layer,element"][2]["nnz"] = 2
     written = write_pattern_plots(tables, tmp_path / "oxygen")
     assert "layer_element_density.png" in [p.name for p in written]
+
+
+def test_cli_text_says_how_the_fine_tune_ended(backends, tmp_path, capsys):
+    """A delta from a run cut short by max_time says so; one from a finished run gives its
+    epochs; a delta that records no run shows no training line."""
+    delta = random_sparse_delta(backends["mace"], density=0.03, seed=2)
+    runs = {
+        "cut": {"epochs": 6, "epochs_run": 1, "stop_reason": "max_time", "training_time_s": 14.8},
+        "early": {"epochs": 6, "epochs_run": 4, "stop_reason": "early_stopping", "best_epoch": 3},
+    }
+    shown = {}
+    for name, record in runs.items():
+        delta.metadata.hyperparameters = {**(delta.metadata.hyperparameters or {}), **record}
+        assert main(["inspect", str(delta.save(tmp_path / f"{name}.safetensors"))]) == 0
+        shown[name] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("training ")]
+    assert shown["cut"] == [
+        "training       1 of 6 epochs (cut short by max_time: its schedules are unfinished), 14.8 s"
+    ]
+    assert shown["early"][0].startswith("training       4 of 6 epochs (early stopping), best epoch 3")
+    bare = random_sparse_delta(backends["mace"], density=0.03, seed=3)
+    assert main(["inspect", str(bare.save(tmp_path / "bare.safetensors"))]) == 0
+    assert "training " not in capsys.readouterr().out

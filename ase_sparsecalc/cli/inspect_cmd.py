@@ -162,6 +162,28 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f} %"
 
 
+STOP_REASONS = {
+    "epochs": "",
+    "early_stopping": " (early stopping)",
+    "max_time": " (cut short by max_time: its schedules are unfinished)",
+}
+
+
+def _training_line(params: dict[str, Any]) -> str:
+    """``"4 of 6 epochs (early stopping), best epoch 3, 12.3 s"`` from a fine-tune's recorded
+    hyperparameters; "" for deltas that record no run (made in memory, older files)."""
+    if params.get("epochs_run") is None or params.get("epochs") is None:
+        return ""
+    reason = params.get("stop_reason") or ""
+    text = f"{params['epochs_run']} of {params.get('epochs_planned') or params['epochs']} epochs"
+    text += STOP_REASONS.get(reason, f" ({reason})" if reason else "")
+    if params.get("best_epoch") is not None:
+        text += f", best epoch {params['best_epoch']}"
+    if params.get("training_time_s") is not None:
+        text += f", {params['training_time_s']:.1f} s"
+    return text
+
+
 def _header(path: str, s: dict[str, Any]) -> list[str]:
     params = s["hyperparameters"]
     shown = (
@@ -181,6 +203,9 @@ def _header(path: str, s: dict[str, Any]) -> list[str]:
         f"in {s['tensors_changed']} tensors",
         f"energy shifts  {shift_text}",
     ]
+    training = _training_line(params)
+    if training:
+        lines.insert(4, f"training       {training}")
     if s["base_fingerprint"] and s["analysed_fingerprint"] != s["base_fingerprint"]:
         lines.insert(
             2,
