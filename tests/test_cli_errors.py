@@ -414,3 +414,11 @@ def test_finetune_refuses_to_write_its_delta_over_its_own_data(files, tmp_path, 
     assert data.read_bytes() == before
     assert main([*argv, "--isolated-atoms", files["molecule_xyz"], "-o", files["molecule_xyz"]]) == 2
     assert "molecule.xyz: is this run's isolated-atom energies" in capsys.readouterr().err
+
+
+def test_errors_under_torchrun_name_the_rank(files, monkeypatch, capsys):
+    """Every process of a data-parallel run that meets an error prints it: each line says which."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["eval", f"{files['dir']}/absent.extxyz", "--base", files["model"]]) == 2
+    assert capsys.readouterr().err.startswith("sparsecalc eval (rank 1 of 2): error: ")

@@ -145,8 +145,11 @@ def _run_command(args: argparse.Namespace) -> int:
 
 
 def _error_line(command: str, message: str) -> None:
-    """Print ``sparsecalc COMMAND: MESSAGE`` on stderr as a single line."""
-    print(f"sparsecalc {command}: {' '.join(message.split())}", file=sys.stderr)
+    """Print ``sparsecalc COMMAND: MESSAGE`` on stderr as a single line; under ``torchrun``, where
+    every process that meets the error prints it, with the process's rank."""
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    where = f" (rank {rank} of {world})" if world not in ("", "1") else ""
+    print(f"sparsecalc {command}{where}: {' '.join(message.split())}", file=sys.stderr)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
