@@ -313,6 +313,23 @@ def test_eval_breaks_errors_down_by_config_type(mace_model_path, tmp_path, capsy
     mixed = evaluate(tmp_path / "mixed.xyz")
     assert sorted(mixed["by_config_type"]) == sorted(groups)
     assert mixed["stress_frames"] == len(silicon)  # molecules without stress do not turn it off
+    # by component (GPa), recomputed from the model's and the DFT's stresses of the Si frames
+    from ase.units import GPa
+
+    from ase_sparsecalc import SparseCalc
+
+    calc = SparseCalc(mace_model_path)
+    errors = []
+    for atoms in silicon:
+        model = atoms.copy()
+        model.calc = calc
+        errors.append(model.get_stress() - atoms.get_stress())
+    expected = np.abs(np.array(errors)).mean(axis=0) / GPa
+    by_component = mixed["stress_mae_by_component"]
+    assert list(by_component) == ["xx", "yy", "zz", "yz", "xz", "xy"]
+    np.testing.assert_allclose(list(by_component.values()), expected, rtol=1e-5)
+    diagonal, shear = expected[:3].sum(), expected[3:].sum()
+    assert mixed["stress_mae"] == pytest.approx((diagonal + 2 * shear) / 9, rel=1e-5)  # nine entries
     for tag, images in groups.items():
         ase.io.write(tmp_path / "alone.xyz", images, format="extxyz")
         alone = evaluate(tmp_path / "alone.xyz")

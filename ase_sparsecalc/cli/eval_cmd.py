@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     metrics["base"] = calc.backend.model_name
     metrics["delta"] = args.delta
     metrics["isolated_atoms_left_out"] = len(isolated)
-    metrics["units"] = {**METRIC_UNITS, "forces_mae_by_element": "meV/Å"}
+    metrics["units"] = {**METRIC_UNITS, "forces_mae_by_element": "meV/Å", "stress_mae_by_component": "GPa"}
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
@@ -92,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
     by_element = metrics.get("forces_mae_by_element", {})
     if len(by_element) > 1:
         print("  forces_mae of " + ", ".join(f"{el} {mae:.3f}" for el, mae in by_element.items()) + "  meV/Å")
+    by_component = metrics.get("stress_mae_by_component", {})
+    if by_component:
+        print("  stress_mae of " + ", ".join(f"{c} {mae:.3f}" for c, mae in by_component.items()) + "  GPa")
     if "by_config_type" in metrics:
         _print_by_config_type(metrics["by_config_type"])
     return 0

@@ -18,6 +18,11 @@ UNTAGGED = "(none)"
 """The ``by_config_type`` key of frames without a ``config_type`` tag."""
 
 
+VOIGT_NAMES = ("xx", "yy", "zz", "yz", "xz", "xy")
+VOIGT_PAIRS = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
+"""The six stress components in ASE's Voigt order, and their places in the 3x3 tensor."""
+
+
 def error_metrics(frames: Sequence[Frame], predictions: Mapping[int, Mapping[str, np.ndarray]]) -> dict:
     """MAE and RMSE of energies, forces and stresses.
 
@@ -31,7 +36,8 @@ def error_metrics(frames: Sequence[Frame], predictions: Mapping[int, Mapping[str
     dict
         ``energy_mae``/``energy_rmse`` in meV/atom, ``forces_mae``/``forces_rmse`` in meV/Å
         (over Cartesian components), ``stress_mae``/``stress_rmse`` in GPa (over the nine
-        components of the 3x3 tensor, where labelled), ``forces_mae_by_element`` in meV/Å, and
+        components of the 3x3 tensor, where labelled), ``stress_mae_by_component`` in GPa (xx,
+        yy, zz, yz, xz, xy), ``forces_mae_by_element`` in meV/Å, and
         the frames each average runs over (``frames``, ``forces_frames``, ``stress_frames``).
         When the frames carry more than one ``config_type`` tag (bulk, surface, MD at 300 K,
         ...), ``by_config_type`` holds the same metrics for each tag (``"(none)"`` for untagged
@@ -60,8 +66,13 @@ def error_metrics(frames: Sequence[Frame], predictions: Mapping[int, Mapping[str
             for z in np.unique(numbers)
         }
     if s_err:
-        out.update(_mae_rmse("stress", np.concatenate(s_err), 1.0 / GPa))
+        stresses = np.array(s_err)  # (frames, 9)
+        out.update(_mae_rmse("stress", stresses.ravel(), 1.0 / GPa))
         out["stress_frames"] = len(s_err)
+        out["stress_mae_by_component"] = {
+            name: float(np.abs(stresses[:, 3 * i + j]).mean() / GPa)
+            for name, (i, j) in zip(VOIGT_NAMES, VOIGT_PAIRS, strict=True)
+        }
     tags = sorted({f.config_type or UNTAGGED for f in frames})
     if len(tags) > 1:
         out["by_config_type"] = {}
