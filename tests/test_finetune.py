@@ -843,3 +843,27 @@ def test_all_electron_sized_energies_keep_their_precision_in_float32(mace_model_
     assert batch_loss(shifted, offset_labels, energy_only).item() == pytest.approx(
         batch_loss(plain, batch, energy_only).item(), rel=1e-9
     )
+
+
+def test_parity_plot_has_a_stress_panel_where_frames_have_stresses(tmp_path):
+    """Crystals trained with stress weight 1000 show their stresses beside energies and forces;
+    molecules keep two panels."""
+    import matplotlib.image
+
+    from ase_sparsecalc.finetune.report import plot_parity
+
+    crystals = read_frames(str(Path(__file__).parents[1] / "examples" / "data" / "si_pbesol.extxyz@:3"))
+    molecules = read_frames(ETHANOL + "@:3")
+    widths = {}
+    for name, frames in (("crystals", crystals), ("molecules", molecules)):
+        predictions = {
+            k: {
+                "energy": f.energy,
+                "forces": f.forces,
+                **({"stress": f.stress} if f.stress is not None else {}),
+            }
+            for k, f in enumerate(frames)
+        }
+        path = plot_parity(frames, predictions, predictions, tmp_path / f"{name}.png")
+        widths[name] = matplotlib.image.imread(path).shape[1]
+    assert widths["crystals"] > 1.3 * widths["molecules"]

@@ -58,22 +58,29 @@ def plot_parity(
     path: str | Path,
     title: str = "",
 ) -> Path:
-    """Parity plots (energy per atom, force components) of DFT vs model, before and after."""
+    """Parity plots of DFT vs model, before and after: energy per atom, force components and,
+    where frames have stress labels, the six stress components (GPa)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    stressed = [k for k, f in enumerate(frames) if f.stress is not None and "stress" in after.get(k, {})]
+    fig, axes = plt.subplots(1, 3 if stressed else 2, figsize=(13.5 if stressed else 9, 4.2))
     ref_e = np.array([f.energy / f.n_atoms for f in frames])
     ref_f = np.concatenate([f.forces.reshape(-1) for f in frames if f.forces is not None] or [np.zeros(0)])
+    ref_s = np.array([_voigt_gpa(frames[k].stress) for k in stressed]).reshape(-1)
     for label, preds, style in (("base + shifts", before, "x"), ("calibrated", after, "o")):
         e = np.array([preds[k]["energy"] / f.n_atoms for k, f in enumerate(frames)])
         forces = [preds[k]["forces"].reshape(-1) for k, f in enumerate(frames) if f.forces is not None]
         axes[0].plot(ref_e, e, style, ms=3, alpha=0.6, label=label)
         if forces:
             axes[1].plot(ref_f, np.concatenate(forces), style, ms=2, alpha=0.4, label=label)
-    for ax, name in zip(axes, ("energy / atom (eV)", "force component (eV/Å)"), strict=True):
+        if stressed and all("stress" in preds.get(k, {}) for k in stressed):
+            model_s = np.array([_voigt_gpa(preds[k]["stress"]) for k in stressed]).reshape(-1)
+            axes[2].plot(ref_s, model_s, style, ms=3, alpha=0.6, label=label)
+    names = ("energy / atom (eV)", "force component (eV/Å)", "stress component (GPa)")
+    for ax, name in zip(axes, names, strict=False):
         lims = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
         ax.plot(lims, lims, "k-", lw=0.8)
         ax.set_xlabel(f"DFT {name}")
@@ -83,7 +90,16 @@ def plot_parity(
         else:  # no frame has forces
             ax.text(0.5, 0.5, "no DFT forces", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(title)
+    fig.tight_layout()
     return _save_figure(fig, Path(path))
+
+
+def _voigt_gpa(stress: np.ndarray) -> np.ndarray:
+    """(3, 3) stress in eV/Å³ -> its six components (xx yy zz yz xz xy) in GPa."""
+    from ase.units import GPa
+
+    matrix = np.asarray(stress).reshape(3, 3)
+    return matrix[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]] / GPa
 
 
 def plot_learning_curves(history: Sequence[Mapping], path: str | Path) -> Path:
