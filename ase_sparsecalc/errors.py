@@ -10,6 +10,7 @@ Hierarchy::
     ├── ConfigError                an option has a value that is not allowed (device, dtype, ...)
     ├── OutputFileError            an output file (delta, report, checkpoint) cannot be written
     ├── CheckpointError            a training checkpoint cannot be used to resume
+    ├── PeerStoppedError           another process of a data-parallel fine-tune stopped
     ├── TrainingDivergedError      the training loss became NaN or infinite
     ├── NonFiniteResultError       the model (with its delta) gave NaN or inf for a structure
     ├── DeltaError                 a delta file or in-memory delta is unusable
@@ -60,6 +61,10 @@ class OutputFileError(SparseCalcError, OSError):
 class TrainingDivergedError(SparseCalcError, FloatingPointError):
     """The training loss became NaN or infinite: the run stops at that step (the message says
     which, and suggests a lower learning rate)."""
+
+
+class PeerStoppedError(SparseCalcError, RuntimeError):
+    """Another process of a data-parallel fine-tune stopped (that process's error says why)."""
 
 
 class CheckpointError(SparseCalcError):

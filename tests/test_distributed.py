@@ -150,3 +150,50 @@ def test_a_misconfigured_data_parallel_launch_is_a_clear_error(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="cuda"), distributed_session("cuda"):
             pass
+
+
+def test_a_process_whose_peer_stopped_says_so(mace_model_path, tmp_path):
+    """Processes launched by hand (RANK, WORLD_SIZE, MASTER_* set, no torchrun to stop the rest):
+    rank 0 refuses an output it cannot write; rank 1, waiting for it in the first collective,
+    says that another process stopped instead of reporting gloo's error as an internal one."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "blocker").write_text("a file where the output folder should be")
+    argv = _finetune_args(mace_model_path, tmp_path / "blocker" / "delta.safetensors")
+    processes = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "ase_sparsecalc", *argv],
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    errors = []
+    for proc in processes:
+        try:
+            errors.append(proc.communicate(timeout=240)[1])
+        finally:
+            proc.kill()
+    assert [proc.returncode for proc in processes] == [2, 2], errors
+    assert "sparsecalc finetune (rank 0 of 2): error: " in errors[0] and "blocker" in errors[0]
+    assert (
+        "sparsecalc finetune (rank 1 of 2): error: another process of this data-parallel run stopped"
+        in errors[1]
+    )
+    assert "internal error" not in errors[1]

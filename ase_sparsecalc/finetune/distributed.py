@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PeerStoppedError
 from ..torch_setup import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -155,8 +155,23 @@ def distributed_session(device: str = "cpu") -> Iterator[ProcessInfo]:
     logger.info("data-parallel fine-tuning: rank %d of %d on %s", rank, world, proc_device)
     try:
         yield ProcessInfo(rank, world, local, proc_device)
+    except RuntimeError as exc:
+        if not _is_peer_gone(exc):
+            raise
+        raise PeerStoppedError(
+            "another process of this data-parallel run stopped (its own error says why) and closed "
+            f"the connection ({' '.join(str(exc).split())[:160]})"
+        ) from exc
     finally:
         dist.destroy_process_group()
+
+
+def _is_peer_gone(exc: RuntimeError) -> bool:
+    """Whether a collective failed because another process left (gloo and NCCL's words for it)."""
+    text = str(exc).lower()
+    return any(
+        words in text for words in ("connection closed by peer", "connection reset by peer", "broken pipe")
+    )
 
 
 def shard(ids: Sequence[int], info: ProcessInfo) -> list[int]:
