@@ -46,13 +46,11 @@ def _run_cli(argv: list[str]) -> None:
     assert done.returncode == 0, done.stderr.decode()
 
 
-def test_killed_finetune_resumes_to_the_uninterrupted_delta(mace_model_path, tmp_path):
-    train = tmp_path / "ethanol6.extxyz"
-    write(train, read(DATA, ":6"))
-    killed_out = tmp_path / "killed" / "delta.safetensors"
-    checkpoint = killed_out.with_name("delta_checkpoint") / "checkpoint.pt"
+def _signal_after_first_checkpoint(argv: list[str], checkpoint: Path, signum: int) -> tuple[int, str]:
+    """Run ``python -m ase_sparsecalc ARGV``, send ``signum`` as soon as ``checkpoint`` exists;
+    returns the exit status and stderr."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ase_sparsecalc", *_finetune_argv(train, killed_out, mace_model_path)],
+        [sys.executable, "-m", "ase_sparsecalc", *argv],
         env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -63,11 +61,23 @@ def test_killed_finetune_resumes_to_the_uninterrupted_delta(mace_model_path, tmp
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "no checkpoint after 300 s"
             time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(signum)
+        stderr = proc.communicate(timeout=60)[1].decode()
     finally:
-        proc.wait(timeout=60)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+        proc.kill()
+        proc.wait()
+    return proc.returncode, stderr
+
+
+def test_killed_finetune_resumes_to_the_uninterrupted_delta(mace_model_path, tmp_path):
+    train = tmp_path / "ethanol6.extxyz"
+    write(train, read(DATA, ":6"))
+    killed_out = tmp_path / "killed" / "delta.safetensors"
+    checkpoint = killed_out.with_name("delta_checkpoint") / "checkpoint.pt"
+    returncode, _ = _signal_after_first_checkpoint(
+        _finetune_argv(train, killed_out, mace_model_path), checkpoint, signal.SIGKILL
+    )
+    assert returncode == -signal.SIGKILL
     assert not killed_out.exists(), "the run finished before it was killed; the test proves nothing"
 
     # the checkpoint the killed process left is complete and loadable
@@ -97,24 +107,8 @@ def test_sigterm_stops_a_finetune_as_ctrl_c_does(mace_model_path, tmp_path):
     output = tmp_path / "out" / "delta.safetensors"
     checkpoint = output.with_name("delta_checkpoint") / "checkpoint.pt"
     argv = [*_finetune_argv(train, output, mace_model_path), "--epochs", "500"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ase_sparsecalc", *argv],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while not checkpoint.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "no checkpoint after 300 s"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        stderr = proc.communicate(timeout=60)[1].decode()
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    returncode, stderr = _signal_after_first_checkpoint(argv, checkpoint, signal.SIGTERM)
+    assert returncode == 128 + signal.SIGTERM, stderr
     last_line = stderr.strip().splitlines()[-1]
     assert (
         last_line == "sparsecalc finetune: stopped by SIGTERM (--resume continues from the last checkpoint)"
