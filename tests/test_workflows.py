@@ -443,22 +443,8 @@ def test_phonon_supercells_must_be_whole_and_right_handed(sevennet64, tmp_path, 
         phonons(si, sevennet64, supercell=(-2, 2, 2))
     path = tmp_path / "si.extxyz"
     si.write(path)
-    argv = [
-        "phonons",
-        str(path),
-        "--supercell",
-        "0",
-        "1",
-        "0",
-        "1",
-        "0",
-        "0",
-        "0",
-        "0",
-        "2",
-        "-o",
-        str(tmp_path / "ph"),
-    ]
+    supercell = [str(n) for n in (0, 1, 0, 1, 0, 0, 0, 0, 2)]  # identity rows 1, 2 swapped: det -2
+    argv = ["phonons", str(path), "--supercell", *supercell, "-o", str(tmp_path / "ph")]
     assert main(argv) == 2
     assert "negative determinant (-2)" in capsys.readouterr().err
     assert not (tmp_path / "ph").exists()
