@@ -496,7 +496,7 @@ def test_scalars_can_learn_at_a_fraction_of_the_delta_rate():
     assert len(one_group.parameter_groups(1e-2, 0.0)) == 1
     with pytest.raises(ValueError, match="scalar_lr_factor applies with train_scalars only"):
         FinetuneConfig(density=0.01, scalar_lr_factor=0.1)
-    with pytest.raises(ValueError, match="scalar_lr_factor must be positive and finite"):
+    with pytest.raises(ValueError, match="scalar_lr_factor must be a positive finite number"):
         FinetuneConfig(density=0.01, train_scalars=True, scalar_lr_factor=0.0)
 
 
