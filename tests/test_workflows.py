@@ -433,21 +433,34 @@ def test_phonons_primitive_choice(sevennet64, caplog):
         phonons(_primitive_si(), sevennet64, primitive="F", **kwargs)
 
 
-def test_phonon_supercells_must_be_whole_and_right_handed(sevennet64, tmp_path, capsys):
-    """A fractional supercell is not truncated, and a left-handed matrix (which phonopy cannot
-    build) is refused with the fix, not with phonopy's trimming error."""
+def test_phonon_supercells_must_be_whole_and_may_be_left_handed(sevennet64, tmp_path, capsys):
+    """A fractional supercell is not truncated; a left-handed matrix (which phonopy cannot build)
+    is the same lattice as its negative, and gives the same phonons."""
     si = _primitive_si()
     with pytest.raises(ConfigError, match=r"supercell must hold whole numbers; got \(2\.7, 2, 2\)"):
         phonons(si, sevennet64, supercell=(2.7, 2, 2))
-    with pytest.raises(ConfigError, match=r"negative determinant \(-8\).*negate it"):
-        phonons(si, sevennet64, supercell=(-2, 2, 2))
+    kwargs = {"mesh": (2, 2, 2), "band_npoints": 3}
+    right = phonons(si, sevennet64, supercell=[[0, 1, 0], [1, 0, 0], [0, 0, -1]], **kwargs)
+    left = phonons(si, sevennet64, supercell=[[0, 1, 0], [1, 0, 0], [0, 0, 1]], **kwargs)
+    q = [[0.0, 0.0, 0.0], [0.5, 0.0, 0.5]]
+    np.testing.assert_allclose(frequencies_at(left, q), frequencies_at(right, q), atol=1e-6)
     path = tmp_path / "si.extxyz"
     si.write(path)
     supercell = [str(n) for n in (0, 1, 0, 1, 0, 0, 0, 0, 2)]  # identity rows 1, 2 swapped: det -2
-    argv = ["phonons", str(path), "--supercell", *supercell, "-o", str(tmp_path / "ph")]
-    assert main(argv) == 2
-    assert "negative determinant (-2)" in capsys.readouterr().err
-    assert not (tmp_path / "ph").exists()
+    argv = [
+        "phonons",
+        str(path),
+        "--supercell",
+        *supercell,
+        "-o",
+        str(tmp_path / "ph"),
+        "--mesh",
+        "2",
+        "2",
+        "2",
+    ]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (tmp_path / "ph").is_dir()
 
 
 def test_phonons_of_a_left_handed_cell_are_those_of_the_same_lattice(sevennet64):

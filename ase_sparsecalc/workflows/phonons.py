@@ -376,8 +376,8 @@ def _supercell_matrix(supercell, open_: Sequence[int] = (), name: str = "the str
     """(3, 3) int supercell matrix; a multiple ``n`` is ``n`` along periodic axes, 1 along open ones.
 
     Refused: values that are not whole numbers, shapes other than (), (3,) and (3, 3), and
-    matrices whose determinant (the number of primitive cells in the supercell) is not positive:
-    a left-handed matrix describes the same lattice as its negative, but phonopy cannot build it.
+    singular matrices. A matrix with a negative determinant (a left-handed supercell, which
+    phonopy cannot build) is replaced by its negative, the same lattice.
     """
     try:
         values = np.asarray(supercell, dtype=float)
@@ -392,12 +392,9 @@ def _supercell_matrix(supercell, open_: Sequence[int] = (), name: str = "the str
         arr = np.diag(arr)
     if arr.shape != (3, 3) or abs(round(np.linalg.det(arr))) < 1:
         raise ConfigError(f"supercell must be an int, 3 ints or a non-singular 3x3 matrix; got {supercell!r}")
-    if np.linalg.det(arr) < 0:
-        raise ConfigError(
-            f"supercell {arr.tolist()} has a negative determinant ({round(np.linalg.det(arr))}): it "
-            "describes a left-handed cell, which phonopy cannot build; negate it (the same lattice) "
-            "or swap two of its rows"
-        )
+    if np.linalg.det(arr) < 0:  # a left-handed cell of the same lattice as its negative
+        logger.info("supercell %s is left-handed; its negative (the same lattice) is used", arr.tolist())
+        arr = -arr
     for k in open_:
         if not (
             np.array_equal(arr[k], np.eye(3, dtype=int)[k])
