@@ -92,7 +92,7 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    """Run the chosen subcommand; errors become one line on stderr and an exit status."""
+    """Run the chosen subcommand with SIGTERM turned into :class:`Terminated` meanwhile."""
     try:
         previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread (main() called from a thread): leave SIGTERM alone
@@ -105,6 +105,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_command(args: argparse.Namespace) -> int:
+    """Run the chosen subcommand; errors become one line on stderr and an exit status."""
     try:
         status = int(args.func(args) or 0)
         sys.stdout.flush()  # here, so that a closed pipe is caught below and not at exit
