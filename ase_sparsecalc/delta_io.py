@@ -20,7 +20,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .delta import FORMAT_VERSION, DeltaMetadata, SparseDelta, TensorDelta, check_energy_shifts
@@ -145,6 +145,18 @@ def check_writable(path: str | Path) -> Path:
             except OSError:
                 break
     return path
+
+
+def overwritten_input(output: str | Path, inputs: Iterable[tuple[str, str | Path | None]]) -> str | None:
+    """The name of the input file (``(name, path)`` pairs) that writing ``output`` would replace:
+    the same file under any path or link; None if it is none of them (or does not exist yet)."""
+    output = Path(output)
+    if not output.is_file():
+        return None
+    for name, path in inputs:
+        if path is not None and Path(path).is_file() and os.path.samefile(path, output):
+            return name
+    return None
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

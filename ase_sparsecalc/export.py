@@ -35,7 +35,7 @@ from .backends import backend_kind, delta_head, load_backend, model_file, stored
 from .backends.base import Backend
 from .calculator import base_of_delta_not_found
 from .delta import SparseDelta
-from .delta_io import atomic_write_bytes, check_writable
+from .delta_io import atomic_write_bytes, check_writable, overwritten_input
 from .errors import BaseModelError, ConfigError, DeltaError, ModelNotFoundError
 from .torch_setup import dtype_name, resolve_dtype
 
@@ -203,12 +203,9 @@ def _check_output(path: Path, base_file: Path, delta: SparseDelta) -> None:
 
 def _refuse_overwriting_inputs(path: Path, base_file: Path, delta: SparseDelta) -> None:
     """Refuse an output path that is the base model file or the delta file itself."""
-    inputs = {"the base model file": base_file}
-    if delta.source is not None:
-        inputs["the delta file"] = Path(delta.source)
-    for what, input_path in inputs.items():
-        if path.exists() and input_path.exists() and path.resolve() == input_path.resolve():
-            raise ConfigError(f"{path}: is {what}; write the merged model to another file")
+    what = overwritten_input(path, [("the base model file", base_file), ("the delta file", delta.source)])
+    if what is not None:
+        raise ConfigError(f"{path}: is {what}; write the merged model to another file")
 
 
 # ---------------------------------------------------------------------- MACE
@@ -344,7 +341,7 @@ def _predict_from_file(path: Path, kind: str, head: str | None, atoms: Atoms) ->
 
 def _check_agreement(
     expected: dict[str, np.ndarray], exported: dict[str, np.ndarray], dtype: torch.dtype, path: Path
-) -> float:
+) -> dict[str, float]:
     """Raise BaseModelError unless the exported model reproduces base + delta; return the
     largest differences (energy per atom, forces, stress)."""
     n_atoms = len(expected["forces"])

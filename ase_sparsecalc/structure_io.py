@@ -123,17 +123,24 @@ def read_structure(path: str | Path, index: int = -1) -> Atoms:
 def _check_frame_exists(path: Path, index: int) -> None:
     """Raise :class:`DataFileError` saying how many frames ``path`` has if ``index`` is not one
     of them; return quietly where the file cannot be counted (the caller's error then stands)."""
+    total = count_frames(path)
+    if total and not -total <= index < total:
+        raise DataFileError(f"{path}: has no frame {index}{frame_range(total)}; choose another --index")
+
+
+def count_frames(path: Path, file_format: str | None = None) -> int:
+    """Number of frames in a file ASE reads (0 where it cannot)."""
     from ase.io import read
 
     try:
-        total = len(read(path, index=":", do_not_split_by_at_sign=True))
+        return len(read(str(path), index=":", format=file_format, do_not_split_by_at_sign=True))
     except Exception:
-        return
-    if not -total <= index < total:
-        raise DataFileError(
-            f"{path}: has no frame {index} (it has {total}: 0 to {total - 1}, or -{total} to -1); "
-            "choose another --index"
-        )
+        return 0
+
+
+def frame_range(total: int) -> str:
+    """`` (it has 3: 0 to 2, or -3 to -1)``: the frame indices of a file of ``total`` frames."""
+    return f" (it has {total}: 0 to {total - 1}, or -{total} to -1)" if total else ""
 
 
 def output_format(path: str | Path) -> str:

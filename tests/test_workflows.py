@@ -477,6 +477,24 @@ def test_phonons_of_a_left_handed_cell_are_those_of_the_same_lattice(sevennet64)
     assert np.linalg.det(swapped.cell.array) < 0  # the caller's structure is left as it was
 
 
+def test_a_left_handed_monolayer_keeps_its_open_axis(sevennet64):
+    """MoS2 with its in-plane vectors swapped (left-handed) and a left-handed supercell matrix:
+    the vector negated to make them right-handed is a periodic one, so the open axis stays open
+    and the phonons are the right-handed layer's."""
+    from ase.build import mx2
+
+    layer = mx2("MoS2", "2H", a=3.19, thickness=3.13, vacuum=7.5)
+    swapped = layer.copy()
+    swapped.set_cell(layer.cell.array[[1, 0, 2]], scale_atoms=False)
+    assert np.linalg.det(swapped.cell.array) < 0 and not swapped.pbc[2]
+    kwargs = {"mesh": (4, 4, 1), "band_npoints": 3, "symmetrize": False}
+    right = phonons(layer, sevennet64, supercell=2, **kwargs)
+    left = phonons(swapped, sevennet64, supercell=[[0, 2, 0], [2, 0, 0], [0, 0, 1]], **kwargs)
+    np.testing.assert_array_equal(np.abs(left.supercell_matrix)[2], [0, 0, 1])
+    gamma = [[0.0, 0.0, 0.0]]
+    np.testing.assert_allclose(frequencies_at(left, gamma), frequencies_at(right, gamma), atol=1e-4)
+
+
 def test_phonon_summary_temperature_lies_on_the_grid(sevennet64):
     """Thermal properties up to 15 K: the grid ends at 15 K, and a summary asked for 300 K
     reports 15 K with the values computed there."""

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import inspect
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ from ase.data import atomic_numbers, ground_state_magnetic_moments
 from ..backends import Backend, WeightInfo, load_backend
 from ..backends.base import PathSegment
 from ..delta import DeltaMetadata, SparseDelta
-from ..delta_io import check_writable
+from ..delta_io import check_writable, overwritten_input
 from ..errors import ConfigError, EmptyDatasetError, OutputFileError
 from ..graph import SPIN_KEY, build_graph
 from ..weight_map import TRAINABLE_KEY
@@ -548,19 +547,20 @@ def _check_outputs_writable(
 def _refuse_output_over_inputs(output: str | Path | None, inputs: dict[str, object]) -> None:
     """Raise :class:`~ase_sparsecalc.errors.OutputFileError` when the delta would be written over
     one of the run's own input files (``-o train.xyz``: the DFT data would be lost)."""
-    if output is None or not Path(output).exists():
+    if output is None:
         return
+    files = []
     for what, source in inputs.items():
         specs = source if isinstance(source, Sequence) and not isinstance(source, str) else [source]
         for spec in specs:
-            if not isinstance(spec, (str, Path)):
-                continue  # Atoms, frames, a loaded backend, a dict of energies
-            path = split_path_index(spec)[0]
-            if path.is_file() and os.path.samefile(path, output):
-                raise OutputFileError(
-                    f"{output}: is this run's {what}; writing the delta there would replace it. "
-                    "Choose another output name (-o), e.g. one ending in .safetensors"
-                )
+            if isinstance(spec, (str, Path)):  # not Atoms, frames, a loaded backend or a dict
+                files.append((what, split_path_index(spec)[0]))
+    found = overwritten_input(output, files)
+    if found is not None:
+        raise OutputFileError(
+            f"{output}: is this run's {found}; writing the delta there would replace it. "
+            "Choose another output name (-o), e.g. one ending in .safetensors"
+        )
 
 
 def _frames(source: FrameSource, keys: dict) -> list[Frame]:

@@ -27,7 +27,13 @@ from ..errors import (
     StructureError,
 )
 from ..graph import CHARGE_KEY, NEUTRAL_SINGLET, SPIN_KEY, charge_and_spin, has_cell_volume
-from ..structure_io import guessed_format, reference_label_keys, xyz_layout_problem
+from ..structure_io import (
+    count_frames,
+    frame_range,
+    guessed_format,
+    reference_label_keys,
+    xyz_layout_problem,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -223,15 +229,14 @@ def _read_structures(
     except (EmptyDatasetError, DataFileError):
         raise
     except (IndexError, StopIteration) as exc:
-        total = _count_frames(path, file_format)
-        count = f" (it has {total}: 0 to {total - 1}, or -{total} to -1)" if total else ""
+        count = frame_range(count_frames(path, file_format))
         raise DataFileError(f"{path}: has no frame {idx!r}{count}; check the index after '@'") from exc
     except Exception as exc:  # ASE's parsers raise anything from ValueError to KeyError
         raise DataFileError(_unreadable(path, exc, file_format)) from exc
     if isinstance(images, Atoms):
         images = [images]
     if len(images) == 0:
-        total = _count_frames(path, file_format)
+        total = count_frames(path, file_format)
         if total:
             raise EmptyDatasetError(f"{path}: index {idx!r} selects none of its {total} frames")
         raise EmptyDatasetError(f"{path}: no frames (index {idx!r}){_format_note(path, file_format)}")
@@ -277,16 +282,6 @@ def _first_unreadable_frame(path: Path, file_format: str | None) -> int | None:
     except Exception:
         return count
     return None
-
-
-def _count_frames(path: Path, file_format: str | None) -> int:
-    """Number of frames in a file ASE reads (0 where it cannot)."""
-    import ase.io
-
-    try:
-        return len(ase.io.read(str(path), index=":", format=file_format, do_not_split_by_at_sign=True))
-    except Exception:
-        return 0
 
 
 def _is_selection(idx: str | int) -> bool:
@@ -354,15 +349,12 @@ def _frame_numbers(path: Path, idx: str | int, n_read: int, file_format: str | N
         return [selected]
     if isinstance(selected, slice) and (selected.start or 0) >= 0 and selected.step in (None, 1):
         return range(selected.start or 0, (selected.start or 0) + n_read)
-    import ase.io
-
-    total = len(ase.io.read(str(path), index=":", format=file_format, do_not_split_by_at_sign=True))
+    total = count_frames(path, file_format)
     try:
         chosen = range(total)[selected]
     except IndexError:  # ASE reads some frame for a negative index beyond the file's start
         raise DataFileError(
-            f"{path}: has no frame {idx!r} (it has {total}: 0 to {total - 1}, or -{total} to -1); "
-            "check the index after '@'"
+            f"{path}: has no frame {idx!r}{frame_range(total)}; check the index after '@'"
         ) from None
     return [chosen] if isinstance(chosen, int) else chosen
 

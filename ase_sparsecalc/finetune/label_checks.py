@@ -16,11 +16,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from ase.data import chemical_symbols
+from ase.stress import full_3x3_to_voigt_6_stress
 from ase.units import GPa
 
 from ..graph import charge_and_spin
 from .data import Frame
 from .dataset import composition_matrix
+from .metrics import VOIGT_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -286,7 +288,7 @@ def warn_about_stray_stresses(
     )
 
 
-SHEAR_NAMES = ("yz", "xz", "xy")
+SHEAR_NAMES = VOIGT_NAMES[3:]
 """The shear components in ASE's Voigt order (xx, yy, zz, yz, xz, xy)."""
 
 MIN_SHEAR = 0.1 * GPa
@@ -313,12 +315,11 @@ def warn_if_shear_order_differs(
     :data:`MIN_SHEAR_FRAMES` frames, or when the base model's shear stresses have an RMS under
     :data:`MIN_SHEAR` (cubic cells near equilibrium, say). Returns the message, or None.
     """
-    rows, cols = [1, 0, 0], [2, 2, 1]  # yz, xz, xy in a (3, 3) stress
     chosen = [k for k, f in enumerate(frames) if f.stress is not None and "stress" in predictions[k]]
     if len(chosen) < MIN_SHEAR_FRAMES:
         return None
-    labels = np.array([frames[k].stress[rows, cols] for k in chosen])  # (n, 3)
-    model = np.array([np.asarray(predictions[k]["stress"])[rows, cols] for k in chosen])
+    labels = full_3x3_to_voigt_6_stress(np.array([frames[k].stress for k in chosen]))[:, 3:]  # (n, 3)
+    model = full_3x3_to_voigt_6_stress(np.array([predictions[k]["stress"] for k in chosen]))[:, 3:]
     if _rms(model) < MIN_SHEAR or _rms(labels) == 0.0:
         return None
 
@@ -401,7 +402,6 @@ def warn_if_shifts_underdetermined(
     structure of another composition then gets an arbitrary energy offset, unless isolated-atom
     energies of the elements anchor the rest. Returns the message, or None.
     """
-    from ase.data import chemical_symbols
 
     elements = sorted({int(z) for f in frames for z in f.atoms.numbers})
     counts = composition_matrix(frames, elements)

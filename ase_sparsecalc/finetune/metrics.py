@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from ase.stress import voigt_6_to_full_3x3_stress
+from ase.stress import full_3x3_to_voigt_6_stress, voigt_6_to_full_3x3_stress
 from ase.units import GPa
 
 from .data import Frame
@@ -19,8 +19,7 @@ UNTAGGED = "(none)"
 
 
 VOIGT_NAMES = ("xx", "yy", "zz", "yz", "xz", "xy")
-VOIGT_PAIRS = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
-"""The six stress components in ASE's Voigt order, and their places in the 3x3 tensor."""
+"""The six stress components in ASE's Voigt order (:func:`ase.stress.full_3x3_to_voigt_6_stress`)."""
 
 
 def error_metrics(frames: Sequence[Frame], predictions: Mapping[int, Mapping[str, np.ndarray]]) -> dict:
@@ -69,10 +68,9 @@ def error_metrics(frames: Sequence[Frame], predictions: Mapping[int, Mapping[str
         stresses = np.array(s_err)  # (frames, 9)
         out.update(_mae_rmse("stress", stresses.ravel(), 1.0 / GPa))
         out["stress_frames"] = len(s_err)
-        out["stress_mae_by_component"] = {
-            name: float(np.abs(stresses[:, 3 * i + j]).mean() / GPa)
-            for name, (i, j) in zip(VOIGT_NAMES, VOIGT_PAIRS, strict=True)
-        }
+        voigt = full_3x3_to_voigt_6_stress(stresses.reshape(-1, 3, 3))  # (frames, 6)
+        by_component = np.abs(voigt).mean(axis=0) / GPa
+        out["stress_mae_by_component"] = dict(zip(VOIGT_NAMES, map(float, by_component), strict=True))
     tags = sorted({f.config_type or UNTAGGED for f in frames})
     if len(tags) > 1:
         out["by_config_type"] = {}

@@ -96,10 +96,10 @@ def plot_parity(
 
 def _voigt_gpa(stress: np.ndarray) -> np.ndarray:
     """(3, 3) stress in eV/Å³ -> its six components (xx yy zz yz xz xy) in GPa."""
+    from ase.stress import full_3x3_to_voigt_6_stress
     from ase.units import GPa
 
-    matrix = np.asarray(stress).reshape(3, 3)
-    return matrix[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]] / GPa
+    return full_3x3_to_voigt_6_stress(np.asarray(stress).reshape(3, 3)) / GPa
 
 
 def plot_learning_curves(history: Sequence[Mapping], path: str | Path) -> Path:

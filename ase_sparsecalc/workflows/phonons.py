@@ -195,7 +195,7 @@ def phonons(
             ", ".join(type(c).__name__ for c in atoms.constraints),
         )
     supercell_matrix = _supercell_matrix(supercell, open_, atoms.get_chemical_formula())
-    atoms = _right_handed(atoms)
+    atoms = _right_handed(atoms, open_)
     mesh = [1 if k in open_ else int(n) for k, n in enumerate(mesh)]
     if not 0 < displacement < 0.2:
         raise ConfigError(f"displacement must be in (0, 0.2) Å, got {displacement}")
@@ -282,17 +282,26 @@ def supercell_charge_and_spin(atoms: Atoms, n_cells: int) -> dict[str, float]:
     return {CHARGE_KEY: charge * n_cells, SPIN_KEY: (spin - 1.0) * n_cells + 1.0}
 
 
-def _right_handed(atoms: Atoms) -> Atoms:
-    """``atoms`` with a right-handed cell: a left-handed one (negative determinant, two cell
-    vectors swapped) gives the same lattice negated, positions unchanged, which phonopy can
-    reduce to its primitive cell (it refuses a left-handed primitive matrix)."""
+def _first_periodic_axis(open_: Sequence[int]) -> int:
+    """The axis whose vector flips a left-handed cell or supercell matrix: negating one vector
+    keeps the lattice and changes the handedness; an open (vacuum) axis stays as it is."""
+    return next(k for k in range(3) if k not in open_)
+
+
+def _right_handed(atoms: Atoms, open_: Sequence[int] = ()) -> Atoms:
+    """``atoms`` with a right-handed cell: one periodic cell vector of a left-handed cell (two
+    vectors swapped, a negative determinant) is negated, the same lattice, positions unchanged,
+    which phonopy can reduce to its primitive cell (it refuses a left-handed primitive matrix)."""
     if np.linalg.det(atoms.cell.array) >= 0:
         return atoms
+    axis = _first_periodic_axis(open_)
     logger.info(
-        "%s: the cell is left-handed; its negative (the same lattice) is used", atoms.get_chemical_formula()
+        "%s: the cell is left-handed; its vector %s is negated", atoms.get_chemical_formula(), "abc"[axis]
     )
+    cell = atoms.cell.array.copy()
+    cell[axis] *= -1
     flipped = atoms.copy()
-    flipped.set_cell(-atoms.cell.array, scale_atoms=False)
+    flipped.set_cell(cell, scale_atoms=False)
     return flipped
 
 
@@ -377,7 +386,7 @@ def _supercell_matrix(supercell, open_: Sequence[int] = (), name: str = "the str
 
     Refused: values that are not whole numbers, shapes other than (), (3,) and (3, 3), and
     singular matrices. A matrix with a negative determinant (a left-handed supercell, which
-    phonopy cannot build) is replaced by its negative, the same lattice.
+    phonopy cannot build) gets one periodic row negated: the same lattice.
     """
     try:
         values = np.asarray(supercell, dtype=float)
@@ -392,9 +401,10 @@ def _supercell_matrix(supercell, open_: Sequence[int] = (), name: str = "the str
         arr = np.diag(arr)
     if arr.shape != (3, 3) or abs(round(np.linalg.det(arr))) < 1:
         raise ConfigError(f"supercell must be an int, 3 ints or a non-singular 3x3 matrix; got {supercell!r}")
-    if np.linalg.det(arr) < 0:  # a left-handed cell of the same lattice as its negative
-        logger.info("supercell %s is left-handed; its negative (the same lattice) is used", arr.tolist())
-        arr = -arr
+    if np.linalg.det(arr) < 0 and len(open_) < 3:  # left-handed: flip one row, the same lattice
+        logger.info("supercell %s is left-handed; one of its rows is negated", arr.tolist())
+        arr = arr.copy()
+        arr[_first_periodic_axis(open_)] *= -1
     for k in open_:
         if not (
             np.array_equal(arr[k], np.eye(3, dtype=int)[k])
