@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -1048,14 +1049,22 @@ def test_per_atom_energies_in_a_set_of_mixed_sizes_are_recognised():
     assert message.startswith("the DFT energies of the 8 frames (si.xyz) look like energies per atom")
 
 
-def test_runs_too_short_for_the_density_schedule_are_warned_about(mace_model_path):
+def test_runs_too_short_for_the_density_schedule_are_warned_about(mace_model_path, monkeypatch):
+    # the too-few-steps warning names the cause of a worse fit; the labels are not blamed besides
+    finetune_module = sys.modules["ase_sparsecalc.finetune"]
+    checked_for_traded_forces = []
+    monkeypatch.setattr(
+        finetune_module, "_warn_if_forces_were_traded", lambda *a: checked_for_traded_forces.append(a)
+    )
     frames = [frame_from_atoms(a, f"water.xyz:frame {k}") for k, a in enumerate(water_frames(4))]
     options = {"epochs": 2, "valid_fraction": 0.0, "seed": 0}
     sparse = finetune_with_report(mace_model_path, frames, method="sparse", **options)
     warnings = sparse.report["data_checks"]["warnings"]
     assert any("this run has 8 optimizer step(s)" in w for w in warnings)
+    assert not checked_for_traded_forces
     full = finetune_with_report(mace_model_path, frames, method="full", **options)
     assert not any("optimizer step(s)" in w for w in full.report["data_checks"]["warnings"])
+    assert len(checked_for_traded_forces) == 1
 
 
 def test_finetune_warns_about_units_and_single_stoichiometry(mace_model_path, tmp_path, caplog):

@@ -507,6 +507,31 @@ def test_phonon_summary_temperature_lies_on_the_grid(sevennet64):
     assert summary.entropy == ph.thermal_properties.entropy[-1] > 0.0
 
 
+def test_phonons_name_a_structure_a_hair_away_from_more_symmetry(sevennet64, caplog):
+    """A cell sheared by 2e-4 (as a relaxation without FixSymmetry leaves it) has a lower space
+    group at phonopy's symprec: the warning names the near group and the cost in supercells, and a
+    larger symprec gives the diamond structure's single displacement."""
+    distorted = _primitive_si()
+    shear = np.eye(3)
+    shear[0, 1] = 2e-4
+    distorted.set_cell(distorted.cell.array @ shear, scale_atoms=True)
+    kwargs = {"supercell": 1, "mesh": (2, 2, 2), "band_npoints": 3, "plot": False}
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        phonons(_primitive_si(), sevennet64, **kwargs)
+    assert "lies within" not in caplog.text
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        tight = phonons(distorted, sevennet64, **kwargs)
+    n_tight = len(tight.supercells_with_displacements)
+    assert n_tight > 1
+    assert f"within 0.01 Å of Fd-3m (48): {n_tight} displaced supercells instead of 1" in caplog.text
+    assert "--fix-symmetry" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        loose = phonons(distorted, sevennet64, symprec=1e-3, **kwargs)
+    assert len(loose.supercells_with_displacements) == 1
+    assert "lies within" not in caplog.text
+
+
 def test_band_path_without_seekpath(sevennet64, monkeypatch):
     """Without seekpath the band path comes from ASE; it must still pass through Γ and X."""
     monkeypatch.setitem(sys.modules, "seekpath", None)  # makes "import seekpath" fail

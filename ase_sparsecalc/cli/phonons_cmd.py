@@ -59,6 +59,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default="auto",
         help="primitive cell (none: input is primitive)",
     )
+    ph.add_argument(
+        "--symprec",
+        type=positive_float,
+        default=1e-5,
+        metavar="A",
+        help="symmetry tolerance, Å (default: 1e-5, phonopy's)",
+    )
     ph.add_argument("--batch-size", type=positive_int, metavar="N", help="supercells per model call")
     ph.add_argument("--no-symmetrize", action="store_true", help="keep the raw force constants")
     ph.add_argument(
@@ -95,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         symmetrize=not args.no_symmetrize,
         temperatures=thermal_grid(args.tmax),
+        symprec=args.symprec,
         plot=not args.no_plot,
     )
     summary = summarize_phonons(phonon, temperature_K=min(300.0, args.tmax), threshold_THz=args.threshold)

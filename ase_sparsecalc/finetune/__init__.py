@@ -312,8 +312,9 @@ def _finetune_in_session(
         "train": error_metrics(train_frames, after_train),
         "valid": error_metrics(valid_frames, after_valid) if valid_frames else {},
     }
-    # a run cut short by max_time has unfinished schedules, which its own warning names
-    cut_short = training.state_info.get("stop_reason") == "max_time"
+    # a run cut short by max_time, or too short for its density schedule, has its own warning,
+    # which names the cause better than labels pulling against each other
+    cut_short = training.state_info.get("stop_reason") == "max_time" or training.too_few_steps
     traded = (
         _warn_if_forces_were_traded(before["train"], after["train"], config)
         if process.is_main and not cut_short
@@ -422,6 +423,7 @@ class _Training:
     state_info: dict = dataclasses.field(default_factory=dict)
     trainable: list[WeightInfo] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    too_few_steps: bool = False
 
 
 def _train_weights(
@@ -480,7 +482,9 @@ def _train_weights(
     }
     if state.planned_epochs is not None:
         state_info["epochs_planned"] = state.planned_epochs
-    return _Training(method.export(), history, state_info, trainable, [short] if short else [])
+    return _Training(
+        method.export(), history, state_info, trainable, [short] if short else [], too_few_steps=bool(short)
+    )
 
 
 def _warn_if_forces_were_traded(before: dict, after: dict, config: FinetuneConfig) -> str | None:

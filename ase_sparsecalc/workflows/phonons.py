@@ -45,6 +45,10 @@ THZ_TO_CM1 = 1e12 / (units._c * 100.0)
 THZ_TO_MEV = units._hplanck * 1e12 / units._e * 1e3
 """Energy (meV) of a 1 THz quantum."""
 
+NEAR_SYMMETRY_TOLERANCE = 1e-2
+"""Å: a structure this close to more symmetry than phonopy finds at its ``symprec`` is warned
+about (a cell relaxed without its symmetry kept: more displaced supercells, other point names)."""
+
 IMAGINARY_THRESHOLD_THZ = -0.05
 """Frequencies below this (THz) count as imaginary; phonopy prints imaginary ones as negative."""
 
@@ -214,6 +218,8 @@ def phonons(
         chosen = Atoms(atoms.get_chemical_formula(), cell=phonon.primitive.cell, pbc=atoms.pbc)
         open_axes(chosen, "phonons of the primitive cell asked for")
     phonon.generate_displacements(distance=displacement)
+    if not open_.size:
+        _warn_if_nearly_symmetric(atoms, phonon, supercell_matrix, primitive, symprec, displacement)
     displaced = [to_ase_atoms(s, atoms.pbc) for s in phonon.supercells_with_displacements]
     structures = (
         [*displaced, to_ase_atoms(phonon.supercell, atoms.pbc)] if subtract_residual_forces else displaced
@@ -363,6 +369,47 @@ def _phonopy(atoms: Atoms, supercell_matrix, primitive, symprec: float):
                 f"{primitive!r} ({' '.join(str(exc).split())[:200]}); the cell may be primitive "
                 "already: use 'auto' to let phonopy find the primitive cell"
             ) from exc
+
+
+def _warn_if_nearly_symmetric(
+    atoms: Atoms, phonon, supercell_matrix, primitive, symprec: float, displacement: float
+) -> None:
+    """Warn when ``atoms`` lies within :data:`NEAR_SYMMETRY_TOLERANCE` Å of a space group with
+    more operations than phonopy found at ``symprec``, and say how many displaced supercells that
+    costs (``phonon`` has its displacements generated)."""
+    if symprec >= NEAR_SYMMETRY_TOLERANCE:
+        return
+    import spglib
+
+    cell = (atoms.cell.array, atoms.get_scaled_positions(), atoms.numbers)
+    found = spglib.get_symmetry_dataset(cell, symprec=symprec)
+    near = spglib.get_symmetry_dataset(cell, symprec=NEAR_SYMMETRY_TOLERANCE)
+    if near is None or found is None or _point_group_order(near) <= _point_group_order(found):
+        return
+    symmetric = _phonopy(atoms, supercell_matrix, primitive, NEAR_SYMMETRY_TOLERANCE)
+    symmetric.generate_displacements(distance=displacement)
+    logger.warning(
+        "%s: at symprec=%g Å phonopy finds space group %s (%d point operations), but the structure "
+        "lies within %g Å of %s (%d): %d displaced supercells instead of %d, and special "
+        "points named after the lower group. Relax it keeping its symmetry from a symmetric start "
+        "(sparsecalc relax --fix-symmetry, or relax(fix_symmetry=True)), or pass a larger symprec "
+        "(--symprec %g) if the distortion is numerical noise",
+        atoms.get_chemical_formula(),
+        symprec,
+        found.international,
+        _point_group_order(found),
+        NEAR_SYMMETRY_TOLERANCE,
+        near.international,
+        _point_group_order(near),
+        len(phonon.supercells_with_displacements),
+        len(symmetric.supercells_with_displacements),
+        NEAR_SYMMETRY_TOLERANCE,
+    )
+
+
+def _point_group_order(dataset) -> int:
+    """Distinct rotations of an spglib symmetry dataset (centring translations not counted)."""
+    return len(np.unique(np.asarray(dataset.rotations).reshape(-1, 9), axis=0))
 
 
 def _smaller_primitive_cell(atoms: Atoms, symprec: float) -> int:
