@@ -16,6 +16,7 @@ from ase.io import read
 
 from ase_sparsecalc import SparseCalc
 from ase_sparsecalc.cli import main
+from ase_sparsecalc.cli.phonons_cmd import summary_lines
 from ase_sparsecalc.errors import ConfigError, DataFileError, StructureError
 from ase_sparsecalc.structure_io import read_structure
 from ase_sparsecalc.testing import random_sparse_delta
@@ -413,6 +414,44 @@ def test_imaginary_modes_are_reported_with_their_qpoint(mace_model_path):
     recomputed = frequencies_at(ph, [lowest.qpoint])[0]
     assert recomputed[lowest.band_index] == pytest.approx(lowest.frequency, abs=1e-6)
     assert all(m.frequency < -0.05 for m in modes)
+    # the command line names the special points with imaginary modes, and says that the thermal
+    # properties leave them out
+    summary = summarize_phonons(ph)
+    at_points = summary.imaginary_points()
+    for label, freqs in at_points.items():
+        everything = summary.special_points[label]
+        np.testing.assert_array_equal(freqs, everything[everything < -0.05])
+    lines = "\n".join(summary_lines(summary, 1.0))
+    assert "phonopy leaves the imaginary modes out of F, S and Cv" in lines
+    if at_points:
+        assert "imaginary at the special points: " + next(iter(at_points)) in lines
+
+
+def test_special_points_between_the_supercells_q_points_are_marked():
+    """A 2x2x2 supercell of the fcc primitive cell holds Γ, X and L but not K, U or W; a 3x3x3
+    one holds only Γ of these: the summary marks the others as interpolated."""
+    from phonopy import Phonopy
+
+    from ase_sparsecalc.workflows.phonons import sampled_by_supercell, to_phonopy_atoms
+
+    unit = to_phonopy_atoms(_primitive_si())
+    even, odd = (Phonopy(unit, supercell_matrix=np.eye(3, dtype=int) * n, log_level=0) for n in (2, 3))
+    points = {"Γ": [0, 0, 0], "X": [0.5, 0, 0.5], "L": [0.5, 0.5, 0.5], "K": [0.375, 0.375, 0.75],
+              "W": [0.5, 0.25, 0.75]}  # fmt: skip
+    assert [name for name, q in points.items() if sampled_by_supercell(even, q)] == ["Γ", "X", "L"]
+    assert [name for name, q in points.items() if sampled_by_supercell(odd, q)] == ["Γ"]
+    assert sampled_by_supercell(odd, [1 / 3, 0, 2 / 3])
+
+
+def test_phonon_summary_marks_interpolated_points(sevennet64):
+    ph = phonons(_primitive_si(), sevennet64, supercell=2, mesh=(2, 2, 2), band_npoints=3)
+    summary = summarize_phonons(ph)
+    assert {"Γ", "X", "L"}.isdisjoint(summary.interpolated_points)
+    assert "K" in summary.interpolated_points
+    lines = summary_lines(summary, 1.0)
+    assert any(line.strip().startswith("K*:") for line in lines)
+    assert any(line.strip().startswith("X :") for line in lines)
+    assert any("not a q-point of this supercell" in line for line in lines)
 
 
 def test_phonons_primitive_choice(sevennet64, caplog):

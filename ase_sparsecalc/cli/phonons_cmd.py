@@ -140,7 +140,13 @@ def summary_lines(summary, wall_s: float) -> list[str]:
         "  frequencies at the special points (THz):",
     ]
     for label, freqs in summary.special_points.items():
-        lines.append(f"    {label:>3}: " + " ".join(f"{f:7.3f}" for f in freqs))
+        mark = "*" if label in summary.interpolated_points else " "
+        lines.append(f"    {label:>3}{mark}: " + " ".join(f"{f:7.3f}" for f in freqs))
+    if summary.interpolated_points:
+        lines.append(
+            "    * not a q-point of this supercell: interpolated from the force constants (a "
+            "supercell that holds it, e.g. even multiples for q with halves, gives it exactly)"
+        )
     top = summary.max_frequency
     lines.append(
         f"  highest frequency: {top:.3f} THz = {top * THZ_TO_CM1:.1f} cm^-1 = {top * THZ_TO_MEV:.2f} meV"
@@ -154,6 +160,13 @@ def summary_lines(summary, wall_s: float) -> list[str]:
             + ", ".join(f"{x:.3f}" for x in worst.qpoint)
             + f"), branch {worst.band_index}"
         )
+        at_points = summary.imaginary_points()
+        if at_points:
+            described = (
+                f"{label} ({len(freqs)} mode{'s' if len(freqs) > 1 else ''}, lowest {freqs.min():.3f} THz)"
+                for label, freqs in at_points.items()
+            )
+            lines.append("  imaginary at the special points: " + ", ".join(described))
     else:
         lines.append(f"  no imaginary modes (lowest frequency {summary.min_frequency:+.4f} THz)")
     lines.append(
@@ -161,4 +174,9 @@ def summary_lines(summary, wall_s: float) -> list[str]:
         f"F = {summary.free_energy:.3f} kJ/mol, S = {summary.entropy:.3f} J/(K mol), "
         f"Cv = {summary.heat_capacity:.3f} J/(K mol)"
     )
+    if summary.imaginary:
+        lines.append(
+            "  (phonopy leaves the imaginary modes out of F, S and Cv: these are not the thermal "
+            "properties of a dynamically unstable structure)"
+        )
     return lines

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -95,9 +95,16 @@ class PhononSummary:
     temperature : float
         K, the temperature of the thermal properties below.
     free_energy : float
-        Harmonic Helmholtz free energy, kJ/mol (NaN if not computed).
+        Harmonic Helmholtz free energy, kJ/mol (NaN if not computed). phonopy leaves imaginary
+        modes out of it, so with ``imaginary`` modes it is not the structure's free energy.
     entropy, heat_capacity : float
-        J/(K mol) (NaN if not computed).
+        J/(K mol) (NaN if not computed; imaginary modes left out, as for ``free_energy``).
+    interpolated_points : list of str
+        Labels of ``special_points`` that are not q-points of the supercell: their frequencies
+        are interpolated from the force constants, not sampled (a 3x3x3 supercell does not hold
+        the zone-boundary points of a cubic cell, q with halves; an even one does).
+    threshold : float
+        THz, the frequency below which a mode counts as imaginary.
     """
 
     n_primitive_atoms: int
@@ -111,11 +118,18 @@ class PhononSummary:
     free_energy: float
     entropy: float
     heat_capacity: float
+    interpolated_points: list[str] = field(default_factory=list)
+    threshold: float = IMAGINARY_THRESHOLD_THZ
 
     @property
     def dynamically_stable(self) -> bool:
         """No mode below the imaginary threshold on the mesh or the band path."""
         return not self.imaginary
+
+    def imaginary_points(self) -> dict[str, np.ndarray]:
+        """The special points with imaginary modes: label -> their frequencies (THz, negative)."""
+        found = {label: freqs[freqs < self.threshold] for label, freqs in self.special_points.items()}
+        return {label: freqs for label, freqs in found.items() if freqs.size}
 
 
 def phonons(
@@ -537,6 +551,25 @@ def special_point_frequencies(phonon) -> dict[str, np.ndarray]:
     return out
 
 
+def special_point_qpoints(phonon) -> dict[str, np.ndarray]:
+    """q (reduced, primitive reciprocal lattice) of each labelled point of the band path (first
+    occurrence), as :func:`special_point_frequencies` names them."""
+    out: dict[str, np.ndarray] = {}
+    for start, end, _, qpts, _ in band_segments(phonon):
+        out.setdefault(start, qpts[0])
+        out.setdefault(end, qpts[-1])
+    return out
+
+
+def sampled_by_supercell(phonon, qpoint: Sequence[float]) -> bool:
+    r"""Whether ``qpoint`` (reduced, primitive reciprocal lattice) is a q-point of the supercell:
+    :math:`e^{2\pi i q \cdot R} = 1` for every supercell lattice vector :math:`R`, so that finite
+    displacements in this supercell give its frequencies exactly, not interpolated."""
+    reciprocal = np.linalg.inv(np.asarray(phonon.primitive.cell)).T  # rows b_i, a_i . b_j = δ_ij
+    phases = np.asarray(phonon.supercell.cell) @ (np.asarray(qpoint, dtype=float) @ reciprocal)
+    return bool(np.allclose(phases, np.round(phases), atol=1e-6))
+
+
 def imaginary_modes(phonon, threshold_THz: float = IMAGINARY_THRESHOLD_THZ) -> list[ImaginaryMode]:
     """Modes with frequency below ``threshold_THz`` on the mesh and along the band path.
 
@@ -589,6 +622,7 @@ def summarize_phonons(
                 float(np.interp(temperature_K, temps, getattr(tp, name)))
                 for name in ("free_energy", "entropy", "heat_capacity")
             ]
+    labelled = special_point_qpoints(phonon) if phonon.band_structure is not None else {}
     return PhononSummary(
         n_primitive_atoms=len(phonon.primitive),
         n_supercell_atoms=len(phonon.supercell),
@@ -601,6 +635,8 @@ def summarize_phonons(
         free_energy=thermal[0],
         entropy=thermal[1],
         heat_capacity=thermal[2],
+        interpolated_points=[label for label, q in labelled.items() if not sampled_by_supercell(phonon, q)],
+        threshold=threshold_THz,
     )
 
 
