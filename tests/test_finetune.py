@@ -98,12 +98,16 @@ def test_sparse_finetune_lowers_loss_and_hits_density(mace_model_path, frames, t
     assert not (tmp_path / "report" / "sparsity.png").exists()
 
 
-def test_saved_delta_reproduces_trained_model_exactly(mace_model_path, frames):
+def test_saved_delta_reproduces_trained_model_exactly(mace_model_path, frames, caplog):
     backend = load_backend(mace_model_path, dtype="float64")
     config = FinetuneConfig(density=0.05, **FAST)
     method = _sparse_method(backend, MethodOptions(density=0.05))
     batches = make_batches(frames[:8], backend, 4, seed=0)
-    Trainer(backend, method, batches, [], config).train(progress=False)
+    with caplog.at_level("INFO", logger="ase_sparsecalc.finetune"):
+        Trainer(backend, method, batches, [], config).train(progress=False)
+    # without a progress bar, one log line per epoch
+    epoch_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split(":")[0] for line in epoch_lines] == [f"epoch {k} of 6" for k in range(1, 7)]
     trained = predict(backend, batches, method.effective_parameters)
     delta = SparseDelta(method.export())
     delta.apply(backend)
@@ -704,6 +708,7 @@ def test_best_epoch_comes_from_the_second_half_and_few_validation_frames_are_fla
     second_half = [h["valid_loss"] for h in history[FAST["epochs"] // 2 - 1 :]]
     assert history[best - 1]["valid_loss"] == min(second_half)
     assert any("only 2 validation frame(s)" in r.getMessage() for r in caplog.records)
+    assert any("only 2 validation frame(s)" in w for w in result.report["data_checks"]["warnings"])
 
 
 def test_only_later_epochs_compete_for_the_best(mace_model_path, frames):

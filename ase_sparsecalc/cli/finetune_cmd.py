@@ -64,7 +64,9 @@ def add_parser(subparsers) -> None:
         const="last",
         help="keep the last of repeated structures instead (a QE vc-relax's final SCF in a fresh basis)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (with -v, one log line per epoch instead)"
+    )
     defaults = FinetuneConfig()
     g = p.add_argument_group("method")
     g.add_argument("--method", default=defaults.method, choices=ALL_METHODS, help="default: %(default)s")

@@ -242,17 +242,17 @@ def _finetune_in_session(
         "require_forces": not allow_missing_forces,
     }
     backend = load_backend(base, device=process.device, dtype=config.dtype, head=head)
-    train_frames, valid_frames, isolated = _read_and_check_frames(
+    train_frames, valid_frames, isolated, split_warnings = _read_and_check_frames(
         process, backend, train, valid, keys, isolated_atoms, energy_key, drop_duplicates, config
     )
     if process.is_main and process.world_size > config.batch_size:
-        logger.warning(
-            "batch_size %d is smaller than the number of processes (%d): %d of them idle at every "
-            "step; raise batch_size to use them",
-            config.batch_size,
-            process.world_size,
-            process.world_size - config.batch_size,
+        message = (
+            f"batch_size {config.batch_size} is smaller than the number of processes "
+            f"({process.world_size}): {process.world_size - config.batch_size} of them idle at every "
+            "step; raise batch_size to use them"
         )
+        logger.warning(message)
+        split_warnings.append(message)
     train_batches = make_batches(train_frames, backend, config.batch_size, seed=config.seed)
     valid_batches = make_batches(valid_frames, backend, config.batch_size) if valid_frames else []
     base_train = predict(backend, train_batches)
@@ -261,10 +261,10 @@ def _finetune_in_session(
     shifts = fit_energy_shifts(train_frames, _energies(base_train, len(train_frames)), prior)
     shifts.update(_shifts_of_untrained_elements(prior, shifts))
     backend.add_energy_shifts(shifts)
-    slopes, data_warnings = {}, []
+    slopes, data_warnings = {}, split_warnings
     if process.is_main:
         sources = _describe(train) + (f", {_describe(valid)}" if valid is not None else "")
-        slopes, data_warnings = check_labels(
+        slopes, label_warnings = check_labels(
             train_frames,
             valid_frames,
             base_train,
@@ -273,6 +273,7 @@ def _finetune_in_session(
             backend.takes_charge_and_spin,
             sources,
         )
+        data_warnings = data_warnings + label_warnings
     before = {
         "train": error_metrics(train_frames, _with_shifts(base_train, train_frames, shifts)),
         "valid": error_metrics(valid_frames, _with_shifts(base_valid, valid_frames, shifts))
@@ -369,8 +370,9 @@ def _read_and_check_frames(
     energy_key: str | None,
     drop_duplicates: bool | str,
     config: FinetuneConfig,
-) -> tuple[list[Frame], list[Frame], dict[str, float]]:
-    """Training and validation frames, checked, and the isolated-atom energies (eV) given.
+) -> tuple[list[Frame], list[Frame], dict[str, float], list[str]]:
+    """Training and validation frames, checked, the isolated-atom energies (eV) given, and the
+    warnings given.
 
     Reads the frames, takes isolated atoms out, refuses unknown elements and repeated
     structures (or drops them), and splits validation frames off the training frames when
@@ -397,20 +399,23 @@ def _read_and_check_frames(
     if valid_frames is None:
         train_frames, valid_frames = split_frames(train_frames, config.valid_fraction, config.seed)
     check_elements_in_training(train_frames, valid_frames)
+    warnings = []
     if process.is_main and config.method != "shift":  # one copy under torchrun; shift has no epochs
         if not valid_frames and (valid is not None or config.valid_fraction > 0):
-            logger.warning(
+            warnings.append(
                 "no validation frames (too few frames to hold any out, or every frame's composition is "
                 "needed in training): the best epoch and early stopping are chosen on the training "
                 "loss; pass validation frames (valid=..., --valid) to check against held-out data"
             )
         elif 0 < len(valid_frames) < FEW_VALID_FRAMES:
-            logger.warning(
-                "only %d validation frame(s): the best epoch (restored at the end) and early stopping "
-                "are chosen on them; pass more (valid=... or a larger valid_fraction) where you can",
-                len(valid_frames),
+            warnings.append(
+                f"only {len(valid_frames)} validation frame(s): the best epoch (restored at the end) and "
+                "early stopping are chosen on them; pass more (valid=... or a larger valid_fraction) "
+                "where you can"
             )
-    return train_frames, valid_frames, isolated
+    for message in warnings:
+        logger.warning(message)
+    return train_frames, valid_frames, isolated, warnings
 
 
 @dataclasses.dataclass

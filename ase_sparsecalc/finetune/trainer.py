@@ -218,6 +218,16 @@ class Trainer:
             bar.set_postfix(
                 loss=f"{train_loss:.3g}", valid=f"{valid_loss:.3g}", density=f"{self.method.density():.3g}"
             )
+            if bar.disable and self.process.is_main:  # no bar: one log line per epoch (shown with -v)
+                logger.info(
+                    "epoch %d of %d: loss %.3g, validation loss %.3g, density %.3g, %.0f s",
+                    self.state.epoch,
+                    self.epochs,
+                    train_loss,
+                    valid_loss,
+                    self.method.density(),
+                    earlier + time.monotonic() - start,
+                )
             if self._patience_exhausted() and self.state.epoch < self.epochs:
                 self.state.stop_reason = "early_stopping"
             self.save_checkpoint()
