@@ -994,6 +994,54 @@ def test_a_constant_isotropic_stress_offset_is_explained_as_pulay_stress():
     assert warn_about_stress_offset(scattered, model) is None
 
 
+def test_stresses_that_disagree_with_the_energies_slope_are_named():
+    """P = -dE/dV: the copper data (GPAW PBEsol, 4-atom cells over a 37 % spread of volumes)
+    agree with themselves against a conservative base (EMT), so nothing is said; 3 GPa added to
+    every stress (a Pulay stress ten times too small for the offset check) is named; a second
+    phase of the same composition (another cell shape, its energies 0.8 eV higher, as a model
+    error of a phase energy) is fitted apart and raises nothing."""
+    import dataclasses
+
+    from ase.calculators.emt import EMT
+    from ase.units import GPa
+
+    from ase_sparsecalc.finetune.label_checks import (
+        warn_about_stress_offset,
+        warn_if_stresses_disagree_with_energies,
+    )
+
+    frames = read_frames(str(Path(__file__).parents[1] / "examples" / "data" / "cu_pbesol.extxyz"))
+    base = {}
+    for k, frame in enumerate(frames):
+        atoms = frame.atoms.copy()
+        atoms.calc = EMT()
+        base[k] = {"energy": atoms.get_potential_energy(), "stress": atoms.get_stress(voigt=False)}
+    assert warn_if_stresses_disagree_with_energies(frames, base) is None
+    pulay = [dataclasses.replace(f, stress=f.stress - 3 * GPa * np.eye(3)) for f in frames]
+    message = warn_if_stresses_disagree_with_energies(pulay, base)
+    assert message.startswith("Cu4: the DFT stresses of the 44 frames (") and "cu_pbesol.extxyz" in message
+    gap = float(re.search(r"(\d+\.\d) GPa apart", message).group(1))
+    assert 2.5 <= gap <= 3.5
+    assert "Pulay stress" in message and "--stress-weight 0" in message
+    assert warn_about_stress_offset(pulay, base) is None  # 3 GPa: far below the offset check's 32
+
+    stretched = np.diag([1.0, 1.0, 1.3])
+    phase = []
+    for frame in frames:
+        atoms = frame.atoms.copy()
+        atoms.set_cell(atoms.cell.array @ stretched, scale_atoms=True)
+        phase.append(
+            dataclasses.replace(frame, atoms=atoms, energy=frame.energy + 0.8, source=frame.source + "'")
+        )
+    both = frames + phase
+    both_base = {**base, **{len(frames) + k: p for k, p in base.items()}}
+    assert warn_if_stresses_disagree_with_energies(both, both_base) is None
+    label_checks = sys.modules["ase_sparsecalc.finetune.label_checks"]
+    with pytest.MonkeyPatch.context() as patch:  # one curve through both phases would be named
+        patch.setattr(label_checks, "CELL_SHAPE_TOLERANCE", 10.0)
+        assert "88 frames" in warn_if_stresses_disagree_with_energies(both, both_base)
+
+
 def test_shear_stresses_in_vasp_voigt_order_or_of_the_wrong_sign_are_recognised():
     """Six-number stresses in VASP's order (xx yy zz xy yz zx) read as ASE's keep the diagonal (the
     slope test passes) but misplace the shear, and so do shear components of the wrong sign: named,

@@ -393,6 +393,95 @@ def warn_about_stress_offset(
     return message
 
 
+PRESSURE_MISMATCH = 2.0 * GPa
+"""eV/Å³: a gap this large between the pressure the DFT stresses give and the one the DFT
+energies give (their slope against volume) is reported. Converged data agree to a few tenths of
+a GPa (bundled Si, Cu, MgO: 0.01-0.2 GPa); Pulay stress from a cutoff converged for energies
+only is several GPa (SrTiO3 with GPAW at 550 eV: 5-9 GPa, at 430 eV: 40 GPa)."""
+
+MIN_VOLUME_SPREAD = 0.02
+"""Least spread of volumes, (max - min) / mean, over frames of one composition for the slope of
+their energies against volume to be taken."""
+
+MIN_PRESSURE_FRAMES = 5
+"""Least number of frames of one composition, with energies and stresses, for that slope."""
+
+
+def warn_if_stresses_disagree_with_energies(
+    frames: Sequence[Frame], predictions: Mapping[int, Mapping[str, np.ndarray]]
+) -> str | None:
+    r"""Warn when the DFT stresses do not match the derivative of the DFT energies with volume.
+
+    For a periodic structure :math:`P = -\partial E / \partial V`, and a conservative base model
+    obeys it exactly, so the differences (DFT - base) must obey it too: among frames of one
+    composition at several volumes, the slope of the energy difference against volume is minus
+    the mean pressure difference. A Pulay stress (a plane-wave cutoff converged for energies but
+    not for stresses) breaks this by its own size, and a fine-tune then fits both labels halfway.
+    The slope is fitted per composition (at least :data:`MIN_PRESSURE_FRAMES` frames whose
+    volumes spread by :data:`MIN_VOLUME_SPREAD`); a gap above :data:`PRESSURE_MISMATCH` and four
+    standard errors of the slope is reported. Returns the message, or None.
+    """
+    compositions: dict[tuple, list[int]] = {}
+    for k, frame in enumerate(frames):
+        if frame.stress is None or "stress" not in predictions[k] or not frame.atoms.pbc.all():
+            continue
+        compositions.setdefault(tuple(sorted(frame.atoms.symbols.formula.count().items())), []).append(k)
+    found = []  # (gap eV/Å³, pressure from stresses, pressure from energies, frame indices)
+    for members in (group for same in compositions.values() for group in _by_cell_shape(frames, same)):
+        volumes = np.array([frames[k].atoms.get_volume() for k in members])
+        if len(members) < MIN_PRESSURE_FRAMES or np.ptp(volumes) < MIN_VOLUME_SPREAD * volumes.mean():
+            continue
+        energy_gaps = np.array([frames[k].energy - float(predictions[k]["energy"]) for k in members])
+        pressure_gaps = np.array(
+            [-np.trace(frames[k].stress - predictions[k]["stress"]) / 3.0 for k in members]
+        )
+        centred = volumes - volumes.mean()
+        design = np.stack([np.ones_like(centred), centred], axis=1)
+        (_, slope), *_ = np.linalg.lstsq(design, energy_gaps, rcond=None)
+        residual = energy_gaps - design @ np.array([energy_gaps.mean(), slope])
+        slope_error = np.sqrt(residual @ residual / (len(members) - 2) / (centred @ centred))
+        from_stresses, from_energies = float(pressure_gaps.mean()), float(-slope)
+        gap = from_stresses - from_energies
+        if abs(gap) > PRESSURE_MISMATCH and abs(gap) > 4.0 * slope_error:
+            found.append((gap, from_stresses, from_energies, members))
+    if not found:
+        return None
+    gap, from_stresses, from_energies, members = max(found, key=lambda item: abs(item[0]))
+    message = (
+        f"{frames[members[0]].atoms.get_chemical_formula()}: the DFT stresses of "
+        f"{_describe_frames([frames[k] for k in members])} disagree with their energies: relative to "
+        f"the base model, the stresses give a pressure of {from_stresses / GPa:+.1f} GPa, the slope of the "
+        f"energies against volume {from_energies / GPa:+.1f} GPa, {abs(gap) / GPa:.1f} GPa apart (P = -dE/dV "
+        "holds for consistent labels to a few tenths of a GPa). This is usually Pulay stress (a "
+        "plane-wave cutoff converged for energies but not for stresses: raise it, or use the DFT "
+        "code's Pulay correction); a fine-tune fits the two labels halfway. Fix the data, or train "
+        "on one of them (--stress-weight 0, or --energy-weight 0)"
+    )
+    logger.warning(message)
+    return message
+
+
+CELL_SHAPE_TOLERANCE = 0.15
+"""Frames whose cell shapes (metric tensors at unit volume) differ by more than this in any
+entry are taken as different structures (phases) by :func:`_by_cell_shape`."""
+
+
+def _by_cell_shape(frames: Sequence[Frame], members: Sequence[int]) -> list[list[int]]:
+    """``members`` in groups of one cell shape, so that the energies of different phases of one
+    composition (whose model errors differ) are not fitted as one curve against volume."""
+    groups: list[tuple[np.ndarray, list[int]]] = []
+    for k in members:
+        atoms = frames[k].atoms
+        shape = atoms.cell.array @ atoms.cell.array.T / atoms.get_volume() ** (2.0 / 3.0)
+        for reference, group in groups:
+            if np.abs(shape - reference).max() <= CELL_SHAPE_TOLERANCE:
+                group.append(k)
+                break
+        else:
+            groups.append((shape, [k]))
+    return [group for _, group in groups]
+
+
 def warn_if_shifts_underdetermined(
     frames: Sequence[Frame], isolated: Mapping[str, float] | None
 ) -> str | None:
@@ -583,11 +672,12 @@ def check_labels(
     slopes = label_slopes(checked, base_checked)
     messages = warn_about_label_scales(slopes, sources)
     stress_offset = warn_about_stress_offset(checked, base_checked)
+    pulay = stress_offset or warn_if_stresses_disagree_with_energies(checked, base_checked)
     further = (
         warn_if_energies_per_atom_of_one_size(checked, slopes),
         warn_about_stray_energies(checked, base_checked),
         warn_about_net_forces(checked),
-        stress_offset or warn_about_stray_stresses(checked, base_checked),  # one cause, one message
+        pulay or warn_about_stray_stresses(checked, base_checked),  # one cause, one message
         warn_if_shear_order_differs(checked, base_checked),
         warn_if_shifts_underdetermined(train, isolated),
         warn_if_energy_labels_mixed(checked),
