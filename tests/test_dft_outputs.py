@@ -16,6 +16,7 @@ GPAW_LOG = Path(__file__).parent / "data" / "gpaw_si_md.txt"
 GPAW_AL_SMEARED = Path(__file__).parent / "data" / "gpaw_al_md_smeared.txt"  # 0.1 eV smearing
 MGO_LOW_CUTOFF = Path(__file__).parent / "data" / "gpaw_mgo_350eV.txt"  # scripts/make_pulay_example.py
 MGO_CONVERGED = Path(__file__).parent / "data" / "gpaw_mgo_700eV.txt"
+MGO_MID_CUTOFF = Path(__file__).parent / "data" / "gpaw_mgo_500eV.txt"
 MGO_LDA = Path(__file__).parents[1] / "examples" / "data" / "mgo_lda.extxyz"
 SI_DATA = Path(__file__).parents[1] / "examples" / "data" / "si_pbesol.extxyz"
 
@@ -104,6 +105,42 @@ def test_pulay_stress_of_a_low_cutoff_is_reported_and_a_converged_one_is_not():
     offset = np.median([np.trace(f.stress - predicted[k]["stress"]) / 3 for k, f in enumerate(lda)])
     assert 0.03 < offset < 0.1  # eV/Å³: LDA binds tighter than the PBE-trained model
     assert warn_about_stress_offset(lda, predicted) is None
+
+
+def test_a_pulay_stress_below_the_offset_check_shows_against_the_energies():
+    """MgO (GPAW, PBE) at 500 eV: six frames strained by -1 to +4 %, whose stresses carry a Pulay
+    stress under the offset check's 32 GPa; their pressure, against SevenNet-0, is about 19 GPa
+    from the slope of their energies against volume, and that is named. The bundled LDA MgO and
+    PBEsol Si data (converged cutoffs) agree with themselves and raise nothing."""
+    pytest.importorskip("sevenn")
+    from ase.stress import voigt_6_to_full_3x3_stress
+
+    from ase_sparsecalc import SparseCalc
+    from ase_sparsecalc.finetune.label_checks import (
+        warn_about_stress_offset,
+        warn_if_stresses_disagree_with_energies,
+    )
+
+    calc = SparseCalc("sevennet-0", default_dtype="float32")
+
+    def base(frames):
+        results = calc.batch_evaluate([f.atoms for f in frames], ("energy", "forces", "stress"))
+        return {
+            k: {"energy": r["energy"], "stress": voigt_6_to_full_3x3_stress(r["stress"])}
+            for k, r in enumerate(results)
+        }
+
+    mid = read_frames(str(MGO_MID_CUTOFF))
+    assert len(mid) == 6
+    predicted = base(mid)
+    assert warn_about_stress_offset(mid, predicted) is None
+    message = warn_if_stresses_disagree_with_energies(mid, predicted)
+    assert message is not None and message.startswith("Mg4O4: the DFT stresses of the 6 frames")
+    assert "gpaw_mgo_500eV.txt" in message and "Pulay stress" in message
+    assert 15.0 < float(message.split(" GPa apart")[0].rsplit(" ", 1)[1]) < 23.0
+    for path in (MGO_LDA, Path(__file__).parents[1] / "examples" / "data" / "si_pbesol.extxyz"):
+        frames = read_frames(str(path))
+        assert warn_if_stresses_disagree_with_energies(frames, base(frames)) is None
 
 
 @pytest.mark.parametrize("fmt", ["traj", "extxyz"])
