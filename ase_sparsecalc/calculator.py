@@ -20,6 +20,7 @@ from .errors import (
     ModelNotFoundError,
     NonFiniteResultError,
     StressUndefinedError,
+    StructureError,
     UntrainedElementWarning,
 )
 from .graph import build_graph, charge_and_spin, has_cell_volume
@@ -250,6 +251,11 @@ class SparseCalc(Calculator):
         system_changes: Sequence[str] = tuple(all_changes),
     ) -> None:
         """Fill ``self.results``: energy, free_energy, energies, forces and (cells with a volume) stress."""
+        if atoms is None and self.atoms is None:
+            raise StructureError(
+                "no structure to calculate: attach the calculator to one (atoms.calc = calc, then "
+                "atoms.get_potential_energy()) or pass it (calc.get_potential_energy(atoms))"
+            )
         super().calculate(atoms, properties, system_changes)
         self.results = self.batch_evaluate([self.atoms], properties)[0]
 

@@ -318,6 +318,11 @@ def test_structures_no_model_can_evaluate(mace_model_path, atoms, problem):
         atoms.get_potential_energy()
 
 
+def test_a_calculator_without_a_structure_says_so(mace_model_path):
+    with pytest.raises(StructureError, match=r"no structure to calculate: attach the calculator"):
+        SparseCalc(mace_model_path).get_potential_energy()
+
+
 def test_stress_of_a_cell_without_volume_is_refused(mace_model_path):
     slab = bulk("Si", "diamond", a=5.43, cubic=True)
     slab.pbc = [True, True, False]
