@@ -700,8 +700,14 @@ def test_best_epoch_comes_from_the_second_half_and_few_validation_frames_are_fla
     mace_model_path, frames, caplog
 ):
     """An early epoch never wins on a small validation set; the user is told the set is small."""
-    with caplog.at_level("WARNING", logger="ase_sparsecalc.finetune"):
+    with caplog.at_level("INFO", logger="ase_sparsecalc.finetune"):
         result = finetune_with_report(mace_model_path, frames[:8], frames[8:10], method="full", **FAST)
+    valid_errors = result.report["before"]["valid"]
+    assert (  # the starting point, logged before training
+        "8 training and 2 validation frames; base model with energy shifts on the validation frames: "
+        f"energy MAE {valid_errors['energy_mae']:.3g} meV/atom, "
+        f"force MAE {valid_errors['forces_mae']:.3g} meV/Å"
+    ) in caplog.text
     history = result.report["history"]
     best = result.report["training"]["best_epoch"]
     assert best >= FAST["epochs"] // 2

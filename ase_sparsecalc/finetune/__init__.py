@@ -280,6 +280,24 @@ def _finetune_in_session(
         if valid_frames
         else {},
     }
+    if process.is_main:
+        split = "valid" if valid_frames else "train"
+        errors = before[split]
+        logger.info(
+            "%d training and %d validation frames; base model with energy shifts on the %s frames: %s",
+            len(train_frames),
+            len(valid_frames),
+            "validation" if valid_frames else "training",
+            ", ".join(
+                f"{name} {errors[key]:.3g} {unit}"
+                for name, key, unit in (
+                    ("energy MAE", "energy_mae", "meV/atom"),
+                    ("force MAE", "forces_mae", "meV/Å"),
+                    ("stress MAE", "stress_mae", "GPa"),
+                )
+                if key in errors
+            ),
+        )
     echo = warn_if_labels_are_the_base_models(before["train"], train_frames) if process.is_main else None
     data_warnings += [echo] if echo else []
 
