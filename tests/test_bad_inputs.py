@@ -1047,6 +1047,41 @@ def test_stresses_that_disagree_with_the_energies_slope_are_named():
         assert "88 frames" in warn_if_stresses_disagree_with_energies(both, both_base)
 
 
+def test_a_consistent_shear_stress_under_uniaxial_strains_is_not_taken_for_pulay_stress():
+    """An elastic-constant series strains one axis: the energy then changes with the zz stress,
+    not the pressure. Labels that differ from a conservative base (EMT) by a shear stress and its
+    work (consistent, P = -dE/dV and more) raise nothing; an isotropic 3 GPa on top is named."""
+    import dataclasses
+
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.units import GPa
+
+    from ase_sparsecalc.finetune.label_checks import _strain, warn_if_stresses_disagree_with_energies
+
+    shear = np.diag([-2.0, -2.0, 4.0]) * GPa
+    frames, base = [], {}
+    for k, strain in enumerate(np.linspace(-0.03, 0.03, 7)):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+        atoms.set_cell(atoms.cell.array @ np.diag([1.0, 1.0, 1.0 + strain]), scale_atoms=True)
+        atoms.rattle(0.02, seed=k)
+        atoms.calc = EMT()
+        base[k] = {"energy": atoms.get_potential_energy(), "stress": atoms.get_stress(voigt=False)}
+        frame = frame_from_atoms(atoms, f"elastic.xyz:frame {k}")
+        frames.append(dataclasses.replace(frame, stress=base[k]["stress"] + shear))
+    reference = frames[3]  # unstrained
+    frames = [
+        dataclasses.replace(
+            f, energy=f.energy + reference.atoms.get_volume() * np.sum(shear * _strain(reference, f))
+        )
+        for f in frames
+    ]
+    assert warn_if_stresses_disagree_with_energies(frames, base) is None
+    pulay = [dataclasses.replace(f, stress=f.stress - 3 * GPa * np.eye(3)) for f in frames]
+    message = warn_if_stresses_disagree_with_energies(pulay, base)
+    assert message is not None and message.startswith("Cu4: the DFT stresses of the 7 frames (elastic.xyz)")
+
+
 def test_shear_stresses_in_vasp_voigt_order_or_of_the_wrong_sign_are_recognised():
     """Six-number stresses in VASP's order (xx yy zz xy yz zx) read as ASE's keep the diagonal (the
     slope test passes) but misplace the shear, and so do shear components of the wrong sign: named,
