@@ -450,7 +450,7 @@ def test_phonon_summary_marks_interpolated_points(sevennet64):
     assert "K" in summary.interpolated_points
     lines = summary_lines(summary, 1.0)
     assert any(line.strip().startswith("K*:") for line in lines)
-    assert any(line.strip().startswith("X :") for line in lines)
+    assert any(line.strip().startswith("X:") for line in lines)
     assert any("not a q-point of this supercell" in line for line in lines)
 
 

@@ -140,8 +140,8 @@ def summary_lines(summary, wall_s: float) -> list[str]:
         "  frequencies at the special points (THz):",
     ]
     for label, freqs in summary.special_points.items():
-        mark = "*" if label in summary.interpolated_points else " "
-        lines.append(f"    {label:>3}{mark}: " + " ".join(f"{f:7.3f}" for f in freqs))
+        mark = "*" if label in summary.interpolated_points else ""
+        lines.append(f"    {label + mark:>4}: " + " ".join(f"{f:7.3f}" for f in freqs))
     if summary.interpolated_points:
         lines.append(
             "    * not a q-point of this supercell: interpolated from the force constants (a "
