@@ -1047,6 +1047,35 @@ def test_stresses_that_disagree_with_the_energies_slope_are_named():
         assert "88 frames" in warn_if_stresses_disagree_with_energies(both, both_base)
 
 
+def test_an_equation_of_state_the_base_model_does_not_follow_is_not_taken_for_a_unit_error():
+    """Seven volumes of fcc Cu within 3 %: the energies beyond composition span a few meV, and a
+    base model whose minimum lies elsewhere (EMT, labels 3 GPa off it in pressure) does not
+    follow them, so their least-squares ratio means nothing and no unit warning is given; the
+    same energies in Hartree, against a base that follows them, are still named."""
+    import dataclasses
+
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.units import GPa, Hartree
+
+    from ase_sparsecalc.finetune.label_checks import label_slopes, warn_about_label_scales
+
+    frames, base = [], {}
+    for k, scale in enumerate(np.linspace(0.99, 1.01, 7)):
+        atoms = bulk("Cu", "fcc", a=3.6 * scale, cubic=True)
+        atoms.calc = EMT()
+        base[k] = {"energy": atoms.get_potential_energy(), "stress": atoms.get_stress(voigt=False)}
+        frame = frame_from_atoms(atoms, f"eos.xyz:frame {k}", require_forces=False)
+        volume_change = atoms.get_volume() - 3.6**3
+        frames.append(dataclasses.replace(frame, energy=frame.energy - 3 * GPa * volume_change))
+    slopes = label_slopes(frames, base)
+    assert "energy" not in slopes
+    assert warn_about_label_scales(slopes, "eos.xyz") == []
+    follows = {k: {"energy": f.energy} for k, f in enumerate(frames)}
+    in_hartree = [dataclasses.replace(f, energy=f.energy / Hartree) for f in frames]
+    assert label_slopes(in_hartree, follows)["energy"] == pytest.approx(1 / Hartree)
+
+
 def test_a_consistent_shear_stress_under_uniaxial_strains_is_not_taken_for_pulay_stress():
     """An elastic-constant series strains one axis: the energy then changes with the zz stress,
     not the pressure. Labels that differ from a conservative base (EMT) by a shear stress and its

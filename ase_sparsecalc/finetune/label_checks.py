@@ -84,9 +84,19 @@ def _beyond_composition(counts: np.ndarray, energies: np.ndarray) -> np.ndarray:
     return energies - counts @ coefficients
 
 
+MIN_ALIGNMENT = 0.5
+"""Least |cosine| between the DFT labels and the base model's values (both as vectors) for
+their slope to be taken: a unit or sign error scales the labels and keeps the cosine near one,
+while labels the base model does not follow (an equation of state spanning a few meV, with the
+model's minimum elsewhere) give a slope that says nothing about units."""
+
+
 def _slope(name: str, labels: np.ndarray, model: np.ndarray) -> dict[str, float]:
     spread = float(np.sqrt(np.mean(model**2))) if model.size else 0.0
     if spread < MIN_SPREAD[name]:
+        return {}
+    norms = float(np.linalg.norm(labels) * np.linalg.norm(model))
+    if norms == 0.0 or abs(float(labels @ model)) < MIN_ALIGNMENT * norms:
         return {}
     return {name: float(labels @ model / (model @ model))}
 
