@@ -261,7 +261,7 @@ def _finetune_in_session(
     shifts = fit_energy_shifts(train_frames, _energies(base_train, len(train_frames)), prior)
     shifts.update(_shifts_of_untrained_elements(prior, shifts))
     backend.add_energy_shifts(shifts)
-    slopes, data_warnings = {}, split_warnings
+    slopes, data_warnings = {}, list(split_warnings)
     if process.is_main:
         sources = _describe(train) + (f", {_describe(valid)}" if valid is not None else "")
         slopes, label_warnings = check_labels(
@@ -273,7 +273,7 @@ def _finetune_in_session(
             backend.takes_charge_and_spin,
             sources,
         )
-        data_warnings = data_warnings + label_warnings
+        data_warnings += label_warnings
     before = {
         "train": error_metrics(train_frames, _with_shifts(base_train, train_frames, shifts)),
         "valid": error_metrics(valid_frames, _with_shifts(base_valid, valid_frames, shifts))
@@ -281,8 +281,7 @@ def _finetune_in_session(
         else {},
     }
     if process.is_main:
-        split = "valid" if valid_frames else "train"
-        errors = before[split]
+        errors = before["valid" if valid_frames else "train"]
         logger.info(
             "%d training and %d validation frames; base model with energy shifts on the %s frames: %s",
             len(train_frames),

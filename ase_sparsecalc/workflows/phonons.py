@@ -542,23 +542,24 @@ def frequencies_at(phonon, qpoints: Sequence[Sequence[float]]) -> np.ndarray:
     return np.array(phonon.run_qpoints(np.atleast_2d(qpoints)).frequencies)
 
 
+def _labelled_points(phonon) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``label -> (q, frequencies)`` at each labelled point of the band path (first occurrence)."""
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for start, end, _, qpts, freqs in band_segments(phonon):
+        out.setdefault(start, (qpts[0], freqs[0]))
+        out.setdefault(end, (qpts[-1], freqs[-1]))
+    return out
+
+
 def special_point_frequencies(phonon) -> dict[str, np.ndarray]:
     """Frequencies (THz) at each labelled point of the band path (first occurrence)."""
-    out: dict[str, np.ndarray] = {}
-    for start, end, _, _, freqs in band_segments(phonon):
-        out.setdefault(start, freqs[0])
-        out.setdefault(end, freqs[-1])
-    return out
+    return {label: freqs for label, (_, freqs) in _labelled_points(phonon).items()}
 
 
 def special_point_qpoints(phonon) -> dict[str, np.ndarray]:
     """q (reduced, primitive reciprocal lattice) of each labelled point of the band path (first
     occurrence), as :func:`special_point_frequencies` names them."""
-    out: dict[str, np.ndarray] = {}
-    for start, end, _, qpts, _ in band_segments(phonon):
-        out.setdefault(start, qpts[0])
-        out.setdefault(end, qpts[-1])
-    return out
+    return {label: q for label, (q, _) in _labelled_points(phonon).items()}
 
 
 def sampled_by_supercell(phonon, qpoint: Sequence[float]) -> bool:
