@@ -1047,6 +1047,42 @@ def test_stresses_that_disagree_with_the_energies_slope_are_named():
         assert "88 frames" in warn_if_stresses_disagree_with_energies(both, both_base)
 
 
+def test_a_pulay_stress_shows_against_a_base_model_half_as_stiff_as_the_dft():
+    """Labels twice as stiff as the base (EMT; as SevenNet-0 against PBE bcc Fe, 92 against 183
+    GPa): the energy difference curves with volume, and the pressure difference follows it
+    (consistent labels), so nothing is said; 3 GPa more in every stress is named with its size,
+    although the curvature alone spreads a straight-line fit of the energies by several GPa."""
+    import dataclasses
+
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.units import GPa
+
+    from ase_sparsecalc.finetune.label_checks import warn_if_stresses_disagree_with_energies
+
+    extra_modulus, reference_volume = 140 * GPa, 3.6**3
+    frames, base = [], {}
+    for k, scale in enumerate(np.linspace(0.965, 1.035, 8)):
+        atoms = bulk("Cu", "fcc", a=3.6 * scale, cubic=True)
+        atoms.rattle(0.01 * (k % 2), seed=k)
+        atoms.calc = EMT()
+        base[k] = {"energy": atoms.get_potential_energy(), "stress": atoms.get_stress(voigt=False)}
+        frame = frame_from_atoms(atoms, f"eos.xyz:frame {k}")
+        strain = (atoms.get_volume() - reference_volume) / reference_volume
+        frames.append(
+            dataclasses.replace(
+                frame,
+                energy=frame.energy + 0.5 * extra_modulus * reference_volume * strain**2,
+                stress=frame.stress + extra_modulus * strain * np.eye(3),
+            )
+        )
+    assert warn_if_stresses_disagree_with_energies(frames, base) is None
+    pulay = [dataclasses.replace(f, stress=f.stress - 3 * GPa * np.eye(3)) for f in frames]
+    message = warn_if_stresses_disagree_with_energies(pulay, base)
+    assert message is not None and message.startswith("Cu4: the DFT stresses of the 8 frames (eos.xyz)")
+    assert 2.8 <= float(re.search(r"(\d+\.\d) GPa apart", message).group(1)) <= 3.2
+
+
 def test_an_equation_of_state_the_base_model_does_not_follow_is_not_taken_for_a_unit_error():
     """Seven volumes of fcc Cu within 3 %: the energies beyond composition span a few meV, and a
     base model whose minimum lies elsewhere (EMT, labels 3 GPa off it in pressure) does not
