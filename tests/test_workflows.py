@@ -29,7 +29,7 @@ from ase_sparsecalc.workflows import (
     special_point_frequencies,
     summarize_phonons,
 )
-from ase_sparsecalc.workflows.phonons import thermal_grid, write_phonon_files
+from ase_sparsecalc.workflows.phonons import near_gamma, thermal_grid, write_phonon_files
 
 MACE_ENV_WARNING = "ignore:Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD:UserWarning"
 
@@ -427,6 +427,51 @@ def test_imaginary_modes_are_reported_with_their_qpoint(mace_model_path):
         assert "imaginary at the special points: " + next(iter(at_points)) in lines
 
 
+def _soften_on_site(phonon, stiffness: float):
+    """``phonon`` with every atom's on-site force constant lowered by ``stiffness`` (eV/Å²), as a
+    broken acoustic sum rule does: the acoustic modes at Γ go to sqrt(-stiffness / mass)."""
+    band = phonon.band_structure
+    mesh, path, labels, connections = (
+        phonon.mesh.mesh_numbers, band.qpoints, band.labels, band.path_connections
+    )  # fmt: skip
+    constants = phonon.force_constants.copy()
+    rows = phonon.primitive.p2s_map if constants.shape[0] != constants.shape[1] else range(len(constants))
+    for row, atom in zip(range(len(constants)), rows, strict=False):
+        constants[row, atom] -= stiffness * np.eye(3)
+    phonon.force_constants = constants  # phonopy drops its mesh and band structure here
+    phonon.run_mesh(mesh)
+    phonon.run_band_structure(path, path_connections=connections, labels=labels)
+    return phonon
+
+
+def test_small_imaginary_acoustic_modes_near_gamma_are_told_from_an_instability():
+    """Force constants whose acoustic modes at Γ go imaginary by 0.1 THz (a broken acoustic sum
+    rule, the flexural branch of a 2-D layer) are reported as most likely noise, with the
+    structure still dynamically stable; at 1.4 THz, or away from Γ, they are an instability."""
+    from ase.calculators.emt import EMT
+
+    copper = bulk("Cu", "fcc", a=3.61)
+    phonon = phonons(copper, EMT(), supercell=3, mesh=(6, 6, 6), band_npoints=11)
+    assert not imaginary_modes(phonon)
+    assert near_gamma(phonon, (0.3, 0.0, 0.0)) and near_gamma(phonon, (1.1, 0.0, -1.0))
+    assert not near_gamma(phonon, (0.34, 0.0, 0.0)) and not near_gamma(phonon, (0.5, 0.5, 0.5))
+
+    noise = summarize_phonons(_soften_on_site(phonon, 3e-3))  # Cu: 0.107 THz at Γ
+    assert noise.imaginary and all(mode.acoustic_near_gamma for mode in noise.imaginary)
+    assert all(mode.band_index < 3 and mode.qpoint == (0.0, 0.0, 0.0) for mode in noise.imaginary)
+    assert noise.imaginary[0].frequency == pytest.approx(-0.107, abs=0.005)
+    assert noise.dynamically_stable and not noise.unstable_modes()
+    lines = "\n".join(summary_lines(noise, 1.0))
+    assert "small imaginary frequencies on the acoustic branches near Γ only" in lines
+    assert "IMAGINARY" not in lines and "dynamically unstable" not in lines
+
+    unstable = summarize_phonons(_soften_on_site(phonon, 0.5))  # 1.4 THz more at Γ
+    assert not unstable.dynamically_stable
+    assert unstable.imaginary[0].frequency < -1.0 and not unstable.imaginary[0].acoustic_near_gamma
+    lines = "\n".join(summary_lines(unstable, 1.0))
+    assert "IMAGINARY modes" in lines and "dynamically unstable structure" in lines
+
+
 def test_special_points_between_the_supercells_q_points_are_marked():
     """A 2x2x2 supercell of the fcc primitive cell holds Γ, X and L but not K, U or W; a 3x3x3
     one holds only Γ of these: the summary marks the others as interpolated."""
@@ -452,6 +497,8 @@ def test_phonon_summary_marks_interpolated_points(sevennet64):
     assert any(line.strip().startswith("K*:") for line in lines)
     assert any(line.strip().startswith("X:") for line in lines)
     assert any("not a q-point of this supercell" in line for line in lines)
+    # K = (3/8, 3/8, 3/4) of fcc: sampled by supercells of 8, 16, ... primitive cells per axis
+    assert any("K: a multiple of 8 primitive cells along a, b and c" in line for line in lines)
 
 
 def test_phonons_primitive_choice(sevennet64, caplog):

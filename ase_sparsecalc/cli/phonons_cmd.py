@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+from fractions import Fraction
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -143,22 +145,37 @@ def summary_lines(summary, wall_s: float) -> list[str]:
         mark = "*" if label in summary.interpolated_points else ""
         lines.append(f"    {label + mark:>4}: " + " ".join(f"{f:7.3f}" for f in freqs))
     if summary.interpolated_points:
+        needs = "; ".join(
+            _sampling_need(label, summary.special_qpoints[label])
+            for label in summary.interpolated_points
+            if label in summary.special_qpoints
+        )
         lines.append(
-            "    * not a q-point of this supercell: interpolated from the force constants (a "
-            "supercell that holds it, e.g. even multiples for q with halves, gives it exactly)"
+            "    * not a q-point of this supercell: interpolated from the force constants; a "
+            "supercell that holds it gives it exactly" + (f" ({needs})" if needs else "")
         )
     top = summary.max_frequency
     lines.append(
         f"  highest frequency: {top:.3f} THz = {top * THZ_TO_CM1:.1f} cm^-1 = {top * THZ_TO_MEV:.2f} meV"
     )
-    if summary.imaginary:
+    noise_only = bool(summary.imaginary) and not summary.unstable_modes()
+    if noise_only:
+        worst = summary.imaginary[0]
+        lines.append(
+            f"  small imaginary frequencies on the acoustic branches near Γ only: "
+            f"{len(summary.imaginary)} (q-point, branch) pairs, lowest {worst.frequency:.3f} THz "
+            f"({worst.frequency_cm1:.1f} cm^-1) at q={_format_q(worst.qpoint)}, branch {worst.band_index}; "
+            "closer to Γ than the supercell's nearest q-points, where the frequencies are "
+            "interpolated: most likely numerical noise (the flexural ZA branch of a 2-D layer most "
+            "of all), not an instability. A larger supercell or a structure relaxed to smaller "
+            "forces tells them apart"
+        )
+    elif summary.imaginary:
         worst = summary.imaginary[0]
         lines.append(
             f"  IMAGINARY modes: {len(summary.imaginary)} (q-point, branch) pairs below the threshold; "
-            f"lowest {worst.frequency:.3f} THz ({worst.frequency_cm1:.1f} cm^-1) at q="
-            + "("
-            + ", ".join(f"{x:.3f}" for x in worst.qpoint)
-            + f"), branch {worst.band_index}"
+            f"lowest {worst.frequency:.3f} THz ({worst.frequency_cm1:.1f} cm^-1) at "
+            f"q={_format_q(worst.qpoint)}, branch {worst.band_index}"
         )
         at_points = summary.imaginary_points()
         if at_points:
@@ -174,9 +191,26 @@ def summary_lines(summary, wall_s: float) -> list[str]:
         f"F = {summary.free_energy:.3f} kJ/mol, S = {summary.entropy:.3f} J/(K mol), "
         f"Cv = {summary.heat_capacity:.3f} J/(K mol)"
     )
-    if summary.imaginary:
+    if noise_only:
+        lines.append("  (phonopy leaves those few modes near Γ out of F, S and Cv)")
+    elif summary.imaginary:
         lines.append(
             "  (phonopy leaves the imaginary modes out of F, S and Cv: these are not the thermal "
             "properties of a dynamically unstable structure)"
         )
     return lines
+
+
+def _format_q(qpoint) -> str:
+    return "(" + ", ".join(f"{x:.3f}" for x in qpoint) + ")"
+
+
+def _sampling_need(label: str, qpoint, largest: int = 24) -> str:
+    """Which diagonal supercells of the primitive cell sample ``qpoint`` (reduced): along each
+    primitive axis on which q has a fraction 1/n, a multiple of n cells, e.g.
+    ``"K: a multiple of 3 primitive cells along a and b"``."""
+    fractions = [Fraction(float(x)).limit_denominator(largest) for x in qpoint]
+    axes = [name for name, fraction in zip("abc", fractions, strict=True) if fraction.denominator > 1]
+    multiple = math.lcm(*(fraction.denominator for fraction in fractions))
+    named = " and ".join([", ".join(axes[:-1]), axes[-1]] if len(axes) > 1 else axes)
+    return f"{label}: a multiple of {multiple} primitive cells along {named}"

@@ -51,6 +51,10 @@ about (a cell relaxed without its symmetry kept: more displaced supercells, othe
 
 IMAGINARY_THRESHOLD_THZ = -0.05
 """Frequencies below this (THz) count as imaginary; phonopy prints imaginary ones as negative."""
+ACOUSTIC_NOISE_THZ = -0.3
+"""THz (10 cm⁻¹): imaginary frequencies above this on an acoustic branch, closer to Γ than the
+nearest q-points the supercell samples, are taken for numerical noise (see
+:attr:`ImaginaryMode.acoustic_near_gamma`)."""
 
 
 @dataclass(frozen=True)
@@ -67,12 +71,21 @@ class ImaginaryMode:
         THz; negative: phonopy's convention for an imaginary frequency.
     source : str
         ``"mesh"`` or ``"band"`` (the band path).
+    acoustic_near_gamma : bool
+        On one of the three acoustic branches, above :data:`ACOUSTIC_NOISE_THZ`, and closer to Γ
+        than the nearest q-points the supercell samples (:func:`near_gamma`), where frequencies
+        are interpolated and tend to zero. Small errors in the force constants (residual forces,
+        a broken acoustic sum rule) show there first, most of all on the flexural (ZA) branch of
+        a 2-D layer, whose frequency grows as q² from zero: such a mode is most likely
+        numerical noise. An elastic instability also starts there, though; a larger supercell
+        or a structure relaxed to smaller forces tells the two apart.
     """
 
     qpoint: tuple[float, float, float]
     band_index: int
     frequency: float
     source: str
+    acoustic_near_gamma: bool = False
 
     @property
     def frequency_cm1(self) -> float:
@@ -105,6 +118,8 @@ class PhononSummary:
         the zone-boundary points of a cubic cell, q with halves; an even one does).
     threshold : float
         THz, the frequency below which a mode counts as imaginary.
+    special_qpoints : dict of str -> (3,) array
+        q (reduced, primitive reciprocal lattice) of each label of ``special_points``.
     """
 
     n_primitive_atoms: int
@@ -120,11 +135,17 @@ class PhononSummary:
     heat_capacity: float
     interpolated_points: list[str] = field(default_factory=list)
     threshold: float = IMAGINARY_THRESHOLD_THZ
+    special_qpoints: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def dynamically_stable(self) -> bool:
-        """No mode below the imaginary threshold on the mesh or the band path."""
-        return not self.imaginary
+        """No mode below the imaginary threshold on the mesh or the band path, except small ones
+        on the acoustic branches near Γ (:attr:`ImaginaryMode.acoustic_near_gamma`)."""
+        return not self.unstable_modes()
+
+    def unstable_modes(self) -> list[ImaginaryMode]:
+        """The imaginary modes that are not small acoustic ones near Γ, most negative first."""
+        return [mode for mode in self.imaginary if not mode.acoustic_near_gamma]
 
     def imaginary_points(self) -> dict[str, np.ndarray]:
         """The special points with imaginary modes: label -> their frequencies (THz, negative)."""
@@ -566,9 +587,24 @@ def sampled_by_supercell(phonon, qpoint: Sequence[float]) -> bool:
     r"""Whether ``qpoint`` (reduced, primitive reciprocal lattice) is a q-point of the supercell:
     :math:`e^{2\pi i q \cdot R} = 1` for every supercell lattice vector :math:`R`, so that finite
     displacements in this supercell give its frequencies exactly, not interpolated."""
-    reciprocal = np.linalg.inv(np.asarray(phonon.primitive.cell)).T  # rows b_i, a_i . b_j = δ_ij
-    phases = np.asarray(phonon.supercell.cell) @ (np.asarray(qpoint, dtype=float) @ reciprocal)
+    phases = _supercell_phases(phonon, qpoint)
     return bool(np.allclose(phases, np.round(phases), atol=1e-6))
+
+
+def near_gamma(phonon, qpoint: Sequence[float]) -> bool:
+    r"""Whether ``qpoint`` (reduced, primitive reciprocal lattice) lies closer to Γ (or one of its
+    copies) than the nearest q-points the supercell samples: :math:`|q \cdot R| < 2\pi` for each
+    supercell lattice vector :math:`R` (for an N×N×1 supercell, |q_i| < 1/N in-plane). There the
+    frequencies are interpolated between Γ and those points."""
+    q = np.asarray(qpoint, dtype=float)
+    phases = _supercell_phases(phonon, q - np.round(q))
+    return bool(np.all(np.abs(phases) < 1.0 - 1e-6))
+
+
+def _supercell_phases(phonon, qpoint) -> np.ndarray:
+    r""":math:`q \cdot R / 2\pi` for the three supercell lattice vectors :math:`R`, shape (3,)."""
+    reciprocal = np.linalg.inv(np.asarray(phonon.primitive.cell)).T  # rows b_i, a_i . b_j = δ_ij
+    return np.asarray(phonon.supercell.cell) @ (np.asarray(qpoint, dtype=float) @ reciprocal)
 
 
 def imaginary_modes(phonon, threshold_THz: float = IMAGINARY_THRESHOLD_THZ) -> list[ImaginaryMode]:
@@ -580,6 +616,7 @@ def imaginary_modes(phonon, threshold_THz: float = IMAGINARY_THRESHOLD_THZ) -> l
         Sorted from the most negative frequency; one entry per (q-point, branch).
     """
     found: dict[tuple, ImaginaryMode] = {}
+    n_acoustic = 3
     sources = []
     if phonon.mesh is not None:
         sources.append(("mesh", phonon.mesh.qpoints, phonon.mesh.frequencies))
@@ -591,7 +628,9 @@ def imaginary_modes(phonon, threshold_THz: float = IMAGINARY_THRESHOLD_THZ) -> l
             q = tuple(round(float(x), 6) for x in qpts[iq])
             key = (q, int(ib))
             if key not in found:
-                found[key] = ImaginaryMode(q, int(ib), float(freqs[iq][ib]), source)
+                frequency = float(freqs[iq][ib])
+                noise = ib < n_acoustic and frequency > ACOUSTIC_NOISE_THZ and near_gamma(phonon, q)
+                found[key] = ImaginaryMode(q, int(ib), frequency, source, acoustic_near_gamma=noise)
     return sorted(found.values(), key=lambda m: m.frequency)
 
 
@@ -638,6 +677,7 @@ def summarize_phonons(
         heat_capacity=thermal[2],
         interpolated_points=[label for label, q in labelled.items() if not sampled_by_supercell(phonon, q)],
         threshold=threshold_THz,
+        special_qpoints=labelled,
     )
 
 
