@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ase import Atoms
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
 from .backends import Backend, delta_head, load_backend
 from .backends.accelerate import check_compile_mode
@@ -243,6 +243,22 @@ class SparseCalc(Calculator):
             return False
         compared = [key for key in last.arrays if key in all_changes]  # positions, numbers, ...
         return all(np.array_equal(last.arrays[key], atoms.arrays[key]) for key in compared)
+
+    def get_property(self, name: str, atoms: Atoms | None = None, allow_calculation: bool = True):
+        """ASE's ``get_property``; asking for a property the model does not predict (``magmoms``,
+        ``charges``, ``dipole``) raises ASE's PropertyNotImplementedError naming the model."""
+        if name not in self.implemented_properties:
+            why = (
+                " (no spin output: trained on spin-polarised DFT, a delta learns the energies and "
+                "forces of the magnetic states in its frames, not their moments)"
+                if name in ("magmom", "magmoms")
+                else ""
+            )
+            raise PropertyNotImplementedError(
+                f"{name} property not implemented: {self.backend.model_name} predicts "
+                f"{', '.join(self.implemented_properties)}{why}"
+            )
+        return super().get_property(name, atoms, allow_calculation)
 
     def calculate(
         self,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from ase import Atoms
+from ase.calculators.calculator import PropertyNotImplementedError
 
 from ase_sparsecalc import SparseCalc, load_backend
 from ase_sparsecalc.delta import DeltaMetadata, SparseDelta
@@ -168,6 +171,12 @@ def test_results_for_molecule_and_crystal(calc, ethanol, silicon):
     silicon.calc = calc
     assert silicon.get_stress().shape == (6,)
     assert np.abs(silicon.get_forces().sum(axis=0)).max() < 1e-8  # Newton's third law
+    # no spin output: ASE's own error, naming the model
+    named = f"magmoms .*{re.escape(str(calc.backend.model_name))}.*no spin output"
+    with pytest.raises(PropertyNotImplementedError, match=named):
+        silicon.get_magnetic_moments()
+    with pytest.raises(PropertyNotImplementedError, match="dipole property not implemented"):
+        silicon.get_dipole_moment()
 
 
 def test_per_atom_energies(calc, ethanol):

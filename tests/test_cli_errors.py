@@ -358,6 +358,8 @@ def test_unexpected_exception_is_one_line_unless_verbose(files, capsys, monkeypa
     assert len(err) == 1 and "internal error: KeyError" in err[0] and "sparsecalc -v eval" in err[0]
     with pytest.raises(KeyError):
         main(["-v", *argv])
+    with pytest.raises(KeyError):  # -v after the command, where users also put it
+        main([*argv, "-v"])
 
 
 class _ClosedPipe:

@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.add_parser(subparsers)
+        subparsers.choices[name].add_argument(  # also after the command: sparsecalc finetune ... -v
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,  # absent here: the top-level option's value stands
+            help="log progress details (as sparsecalc -v COMMAND)",
+        )
     return parser
 
 

@@ -350,7 +350,14 @@ class Trainer:
 
     def _restore_best(self) -> None:
         if self._best_method_state is not None and self.state.best_epoch != self.state.epoch:
-            logger.info("restoring the best epoch (%d) by validation loss", self.state.best_epoch)
+            first = next(e for e in range(1, self.epochs + 1) if self._eligible_for_best(e))
+            logger.info(
+                "restoring epoch %d, the lowest validation loss of epochs %d-%d (earlier ones, at a "
+                "higher learning rate or before the density target, do not compete: --best-from)",
+                self.state.best_epoch,
+                first,
+                self.state.epoch,
+            )
             self.method.load_state_dict(self._best_method_state)
 
     # ------------------------------------------------------------------ checkpoints
