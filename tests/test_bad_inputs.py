@@ -1083,6 +1083,42 @@ def test_a_pulay_stress_shows_against_a_base_model_half_as_stiff_as_the_dft():
     assert 2.8 <= float(re.search(r"(\d+\.\d) GPa apart", message).group(1)) <= 3.2
 
 
+def test_a_slab_stress_across_the_vacuum_must_follow_from_its_forces():
+    """A Cu(111) slab with 12 Å of vacuum, rattled: EMT's stress normal to the vacuum is what its
+    forces give (σ n = -Σ F h / V), wherever the slab sits in the cell (across the boundary too)
+    and whichever axis is open, so nothing is said; an isotropic 0.5 GPa added to every stress
+    (a slab's Pulay stress) is named with its size. Bulk frames are left to the other checks."""
+    import dataclasses
+
+    from ase.build import fcc111
+    from ase.calculators.emt import EMT
+    from ase.units import GPa
+
+    from ase_sparsecalc.finetune.label_checks import warn_if_slab_stresses_disagree_with_forces
+
+    frames = []
+    for k in range(4):
+        slab = fcc111("Cu", size=(2, 2, 3), vacuum=6.0, periodic=True)
+        slab.rattle(0.05, seed=k)
+        if k % 2:  # the slab straddles the cell's boundary
+            slab.positions[:, 2] += 0.5 * slab.cell[2, 2]
+            slab.wrap()
+        if k == 3:  # the vacuum along x instead
+            slab.set_cell(slab.cell.array[[2, 0, 1]][:, [2, 0, 1]])
+            slab.positions = slab.positions[:, [2, 0, 1]]
+        slab.calc = EMT()
+        slab.get_forces(), slab.get_stress()
+        frames.append(frame_from_atoms(slab, f"slab.xyz:frame {k}"))
+    assert warn_if_slab_stresses_disagree_with_forces(frames) is None
+    pulay = [dataclasses.replace(f, stress=f.stress + 0.5 * GPa * np.eye(3)) for f in frames]
+    message = warn_if_slab_stresses_disagree_with_forces(pulay)
+    assert message is not None and message.startswith("the DFT stresses of the 4 frames (slab.xyz)")
+    assert "+0.50 GPa more there" in message and "--stress-weight 0" in message
+    bulk_cu = read_frames(str(Path(__file__).parents[1] / "examples" / "data" / "cu_pbesol.extxyz"))
+    off = [dataclasses.replace(f, stress=f.stress + 0.5 * GPa * np.eye(3)) for f in bulk_cu]
+    assert warn_if_slab_stresses_disagree_with_forces(off) is None
+
+
 def test_an_equation_of_state_the_base_model_does_not_follow_is_not_taken_for_a_unit_error():
     """Seven volumes of fcc Cu within 3 %: the energies beyond composition span a few meV, and a
     base model whose minimum lies elsewhere (EMT, labels 3 GPa off it in pressure) does not

@@ -499,6 +499,76 @@ def warn_if_stresses_disagree_with_energies(
     return message
 
 
+SLAB_STRESS_MISMATCH = 0.1 * GPa
+"""eV/Å³: a mean gap this large in the stress across the vacuum of slab frames, beyond what their
+forces give, is reported. The stress there is over the whole cell, vacuum included, so a small
+number moves the in-plane lattice constant a lot: GPAW PBE MoS2 monolayers at 400 eV (16 Å of
+vacuum) carry 0.22 ± 0.01 GPa, which moves the zero-stress lattice constant by 0.26 %."""
+
+SLAB_VACUUM = 6.0
+"""Å: a gap between atomic planes wider than this along a cell vector is vacuum, across which
+neither DFT nor the base model interacts (the workflows' vacuum warning uses the same width)."""
+
+MIN_SLAB_FRAMES = 3
+"""Least number of slab frames, with forces and stresses, for the comparison."""
+
+
+def warn_if_slab_stresses_disagree_with_forces(frames: Sequence[Frame]) -> str | None:
+    r"""Warn when the DFT stress across a slab's vacuum does not follow from the DFT forces.
+
+    With vacuum along a cell vector, nothing interacts across it, and a strain that only moves
+    atoms along the vacuum's normal :math:`\hat n` changes the energy through the atoms alone:
+    :math:`\sigma \hat n = -\frac{1}{V} \sum_i F_i h_i`, with :math:`h_i` the height of atom
+    *i* along :math:`\hat n` (the slab kept whole) and *V* the cell volume, vacuum included. This
+    holds for any converged DFT and exactly for the base model. A plane-wave basis that is not
+    converged for stresses adds its Pulay stress, isotropic, so the normal component
+    :math:`\hat n^T \sigma \hat n` shows it with the size it also has in the in-plane
+    components, where a fine-tune would learn it as a change of the lattice constant. A mean
+    gap above :data:`SLAB_STRESS_MISMATCH` and four standard errors, over at least
+    :data:`MIN_SLAB_FRAMES` frames with a vacuum wider than :data:`SLAB_VACUUM`, is reported.
+    Returns the message, or None.
+    """
+    from ..workflows._periodicity import widest_gaps
+
+    gaps, sources = [], []
+    for frame in frames:
+        atoms = frame.atoms
+        if frame.stress is None or frame.forces is None:
+            continue
+        widths = widest_gaps(atoms)
+        if widths.max() <= SLAB_VACUUM:
+            continue
+        k = int(np.argmax(widths))
+        cell = atoms.cell.array
+        normal = np.cross(cell[(k + 1) % 3], cell[(k + 2) % 3])
+        normal /= np.linalg.norm(normal)
+        fractions = np.mod(atoms.cell.scaled_positions(atoms.positions)[:, k], 1.0)
+        order = np.sort(fractions)
+        steps = np.diff(np.append(order, order[0] + 1.0))
+        bottom = order[(int(np.argmax(steps)) + 1) % len(order)]  # the slab starts above the gap
+        heights = np.mod(fractions - bottom, 1.0) * float(cell[k] @ normal)
+        from_forces = -(frame.forces * heights[:, None]).sum(axis=0) / atoms.get_volume()
+        gaps.append(float(normal @ frame.stress @ normal - normal @ from_forces))
+        sources.append(frame)
+    if len(gaps) < MIN_SLAB_FRAMES:
+        return None
+    mean, error = float(np.mean(gaps)), float(np.std(gaps, ddof=1) / np.sqrt(len(gaps)))
+    if abs(mean) <= SLAB_STRESS_MISMATCH or abs(mean) <= 4.0 * error:
+        return None
+    message = (
+        f"the DFT stresses of {_describe_frames(sources)} (slabs: more than {SLAB_VACUUM:.0f} Å of "
+        f"vacuum) disagree with their forces across the vacuum: with nothing interacting across it, "
+        f"the stress normal to the vacuum follows from the forces (σ n = -Σ F h / V), but the DFT "
+        f"stresses carry {mean / GPa:+.2f} GPa more there (± {error / GPa:.1g}). This is usually Pulay "
+        "stress (a plane-wave cutoff converged for energies but not for stresses), which is "
+        "isotropic: it is in the in-plane stresses too, and a fine-tune learns it as a change of "
+        "the in-plane lattice constant. Raise the cutoff, subtract it from the stresses, or train "
+        "without them (--stress-weight 0)"
+    )
+    logger.warning(message)
+    return message
+
+
 def _strain(reference: Frame, frame: Frame) -> np.ndarray:
     """Green-Lagrange strain (3, 3) that takes ``reference``'s cell to ``frame``'s, in the
     reference's Cartesian axes (cells as rows: :math:`E = (C_0^{-1} C C^T C_0^{-T} - 1) / 2`)."""
@@ -718,7 +788,11 @@ def check_labels(
     slopes = label_slopes(checked, base_checked)
     messages = warn_about_label_scales(slopes, sources)
     stress_offset = warn_about_stress_offset(checked, base_checked)
-    pulay = stress_offset or warn_if_stresses_disagree_with_energies(checked, base_checked)
+    pulay = (
+        stress_offset
+        or warn_if_stresses_disagree_with_energies(checked, base_checked)
+        or warn_if_slab_stresses_disagree_with_forces(checked)
+    )
     further = (
         warn_if_energies_per_atom_of_one_size(checked, slopes),
         warn_about_stray_energies(checked, base_checked),
