@@ -602,6 +602,30 @@ def test_duplicate_frames_are_named_in_reading_order(mace_model_path, tmp_path, 
         finetune(mace_model_path, str(path), **(FAST | {"seed": seed, "valid_fraction": 0.4}))
 
 
+def test_two_magnetic_states_of_one_structure_are_named_as_such():
+    """One cell computed ferromagnetic and non-magnetic (total moments 4.4 and 0 μB) is one
+    structure to a base model without a spin input; the duplicate error says why."""
+    import dataclasses
+
+    from ase.calculators.emt import EMT
+
+    from ase_sparsecalc.finetune.duplicates import check_duplicates
+
+    cell = bulk("Cu", "fcc", a=3.6, cubic=True)
+    cell.calc = EMT()
+    cell.get_forces(), cell.get_stress()
+    ferro = dataclasses.replace(frame_from_atoms(cell, "fe.xyz:frame 0"), magmom=4.4)
+    nonmagnetic = dataclasses.replace(ferro, source="fe.xyz:frame 1", energy=ferro.energy + 0.5, magmom=0.0)
+    with pytest.raises(
+        DuplicateFrameError,
+        match=r"fe\.xyz:frame 1: same structure as fe\.xyz:frame 0 \(DFT energies 500 meV apart, total "
+        r"magnetic moments 4\.40 and 0\.00 μB: two magnetic states of one structure",
+    ):
+        check_duplicates([ferro, nonmagnetic])
+    with pytest.raises(DuplicateFrameError, match=r"\(DFT energies 500 meV apart\); remove one"):
+        check_duplicates([ferro, dataclasses.replace(nonmagnetic, magmom=4.3)])
+
+
 def test_overlapping_slices_of_one_file_are_named_as_read_twice(mace_model_path, tmp_path):
     path = tmp_path / "run.extxyz"
     write(path, water_frames(6))

@@ -148,6 +148,11 @@ def _same_structure(frame: Frame, first: Frame) -> str:
         return "read twice (the file or index slices given overlap, e.g. training and validation)"
     gap = abs(frame.energy - first.energy) * 1000.0
     energies = "the same DFT energy" if gap < 1e-3 else f"DFT energies {gap:.3g} meV apart"
+    if frame.magmom is not None and first.magmom is not None and abs(frame.magmom - first.magmom) > 0.5:
+        energies += (
+            f", total magnetic moments {first.magmom:.2f} and {frame.magmom:.2f} μB: two magnetic "
+            "states of one structure, which the base model, without a spin input, cannot tell apart"
+        )
     return f"same structure as {first.source} ({energies})"
 
 
