@@ -211,6 +211,8 @@ def _sampling_need(label: str, qpoint, largest: int = 24) -> str:
     ``"K: a multiple of 3 primitive cells along a and b"``."""
     fractions = [Fraction(float(x)).limit_denominator(largest) for x in qpoint]
     axes = [name for name, fraction in zip("abc", fractions, strict=True) if fraction.denominator > 1]
+    if not axes:
+        return f"{label}: a supercell of the primitive cell"
     multiple = math.lcm(*(fraction.denominator for fraction in fractions))
     named = " and ".join([", ".join(axes[:-1]), axes[-1]] if len(axes) > 1 else axes)
     return f"{label}: a multiple of {multiple} primitive cells along {named}"

@@ -616,7 +616,6 @@ def imaginary_modes(phonon, threshold_THz: float = IMAGINARY_THRESHOLD_THZ) -> l
         Sorted from the most negative frequency; one entry per (q-point, branch).
     """
     found: dict[tuple, ImaginaryMode] = {}
-    n_acoustic = 3
     sources = []
     if phonon.mesh is not None:
         sources.append(("mesh", phonon.mesh.qpoints, phonon.mesh.frequencies))
@@ -629,7 +628,8 @@ def imaginary_modes(phonon, threshold_THz: float = IMAGINARY_THRESHOLD_THZ) -> l
             key = (q, int(ib))
             if key not in found:
                 frequency = float(freqs[iq][ib])
-                noise = ib < n_acoustic and frequency > ACOUSTIC_NOISE_THZ and near_gamma(phonon, q)
+                acoustic = int(ib) < 3  # branches sorted by frequency: the lowest three
+                noise = acoustic and frequency > ACOUSTIC_NOISE_THZ and near_gamma(phonon, q)
                 found[key] = ImaginaryMode(q, int(ib), frequency, source, acoustic_near_gamma=noise)
     return sorted(found.values(), key=lambda m: m.frequency)
 
