@@ -151,7 +151,7 @@ def _same_structure(frame: Frame, first: Frame) -> str:
     if frame.magmom is not None and first.magmom is not None and abs(frame.magmom - first.magmom) > 0.5:
         energies += (
             f", total magnetic moments {first.magmom:.2f} and {frame.magmom:.2f} μB: two magnetic "
-            "states of one structure, which the base model, without a spin input, cannot tell apart"
+            "states of one structure, which a base model without a spin input cannot tell apart"
         )
     return f"same structure as {first.source} ({energies})"
 

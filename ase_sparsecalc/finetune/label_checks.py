@@ -438,12 +438,12 @@ def warn_if_stresses_disagree_with_energies(
     breaks this by its own size, and a fine-tune then fits both labels halfway.
 
     Per composition and cell shape (at least :data:`MIN_PRESSURE_FRAMES` frames whose volumes
-    spread by :data:`MIN_VOLUME_SPREAD`), the pressure difference is fitted as a straight line in
-    volume, and its work, with that of the mean shear-stress difference, is taken out of the
-    energy differences; what is left grows linearly with volume by the pressure the stresses
-    carry beyond the energies. Taking out the work of the fitted line, not of its mean, keeps a
-    base model much softer or stiffer than the DFT (whose energy difference then curves with
-    volume) from hiding the gap in the scatter. A gap above :data:`PRESSURE_MISMATCH` and four
+    spread by :data:`MIN_VOLUME_SPREAD`), the pressure difference is fitted as a polynomial in
+    volume (:data:`PRESSURE_FIT_DEGREE`), and its work, with that of the mean shear-stress
+    difference, is taken out of the energy differences; what is left grows linearly with volume
+    by the pressure the stresses carry beyond the energies. Taking out the work of the fitted
+    pressure, not of its mean, keeps a base model much softer or stiffer than the DFT (whose
+    energy difference then curves with volume) from hiding the gap in the scatter. A gap above :data:`PRESSURE_MISMATCH` and four
     standard errors is reported. Returns the message, or None.
     """
     compositions: dict[tuple, list[int]] = {}
@@ -464,10 +464,10 @@ def warn_if_stresses_disagree_with_energies(
         powers = np.stack([centred**j for j in range(degree + 1)], axis=1)
         pressure_fit, *_ = np.linalg.lstsq(powers, pressure_gaps, rcond=None)
         pressure_work = -sum(c * centred ** (j + 1) / (j + 1) for j, c in enumerate(pressure_fit))
-        mean_pressure = pressure_gaps.mean()
+        mean_pressure = float(pressure_gaps.mean())
         # the shear part of the mean stress gap does work under anisotropic strains (an elastic-
         # constant series strains one axis at a time); take that work out of the energy gaps too
-        shear_gap = stress_gaps.mean(axis=0) + pressure_gaps.mean() * np.eye(3)
+        shear_gap = stress_gaps.mean(axis=0) + mean_pressure * np.eye(3)
         nearest = int(np.argmin(np.abs(volumes - np.median(volumes))))
         reference = frames[members[nearest]]
         shear_work = [
@@ -478,8 +478,7 @@ def warn_if_stresses_disagree_with_energies(
         (_, gap), *_ = np.linalg.lstsq(design, left, rcond=None)
         residual = left - design @ np.array([left.mean(), gap])
         gap_error = np.sqrt(residual @ residual / (len(members) - 2) / (centred @ centred))
-        from_stresses = float(mean_pressure)
-        from_energies = from_stresses - float(gap)
+        from_stresses, from_energies = mean_pressure, mean_pressure - float(gap)
         if abs(gap) > PRESSURE_MISMATCH and abs(gap) > 4.0 * gap_error:
             found.append((float(gap), from_stresses, from_energies, members))
     if not found:
