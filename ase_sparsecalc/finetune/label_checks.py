@@ -443,8 +443,8 @@ def warn_if_stresses_disagree_with_energies(
     difference, is taken out of the energy differences; what is left grows linearly with volume
     by the pressure the stresses carry beyond the energies. Taking out the work of the fitted
     pressure, not of its mean, keeps a base model much softer or stiffer than the DFT (whose
-    energy difference then curves with volume) from hiding the gap in the scatter. A gap above :data:`PRESSURE_MISMATCH` and four
-    standard errors is reported. Returns the message, or None.
+    energy difference then curves with volume) from hiding the gap in the scatter. A gap above
+    :data:`PRESSURE_MISMATCH` and four standard errors is reported. Returns the message, or None.
     """
     compositions: dict[tuple, list[int]] = {}
     for k, frame in enumerate(frames):
