@@ -43,7 +43,7 @@ from .distributed import ProcessInfo, distributed_session
 from .duplicates import check_duplicates, drop_duplicate_frames
 from .label_checks import check_labels, warn_if_labels_are_the_base_models
 from .methods import METHODS, MethodOptions
-from .metrics import METRIC_UNITS, error_metrics
+from .metrics import METRIC_UNITS, error_metrics, worsened_errors
 from .reference import fit_energy_shifts, shifted_energies
 from .trainer import CHECKPOINT_NAME, Trainer
 
@@ -339,6 +339,9 @@ def _finetune_in_session(
         else None
     )
     data_warnings += [traded] if traded else []
+    split = "valid" if valid_frames else "train"
+    worse = _warn_if_parts_got_worse(before[split], after[split], split, config) if process.is_main else None
+    data_warnings += [worse] if worse else []
 
     report = {
         "base": backend.model_name,
@@ -534,6 +537,36 @@ def _warn_if_forces_were_traded(before: dict, after: dict, config: FinetuneConfi
         + ": the labels pull against each other. Check the stresses (a Pulay stress in some "
         "frames: converge the cutoff for every element) and energies (one set of DFT settings "
         "throughout), or weigh the stress less (--stress-weight)"
+    )
+    logger.warning(message)
+    return message
+
+
+def _warn_if_parts_got_worse(before: dict, after: dict, split: str, config: FinetuneConfig) -> str | None:
+    """Warn when errors on the reported frames (``split``: "valid" or "train") grew while
+    training: a total on the validation frames, or a part on either: the force error of one
+    element, one stress component, or one ``config_type``. A lower total can hide a part, and a
+    user who relies on it (shear stresses for elastic constants, one element's forces) needs to
+    know. Returns the message."""
+    if config.method == "shift":
+        return None  # energy shifts move no force or stress
+    weights = {
+        "energy_mae": config.energy_weight,
+        "forces_mae": config.forces_weight,
+        "stress_mae": config.stress_weight,
+    }
+    # on the training frames, a total that grew is _warn_if_forces_were_traded's business
+    kinds = [key for key, weight in weights.items() if weight]
+    worse = worsened_errors(before, after, kinds, totals=split == "valid")
+    if not worse:
+        return None
+    frames = "validation" if split == "valid" else "training"
+    counts = f"{after.get('frames', 0)} frames, {after.get('stress_frames', 0)} with stresses"
+    message = (
+        f"on the {frames} frames ({counts}) training made some errors worse than the base "
+        f"model's: {'; '.join(worse)}. Few frames make these noisy; otherwise give frames "
+        "that cover what got worse (strains of that kind, that element's environments, that "
+        "config_type), or train fewer epochs"
     )
     logger.warning(message)
     return message

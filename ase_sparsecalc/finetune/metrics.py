@@ -126,6 +126,54 @@ def evaluate(calc: SparseCalc, frames: Sequence[Frame], batch_size: int | None =
     return error_metrics(frames, predict_frames(calc, frames, batch_size))
 
 
+WORSE_RATIO = 1.25
+"""A part of the errors counts as made worse when it grew by this factor and by ..."""
+WORSE_BY = {"energy_mae": 0.5, "forces_mae": 5.0, "stress_mae": 0.02}
+"""... at least this much (meV/atom, meV/Å, GPa): smaller changes are noise."""
+MIN_PART_FRAMES = 3
+"""The fewest frames of one ``config_type`` whose errors are compared: one or two are noise."""
+
+
+def worsened_errors(
+    before: Mapping,
+    after: Mapping,
+    kinds: Sequence[str] = ("energy_mae", "forces_mae", "stress_mae"),
+    totals: bool = True,
+) -> list[str]:
+    """The parts of :func:`error_metrics` that grew from ``before`` to ``after``: each force error
+    by element, each stress component, and the energy, force and stress errors of each
+    ``config_type`` with :data:`MIN_PART_FRAMES` frames or more, as ``"stress xy 0.0039 ->
+    0.061 GPa"``. A part counts when it grew by a factor :data:`WORSE_RATIO` and by
+    :data:`WORSE_BY` at least. ``kinds`` limits the errors looked at (those a loss weighed).
+    Empty when nothing grew.
+
+    With ``totals``, the energy, force and stress errors over all frames count too.
+    """
+    pairs = []  # (name, key, before value, after value)
+    if totals:
+        kind_names = {"energy_mae": "energy MAE", "forces_mae": "force MAE", "stress_mae": "stress MAE"}
+        pairs += [(kind_names[k], k, before[k], after[k]) for k in kinds if k in before and k in after]
+    if "forces_mae" in kinds:
+        was, now = before.get("forces_mae_by_element", {}), after.get("forces_mae_by_element", {})
+        pairs += [(f"force MAE on {name}", "forces_mae", was[name], now[name]) for name in was if name in now]
+    if "stress_mae" in kinds and after.get("stress_frames", 0) >= 2:
+        was, now = before.get("stress_mae_by_component", {}), after.get("stress_mae_by_component", {})
+        pairs += [(f"stress {name}", "stress_mae", was[name], now[name]) for name in was if name in now]
+    tags_before, tags_after = before.get("by_config_type", {}), after.get("by_config_type", {})
+    for tag, was_tag in tags_before.items():
+        now_tag = tags_after.get(tag, {})
+        if now_tag.get("frames", 0) < MIN_PART_FRAMES:
+            continue
+        for key, kind in (("energy_mae", "energy"), ("forces_mae", "force"), ("stress_mae", "stress")):
+            if key in kinds and key in was_tag and key in now_tag:
+                pairs.append((f"{kind} MAE of config_type {tag}", key, was_tag[key], now_tag[key]))
+    return [
+        f"{name} {was:.3g} -> {now:.3g} {METRIC_UNITS[key]}"
+        for name, key, was, now in pairs
+        if now > WORSE_RATIO * was and now - was > WORSE_BY[key]
+    ]
+
+
 def _mae_rmse(name: str, errors: np.ndarray, scale: float) -> dict[str, float]:
     if errors.size == 0:
         return {}
