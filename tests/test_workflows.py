@@ -654,6 +654,76 @@ def test_phonons_write_files(sevennet64, tmp_path):
     assert not (tmp_path / "phonons.png").exists() and not (tmp_path / "thermal_properties.png").exists()
 
 
+MGO_BORN = "14.400\n3.0 0 0 0 3.0 0 0 0 3.0\n2.0 0 0 0 2.0 0 0 0 2.0\n-2.0 0 0 0 -2.0 0 0 0 -2.0\n"
+"""A phonopy BORN file for rock-salt MgO: ε∞ = 3 and Z* = ±2 e (DFT gives about 3.0 and 1.96)."""
+
+
+def test_born_charges_split_lo_from_to_at_gamma_as_the_dipole_term_says(sevennet64, tmp_path):
+    """Rock-salt MgO with Born charges from a BORN file: at Γ the TO pair keeps its frequency
+    and the LO mode rises to ω_LO² = ω_TO² + Z*² e² / (ε₀ ε∞ Ω μ) (the long-range field of a
+    cubic diatomic crystal; Ω the primitive volume, μ the reduced mass). Arrays give the same
+    as the file, and phonopy.yaml keeps the charges."""
+    from ase import units
+
+    from ase_sparsecalc.workflows import special_point_frequencies
+
+    atoms = bulk("MgO", "rocksalt", a=4.21)
+    options = {"supercell": 2, "mesh": (4, 4, 4), "band_npoints": 11, "plot": False}
+    plain = special_point_frequencies(phonons(atoms, sevennet64, **options))["Γ"]
+    (tmp_path / "BORN").write_text(MGO_BORN)
+    with_born = phonons(atoms, sevennet64, born=tmp_path / "BORN", output_dir=tmp_path / "ph", **options)
+    split = special_point_frequencies(with_born)["Γ"]
+    assert np.ptp(plain[3:]) < 1e-6 and plain[3] > 5.0  # a triply degenerate optical mode without
+    mu = 24.305 * 15.999 / (24.305 + 15.999) * units._amu
+    dipole = (2.0 * units._e) ** 2 / (units._eps0 * 3.0 * atoms.get_volume() * 1e-30 * mu)  # rad²/s²
+    lo = np.sqrt((2e12 * np.pi * plain[5]) ** 2 + dipole) / (2e12 * np.pi)
+    np.testing.assert_allclose(split[3:], [plain[3], plain[4], lo], rtol=1e-4)
+    assert lo > 1.5 * plain[5] and np.abs(split[:3]).max() < 1e-3
+    arrays = {"born": [2.0 * np.eye(3), -2.0 * np.eye(3)], "dielectric": 3.0 * np.eye(3)}
+    np.testing.assert_allclose(
+        special_point_frequencies(phonons(atoms, sevennet64, born=arrays, **options))["Γ"], split, atol=1e-8
+    )
+
+    from phonopy import load
+
+    reloaded = load(tmp_path / "ph" / "phonopy.yaml")
+    np.testing.assert_allclose(reloaded.nac_params["born"], with_born.nac_params["born"], atol=1e-12)
+    np.testing.assert_allclose(reloaded.nac_params["dielectric"], 3.0 * np.eye(3))
+
+
+def test_born_charges_that_do_not_fit_are_refused_by_name(sevennet64, tmp_path, caplog):
+    """A BORN file with a line missing, an ε∞ below 1, a slab, a missing file: clear errors
+    naming the file or structure before any force is computed. Charges that do not sum to zero
+    and a unit factor of another code are warned about."""
+    from ase_sparsecalc.errors import DataError
+
+    atoms = bulk("MgO", "rocksalt", a=4.21)
+    options = {"supercell": 2, "mesh": (2, 2, 2), "band_npoints": 3, "plot": False}
+    short = tmp_path / "BORN_short"
+    short.write_text("\n".join(MGO_BORN.splitlines()[:3]) + "\n")
+    expected = r"BORN_short: not a BORN file for this primitive cell .*each of the 2 symmetry-independent"
+    with pytest.raises(DataError, match=expected + r" atom\(s\) of the 2-atom primitive cell"):
+        phonons(atoms, sevennet64, born=short, **options)
+    with pytest.raises(DataFileError, match="no_BORN: no such BORN file"):
+        phonons(atoms, sevennet64, born=tmp_path / "no_BORN", **options)
+    with pytest.raises(DataError, match=r"eigenvalue 0\.5 below 1"):
+        phonons(
+            atoms, sevennet64, born={"born": np.zeros((2, 3, 3)), "dielectric": 0.5 * np.eye(3)}, **options
+        )
+    with pytest.raises(DataError, match=r"'born' has shape \(1, 3, 3\); the primitive cell has 2 atoms"):
+        phonons(atoms, sevennet64, born={"born": np.eye(3)[None], "dielectric": np.eye(3)}, **options)
+    slab = Atoms("MoS2", scaled_positions=[[0, 0, 0.5], [1 / 3, 2 / 3, 0.57], [1 / 3, 2 / 3, 0.43]],
+                 cell=[[3.18, 0, 0], [-1.59, 2.754, 0], [0, 0, 20]], pbc=[True, True, False])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"Born charges .* are for 3-D crystals"):
+        phonons(slab, sevennet64, born=tmp_path / "BORN", **options)
+    (tmp_path / "BORN").write_text(MGO_BORN.replace("14.400", "2.0").replace("-2.0", "-1.5"))
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        ph = phonons(atoms, sevennet64, born=tmp_path / "BORN", **options)
+    assert "its unit factor 2 is for another code's force constants" in caplog.text
+    assert "sum to a tensor with entries up to 0.5 e; it should be zero" in caplog.text
+    assert ph.nac_params["factor"] == pytest.approx(14.40, abs=0.01)
+
+
 # -------------------------------------------------------------------------------------- CLI
 @pytest.fixture
 def si_files(tmp_path):
@@ -797,9 +867,30 @@ def test_cli_phonons(si_files, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "Γ:" in out and "X*:" in out  # the primitive cell itself holds no q but Γ
-    assert "* not a q-point of this supercell" in out
+    assert "* not a q-point of this supercell" in out and "LO-TO" not in out  # one element: not polar
     assert (out_dir / "phonopy.yaml").exists() and (out_dir / "FORCE_CONSTANTS").exists()
     assert not (out_dir / "phonons.png").exists()
+
+
+def test_cli_phonons_of_a_polar_crystal_with_and_without_born_charges(tmp_path, capsys):
+    """``sparsecalc phonons`` of MgO: without ``--born`` a note says what LO-TO splitting needs;
+    with it the Γ line carries the LO mode and the header says so. Si gets no note."""
+    from ase.io import write
+
+    write(tmp_path / "mgo.cif", bulk("MgO", "rocksalt", a=4.21))
+    args = ["--supercell", "2", "--mesh", "2", "2", "2", "--no-plot", "-o", str(tmp_path / "ph")]
+    assert main(["phonons", str(tmp_path / "mgo.cif"), *args]) == 0
+    plain = capsys.readouterr().out
+    assert "note: no LO-TO splitting at Γ" in plain and "--born BORN" in plain
+    (tmp_path / "BORN").write_text(MGO_BORN)
+    assert main(["phonons", str(tmp_path / "mgo.cif"), *args, "--born", str(tmp_path / "BORN")]) == 0
+    split = capsys.readouterr().out
+    assert "with the Born charges' dipole term" in split and "note: no LO-TO" not in split
+    gamma = [line for line in (plain, split) for line in line.splitlines() if line.strip().startswith("Γ:")]
+    plain_gamma, split_gamma = (np.array(line.split()[1:], dtype=float) for line in gamma)
+    assert split_gamma[-1] > 1.5 * plain_gamma[-1] and split_gamma[3] == pytest.approx(plain_gamma[3])
+    assert main(["phonons", str(tmp_path / "mgo.cif"), *args, "--born", str(tmp_path / "none")]) == 2
+    assert "none: no such BORN file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["md", "relax", "phonons"])

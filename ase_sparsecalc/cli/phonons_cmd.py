@@ -68,6 +68,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="A",
         help="symmetry tolerance, Å (default: 1e-5, phonopy's)",
     )
+    ph.add_argument(
+        "--born",
+        metavar="BORN",
+        help="Born effective charges and dielectric tensor from DFT, in phonopy's BORN format "
+        "(phonopy-vasp-born writes it): adds the LO-TO splitting of a polar crystal at Γ",
+    )
     ph.add_argument("--batch-size", type=positive_int, metavar="N", help="supercells per model call")
     ph.add_argument("--no-symmetrize", action="store_true", help="keep the raw force constants")
     ph.add_argument(
@@ -106,10 +112,17 @@ def run(args: argparse.Namespace) -> int:
         temperatures=thermal_grid(args.tmax),
         symprec=args.symprec,
         plot=not args.no_plot,
+        born=args.born,
     )
     summary = summarize_phonons(phonon, temperature_K=min(300.0, args.tmax), threshold_THz=args.threshold)
     for line in summary_lines(summary, time.perf_counter() - start):
         print(line)
+    if args.born is None and len(set(atoms.numbers)) > 1 and atoms.pbc.all():
+        print(
+            "  note: no LO-TO splitting at Γ. If this crystal is polar (an ionic insulator), its "
+            "longitudinal optical modes there need its Born charges and dielectric tensor from "
+            "DFT, which a force field does not give: --born BORN (phonopy's format)"
+        )
     folder = Path(args.output_dir)
     print(
         f"  wrote phonopy.yaml, FORCE_CONSTANTS, band.yaml, total_dos.dat, thermal_properties.yaml"
@@ -141,6 +154,11 @@ def summary_lines(summary, wall_s: float) -> list[str]:
         f"supercells of {summary.n_supercell_atoms} atoms ({wall_s:.1f} s)",
         "  frequencies at the special points (THz):",
     ]
+    if summary.nac:
+        lines[-1] = (
+            "  frequencies at the special points (THz; with the Born charges' dipole term; at Γ "
+            "for q along the first band-path segment through it):"
+        )
     for label, freqs in summary.special_points.items():
         mark = "*" if label in summary.interpolated_points else ""
         lines.append(f"    {label + mark:>4}: " + " ".join(f"{f:7.3f}" for f in freqs))

@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,6 +120,10 @@ class PhononSummary:
         THz, the frequency below which a mode counts as imaginary.
     special_qpoints : dict of str -> (3,) array
         q (reduced, primitive reciprocal lattice) of each label of ``special_points``.
+    nac : bool
+        Born charges and a dielectric tensor were given (``phonons(born=...)``): the frequencies
+        include the long-range dipole term. The frequencies at Γ in ``special_points`` are those
+        of the first band-path segment through Γ: its LO modes are those for q along it.
     """
 
     n_primitive_atoms: int
@@ -136,6 +140,7 @@ class PhononSummary:
     interpolated_points: list[str] = field(default_factory=list)
     threshold: float = IMAGINARY_THRESHOLD_THZ
     special_qpoints: dict[str, np.ndarray] = field(default_factory=dict)
+    nac: bool = False
 
     @property
     def dynamically_stable(self) -> bool:
@@ -169,6 +174,7 @@ def phonons(
     temperatures: tuple[float, float, float] = (0.0, 1000.0, 10.0),
     symprec: float = 1e-5,
     plot: bool = True,
+    born: str | Path | Mapping | None = None,
 ):
     """Phonons of ``atoms`` by finite displacements in a supercell.
 
@@ -215,6 +221,12 @@ def phonons(
         Symmetry tolerance, Å.
     plot : bool
         Write the PNG plots (with ``output_dir``).
+    born : path or mapping, optional
+        Born effective charges and the high-frequency dielectric tensor of a polar crystal,
+        from DFT: a phonopy ``BORN`` file or ``{"born": (n, 3, 3), "dielectric": (3, 3)}`` for
+        the primitive cell (see :func:`~ase_sparsecalc.workflows.born.nac_parameters`). phonopy
+        then adds the long-range dipole term, which splits LO from TO modes at Γ; a force field
+        gives neither quantity. Crystals only (not slabs).
 
     Returns
     -------
@@ -252,6 +264,16 @@ def phonons(
     if open_.size:
         chosen = Atoms(atoms.get_chemical_formula(), cell=phonon.primitive.cell, pbc=atoms.pbc)
         open_axes(chosen, "phonons of the primitive cell asked for")
+    if born is not None:
+        if open_.size:
+            raise ConfigError(
+                f"{atoms.get_chemical_formula()}: Born charges (born=) are for 3-D crystals; "
+                "phonopy's non-analytical correction does not hold for a structure open along "
+                f"{axis_names(open_)}"
+            )
+        from .born import nac_parameters
+
+        phonon.nac_params = nac_parameters(born, phonon, atoms.get_chemical_formula())
     phonon.generate_displacements(distance=displacement)
     if not open_.size:
         _warn_if_nearly_symmetric(atoms, phonon, supercell_matrix, primitive, symprec, displacement)
@@ -678,6 +700,7 @@ def summarize_phonons(
         interpolated_points=[label for label, q in labelled.items() if not sampled_by_supercell(phonon, q)],
         threshold=threshold_THz,
         special_qpoints=labelled,
+        nac=phonon.nac_params is not None,
     )
 
 
