@@ -1,6 +1,6 @@
-"""DFT codes' own output files go straight into fine-tuning: GPAW output made here, and the
-real VASP outputs (OUTCAR, vasprun.xml) and Quantum ESPRESSO outputs that ASE ships with its
-own tests."""
+"""DFT codes' own output files go straight into fine-tuning: GPAW and Quantum ESPRESSO output
+made here, and the real VASP outputs (OUTCAR, vasprun.xml) and Quantum ESPRESSO outputs that
+ASE ships with its own tests."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ MGO_LDA = Path(__file__).parents[1] / "examples" / "data" / "mgo_lda.extxyz"
 MOS2_LOW_CUTOFF = Path(__file__).parent / "data" / "gpaw_mos2_400eV.txt"  # make_slab_pulay_example.py
 MOS2_CONVERGED = Path(__file__).parent / "data" / "gpaw_mos2_800eV.txt"
 SI_DATA = Path(__file__).parents[1] / "examples" / "data" / "si_pbesol.extxyz"
+# pw.x 6.7 (Debian), GaAs, PBE with pslibrary 0.2 PAW datasets, 40/320 Ry, 3x3x3 k-points
+QE_GAAS_MD = Path(__file__).parent / "data" / "qe_gaas_md.out"  # 10 steps at 800 K, input beside
+QE_UNCONVERGED = Path(__file__).parent / "data" / "qe_gaas_unconverged.out"  # electron_maxstep = 3
+QE_INPUT_ERROR = Path(__file__).parent / "data" / "qe_input_error.out"  # pw.x without its input file
 
 
 def _ase_vasp_outputs() -> list[Path]:
@@ -278,6 +282,61 @@ def test_cli_shift_on_espresso_outputs(tmp_path, capsys, caplog):
     after = json.loads(capsys.readouterr().out)
     assert after["energy_mae"] < 0.01 * before["energy_mae"]
     assert after["forces_mae"] == pytest.approx(before["forces_mae"], rel=1e-6)
+
+
+def test_a_pw_x_md_run_gives_every_step_in_ase_units():
+    """A pw.x molecular-dynamics output: every step is a frame, with the energy of its '!' line
+    (Ry -> eV), its forces (Ry/bohr -> eV/Å) and its static stress (pw.x prints it in Ry/bohr³
+    and kbar with the sign of a pressure; ASE's stress is the opposite), read from the text here."""
+    from ase import units
+
+    text = QE_GAAS_MD.read_text()
+    energies = [float(x) * units.Ry for x in re.findall(r"^!\s+total energy\s+=\s+(\S+) Ry", text, re.M)]
+    blocks = text.split("Forces acting on atoms (cartesian axes, Ry/au):")[1:]
+    forces = [
+        np.array(re.findall(r"force =\s+(\S+)\s+(\S+)\s+(\S+)", block.split("Total force")[0]), dtype=float)
+        for block in blocks
+    ]
+    stresses = [  # the Ry/bohr³ columns (the kbar ones are rounded to 0.01)
+        np.array([line.split()[0:3] for line in block.splitlines()[1:4]], dtype=float)
+        for block in text.split("total   stress  (Ry/bohr**3)")[1:]
+    ]
+    frames = read_frames(str(QE_GAAS_MD))
+    assert len(frames) == len(energies) == len(forces) == len(stresses) == 10
+    for frame, energy, force, stress in zip(frames, energies, forces, stresses, strict=True):
+        assert frame.atoms.get_chemical_formula() == "As4Ga4" and frame.atoms.pbc.all()
+        assert frame.energy == pytest.approx(energy, rel=1e-6)  # ASE's Ry is CODATA 2006's
+        np.testing.assert_allclose(frame.forces, force * units.Ry / units.Bohr, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(frame.stress, -stress * units.Ry / units.Bohr**3, rtol=1e-5, atol=1e-9)
+    moved = np.linalg.norm(frames[-1].atoms.positions - frames[0].atoms.positions, axis=1)
+    assert moved.min() > 0.02  # every atom moves over the run
+
+
+def test_pw_x_runs_that_stopped_are_named_with_the_reason(tmp_path):
+    """Three ways a pw.x run ends without the frames a user expects, each named as such rather
+    than as a wrong format or index: an SCF that did not converge (pw.x's own words quoted),
+    pw.x stopped by an input error, and a run killed during its fourth step, whose first
+    three steps the message says how to take."""
+    from ase_sparsecalc.errors import DataFileError, EmptyDatasetError
+
+    with pytest.raises(DataFileError) as unconverged:
+        read_frames(str(QE_UNCONVERGED))
+    assert "ASE cannot read this pw.x output" in str(unconverged.value)
+    assert "it says: convergence NOT achieved after 3 iterations: stopping" in str(unconverged.value)
+    assert "--format" not in str(unconverged.value)
+    with pytest.raises(EmptyDatasetError, match=r"no completed step in this pw.x output \(read as format "
+                       r"'espresso-out', from its content\).*it says: Error in routine read_input \(1\): "
+                       r"opening input file"):  # fmt: skip
+        read_frames(str(QE_INPUT_ERROR))
+    text = QE_GAAS_MD.read_text()
+    fourth = [m.start() for m in re.finditer(r"^!", text, re.M)][3]
+    killed = tmp_path / "killed.out"
+    killed.write_text(text[: fourth - 3000])  # in the middle of the fourth step's SCF
+    with pytest.raises(
+        DataFileError, match=r"cannot read frame 3 of this pw.x output \(frames 0 to 2 read\)"
+    ):
+        read_frames(str(killed))
+    assert len(read_frames(f"{killed}@:3")) == 3
 
 
 def test_vasp_outputs_give_free_energy_forces_and_stress():

@@ -229,6 +229,8 @@ def _read_structures(
     except (EmptyDatasetError, DataFileError):
         raise
     except (IndexError, StopIteration) as exc:
+        if _first_unreadable_frame(path, file_format) is not None:  # a parser's own IndexError
+            raise DataFileError(_unreadable(path, exc, file_format)) from exc
         count = frame_range(count_frames(path, file_format))
         raise DataFileError(f"{path}: has no frame {idx!r}{count}; check the index after '@'") from exc
     except Exception as exc:  # ASE's parsers raise anything from ValueError to KeyError
@@ -239,11 +241,62 @@ def _read_structures(
         total = count_frames(path, file_format)
         if total:
             raise EmptyDatasetError(f"{path}: index {idx!r} selects none of its {total} frames")
-        raise EmptyDatasetError(f"{path}: no frames (index {idx!r}){_format_note(path, file_format)}")
+        raise EmptyDatasetError(_no_frames(path, idx, file_format))
     numbers = _frame_numbers(path, idx, len(images), file_format)
     name = f"{path}@{idx}" if _is_selection(idx) else str(path)  # database rows: k-th of the selection
     for k, atoms in zip(numbers, images, strict=True):
         yield atoms, f"{name}:frame {k}"
+
+
+PROGRAM_OUTPUTS = {
+    "espresso-out": "pw.x",
+    "vasp-out": "VASP",
+    "vasp-xml": "VASP",
+    "gpaw-out": "GPAW",
+    "aims-output": "FHI-aims",
+    "castep-castep": "CASTEP",
+    "abinit-out": "ABINIT",
+    "orca-output": "ORCA",
+    "gaussian-out": "Gaussian",
+}
+"""ASE formats that are a DFT program's own output: one frame per completed step."""
+
+
+def _no_frames(path: Path, idx: str | int, file_format: str | None) -> str:
+    """The message for a file ASE reads as holding no frames. A DFT program's output without
+    frames is a run that stopped before its first converged step: say that, and quote its
+    error where it printed one, rather than doubt the format."""
+    fmt = file_format or guessed_format(path)
+    if fmt not in PROGRAM_OUTPUTS:
+        return f"{path}: no frames (index {idx!r}){_format_note(path, file_format)}"
+    how = "" if file_format else ", from its content"
+    message = (
+        f"{path}: no completed step in this {PROGRAM_OUTPUTS[fmt]} output (read as format {fmt!r}{how}): "
+        "the run stopped or failed before its first converged step"
+    )
+    reason = _error_lines(path)
+    return message + (f"; it says: {reason}" if reason else "; see the end of the file")
+
+
+STOP_MARKS = ("error in routine", "not achieved", "not converged", "error")
+"""Phrases of a program's last lines that say why it stopped, most telling first (pw.x:
+"Error in routine ..." and "convergence NOT achieved after 100 iterations: stopping")."""
+
+
+def _error_lines(path: Path, tail: int = 60) -> str | None:
+    """The line among the last ``tail`` lines of a text file that says why the program
+    stopped (see :data:`STOP_MARKS`), with the next line where it ends in a colon (pw.x:
+    "Error in routine read_input (1):" then "opening input file"), or None."""
+    try:
+        lines = [" ".join(line.split()) for line in path.read_text(errors="replace").splitlines()[-tail:]]
+    except OSError:
+        return None
+    lines = [line for line in lines if line and set(line) != {"%"}]  # pw.x frames errors in %%%
+    for mark in STOP_MARKS:
+        for k, line in enumerate(lines):
+            if mark in line.lower():  # a line ending in ":" names its cause on the next one
+                return " ".join(lines[k : k + 2] if line.endswith(":") else [line])[:200]
+    return None
 
 
 def _unreadable(path: Path, exc: Exception, file_format: str | None) -> str:
@@ -261,6 +314,18 @@ def _unreadable(path: Path, exc: Exception, file_format: str | None) -> str:
             _format_note(path, file_format) if layout.startswith("line 1 ") else ""
         )
     message = f"{path}: ASE cannot read {where} ({type(exc).__name__}: {exc})"
+    program = PROGRAM_OUTPUTS.get(file_format or guessed_format(path))
+    if program:  # the format is sure (from the content, or given): say why the run stopped
+        reason = _error_lines(path)
+        subject = f"this {program} output"
+        if frame:
+            subject = f"frame {frame} of this {program} output (frames 0 to {frame - 1} read)"
+        return (
+            f"{path}: ASE cannot read {subject} "
+            f"({type(exc).__name__}: {exc}; read as format {file_format or guessed_format(path)!r})"
+            + (f"; it says: {reason}" if reason else "")
+            + (f"; the steps before it are read with {path}@:{frame}" if frame else "")
+        )
     if "expecting special 3x3 matrix" in str(exc):
         return message + (
             "; ASE's extxyz reader takes stress= and virial= as 9 numbers (3x3, row by row): store "
