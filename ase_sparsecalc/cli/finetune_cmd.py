@@ -146,8 +146,9 @@ def add_parser(subparsers) -> None:
     t.add_argument(
         "--time-budget",
         type=float,
-        help="seconds for training: plans fewer epochs (at most --epochs) so that the run, "
-        "its learning-rate and density schedules included, finishes in about this time",
+        help="seconds for the training loop (reading the data and the evaluations before and "
+        "after come on top): plans fewer epochs (at most --epochs) so that the loop, its "
+        "learning-rate and density schedules included, finishes in about this time",
     )
     t.add_argument(
         "--dtype", default=defaults.dtype, choices=["float32", "float64"], help="(default: %(default)s)"
