@@ -264,6 +264,10 @@ def test_cli_shift_on_espresso_outputs(tmp_path, capsys, caplog):
     assert main(["eval", *files, "--base", "sevennet-0", "--json"]) == 0
     before = json.loads(capsys.readouterr().out)
     assert before["frames"] == 5 and before["stress_frames"] == 5
+    # without a delta, eval also gives the energy error left once per-element offsets are fitted
+    # to these frames (two compositions, five frames): meV/atom, where the raw error is eV/atom
+    assert before["energy_mae_after_fitted_shifts"] < 0.01 * before["energy_mae"]
+    assert before["units"]["energy_rmse_after_fitted_shifts"] == "meV/atom"
     delta = tmp_path / "qe_shift.safetensors"
     command = ["finetune", *files, "--base", "sevennet-0", "--method", "shift", "-o", str(delta)]
     assert main(command) == 2
@@ -282,6 +286,7 @@ def test_cli_shift_on_espresso_outputs(tmp_path, capsys, caplog):
     after = json.loads(capsys.readouterr().out)
     assert after["energy_mae"] < 0.01 * before["energy_mae"]
     assert after["forces_mae"] == pytest.approx(before["forces_mae"], rel=1e-6)
+    assert "energy_mae_after_fitted_shifts" not in after  # a delta brings its own shifts
 
 
 def test_a_pw_x_md_run_gives_every_step_in_ase_units():
@@ -367,6 +372,7 @@ def test_cli_eval_and_shift_on_vasp_outputs(tmp_path, capsys):
     before = json.loads(capsys.readouterr().out)
     assert before["frames"] == 3 and before["stress_frames"] == 3
     assert set(before["forces_mae_by_element"]) == {"Ni", "C", "Na", "Cl"}
+    assert "energy_mae_after_fitted_shifts" not in before  # three frames, three compositions: exact
     delta = tmp_path / "vasp_shift.safetensors"
     assert main(["finetune", *files, "--base", "sevennet-0", "--method", "shift", "-o", str(delta)]) == 0
     capsys.readouterr()

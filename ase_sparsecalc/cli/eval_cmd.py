@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate and print the metrics."""
     from ..finetune.data import read_frames
     from ..finetune.label_checks import warn_if_energy_labels_mixed, warn_if_reference_labels_unread
-    from ..finetune.metrics import METRIC_UNITS, evaluate
+    from ..finetune.metrics import METRIC_UNITS, error_metrics, predict_frames
 
     frames = read_frames(
         args.data,
@@ -65,11 +65,19 @@ def run(args: argparse.Namespace) -> int:
     else:
         isolated = []
     calc = make_calculator(args)
-    metrics = evaluate(calc, frames, args.batch_size)
+    predictions = predict_frames(calc, frames, args.batch_size)
+    metrics = error_metrics(frames, predictions)
+    if not args.delta:
+        metrics.update(_errors_after_fitted_shifts(frames, predictions))
     metrics["base"] = calc.backend.model_name
     metrics["delta"] = args.delta
     metrics["isolated_atoms_left_out"] = len(isolated)
-    metrics["units"] = {**METRIC_UNITS, "forces_mae_by_element": "meV/Å", "stress_mae_by_component": "GPa"}
+    metrics["units"] = {
+        **METRIC_UNITS,
+        "forces_mae_by_element": "meV/Å",
+        "stress_mae_by_component": "GPa",
+        **{key: "meV/atom" for key in SHIFTED_KEYS if key in metrics},
+    }
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
@@ -89,6 +97,12 @@ def run(args: argparse.Namespace) -> int:
     for key, unit in METRIC_UNITS.items():
         if key in metrics:
             print(f"  {key:14s}{metrics[key]:12.3f}  {unit}")
+    if SHIFTED_KEYS[0] in metrics:
+        mae, rmse = (metrics[key] for key in SHIFTED_KEYS)
+        print(
+            f"  energy MAE {mae:.3f}, RMSE {rmse:.3f} meV/atom after per-element offsets fitted "
+            "to these frames (what `--method shift` would leave on them)"
+        )
     by_element = metrics.get("forces_mae_by_element", {})
     if len(by_element) > 1:
         print("  forces_mae of " + ", ".join(f"{el} {mae:.3f}" for el, mae in by_element.items()) + "  meV/Å")
@@ -98,6 +112,30 @@ def run(args: argparse.Namespace) -> int:
     if "by_config_type" in metrics:
         _print_by_config_type(metrics["by_config_type"])
     return 0
+
+
+SHIFTED_KEYS = ("energy_mae_after_fitted_shifts", "energy_rmse_after_fitted_shifts")
+"""Energy errors (meV/atom) after per-element shifts fitted to the frames evaluated."""
+
+
+def _errors_after_fitted_shifts(frames, predictions: dict[int, dict]) -> dict[str, float]:
+    """Energy MAE and RMSE (meV/atom) of the base model once per-element offsets are fitted to
+    these frames by least squares: how well it gets energy differences, whatever zero of energy
+    the DFT code has. Empty where the frames cannot tell (no more frames than independent
+    compositions: the fit would be exact)."""
+    import numpy as np
+
+    from ..finetune.reference import composition_matrix, fit_energy_shifts, shifted_energies
+
+    elements = sorted({int(z) for f in frames for z in f.atoms.numbers})
+    if len(frames) <= np.linalg.matrix_rank(composition_matrix(frames, elements)):
+        return {}
+    base = np.array([predictions[k]["energy"] for k in range(len(frames))])
+    shifted = shifted_energies(frames, base, fit_energy_shifts(frames, base))
+    dft = np.array([f.energy for f in frames])
+    errors = 1000.0 * (shifted - dft) / np.array([f.n_atoms for f in frames])
+    mae, rmse = float(np.abs(errors).mean()), float(np.sqrt(np.mean(errors**2)))
+    return {SHIFTED_KEYS[0]: mae, SHIFTED_KEYS[1]: rmse}
 
 
 def _frames(n: int) -> str:
