@@ -72,7 +72,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--born",
         metavar="BORN",
         help="Born effective charges and dielectric tensor from DFT, in phonopy's BORN format "
-        "(phonopy-vasp-born writes it): adds the LO-TO splitting of a polar crystal at Γ",
+        "(phonopy-vasp-born and phonopy-qe-born write it): adds the LO-TO splitting of a polar "
+        "crystal at Γ",
     )
     ph.add_argument("--batch-size", type=positive_int, metavar="N", help="supercells per model call")
     ph.add_argument("--no-symmetrize", action="store_true", help="keep the raw force constants")

@@ -36,7 +36,8 @@ def nac_parameters(born: str | Path | Mapping, phonon, name: str = "the structur
     born : path or mapping
         A phonopy ``BORN`` file (first line: optionally the unit factor; second: the 9 entries of
         ε∞; then the 9 entries of Z* for each symmetry-independent atom of the primitive cell,
-        in phonopy's order; ``phonopy-vasp-born`` writes it), or a mapping with ``"born"``,
+        in phonopy's order; ``phonopy-vasp-born`` and ``phonopy-qe-born`` write it, for the
+        cell they were given, which should be this one), or a mapping with ``"born"``,
         (n_primitive_atoms, 3, 3) in e, and ``"dielectric"``, (3, 3). Z*[i, a, b] is the force
         on atom i along a per unit field along b, as in phonopy.
     phonon : phonopy.Phonopy
