@@ -665,8 +665,6 @@ def test_born_charges_split_lo_from_to_at_gamma_as_the_dipole_term_says(sevennet
     as the file, and phonopy.yaml keeps the charges."""
     from ase import units
 
-    from ase_sparsecalc.workflows import special_point_frequencies
-
     atoms = bulk("MgO", "rocksalt", a=4.21)
     options = {"supercell": 2, "mesh": (4, 4, 4), "band_npoints": 11, "plot": False}
     plain = special_point_frequencies(phonons(atoms, sevennet64, **options))["Γ"]
@@ -679,6 +677,12 @@ def test_born_charges_split_lo_from_to_at_gamma_as_the_dipole_term_says(sevennet
     lo = np.sqrt((2e12 * np.pi * plain[5]) ** 2 + dipole) / (2e12 * np.pi)
     np.testing.assert_allclose(split[3:], [plain[3], plain[4], lo], rtol=1e-4)
     assert lo > 1.5 * plain[5] and np.abs(split[:3]).max() < 1e-3
+    np.testing.assert_allclose(
+        frequencies_at(with_born, [[0, 0, 0]], q_direction=[1, 1, 0])[0], split, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        frequencies_at(with_born, [[0, 0, 0]])[0][3:], plain[3:], rtol=1e-4
+    )  # TO alone
     arrays = {"born": [2.0 * np.eye(3), -2.0 * np.eye(3)], "dielectric": 3.0 * np.eye(3)}
     np.testing.assert_allclose(
         special_point_frequencies(phonons(atoms, sevennet64, born=arrays, **options))["Γ"], split, atol=1e-8

@@ -575,14 +575,25 @@ def plain_label(label: str) -> str:
 
 
 # ---------------------------------------------------------------------------- reading results
-def frequencies_at(phonon, qpoints: Sequence[Sequence[float]]) -> np.ndarray:
+def frequencies_at(
+    phonon, qpoints: Sequence[Sequence[float]], q_direction: Sequence[float] | None = None
+) -> np.ndarray:
     """Frequencies (THz) at q-points in reduced coordinates of the primitive reciprocal lattice.
+
+    ``q_direction`` (reduced, like q) is the direction from which q = 0 is approached, for
+    phonons with Born charges (``phonons(born=...)``): the LO modes at Γ depend on it, and
+    without it Γ has the TO frequencies alone. Other q-points carry their own direction.
 
     Returns
     -------
     (n_q, n_bands) array, sorted ascending per q-point; imaginary ones are negative.
     """
-    return np.array(phonon.run_qpoints(np.atleast_2d(qpoints)).frequencies)
+    qpoints = np.atleast_2d(qpoints)
+    if q_direction is None:
+        return np.array(phonon.run_qpoints(qpoints).frequencies)
+    return np.array(
+        phonon.run_qpoints(qpoints, nac_q_direction=np.asarray(q_direction, dtype=float)).frequencies
+    )
 
 
 def _labelled_points(phonon) -> dict[str, tuple[np.ndarray, np.ndarray]]:
