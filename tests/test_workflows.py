@@ -7,6 +7,7 @@ MACECalculator) driven through ASE and phonopy directly, never from this package
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -708,7 +709,9 @@ def test_born_charges_that_do_not_fit_are_refused_by_name(sevennet64, tmp_path, 
     expected = r"BORN_short: not a BORN file for this primitive cell .*each of the 2 symmetry-independent"
     with pytest.raises(DataError, match=expected + r" atom\(s\) of the 2-atom primitive cell"):
         phonons(atoms, sevennet64, born=short, **options)
-    with pytest.raises(DataFileError, match="no_BORN: no such BORN file"):
+    with pytest.raises(
+        DataFileError, match=r"no_BORN: no such file \(Born charges: a ph.x output or a BORN file\)"
+    ):
         phonons(atoms, sevennet64, born=tmp_path / "no_BORN", **options)
     with pytest.raises(DataError, match=r"eigenvalue 0\.5 below 1"):
         phonons(
@@ -726,6 +729,76 @@ def test_born_charges_that_do_not_fit_are_refused_by_name(sevennet64, tmp_path, 
     assert "its unit factor 2 is for another code's force constants" in caplog.text
     assert "sum to a tensor with entries up to 0.5 e; it should be zero" in caplog.text
     assert ph.nac_params["factor"] == pytest.approx(14.40, abs=0.01)
+
+
+QE_DATA = Path(__file__).parent / "data"
+"""GaAs with Quantum ESPRESSO 6.7, PBE, pslibrary PAW, 40/320 Ry, shifted 6x6x6 k-points,
+a = 5.7397 Å: pw.x (``qe_gaas_scf.*``), ph.x at Γ with ``epsil`` (``qe_gaas_ph.*``) and
+dynmat.x with the non-analytic term along x (``qe_gaas_dynmat.*``); ph.x on an unshifted
+(Γ-centred) 6x6x6 mesh (``qe_gaas_ph_gamma_centred_k.out``)."""
+
+
+def _dynmat_frequencies(path: Path) -> np.ndarray:
+    """Frequencies (THz) of dynmat.x's mode table."""
+    table = path.read_text().split("# mode   [cm-1]    [THz]      IR")[1].splitlines()[1:]
+    return np.array(
+        [float(line.split()[2]) for line in table if line.split()[:1] and line.split()[0].isdigit()]
+    )
+
+
+def test_born_charges_from_ph_x_give_the_lo_to_splitting_dynmat_x_gives(sevennet64):
+    """The dielectric tensor and effective charges of a real ph.x run, read from its output,
+    give the LO-TO splitting at Γ that QE's own dynmat.x gives from the same run: ω_LO² - ω_TO²
+    depends on Z*, ε∞, the cell and the masses only, not on the short-range force constants
+    (the model's TO mode differs from DFT's). The cell comes from the pw.x output; with its
+    atoms listed As first, the charges follow their elements."""
+    from ase.io import read
+
+    gaas = read(QE_DATA / "qe_gaas_scf.out")
+    options = {"supercell": 2, "mesh": (2, 2, 2), "band_npoints": 5, "plot": False}
+    dft = _dynmat_frequencies(QE_DATA / "qe_gaas_dynmat.out")
+    assert dft[5] > dft[3] + 0.5  # LO above TO
+    for atoms in (gaas, gaas[[1, 0]]):
+        ph = phonons(atoms, sevennet64, born=QE_DATA / "qe_gaas_ph.out", **options)
+        assert ph.nac_params["dielectric"][0, 0] == pytest.approx(15.213220746)
+        z = dict(zip(ph.primitive.symbols, ph.nac_params["born"][:, 0, 0], strict=True))
+        assert z == pytest.approx({"Ga": 2.24962, "As": -2.25287})
+        ours = special_point_frequencies(ph)["Γ"]
+        assert ours[5] ** 2 - ours[4] ** 2 == pytest.approx(dft[5] ** 2 - dft[4] ** 2, rel=1e-3)
+
+
+def test_ph_x_outputs_that_do_not_fit_are_refused_by_name(sevennet64, tmp_path, caplog):
+    """A ph.x output for other elements than the structure's, and one cut off before its
+    effective charges, are refused with the file named. The same GaAs run on a k-mesh through
+    Γ (PBE puts GaAs's gap at 0.17 eV there, so linear response nearly diverges: ε∞ = 825, and
+    charges that miss neutrality by 1.3 e) is warned about twice."""
+    from ase.io import read
+
+    from ase_sparsecalc.errors import DataError
+
+    gaas = read(QE_DATA / "qe_gaas_scf.out")
+    options = {"supercell": 1, "mesh": (2, 2, 2), "band_npoints": 3, "plot": False}
+    with caplog.at_level("WARNING", logger="ase_sparsecalc"):
+        phonons(gaas, sevennet64, born=QE_DATA / "qe_gaas_ph_gamma_centred_k.out", **options)
+        assert "a dielectric constant of 825.1 is that of a (near-)metal" in caplog.text
+        assert "sum to a tensor with entries up to 1.3 e" in caplog.text
+        caplog.clear()
+        phonons(gaas, sevennet64, born=QE_DATA / "qe_gaas_ph.out", **options)
+        assert "ph.out" not in caplog.text  # the converged run: no warning
+
+    mgo = bulk("MgO", "rocksalt", a=4.21)
+    with pytest.raises(
+        DataError,
+        match=r"qe_gaas_ph.out: ph.x's atoms are Ga, As; the primitive cell of the structure has Mg, O",
+    ):
+        phonons(mgo, sevennet64, born=QE_DATA / "qe_gaas_ph.out", **options)
+    text = (QE_DATA / "qe_gaas_ph.out").read_text()
+    cut = tmp_path / "ph_cut.out"
+    cut.write_text(text[: text.index("Effective charges")])
+    with pytest.raises(
+        DataError, match=r"ph_cut.out: a ph.x output without the dielectric tensor or the effective charges"
+    ):
+        phonons(mgo, sevennet64, born=cut, **options)
 
 
 # -------------------------------------------------------------------------------------- CLI
@@ -885,7 +958,7 @@ def test_cli_phonons_of_a_polar_crystal_with_and_without_born_charges(tmp_path, 
     args = ["--supercell", "2", "--mesh", "2", "2", "2", "--no-plot", "-o", str(tmp_path / "ph")]
     assert main(["phonons", str(tmp_path / "mgo.cif"), *args]) == 0
     plain = capsys.readouterr().out
-    assert "note: no LO-TO splitting at Γ" in plain and "--born BORN" in plain
+    assert "note: no LO-TO splitting at Γ" in plain and "--born FILE" in plain
     (tmp_path / "BORN").write_text(MGO_BORN)
     assert main(["phonons", str(tmp_path / "mgo.cif"), *args, "--born", str(tmp_path / "BORN")]) == 0
     split = capsys.readouterr().out
@@ -894,7 +967,7 @@ def test_cli_phonons_of_a_polar_crystal_with_and_without_born_charges(tmp_path, 
     plain_gamma, split_gamma = (np.array(line.split()[1:], dtype=float) for line in gamma)
     assert split_gamma[-1] > 1.5 * plain_gamma[-1] and split_gamma[3] == pytest.approx(plain_gamma[3])
     assert main(["phonons", str(tmp_path / "mgo.cif"), *args, "--born", str(tmp_path / "none")]) == 2
-    assert "none: no such BORN file" in capsys.readouterr().err
+    assert "none: no such file (Born charges" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["md", "relax", "phonons"])

@@ -70,10 +70,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     ph.add_argument(
         "--born",
-        metavar="BORN",
-        help="Born effective charges and dielectric tensor from DFT, in phonopy's BORN format "
-        "(phonopy-vasp-born and phonopy-qe-born write it): adds the LO-TO splitting of a polar "
-        "crystal at Γ",
+        metavar="FILE",
+        help="Born effective charges and dielectric tensor from DFT: a Quantum ESPRESSO ph.x "
+        "output (epsil = .true.) or a phonopy BORN file (phonopy-vasp-born writes it); adds the "
+        "LO-TO splitting of a polar crystal at Γ",
     )
     ph.add_argument("--batch-size", type=positive_int, metavar="N", help="supercells per model call")
     ph.add_argument("--no-symmetrize", action="store_true", help="keep the raw force constants")
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             "  note: no LO-TO splitting at Γ. If this crystal is polar (an ionic insulator), its "
             "longitudinal optical modes there need its Born charges and dielectric tensor from "
-            "DFT, which a force field does not give: --born BORN (phonopy's format)"
+            "DFT, which a force field does not give: --born FILE (a ph.x output or a BORN file)"
         )
     folder = Path(args.output_dir)
     print(

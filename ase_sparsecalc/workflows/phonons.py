@@ -223,10 +223,11 @@ def phonons(
         Write the PNG plots (with ``output_dir``).
     born : path or mapping, optional
         Born effective charges and the high-frequency dielectric tensor of a polar crystal,
-        from DFT: a phonopy ``BORN`` file or ``{"born": (n, 3, 3), "dielectric": (3, 3)}`` for
-        the primitive cell (see :func:`~ase_sparsecalc.workflows.born.nac_parameters`). phonopy
-        then adds the long-range dipole term, which splits LO from TO modes at Γ; a force field
-        gives neither quantity. Crystals only (not slabs).
+        from DFT: a Quantum ESPRESSO ``ph.x`` output, a phonopy ``BORN`` file or
+        ``{"born": (n, 3, 3), "dielectric": (3, 3)}`` for the primitive cell (see
+        :func:`~ase_sparsecalc.workflows.born.nac_parameters`). phonopy then adds the
+        long-range dipole term, which splits LO from TO modes at Γ; a force field gives
+        neither quantity. Crystals only (not slabs).
 
     Returns
     -------
