@@ -125,17 +125,20 @@ def _errors_after_fitted_shifts(frames, predictions: dict[int, dict]) -> dict[st
     compositions: the fit would be exact)."""
     import numpy as np
 
-    from ..finetune.reference import composition_matrix, fit_energy_shifts, shifted_energies
+    from ..finetune.metrics import error_metrics
+    from ..finetune.reference import (
+        composition_matrix,
+        fit_energy_shifts,
+        predicted_energies,
+        with_energy_shifts,
+    )
 
     elements = sorted({int(z) for f in frames for z in f.atoms.numbers})
     if len(frames) <= np.linalg.matrix_rank(composition_matrix(frames, elements)):
         return {}
-    base = np.array([predictions[k]["energy"] for k in range(len(frames))])
-    shifted = shifted_energies(frames, base, fit_energy_shifts(frames, base))
-    dft = np.array([f.energy for f in frames])
-    errors = 1000.0 * (shifted - dft) / np.array([f.n_atoms for f in frames])
-    mae, rmse = float(np.abs(errors).mean()), float(np.sqrt(np.mean(errors**2)))
-    return {SHIFTED_KEYS[0]: mae, SHIFTED_KEYS[1]: rmse}
+    shifts = fit_energy_shifts(frames, predicted_energies(predictions, len(frames)))
+    shifted = error_metrics(frames, with_energy_shifts(predictions, frames, shifts))
+    return {SHIFTED_KEYS[0]: shifted["energy_mae"], SHIFTED_KEYS[1]: shifted["energy_rmse"]}
 
 
 def _frames(n: int) -> str:

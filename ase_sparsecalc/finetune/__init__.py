@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from ase import Atoms
 from ase.data import atomic_numbers, ground_state_magnetic_moments
@@ -44,7 +43,7 @@ from .duplicates import check_duplicates, drop_duplicate_frames
 from .label_checks import check_labels, warn_if_labels_are_the_base_models
 from .methods import METHODS, MethodOptions
 from .metrics import METRIC_UNITS, error_metrics, worsened_errors
-from .reference import fit_energy_shifts, shifted_energies
+from .reference import fit_energy_shifts, predicted_energies, with_energy_shifts
 from .trainer import CHECKPOINT_NAME, Trainer
 
 logger = logging.getLogger(__name__)
@@ -258,7 +257,7 @@ def _finetune_in_session(
     base_train = predict(backend, train_batches)
     base_valid = predict(backend, valid_batches)
     prior = _isolated_atom_prior(backend, isolated) if isolated else None
-    shifts = fit_energy_shifts(train_frames, _energies(base_train, len(train_frames)), prior)
+    shifts = fit_energy_shifts(train_frames, predicted_energies(base_train, len(train_frames)), prior)
     shifts.update(_shifts_of_untrained_elements(prior, shifts))
     backend.add_energy_shifts(shifts)
     slopes, data_warnings = {}, list(split_warnings)
@@ -275,8 +274,8 @@ def _finetune_in_session(
         )
         data_warnings += label_warnings
     before = {
-        "train": error_metrics(train_frames, _with_shifts(base_train, train_frames, shifts)),
-        "valid": error_metrics(valid_frames, _with_shifts(base_valid, valid_frames, shifts))
+        "train": error_metrics(train_frames, with_energy_shifts(base_train, train_frames, shifts)),
+        "valid": error_metrics(valid_frames, with_energy_shifts(base_valid, valid_frames, shifts))
         if valid_frames
         else {},
     }
@@ -628,15 +627,6 @@ def _frames(source: FrameSource, keys: dict) -> list[Frame]:
     return read_frames(source, **keys)
 
 
-def _energies(predictions: dict, n: int) -> np.ndarray:
-    return np.array([predictions[k]["energy"] for k in range(n)])
-
-
-def _with_shifts(predictions: dict, frames: list[Frame], shifts: dict[str, float]) -> dict:
-    energies = shifted_energies(frames, _energies(predictions, len(frames)), shifts)
-    return {k: {**predictions[k], "energy": energies[k]} for k in range(len(frames))}
-
-
 def trainable_infos(backend: Backend, config: FinetuneConfig) -> list[WeightInfo]:
     """The tensors a method may change: path weights (readouts optional, and with
     ``train_scalars`` the parameters outside the weight tensors); every parameter for ``full``."""
@@ -791,7 +781,7 @@ def _refit_shifts(backend: Backend, delta: SparseDelta, frames: list[Frame], bat
     """Least-squares correction of the delta's shifts on top of the calibrated model (in place)."""
     with delta.applied(backend):
         predictions = predict(backend, batches)
-    correction = fit_energy_shifts(frames, _energies(predictions, len(frames)))
+    correction = fit_energy_shifts(frames, predicted_energies(predictions, len(frames)))
     for symbol, value in correction.items():
         delta.metadata.energy_shifts[symbol] = delta.metadata.energy_shifts.get(symbol, 0.0) + value
     logger.debug("shifts refitted by %s", correction)
@@ -837,7 +827,7 @@ def _write_report_files(
 
     directory = Path(directory)
     paths = {"report": write_report(report, directory)}
-    before = _with_shifts(base_pred, frames, shifts)
+    before = with_energy_shifts(base_pred, frames, shifts)
     paths["parity"] = plot_parity(
         frames,
         before,

@@ -307,22 +307,21 @@ def _unreadable(path: Path, exc: Exception, file_format: str | None) -> str:
     frame = _first_unreadable_frame(path, file_format)
     if frame:
         where = f"frame {frame} (frames 0 to {frame - 1} read)"
-    xyz = (file_format or guessed_format(path)) in ("extxyz", "xyz")
-    layout = xyz_layout_problem(path) if xyz else None
+    fmt = file_format or guessed_format(path)
+    layout = xyz_layout_problem(path) if fmt in ("extxyz", "xyz") else None
     if layout:  # at its first line the file may be no (ext)xyz at all: say how it was read
         return f"{path}: ASE cannot read this file: {layout}" + (
             _format_note(path, file_format) if layout.startswith("line 1 ") else ""
         )
     message = f"{path}: ASE cannot read {where} ({type(exc).__name__}: {exc})"
-    program = PROGRAM_OUTPUTS.get(file_format or guessed_format(path))
+    program = PROGRAM_OUTPUTS.get(fmt)
     if program:  # the format is sure (from the content, or given): say why the run stopped
         reason = _error_lines(path)
         subject = f"this {program} output"
         if frame:
             subject = f"frame {frame} of this {program} output (frames 0 to {frame - 1} read)"
         return (
-            f"{path}: ASE cannot read {subject} "
-            f"({type(exc).__name__}: {exc}; read as format {file_format or guessed_format(path)!r})"
+            f"{path}: ASE cannot read {subject} ({type(exc).__name__}: {exc}; read as format {fmt!r})"
             + (f"; it says: {reason}" if reason else "")
             + (f"; the steps before it are read with {path}@:{frame}" if frame else "")
         )

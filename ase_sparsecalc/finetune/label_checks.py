@@ -527,7 +527,7 @@ def warn_if_slab_stresses_disagree_with_forces(frames: Sequence[Frame]) -> str |
     :data:`MIN_SLAB_FRAMES` frames with a vacuum wider than :data:`SLAB_VACUUM`, is reported.
     Returns the message, or None.
     """
-    from ..workflows._periodicity import widest_gaps
+    from ..workflows._periodicity import heights_above_widest_gap, widest_gaps
 
     gaps, sources = [], []
     for frame in frames:
@@ -541,11 +541,7 @@ def warn_if_slab_stresses_disagree_with_forces(frames: Sequence[Frame]) -> str |
         cell = atoms.cell.array
         normal = np.cross(cell[(k + 1) % 3], cell[(k + 2) % 3])
         normal /= np.linalg.norm(normal)
-        fractions = np.mod(atoms.cell.scaled_positions(atoms.positions)[:, k], 1.0)
-        order = np.sort(fractions)
-        steps = np.diff(np.append(order, order[0] + 1.0))
-        bottom = order[(int(np.argmax(steps)) + 1) % len(order)]  # the slab starts above the gap
-        heights = np.mod(fractions - bottom, 1.0) * float(cell[k] @ normal)
+        heights = heights_above_widest_gap(atoms, k) * float(cell[k] @ normal)  # Å, slab kept whole
         from_forces = -(frame.forces * heights[:, None]).sum(axis=0) / atoms.get_volume()
         gaps.append(float(normal @ frame.stress @ normal - normal @ from_forces))
         sources.append(frame)

@@ -17,7 +17,7 @@ the model's (all-electron codes: thousands of eV per atom).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from ase.data import atomic_numbers as symbol_to_number
@@ -26,7 +26,14 @@ from ase.data import chemical_symbols
 from .data import Frame
 from .dataset import composition_matrix
 
-__all__ = ["SINGULAR_CUTOFF", "composition_matrix", "fit_energy_shifts", "shifted_energies"]
+__all__ = [
+    "SINGULAR_CUTOFF",
+    "composition_matrix",
+    "fit_energy_shifts",
+    "predicted_energies",
+    "shifted_energies",
+    "with_energy_shifts",
+]
 
 SINGULAR_CUTOFF = 1e-10
 """Composition directions whose singular value is below this fraction of the largest are left to
@@ -75,3 +82,17 @@ def shifted_energies(
     for symbol, value in shifts.items():
         table[symbol_to_number[symbol]] = value
     return np.asarray(base_energies) + np.array([table[f.atoms.numbers].sum() for f in frames])
+
+
+def predicted_energies(predictions: Mapping[int, Mapping], n_frames: int) -> np.ndarray:
+    """The energies (eV) of predictions keyed by frame index 0 .. n_frames - 1, (n_frames,)."""
+    return np.array([predictions[k]["energy"] for k in range(n_frames)])
+
+
+def with_energy_shifts(
+    predictions: Mapping[int, Mapping], frames: Sequence[Frame], shifts: dict[str, float]
+) -> dict:
+    """Predictions (frame index -> energy, forces, ...) with the per-element shifts added to
+    their energies; forces and stresses unchanged."""
+    energies = shifted_energies(frames, predicted_energies(predictions, len(frames)), shifts)
+    return {k: {**predictions[k], "energy": energies[k]} for k in range(len(frames))}

@@ -84,14 +84,23 @@ def widest_gaps(atoms: Atoms) -> np.ndarray:
     if not has_cell_volume(atoms) or len(atoms) == 0:
         return np.zeros(3)
     cell = atoms.cell.array
-    fractions = np.sort(np.mod(atoms.cell.scaled_positions(atoms.positions), 1.0), axis=0)
-    wrapped = np.vstack([fractions, fractions[:1] + 1.0])
-    widest = np.diff(wrapped, axis=0).max(axis=0)
+    widest = np.array([1.0 - heights_above_widest_gap(atoms, k).max() for k in range(3)])
     volume = abs(np.linalg.det(cell))
     spacing = np.array(
         [volume / np.linalg.norm(np.cross(cell[(k + 1) % 3], cell[(k + 2) % 3])) for k in range(3)]
     )
     return widest * spacing
+
+
+def heights_above_widest_gap(atoms: Atoms, axis: int) -> np.ndarray:
+    """Fractional coordinates along cell vector ``axis``, shape (n_atoms,), in [0, 1), measured
+    from the atom just above the widest gap between atomic planes: a slab that crosses the
+    periodic boundary is kept whole, its bottom at 0 and its top at 1 minus the gap."""
+    fractions = np.mod(atoms.cell.scaled_positions(atoms.positions)[:, axis], 1.0)
+    order = np.sort(fractions)
+    steps = np.diff(np.append(order, order[0] + 1.0))  # the last step wraps across the boundary
+    bottom = order[(int(np.argmax(steps)) + 1) % len(order)]
+    return np.mod(fractions - bottom, 1.0)
 
 
 def warn_about_periodic_vacuum(atoms: Atoms, task: str) -> None:

@@ -83,6 +83,8 @@ def nac_parameters(born: str | Path | Mapping, phonon, name: str = "the structur
             params = _from_ph_x_output(path, phonon, where)
         else:
             params = _from_file(path, phonon, where)
+    if not (np.isfinite(params["born"]).all() and np.isfinite(params["dielectric"]).all()):
+        raise DataError(f"{where}: the Born charges or the dielectric tensor hold NaN or inf")
     _check_dielectric(params["dielectric"], where)
     params["factor"] = _unit_factor(params.get("factor"), where)
     largest_dielectric = float(np.linalg.eigvalsh(params["dielectric"]).max())
@@ -120,8 +122,6 @@ def _from_mapping(born: Mapping, n_atoms: int, where: str) -> dict:
         )
     if dielectric.shape != (3, 3):
         raise DataError(f"{where}: 'dielectric' has shape {dielectric.shape}, not (3, 3)")
-    if not (np.isfinite(charges).all() and np.isfinite(dielectric).all()):
-        raise DataError(f"{where}: the Born charges or the dielectric tensor hold NaN or inf")
     return {"born": charges, "dielectric": dielectric}
 
 
@@ -140,10 +140,7 @@ def _from_file(path: Path, phonon, where: str) -> dict:
             f"dielectric tensor, then 9 Born-charge entries per line for each of the {independent} "
             f"symmetry-independent atom(s) of the {len(phonon.primitive)}-atom primitive cell"
         ) from exc
-    params = {key: np.asarray(value) if key != "factor" else value for key, value in params.items()}
-    if not (np.isfinite(params["born"]).all() and np.isfinite(params["dielectric"]).all()):
-        raise DataError(f"{where}: the Born charges or the dielectric tensor hold NaN or inf")
-    return params
+    return {key: np.asarray(value) if key != "factor" else value for key, value in params.items()}
 
 
 PH_X_DIELECTRIC = "Dielectric constant in cartesian axis"
